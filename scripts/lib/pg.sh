@@ -1,0 +1,106 @@
+# shellcheck shell=bash
+# Throwaway PostgreSQL for the run and test commands.
+#
+# Sourced, not executed. `pg_start NAME` starts a fresh cluster from the installed server binaries in
+# target/pg/NAME on a free 127.0.0.1 port with trust auth, and exports PG_URL (superuser, database
+# "postgres"). `pg_stop` stops it and removes the directory; callers register it in a trap so it also
+# runs on failure and Ctrl-C. PostgreSQL refuses to run as root, so as root its binaries run as the
+# `postgres` system user.
+
+PG_ROOT_DIR="${PG_ROOT_DIR:-$(pwd)/target/pg}"
+
+pg_find_bindir() {
+  if [ -n "${PG_BINDIR:-}" ]; then echo "$PG_BINDIR"; return 0; fi
+  local d
+  # Highest installed major version first.
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -V -r); do
+    if [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ]; then echo "$d"; return 0; fi
+  done
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+    dirname "$(command -v initdb)"; return 0
+  fi
+  return 1
+}
+
+pg_free_port() {
+  python3 - <<'PY' 2>/dev/null && return 0
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+PY
+  # Fallback without python: probe random high ports with bash's /dev/tcp.
+  local p
+  for _ in $(seq 1 50); do
+    p=$(( (RANDOM % 20000) + 40000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+# Runs a PostgreSQL binary as the postgres user when we are root.
+pg_as_owner() {
+  if [ "$(id -u)" = "0" ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+pg_start() {
+  local name="${1:-default}"
+  local bindir
+  if ! bindir=$(pg_find_bindir); then
+    echo "error: PostgreSQL server binaries (initdb, pg_ctl) were not found." >&2
+    echo "       Install them with:  sudo apt-get install -y postgresql" >&2
+    echo "       or set DATABASE_URL to a server you already run." >&2
+    return 1
+  fi
+  if [ "$(id -u)" = "0" ] && ! id postgres >/dev/null 2>&1; then
+    echo "error: running as root but there is no 'postgres' system user to run PostgreSQL as." >&2
+    echo "       Install the server package (apt-get install -y postgresql) which creates it." >&2
+    return 1
+  fi
+  PG_DIR="$PG_ROOT_DIR/$name-$$"
+  PG_PORT=$(pg_free_port) || { echo "error: no free port found" >&2; return 1; }
+  rm -rf "$PG_DIR"
+  mkdir -p "$PG_DIR"
+  # The postgres user must be able to reach the directory through every parent.
+  if [ "$(id -u)" = "0" ]; then chown postgres: "$PG_DIR"; chmod o+x "$PG_ROOT_DIR" "$(dirname "$PG_ROOT_DIR")" 2>/dev/null || true; fi
+  echo "starting throwaway PostgreSQL ($bindir) in $PG_DIR on 127.0.0.1:$PG_PORT" >&2
+  if ! pg_as_owner "$bindir/initdb" --auth=trust --username=postgres --encoding=UTF8 --locale=C \
+      -D "$PG_DIR/data" >"$PG_DIR/initdb.log" 2>&1; then
+    cat "$PG_DIR/initdb.log" >&2
+    return 1
+  fi
+  # fsync off: the cluster is thrown away, durability across a machine crash is irrelevant here.
+  # max_connections leaves room for many test databases' pools at once.
+  if ! pg_as_owner "$bindir/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+      start >/dev/null; then
+    echo "error: PostgreSQL did not start; its log follows" >&2
+    cat "$PG_DIR/server.log" >&2
+    return 1
+  fi
+  PG_BIN="$bindir"
+  export PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  export PG_DIR PG_PORT PG_BIN
+}
+
+pg_stop() {
+  if [ -n "${PG_DIR:-}" ] && [ -d "$PG_DIR/data" ]; then
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$PG_DIR"
+    echo "stopped throwaway PostgreSQL" >&2
+  fi
+  PG_DIR=""
+}
+
+# Creates database $2 on the server at admin URL $1 unless it exists (psql from the same install).
+pg_create_db() {
+  local admin_url="$1" db="$2"
+  local psql="${PG_BIN:-$(pg_find_bindir)}/psql"
+  if ! "$psql" "$admin_url" -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+    "$psql" "$admin_url" -qc "CREATE DATABASE \"$db\"" >/dev/null
+  fi
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: runs the whole test suite (unit + integration) against PostgreSQL.
+#
+#   scripts/test.sh [cargo test args...]
+#
+# Without DATABASE_URL it starts a throwaway PostgreSQL under target/pg (stopped and removed on exit,
+# also on failure or Ctrl-C). With DATABASE_URL it uses that server: the URL must be allowed to
+# CREATE DATABASE, because every integration test gets a fresh, uniquely named database.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=lib/pg.sh
+. scripts/lib/pg.sh
+
+if [ -z "${DATABASE_URL:-}" ]; then
+  trap pg_stop EXIT
+  trap 'exit 130' INT TERM
+  pg_start test
+  export TEST_DATABASE_URL="$PG_URL"
+else
+  export TEST_DATABASE_URL="$DATABASE_URL"
+fi
+# Load drills open thousands of sockets.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo test --locked "$@"

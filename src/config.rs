@@ -1,0 +1,524 @@
+//! Typed settings read from environment variables, validated once at startup.
+//!
+//! Every variable the service reads is declared once in [`VARS`]: that table drives `--help`, a test
+//! that keeps `.env.example` in step, and the parsing below. A bad value is an error that names the
+//! variable and the accepted form, so a typo in a compose file fails loudly at start instead of
+//! surfacing as odd behaviour under load.
+//!
+//! Parsing is hand-written on purpose: clap's `env` support reports a bad value against the *flag*
+//! name, not the variable, and the service is configured by environment only (12-factor, compose).
+//! Empty values count as unset, because compose files often write `VAR=` to mean "default".
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use axum::http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+use tracing_subscriber::EnvFilter;
+use url::Url;
+
+/// One environment variable the service reads.
+#[derive(Debug)]
+pub struct Var {
+    pub name: &'static str,
+    /// Default used when unset or empty; `None` means required (or optional with no value).
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// Every variable, in the order `--help` and `.env.example` list them.
+pub const VARS: &[Var] = &[
+    Var {
+        name: "DATABASE_URL",
+        default: None,
+        help: "Required. PostgreSQL URL, e.g. postgres://user:pass@postgres:5432/todos. The host is \
+               resolved once at startup; its password is never logged.",
+    },
+    Var {
+        name: "LISTEN_ADDR",
+        default: Some("0.0.0.0:8080"),
+        help: "Address and port the HTTP server binds, as IP:PORT (port 0 picks a free one).",
+    },
+    Var {
+        name: "PUBLIC_BASE_URL",
+        default: None,
+        help: "Absolute base URL used in each todo's `url` and in Location/Link headers, e.g. \
+               https://todos.example.com. Unset: built from the request's Host header.",
+    },
+    Var {
+        name: "DB_POOL_MAX_SIZE",
+        default: Some("16"),
+        help: "Maximum number of pooled PostgreSQL connections (1-1000). Keep the sum over all \
+               replicas below the server's max_connections.",
+    },
+    Var {
+        name: "DB_POOL_WAIT_TIMEOUT",
+        default: Some("2s"),
+        help: "How long a request waits for a free pooled connection before it gets 503.",
+    },
+    Var {
+        name: "DB_CONNECT_TIMEOUT",
+        default: Some("3s"),
+        help: "Time limit for opening one new PostgreSQL connection (TCP + login).",
+    },
+    Var {
+        name: "DB_RECYCLE_TIMEOUT",
+        default: Some("1s"),
+        help: "Time limit for the health check of an idle connection taken from the pool.",
+    },
+    Var {
+        name: "DB_STATEMENT_TIMEOUT",
+        default: Some("5s"),
+        help: "PostgreSQL statement_timeout set on every connection (0 disables it).",
+    },
+    Var {
+        name: "DB_APPLICATION_NAME",
+        default: Some("todo-service"),
+        help: "application_name reported to PostgreSQL (visible in pg_stat_activity).",
+    },
+    Var {
+        name: "MAX_BODY_BYTES",
+        default: Some("65536"),
+        help: "Largest accepted request body in bytes; larger bodies get 413.",
+    },
+    Var {
+        name: "CORS_ALLOWED_ORIGINS",
+        default: Some("*"),
+        help: "`*` or a comma-separated list of origins allowed by CORS, e.g. \
+               https://a.example,https://b.example.",
+    },
+    Var {
+        name: "SHUTDOWN_TIMEOUT",
+        default: Some("10s"),
+        help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.",
+    },
+    Var {
+        name: "LOG_LEVEL",
+        default: Some("info"),
+        help: "Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,todo_service=debug`.",
+    },
+    Var {
+        name: "LOG_FORMAT",
+        default: Some("text"),
+        help: "`text` (human-readable) or `json` (one JSON object per line, for containers).",
+    },
+];
+
+/// A configuration value that cannot be used; the message names the variable and its form.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}: {problem} (expected {expected})")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+    pub expected: &'static str,
+}
+
+/// How logs are written to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which origins CORS admits.
+#[derive(Debug, Clone)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<HeaderValue>),
+}
+
+/// Database settings; the URL stays secret and is only exposed to build connect options.
+pub struct DatabaseConfig {
+    url: SecretString,
+    /// Connect options parsed from the URL, with the host still as written (resolution is separate).
+    pub connect_options: PgConnectOptions,
+    /// Host name from the URL, resolved once at startup by `db::resolve`.
+    pub host: String,
+    pub port: u16,
+    pub pool_max_size: usize,
+    pub pool_wait_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub recycle_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub application_name: String,
+}
+
+impl DatabaseConfig {
+    /// The raw URL, for the rare places that need it (never log it).
+    pub fn url(&self) -> &str {
+        self.url.expose_secret()
+    }
+
+    /// The URL with any password replaced, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.redacted_url())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("pool_max_size", &self.pool_max_size)
+            .field("pool_wait_timeout", &self.pool_wait_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("recycle_timeout", &self.recycle_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// All settings of the service.
+#[derive(Debug)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub public_base_url: Option<Url>,
+    pub database: DatabaseConfig,
+    pub max_body_bytes: usize,
+    pub cors_allowed_origins: CorsOrigins,
+    pub shutdown_timeout: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests can pass a map instead of mutating the process env.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env { lookup: &lookup };
+        Ok(Config {
+            listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
+            public_base_url: env.optional("PUBLIC_BASE_URL").map(parse_base_url).transpose()?,
+            database: database_config(&env)?,
+            max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
+            cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
+            shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
+            log_level: parse_log_level(env.value("LOG_LEVEL"))?,
+            log_format: match env.value("LOG_FORMAT").to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return Err(invalid("LOG_FORMAT", format!("{other:?}"), "text or json")),
+            },
+        })
+    }
+}
+
+fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
+    const FORM: &str = "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+    let url = env
+        .optional("DATABASE_URL")
+        .ok_or_else(|| invalid("DATABASE_URL", "it is not set".into(), FORM))?;
+    let parsed = Url::parse(&url).map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(
+            "DATABASE_URL",
+            format!("scheme {:?} is not postgres", parsed.scheme()),
+            FORM,
+        ));
+    }
+    let connect_options = PgConnectOptions::from_str(&url)
+        // sqlx's message does not echo the URL, so the password cannot leak through it.
+        .map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+    if connect_options.get_socket().is_some() {
+        return Err(invalid(
+            "DATABASE_URL",
+            "Unix-socket hosts are not supported (the host is resolved and pinned to an IP)".into(),
+            FORM,
+        ));
+    }
+    let host = connect_options.get_host().to_owned();
+    let port = connect_options.get_port();
+    let application_name = env.value("DB_APPLICATION_NAME");
+    if application_name.len() > 63 || !application_name.is_ascii() {
+        return Err(invalid(
+            "DB_APPLICATION_NAME",
+            format!("{application_name:?}"),
+            "at most 63 ASCII characters",
+        ));
+    }
+    Ok(DatabaseConfig {
+        url: SecretString::from(url),
+        connect_options,
+        host,
+        port,
+        pool_max_size: env.bounded("DB_POOL_MAX_SIZE", 1, 1000)?,
+        pool_wait_timeout: env.duration("DB_POOL_WAIT_TIMEOUT")?,
+        connect_timeout: env.duration("DB_CONNECT_TIMEOUT")?,
+        recycle_timeout: env.duration("DB_RECYCLE_TIMEOUT")?,
+        statement_timeout: env.duration("DB_STATEMENT_TIMEOUT")?,
+        application_name,
+    })
+}
+
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    fn optional(&self, name: &'static str) -> Option<String> {
+        debug_assert!(VARS.iter().any(|v| v.name == name), "{name} missing from VARS");
+        (self.lookup)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    /// The value or the table's default; only for variables that have one.
+    fn value(&self, name: &'static str) -> String {
+        self.optional(name).unwrap_or_else(|| {
+            VARS.iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.default)
+                .expect("variable has a default")
+                .to_owned()
+        })
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, expected: &'static str) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self.value(name);
+        raw.trim()
+            .parse()
+            .map_err(|e| invalid(name, format!("{raw:?}: {e}"), expected))
+    }
+
+    fn bounded(&self, name: &'static str, min: usize, max: usize) -> Result<usize, ConfigError> {
+        let raw = self.value(name);
+        match raw.trim().parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError {
+                var: name,
+                problem: format!("{raw:?}"),
+                expected: leak_range(min, max),
+            }),
+        }
+    }
+
+    fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let raw = self.value(name);
+        humantime::parse_duration(raw.trim()).map_err(|e| {
+            invalid(
+                name,
+                format!("{raw:?}: {e}"),
+                "a duration such as 500ms, 2s or 1m",
+            )
+        })
+    }
+}
+
+/// `expected` is `&'static str` so errors stay cheap to build; ranges are few and fixed.
+fn leak_range(min: usize, max: usize) -> &'static str {
+    Box::leak(format!("an integer from {min} to {max}").into_boxed_str())
+}
+
+fn invalid(var: &'static str, problem: String, expected: &'static str) -> ConfigError {
+    ConfigError {
+        var,
+        problem,
+        expected,
+    }
+}
+
+fn parse_base_url(raw: String) -> Result<Url, ConfigError> {
+    const FORM: &str = "an absolute http(s) URL without query, e.g. https://todos.example.com";
+    let url = Url::parse(raw.trim())
+        .map_err(|e| invalid("PUBLIC_BASE_URL", format!("{raw:?}: {e}"), FORM))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() || url.cannot_be_a_base()
+    {
+        return Err(invalid("PUBLIC_BASE_URL", format!("{raw:?}"), FORM));
+    }
+    Ok(url)
+}
+
+fn parse_cors(raw: &str) -> Result<CorsOrigins, ConfigError> {
+    const FORM: &str = "* or a comma-separated list of origins like https://app.example";
+    if raw.trim() == "*" {
+        return Ok(CorsOrigins::Any);
+    }
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|origin| {
+            let ok = Url::parse(origin)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/")
+                .unwrap_or(false);
+            if !ok || origin.ends_with('/') {
+                return Err(invalid(
+                    "CORS_ALLOWED_ORIGINS",
+                    format!("{origin:?} is not an origin"),
+                    FORM,
+                ));
+            }
+            HeaderValue::from_str(origin)
+                .map_err(|e| invalid("CORS_ALLOWED_ORIGINS", e.to_string(), FORM))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(CorsOrigins::List)
+}
+
+fn parse_log_level(raw: String) -> Result<String, ConfigError> {
+    EnvFilter::try_new(&raw).map_err(|e| {
+        invalid(
+            "LOG_LEVEL",
+            format!("{raw:?}: {e}"),
+            "an EnvFilter directive such as info or warn,todo_service=debug",
+        )
+    })?;
+    Ok(raw)
+}
+
+/// Replaces the password in a URL with `***`; unparsable input is hidden entirely.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL hidden>".to_owned(),
+    }
+}
+
+/// The environment section of `--help`, generated from [`VARS`].
+pub fn help_text() -> String {
+    let mut out = String::from("Environment variables (empty counts as unset):\n");
+    for var in VARS {
+        let default = match var.default {
+            Some(d) => format!(" [default: {d}]"),
+            None => String::new(),
+        };
+        out.push_str(&format!("  {}{default}\n      {}\n", var.name, var.help));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    const URL: (&str, &str) = ("DATABASE_URL", "postgres://app:s3cret@postgres:5432/todos");
+
+    #[test]
+    fn defaults_apply_when_only_the_database_url_is_set() {
+        let c = config(&[URL]).unwrap();
+        assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.database.host, "postgres");
+        assert_eq!(c.database.port, 5432);
+        assert_eq!(c.database.pool_max_size, 16);
+        assert_eq!(c.database.pool_wait_timeout, Duration::from_secs(2));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(matches!(c.cors_allowed_origins, CorsOrigins::Any));
+    }
+
+    #[test]
+    fn a_missing_database_url_is_an_error_naming_it() {
+        let err = config(&[]).unwrap_err();
+        assert_eq!(err.var, "DATABASE_URL");
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_expected_form() {
+        let cases = [
+            ("LISTEN_ADDR", "localhost", "IP:PORT"),
+            ("DB_POOL_MAX_SIZE", "0", "from 1 to 1000"),
+            ("DB_POOL_MAX_SIZE", "many", "from 1 to 1000"),
+            ("DB_POOL_WAIT_TIMEOUT", "2 parsecs", "duration"),
+            ("DB_STATEMENT_TIMEOUT", "-1s", "duration"),
+            ("MAX_BODY_BYTES", "10", "from 1024"),
+            ("PUBLIC_BASE_URL", "ftp://x", "http(s)"),
+            ("PUBLIC_BASE_URL", "not a url", "http(s)"),
+            ("CORS_ALLOWED_ORIGINS", "https://a.example/path", "origins"),
+            ("LOG_FORMAT", "xml", "text or json"),
+            ("LOG_LEVEL", "info,[", "EnvFilter"),
+            ("DATABASE_URL", "mysql://x@y/z", "postgres://"),
+            ("DATABASE_URL", "postgres://%zz", "postgres://"),
+        ];
+        for (var, value, form) in cases {
+            let err = if var == "DATABASE_URL" {
+                config(&[(var, value)])
+            } else {
+                config(&[URL, (var, value)])
+            }
+            .expect_err(var);
+            let msg = err.to_string();
+            assert_eq!(err.var, var, "{var}={value}: {msg}");
+            assert!(msg.contains(var) && msg.contains(form), "{var}={value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output_or_errors() {
+        let c = config(&[URL]).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("app:***@postgres"), "{debug}");
+        let err = config(&[("DATABASE_URL", "mysql://app:s3cret@x/db")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn empty_values_fall_back_to_defaults() {
+        let c = config(&[URL, ("LISTEN_ADDR", ""), ("LOG_FORMAT", " ")]).unwrap();
+        assert_eq!(c.listen_addr.port(), 8080);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn cors_origin_lists_are_parsed() {
+        let c = config(&[
+            URL,
+            ("CORS_ALLOWED_ORIGINS", "https://a.example, http://b.example:3000"),
+        ])
+        .unwrap();
+        match c.cors_allowed_origins {
+            CorsOrigins::List(v) => assert_eq!(v.len(), 2),
+            CorsOrigins::Any => panic!("expected a list"),
+        }
+    }
+
+    #[test]
+    fn env_example_documents_exactly_the_variables_read() {
+        let example = include_str!("../.env.example");
+        let listed: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        for var in VARS {
+            assert!(listed.contains(&var.name), ".env.example lacks {}", var.name);
+        }
+        for name in listed {
+            assert!(
+                VARS.iter().any(|v| v.name == name),
+                ".env.example lists {name}, which the service does not read"
+            );
+        }
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = help_text();
+        for var in VARS {
+            assert!(help.contains(var.name), "--help lacks {}", var.name);
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Connection policy: the pinned address, the pool, migrations and the error classes that matter.
+//!
+//! [`Db`] is what handlers hold. It starts without touching Postgres (the pool is lazy), so the
+//! service comes up and answers `/health` while the database is down; a background task applies
+//! the migrations as soon as a connection succeeds, and until then data requests get
+//! [`DbError::Unavailable`] (503 with `Retry-After`) rather than confusing "relation does not
+//! exist" errors. Migrations take sqlx's advisory lock, so several replicas starting together apply
+//! them once.
+//!
+//! Queries are runtime-checked (`sqlx::query_as` with string SQL), not the `query!` macros: the
+//! macros would make a fresh build depend on a live database or on a committed `.sqlx/` cache that
+//! can go stale without sqlx-cli in CI. Instead every query in [`todos`] is exercised by the
+//! integration tests against a real PostgreSQL, which catches the same mistakes.
+
+pub mod pool;
+pub mod resolve;
+pub mod todos;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use deadpool::managed::{Object, PoolError, TimeoutType};
+use sqlx::Connection;
+
+use crate::config::DatabaseConfig;
+use pool::PgManager;
+use resolve::{PinnedAddress, Resolver};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub type Pool = deadpool::managed::Pool<PgManager>;
+type Conn = Object<PgManager>;
+
+/// Why a database call failed, in the terms the HTTP layer needs.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be used right now (down, unreachable, pool exhausted, not migrated).
+    /// Retrying later may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or a schema mismatch. Details are logged, not shown to clients.
+    #[error(transparent)]
+    Unexpected(#[from] sqlx::Error),
+}
+
+/// Shared handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    address: Arc<PinnedAddress>,
+    migrated: AtomicBool,
+    /// The latest reason migrations could not be applied yet, for `/ready`.
+    migration_error: Mutex<Option<String>>,
+    wait_timeout: Duration,
+}
+
+/// What `/ready` reports about the database.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DbStatus {
+    /// `ok` or `fail`.
+    pub status: &'static str,
+    /// Host name from `DATABASE_URL`.
+    pub host: String,
+    /// The address the host was resolved to at startup, `null` until it resolves.
+    pub address: Option<String>,
+    /// DNS lookups performed for the database host since startup (1 in a healthy run, 0 for an IP).
+    pub dns_lookups: u64,
+    pub migrations_applied: bool,
+    pub pool: PoolStatus,
+    /// What is wrong, when `status` is `fail`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+impl Db {
+    /// Resolves the host (once), builds the lazy pool and starts applying migrations in the
+    /// background. Never fails because the database is down.
+    pub async fn connect(config: &DatabaseConfig, resolver: Arc<dyn Resolver>) -> anyhow::Result<Db> {
+        let address = PinnedAddress::resolve(&config.host, config.port, resolver).await;
+        let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
+        let options = config
+            .connect_options
+            .clone()
+            .application_name(&config.application_name)
+            .options([("statement_timeout", statement_timeout.as_str())]);
+        let pool = Pool::builder(PgManager::new(options, Arc::clone(&address)))
+            .max_size(config.pool_max_size)
+            .wait_timeout(Some(config.pool_wait_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.recycle_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()?;
+        let db = Db {
+            inner: Arc::new(Inner {
+                pool,
+                address,
+                migrated: AtomicBool::new(false),
+                migration_error: Mutex::new(None),
+                wait_timeout: config.pool_wait_timeout,
+            }),
+        };
+        tokio::spawn(db.clone().migrate_until_applied());
+        Ok(db)
+    }
+
+    /// The pinned database address (for logs, `/ready` and tests).
+    pub fn address(&self) -> &PinnedAddress {
+        &self.inner.address
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn migrations_applied(&self) -> bool {
+        self.inner.migrated.load(Ordering::Acquire)
+    }
+
+    /// Closes the pool: waiters get an error and idle connections are dropped.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+
+    /// Takes a pooled connection for a data request.
+    async fn conn(&self) -> Result<Conn, DbError> {
+        if !self.migrations_applied() {
+            return Err(DbError::Unavailable(
+                "the database schema is not ready yet (migrations pending)".into(),
+            ));
+        }
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    /// Maps a query result; a connection that failed at the connection level is discarded rather
+    /// than returned to the pool, so the next request does not inherit a broken socket.
+    fn finish<T>(conn: Conn, result: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let err = classify(e);
+                if matches!(err, DbError::Unavailable(_)) {
+                    drop(Object::take(conn));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// A cheap round trip for `/ready`, bounded by the pool wait timeout (at most 1 s).
+    pub async fn check(&self) -> DbStatus {
+        let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
+        let outcome = tokio::time::timeout(limit, async {
+            let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+            let r = conn.ping().await;
+            Self::finish(conn, r)
+        })
+        .await
+        .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))));
+        let migrated = self.migrations_applied();
+        let error = match (&outcome, migrated) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), false) => Some(
+                self.inner
+                    .migration_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "migrations not applied yet".into()),
+            ),
+            (Ok(()), true) => None,
+        };
+        let s = self.inner.pool.status();
+        DbStatus {
+            status: if error.is_none() { "ok" } else { "fail" },
+            host: self.inner.address.host().to_owned(),
+            address: self.inner.address.get().map(|a: SocketAddr| a.to_string()),
+            dns_lookups: self.inner.address.lookups(),
+            migrations_applied: migrated,
+            pool: PoolStatus {
+                max_size: s.max_size,
+                size: s.size,
+                available: s.available,
+                waiting: s.waiting,
+            },
+            error,
+        }
+    }
+
+    async fn migrate_until_applied(self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+                let r = run_migrations(&mut conn)
+                    .await
+                    .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
+                if r.is_err() {
+                    drop(Object::take(conn));
+                }
+                r
+            };
+            match attempt.await {
+                Ok(()) => {
+                    self.inner.migrated.store(true, Ordering::Release);
+                    *self.inner.migration_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    tracing::info!("database migrations applied");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "database not ready; will retry migrations");
+                    *self.inner.migration_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(e.to_string());
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// `Migrator::run` inside a spawned task fails to compile ("implementation of `Acquire` is not
+/// general enough", a known sqlx limitation); `run_direct` is sqlx's public, doc-hidden entry point
+/// for exactly this case. It takes the same advisory lock as `run` when locking is on (the default).
+async fn run_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run_direct(None, conn, false).await
+}
+
+fn pool_error(e: PoolError<sqlx::Error>) -> DbError {
+    match e {
+        PoolError::Timeout(TimeoutType::Wait) => {
+            DbError::Unavailable("no pooled connection became free in time".into())
+        }
+        PoolError::Timeout(TimeoutType::Create) => {
+            DbError::Unavailable("connecting to the database timed out".into())
+        }
+        PoolError::Timeout(TimeoutType::Recycle) => {
+            DbError::Unavailable("checking a pooled connection timed out".into())
+        }
+        PoolError::Backend(e) => match classify(e) {
+            // Any failure to open a connection means the database is not usable right now.
+            DbError::Unexpected(e) => DbError::Unavailable(format!("cannot connect: {e}")),
+            unavailable => unavailable,
+        },
+        PoolError::Closed => DbError::Unavailable("the service is shutting down".into()),
+        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+            DbError::Unavailable(format!("pool misconfigured: {e}"))
+        }
+    }
+}
+
+/// Splits sqlx errors into "the database is unavailable" (retry later: 503) and the rest (500).
+pub fn classify(e: sqlx::Error) -> DbError {
+    let unavailable = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // 08: connection exception; 53: insufficient resources (too many connections, disk
+            // full); 57P0x: admin/crash shutdown, cannot connect now; 57014: statement timeout.
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "57014"
+        }),
+        _ => false,
+    };
+    if unavailable {
+        DbError::Unavailable(e.to_string())
+    } else {
+        DbError::Unexpected(e)
+    }
+}

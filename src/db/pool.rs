@@ -1,0 +1,73 @@
+//! A deadpool manager for sqlx connections, connecting to the pinned database address.
+//!
+//! Why deadpool around sqlx instead of sqlx's own `PgPool`: deadpool's pool is a small, explicit
+//! object — wait, create and recycle timeouts are separate, `status()` reports waiters, and
+//! `Object::take` lets us throw away a connection that failed mid-query instead of returning it.
+//! sqlx stays the driver (statement cache per connection, migrations, typed rows). No crate
+//! provides this manager (`deadpool-sqlx` does not exist), so it is written here; it is small.
+//!
+//! Every connection is opened to the address in [`PinnedAddress`], never to the host name, so
+//! opening connections never touches DNS.
+
+use std::{sync::Arc, time::Duration};
+
+use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
+use sqlx::{
+    Connection,
+    postgres::{PgConnectOptions, PgConnection},
+};
+
+use super::resolve::PinnedAddress;
+
+/// A connection idle for longer than this is pinged before it is handed out again. Connections in
+/// steady use skip the round trip; one that sat idle (and may have been cut by a firewall, a
+/// Postgres restart or `pg_terminate_backend`) is checked first.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Opens sqlx connections to the pinned database address.
+#[derive(Debug)]
+pub struct PgManager {
+    options: PgConnectOptions,
+    address: Arc<PinnedAddress>,
+}
+
+impl PgManager {
+    /// `options` come from `DATABASE_URL` plus per-connection settings; only the host is replaced.
+    pub fn new(options: PgConnectOptions, address: Arc<PinnedAddress>) -> Self {
+        PgManager { options, address }
+    }
+}
+
+impl Manager for PgManager {
+    type Type = PgConnection;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
+        let addr = self.address.get().ok_or_else(|| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!(
+                    "database host {:?} has not resolved yet",
+                    self.address.host()
+                ),
+            ))
+        })?;
+        let options = self
+            .options
+            .clone()
+            .host(&addr.ip().to_string())
+            .port(addr.port());
+        PgConnection::connect_with(&options).await
+    }
+
+    async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if conn.is_in_transaction() {
+            // A transaction left open by a cancelled request: the connection's state is unknown.
+            return Err(RecycleError::message("connection was returned inside a transaction"));
+        }
+        if metrics.last_used() >= PING_IF_IDLE_FOR {
+            conn.ping().await.map_err(RecycleError::Backend)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,200 @@
+//! Resolves the database host name once and pins the address.
+//!
+//! This is the module the post-mortem asks for: the old service resolved `postgres` through
+//! Docker's DNS on every new connection, and a burst of 120 connections overflowed the resolver.
+//! Here the host is looked up once at startup; every connection the pool opens afterwards goes to
+//! the pinned IP, so neither a request nor a reconnect storm ever reaches the resolver.
+//!
+//! If the first lookup fails (Postgres' container not up yet, DNS briefly down) the service still
+//! starts; a background task retries with capped backoff until one lookup succeeds, and connection
+//! attempts report "not resolved yet" meanwhile. The cost of pinning is that a changed DNS record
+//! (fail-over by DNS) is only followed after a restart.
+//!
+//! The lookup goes through the [`Resolver`] trait so tests can count and fail lookups.
+
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// A boxed lookup future; boxed so [`Resolver`] stays object-safe.
+pub type LookupFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+
+/// Something that turns a host name into socket addresses.
+pub trait Resolver: Send + Sync + 'static {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> LookupFuture<'a>;
+}
+
+/// The operating system's resolver (getaddrinfo, via tokio's blocking pool).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> LookupFuture<'a> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// The database address: the host as configured and the IP it was pinned to.
+#[derive(Debug)]
+pub struct PinnedAddress {
+    host: String,
+    port: u16,
+    addr: RwLock<Option<SocketAddr>>,
+    lookups: AtomicU64,
+}
+
+impl PinnedAddress {
+    /// Pins `host` right away when it is an IP literal; otherwise performs the one lookup, and if
+    /// that fails keeps retrying in the background until it succeeds.
+    pub async fn resolve(host: &str, port: u16, resolver: Arc<dyn Resolver>) -> Arc<Self> {
+        let pinned = Arc::new(PinnedAddress {
+            host: host.to_owned(),
+            port,
+            addr: RwLock::new(None),
+            lookups: AtomicU64::new(0),
+        });
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            pinned.pin(SocketAddr::new(ip, port));
+            tracing::info!(db.host = host, db.address = %SocketAddr::new(ip, port), "database host is an IP address; no DNS lookup needed");
+            return pinned;
+        }
+        if let Err(error) = pinned.lookup_once(resolver.as_ref()).await {
+            tracing::warn!(db.host = host, %error, "database host did not resolve at startup; retrying in the background");
+            let retry = Arc::clone(&pinned);
+            tokio::spawn(async move { retry.retry_until_resolved(resolver).await });
+        }
+        pinned
+    }
+
+    /// The pinned address, or `None` while the startup lookup has not succeeded yet.
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.addr.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many DNS lookups this process has performed for the database host.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
+
+    fn pin(&self, addr: SocketAddr) {
+        *self.addr.write().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    async fn lookup_once(&self, resolver: &dyn Resolver) -> io::Result<SocketAddr> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let addrs = resolver.lookup(&self.host, self.port).await?;
+        // Prefer IPv4: container networks and the default Postgres listen_addresses are IPv4 first.
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| addrs.first())
+            .copied()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no addresses returned"))?;
+        self.pin(addr);
+        tracing::info!(db.host = %self.host, db.address = %addr, "resolved database host once; connections use this address until restart");
+        Ok(addr)
+    }
+
+    async fn retry_until_resolved(&self, resolver: Arc<dyn Resolver>) {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            tokio::time::sleep(delay).await;
+            match self.lookup_once(resolver.as_ref()).await {
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::warn!(db.host = %self.host, %error, retry_in = ?delay, "database host still does not resolve");
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Fails the first `fail` lookups, then answers 127.0.0.1; counts every call.
+    struct Flaky {
+        fail: usize,
+        calls: AtomicUsize,
+    }
+
+    impl Resolver for Flaky {
+        fn lookup<'a>(&'a self, _host: &'a str, port: u16) -> LookupFuture<'a> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let fail = n < self.fail;
+            Box::pin(async move {
+                if fail {
+                    Err(io::Error::other("resolver overflow"))
+                } else {
+                    Ok(vec![
+                        SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port)),
+                        SocketAddr::from(([127, 0, 0, 1], port)),
+                    ])
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_is_pinned_without_any_lookup() {
+        let r = Arc::new(Flaky {
+            fail: 0,
+            calls: AtomicUsize::new(0),
+        });
+        let p = PinnedAddress::resolve("10.1.2.3", 5432, r.clone()).await;
+        assert_eq!(p.get(), Some("10.1.2.3:5432".parse().unwrap()));
+        assert_eq!(r.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(p.lookups(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_once_and_ipv4_is_preferred() {
+        let r = Arc::new(Flaky {
+            fail: 0,
+            calls: AtomicUsize::new(0),
+        });
+        let p = PinnedAddress::resolve("postgres", 5432, r.clone()).await;
+        assert_eq!(p.get(), Some("127.0.0.1:5432".parse().unwrap()));
+        for _ in 0..100 {
+            assert!(p.get().is_some());
+        }
+        assert_eq!(r.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(p.lookups(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_startup_lookup_is_retried_in_the_background_until_it_succeeds() {
+        let r = Arc::new(Flaky {
+            fail: 3,
+            calls: AtomicUsize::new(0),
+        });
+        let p = PinnedAddress::resolve("postgres", 5432, r.clone()).await;
+        assert_eq!(p.get(), None, "nothing pinned while DNS fails");
+        // Backoff 250ms, 500ms, 1s: the third retry (4th call) succeeds after 1.75s.
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        assert_eq!(p.get(), Some("127.0.0.1:5432".parse().unwrap()));
+        assert_eq!(r.calls.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(r.calls.load(Ordering::SeqCst), 4, "no lookups once pinned");
+    }
+}

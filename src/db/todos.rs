@@ -1,0 +1,156 @@
+//! The todo queries. Each takes a pooled connection for one statement and gives it back.
+//!
+//! Lists are keyset-paged on `(sort_key, id)` (see the migration), so a page costs an index range
+//! scan whatever its depth, and rows inserted while a client pages cannot shift later pages.
+
+use chrono::{DateTime, Utc};
+
+use super::{Db, DbError};
+
+/// One row of `todos`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TodoRow {
+    pub id: i64,
+    pub title: String,
+    pub completed: bool,
+    pub position: Option<i64>,
+    pub sort_key: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Where a page starts: strictly after this `(sort_key, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub sort_key: i64,
+    pub id: i64,
+}
+
+impl Cursor {
+    /// Before every row.
+    pub const START: Cursor = Cursor {
+        sort_key: i64::MIN,
+        id: i64::MIN,
+    };
+}
+
+/// A validated new todo.
+#[derive(Debug)]
+pub struct NewTodo {
+    pub title: String,
+    pub completed: bool,
+    pub position: Option<i64>,
+}
+
+/// A validated partial update; `None` leaves a field unchanged, `Some(None)` clears `position`.
+#[derive(Debug, Default)]
+pub struct TodoChanges {
+    pub title: Option<String>,
+    pub completed: Option<bool>,
+    pub position: Option<Option<i64>>,
+}
+
+impl TodoChanges {
+    pub fn is_empty(&self) -> bool {
+        self.title.is_none() && self.completed.is_none() && self.position.is_none()
+    }
+}
+
+impl Db {
+    /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
+    pub async fn list_todos(
+        &self,
+        completed: Option<bool>,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Vec<TodoRow>, DbError> {
+        let mut conn = self.conn().await?;
+        let r = sqlx::query_as::<_, TodoRow>(
+            "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos \
+             WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
+             ORDER BY sort_key, id \
+             LIMIT $4",
+        )
+        .bind(completed)
+        .bind(after.sort_key)
+        .bind(after.id)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await;
+        Self::finish(conn, r)
+    }
+
+    pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
+        let mut conn = self.conn().await?;
+        let r = sqlx::query_as::<_, TodoRow>(
+            "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await;
+        Self::finish(conn, r)
+    }
+
+    pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
+        let mut conn = self.conn().await?;
+        let r = sqlx::query_as::<_, TodoRow>(
+            "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at",
+        )
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *conn)
+        .await;
+        Self::finish(conn, r)
+    }
+
+    /// Applies `changes`; `None` when the todo does not exist. An empty change set reads the todo
+    /// without touching `updated_at`.
+    pub async fn update_todo(
+        &self,
+        id: i64,
+        changes: &TodoChanges,
+    ) -> Result<Option<TodoRow>, DbError> {
+        if changes.is_empty() {
+            return self.get_todo(id).await;
+        }
+        let mut conn = self.conn().await?;
+        let r = sqlx::query_as::<_, TodoRow>(
+            "UPDATE todos SET \
+               title = COALESCE($2, title), \
+               completed = COALESCE($3, completed), \
+               position = CASE WHEN $4 THEN $5 ELSE position END, \
+               updated_at = now() \
+             WHERE id = $1 \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(changes.title.as_deref())
+        .bind(changes.completed)
+        .bind(changes.position.is_some())
+        .bind(changes.position.flatten())
+        .fetch_optional(&mut *conn)
+        .await;
+        Self::finish(conn, r)
+    }
+
+    /// `true` when a todo was deleted.
+    pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
+        let mut conn = self.conn().await?;
+        let r = sqlx::query("DELETE FROM todos WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await;
+        Self::finish(conn, r).map(|done| done.rows_affected() == 1)
+    }
+
+    /// Deletes every todo; returns how many there were.
+    pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
+        let mut conn = self.conn().await?;
+        let r = sqlx::query("DELETE FROM todos").execute(&mut *conn).await;
+        Self::finish(conn, r).map(|done| done.rows_affected())
+    }
+}

@@ -1,0 +1,231 @@
+//! The one error shape: RFC 9457 problem details (`application/problem+json`).
+//!
+//! Every error the service answers with goes through [`ApiError`]: handler failures, extractor
+//! rejections (see `extract.rs`), unknown routes and methods, panics. Besides the RFC's `type`,
+//! `title`, `status` and `detail`, each problem carries a stable machine-readable `code`, a `hint`
+//! saying what the client can do, and for validation failures an `errors` list naming each field.
+//! Internal details (SQL errors, panics) are logged inside the request span and never returned.
+
+use std::borrow::Cow;
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use crate::db::DbError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Seconds a client should wait before retrying when the database is unavailable.
+pub const DB_RETRY_AFTER_SECS: u64 = 1;
+
+/// A problem details body. Also the OpenAPI schema for every error response.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// URI identifying the problem type: `urn:todo-service:problem:<code>`.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    /// Short, human-readable summary of the problem type.
+    pub title: Cow<'static, str>,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// Stable machine-readable code, e.g. `validation_failed`, `not_found`.
+    pub code: Cow<'static, str>,
+    /// What the client can do about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<Cow<'static, str>>,
+    /// For `validation_failed`: each offending field and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    /// The field, as a JSON path (`title`) or a query/path parameter name (`limit`).
+    pub field: String,
+    /// Why it was rejected.
+    pub message: String,
+}
+
+/// An error response under construction.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    problem: Problem,
+    retry_after: Option<u64>,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            problem: Problem {
+                type_uri: format!("urn:todo-service:problem:{code}"),
+                title: Cow::Borrowed(title),
+                status: status.as_u16(),
+                detail: detail.into(),
+                code: Cow::Borrowed(code),
+                hint: None,
+                errors: Vec::new(),
+            },
+            retry_after: None,
+            extra: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: &'static str) -> Self {
+        self.problem.hint = Some(Cow::Borrowed(hint));
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// Adds extension members (an object) next to the standard ones, e.g. `/ready`'s checks.
+    pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn problem(&self) -> &Problem {
+        &self.problem
+    }
+
+    /// 422 naming one field.
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::validation_many(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+
+    /// 422 naming every offending field.
+    pub fn validation_many(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut e = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "Request validation failed",
+            detail,
+        )
+        .with_hint("Fix the fields listed in `errors` and send the request again.");
+        e.problem.errors = errors;
+        e
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, "Bad request", detail)
+    }
+
+    pub fn todo_not_found(id: i64) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "todo_not_found",
+            "Todo not found",
+            format!("there is no todo with id {id}"),
+        )
+        .with_hint("List the existing todos with GET /todos.")
+    }
+
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+            "Not found",
+            format!("no route matches {path}"),
+        )
+        .with_hint("See GET /openapi.json or /docs/ for the API.")
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed",
+            format!("{method} is not supported on {path}"),
+        )
+        .with_hint("The Allow header lists the supported methods.")
+    }
+
+    /// 503: the database cannot be used right now.
+    pub fn database_unavailable(reason: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "Database unavailable",
+            reason,
+        )
+        .with_hint("The service recovers by itself when the database is back; retry after the Retry-After delay.")
+        .with_retry_after(DB_RETRY_AFTER_SECS)
+    }
+
+    /// 500; `error` is logged here (inside the request span) and not returned.
+    pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(error = %error, source = ?error.source(), "unexpected error while handling request");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Internal server error",
+            "the service hit an unexpected error; it has been logged",
+        )
+        .with_hint("Retry later; quote the x-request-id header when reporting this.")
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(reason) => {
+                tracing::warn!(%reason, "database unavailable");
+                ApiError::database_unavailable(reason)
+            }
+            DbError::Unexpected(e) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.extra {
+            None => serde_json::to_vec(&self.problem),
+            Some(serde_json::Value::Object(mut extra)) => {
+                serde_json::to_value(&self.problem).and_then(|v| {
+                    if let serde_json::Value::Object(std) = v {
+                        extra.extend(std);
+                    }
+                    serde_json::to_vec(&extra)
+                })
+            }
+            Some(_) => serde_json::to_vec(&self.problem),
+        }
+        .unwrap_or_else(|_| br#"{"title":"Internal server error","status":500}"#.to_vec());
+        let mut res = (self.status, body).into_response();
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}

@@ -1,0 +1,168 @@
+//! Extractors whose rejections come out as problem details, not axum's plain-text defaults.
+//!
+//! [`JsonBody`] is written out rather than wrapping `axum::Json`: it needs the serde *path* of a
+//! bad field (via `serde_path_to_error`, the crate axum itself uses) to tell the client which field
+//! is wrong, and it must tell malformed JSON (400) from well-formed JSON with wrong content (422).
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request, rejection::PathRejection},
+    http::{StatusCode, header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// A JSON request body of type `T`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers().get(header::CONTENT_TYPE)) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+                "the request body must be JSON",
+            )
+            .with_hint("Send the header `Content-Type: application/json`."));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "Payload too large",
+                    "the request body is larger than the service accepts",
+                )
+                .with_hint("Send a smaller body (see MAX_BODY_BYTES).")
+            } else {
+                ApiError::bad_request("unreadable_body", e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+fn is_json(content_type: Option<&axum::http::HeaderValue>) -> bool {
+    let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Parses `bytes` as `T`: syntax errors are 400, type/shape errors 422 naming the field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let message = inner.to_string();
+                let field = if path == "." {
+                    missing_or_unknown_field(&message).unwrap_or_else(|| "(body)".to_owned())
+                } else {
+                    path
+                };
+                ApiError::validation(field, message)
+            }
+            _ => malformed(&inner),
+        }
+    })?;
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(value)
+}
+
+fn malformed(e: &serde_json::Error) -> ApiError {
+    ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+        .with_hint("Send a JSON object, e.g. {\"title\": \"buy milk\"}.")
+}
+
+/// serde reports missing and unknown fields at the object's own path; the name is in backticks.
+fn missing_or_unknown_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("unknown field `"))?;
+    rest.split('`').next().map(str::to_owned)
+}
+
+/// A todo id from the path.
+pub struct TodoId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for TodoId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e: PathRejection| {
+                    ApiError::bad_request("invalid_path", e.body_text())
+                })?;
+        match raw.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(TodoId(id)),
+            _ => Err(ApiError::bad_request(
+                "invalid_id",
+                format!("{raw:?} is not a todo id; ids are positive integers"),
+            )
+            .with_hint("Use the `url` or `id` returned when the todo was created.")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        title: String,
+        done: Option<bool>,
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_pick_400_or_422() {
+        let cases: &[(&str, StatusCode, &str)] = &[
+            (r#"{"title": 5}"#, StatusCode::UNPROCESSABLE_ENTITY, "title"),
+            (r#"{"title": "a", "done": "yes"}"#, StatusCode::UNPROCESSABLE_ENTITY, "done"),
+            (r#"{}"#, StatusCode::UNPROCESSABLE_ENTITY, "title"),
+            (r#"{"title": "a", "colour": 1}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
+            (r#"[1]"#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
+            (r#"{"title": "a""#, StatusCode::BAD_REQUEST, ""),
+            (r#"{"title": "a"} x"#, StatusCode::BAD_REQUEST, ""),
+            ("", StatusCode::BAD_REQUEST, ""),
+        ];
+        for (body, status, field) in cases {
+            let err = parse_json::<Body>(body.as_bytes()).expect_err(body);
+            assert_eq!(err.status(), *status, "{body}");
+            let problem = err.problem();
+            if status == &StatusCode::UNPROCESSABLE_ENTITY {
+                assert_eq!(problem.code, "validation_failed", "{body}");
+                assert_eq!(problem.errors[0].field, *field, "{body}: {problem:?}");
+            } else {
+                assert_eq!(problem.code, "malformed_json", "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        use axum::http::HeaderValue;
+        for ok in ["application/json", "application/json; charset=utf-8", "application/merge-patch+json", "Application/JSON"] {
+            assert!(is_json(Some(&HeaderValue::from_static(ok))), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "json"] {
+            assert!(!is_json(Some(&HeaderValue::from_static(bad))), "{bad}");
+        }
+        assert!(!is_json(None));
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP surface: routes, shared state, and every middleware layer, applied in one place.
+//!
+//! Read [`router`] first: it merges the feature routers (`todos`, `health`), the OpenAPI document
+//! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
+//! the layers, whose order is commented there.
+
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod todos;
+
+use std::{any::Any, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request},
+    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts, uri::Authority},
+    response::{IntoResponse, Response},
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer},
+};
+use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{
+    config::{Config, CorsOrigins},
+    db::Db,
+};
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    /// `PUBLIC_BASE_URL` without a trailing slash, when configured.
+    pub public_base_url: Option<Arc<str>>,
+    /// Used when neither `PUBLIC_BASE_URL` nor a usable Host header is present.
+    pub fallback_base_url: Arc<str>,
+}
+
+/// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
+pub struct BaseUrl(Arc<str>);
+
+impl BaseUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn todo_url(&self, id: i64) -> String {
+        format!("{}/todos/{id}", self.0)
+    }
+}
+
+impl FromRequestParts<AppState> for BaseUrl {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(base) = &state.public_base_url {
+            return Ok(BaseUrl(Arc::clone(base)));
+        }
+        // Only a syntactically valid authority is echoed back, so a hostile Host header cannot
+        // inject a path or markup into the URLs we return.
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(Authority::as_str))
+            .filter(|h| !h.contains('@') && h.parse::<Authority>().is_ok());
+        Ok(match host {
+            Some(h) => BaseUrl(Arc::from(format!("http://{h}"))),
+            None => BaseUrl(Arc::clone(&state.fallback_base_url)),
+        })
+    }
+}
+
+/// The OpenAPI document's root; paths are added by `routes!` in [`router`].
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "todo-service",
+        description = "A resilient, Postgres-backed todo REST API, compatible with the TodoBackend specification. \
+                       Every error is an RFC 9457 problem (application/problem+json) with a machine-readable `code`."
+    ),
+    tags(
+        (name = "todos", description = "The todo collection and its items"),
+        (name = "operations", description = "Liveness and readiness probes")
+    ),
+    components(schemas(error::Problem, error::FieldError))
+)]
+pub struct ApiDoc;
+
+/// The routes and the OpenAPI document describing them, before state and layers.
+pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(
+            todos::list_todos,
+            todos::create_todo,
+            todos::delete_all_todos
+        ))
+        .routes(routes!(todos::get_todo, todos::update_todo, todos::delete_todo))
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .split_for_parts()
+}
+
+/// The whole application: routes, docs, fallbacks and layers.
+pub fn router(state: AppState, config: &Config) -> Router {
+    let (api, openapi) = api_routes();
+    let x_request_id = HeaderName::from_static("x-request-id");
+
+    api.with_state(state)
+        // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs works
+        // offline, with no CDN.
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Layers: the last `.layer` call is the outermost. From the inside out:
+        // 1. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read (413),
+        //    never buffered whole.
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // 2. A panicking handler becomes a logged 500 problem instead of a dropped connection.
+        .layer(CatchPanicLayer::custom(panic_response))
+        // 3. CORS outside everything that can answer, so errors carry the CORS headers too and
+        //    browsers can read them; preflights are answered here without reaching a handler.
+        .layer(cors_layer(&config.cors_allowed_origins))
+        // 4. The request id is copied to the response (clients quote it when reporting problems).
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        // 5. One span per request, named by the matched route (low cardinality), carrying the id.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(MatchedPath::as_str)
+                        .unwrap_or("unmatched");
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("request", method = %req.method(), route, request_id)
+                })
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                // Errors are logged once, where they happen (ApiError); the trace layer only notes.
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        // 6. Outermost: give every request an id (kept if the client sent one).
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
+    let allow_origin = match origins {
+        CorsOrigins::Any => AllowOrigin::any(),
+        CorsOrigins::List(list) => AllowOrigin::list(list.clone()),
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            header::LINK,
+            header::RETRY_AFTER,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+async fn route_not_found(uri: Uri) -> ApiError {
+    ApiError::route_not_found(uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    tracing::error!(panic = %message, "handler panicked");
+    let mut res = ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "Internal server error",
+        "the service hit an unexpected error; it has been logged",
+    )
+    .into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}

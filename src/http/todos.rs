@@ -1,0 +1,416 @@
+//! `/todos`: the TodoBackend-compatible collection and item resources.
+//!
+//! Wire format and validation live here; SQL lives in `db::todos`. The collection GET answers a
+//! plain JSON array (what TodoBackend clients expect), so the next page is announced in a
+//! `Link: <…>; rel="next"` header rather than in an envelope.
+
+use axum::{
+    extract::{Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{
+    AppState, BaseUrl,
+    error::{ApiError, FieldError, Problem},
+    extract::{JsonBody, TodoId},
+};
+use crate::db::todos::{Cursor, NewTodo, TodoChanges, TodoRow};
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 500;
+pub const MAX_TITLE_CHARS: usize = 1000;
+
+/// A todo as the API returns it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Todo {
+    pub id: i64,
+    /// Absolute URL of this todo.
+    pub url: String,
+    pub title: String,
+    pub completed: bool,
+    /// Optional position; lists sort by it (todos without one come last), then by id.
+    pub order: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Todo {
+    fn from_row(row: TodoRow, base: &BaseUrl) -> Todo {
+        Todo {
+            url: base.todo_url(row.id),
+            id: row.id,
+            title: row.title,
+            completed: row.completed,
+            order: row.position,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+/// Body of `POST /todos`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTodo {
+    /// Required; 1 to 1000 characters, not blank.
+    #[schema(required = true)]
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Defaults to `false`.
+    #[serde(default)]
+    pub completed: Option<bool>,
+    #[serde(default)]
+    pub order: Option<i64>,
+}
+
+/// Body of `PATCH /todos/{id}`: any subset of the fields; `"order": null` clears the order.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTodo {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<bool>)]
+    pub completed: Option<Option<bool>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    pub order: Option<Option<i64>>,
+}
+
+/// Tells "absent" (outer `None`, via `default`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Query of `GET /todos`. Values are parsed by hand so a bad one gets a 422 naming it.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only todos with this `completed` value.
+    #[param(value_type = Option<bool>)]
+    pub completed: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
+    /// Opaque position to continue from, taken from the previous page's `Link: rel="next"` URL.
+    pub cursor: Option<String>,
+}
+
+struct ListParams {
+    completed: Option<bool>,
+    limit: i64,
+    after: Cursor,
+}
+
+impl ListQuery {
+    fn validate(self) -> Result<ListParams, ApiError> {
+        let mut errors = Vec::new();
+        let completed = match self.completed.as_deref() {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => {
+                errors.push(field("completed", format!("{other:?} is not true or false")));
+                None
+            }
+        };
+        let limit = match self.limit.as_deref().map(str::parse::<i64>) {
+            None => DEFAULT_LIMIT,
+            Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+            Some(_) => {
+                errors.push(field(
+                    "limit",
+                    format!("must be an integer from 1 to {MAX_LIMIT}"),
+                ));
+                DEFAULT_LIMIT
+            }
+        };
+        let after = match self.cursor.as_deref() {
+            None => Cursor::START,
+            Some(raw) => decode_cursor(raw).unwrap_or_else(|| {
+                errors.push(field(
+                    "cursor",
+                    "is not a cursor from this service; take it from a Link header".into(),
+                ));
+                Cursor::START
+            }),
+        };
+        if errors.is_empty() {
+            Ok(ListParams {
+                completed,
+                limit,
+                after,
+            })
+        } else {
+            Err(ApiError::validation_many(errors))
+        }
+    }
+}
+
+fn field(name: &str, message: String) -> FieldError {
+    FieldError {
+        field: name.to_owned(),
+        message,
+    }
+}
+
+/// The cursor is `<sort_key>_<id>` of the last row of the previous page. Clients treat it as
+/// opaque; it is readable only to make debugging easy.
+fn encode_cursor(c: Cursor) -> String {
+    format!("{}_{}", c.sort_key, c.id)
+}
+
+fn decode_cursor(raw: &str) -> Option<Cursor> {
+    let (sort_key, id) = raw.rsplit_once('_')?;
+    Some(Cursor {
+        sort_key: sort_key.parse().ok()?,
+        id: id.parse().ok()?,
+    })
+}
+
+fn validate_title(title: &str, errors: &mut Vec<FieldError>) {
+    if title.trim().is_empty() {
+        errors.push(field("title", "must not be empty or blank".into()));
+    } else if title.chars().count() > MAX_TITLE_CHARS {
+        errors.push(field(
+            "title",
+            format!("must be at most {MAX_TITLE_CHARS} characters"),
+        ));
+    } else if title.contains('\0') {
+        // PostgreSQL text cannot hold NUL; without this check it would be a 500.
+        errors.push(field("title", "must not contain NUL characters".into()));
+    }
+}
+
+/// List todos, ordered by `order` (missing last) then `id`, one page at a time.
+#[utoipa::path(
+    get, path = "/todos", tag = "todos",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of todos. When more follow, the `Link` header holds the next page's URL.",
+         body = [Todo], headers(("link" = String, description = "`<URL>; rel=\"next\"` when another page exists"))),
+        (status = 422, description = "A query parameter is invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_todos(
+    State(state): State<AppState>,
+    base: BaseUrl,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let params = query.validate()?;
+    let mut rows = state
+        .db
+        .list_todos(params.completed, params.after, params.limit + 1)
+        .await?;
+    let mut headers = HeaderMap::new();
+    if rows.len() as i64 > params.limit {
+        rows.truncate(params.limit as usize);
+        let last = rows.last().expect("limit >= 1");
+        let mut next = format!(
+            "{}/todos?limit={}&cursor={}",
+            base.as_str(),
+            params.limit,
+            encode_cursor(Cursor {
+                sort_key: last.sort_key,
+                id: last.id
+            })
+        );
+        if let Some(c) = params.completed {
+            next.push_str(if c { "&completed=true" } else { "&completed=false" });
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
+            headers.insert(header::LINK, v);
+        }
+    }
+    let todos: Vec<Todo> = rows.into_iter().map(|r| Todo::from_row(r, &base)).collect();
+    Ok((headers, axum::Json(todos)).into_response())
+}
+
+/// Create a todo. New todos start with `completed: false` unless told otherwise.
+#[utoipa::path(
+    post, path = "/todos", tag = "todos",
+    request_body = CreateTodo,
+    responses(
+        (status = 201, description = "Created", body = Todo, headers(("location" = String, description = "URL of the new todo"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_todo(
+    State(state): State<AppState>,
+    base: BaseUrl,
+    JsonBody(body): JsonBody<CreateTodo>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    match &body.title {
+        Some(t) => validate_title(t, &mut errors),
+        None => errors.push(field("title", "is required".into())),
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation_many(errors));
+    }
+    let new = NewTodo {
+        title: body.title.unwrap_or_default(),
+        completed: body.completed.unwrap_or(false),
+        position: body.order,
+    };
+    let todo = Todo::from_row(state.db.create_todo(&new).await?, &base);
+    let location = HeaderValue::from_str(&todo.url).ok();
+    let mut res = (StatusCode::CREATED, axum::Json(todo)).into_response();
+    if let Some(location) = location {
+        res.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(res)
+}
+
+/// Delete every todo.
+#[utoipa::path(
+    delete, path = "/todos", tag = "todos",
+    responses(
+        (status = 204, description = "All todos deleted"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    let n = state.db.delete_all_todos().await?;
+    tracing::info!(deleted = n, "deleted all todos");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Fetch one todo.
+#[utoipa::path(
+    get, path = "/todos/{id}", tag = "todos",
+    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    responses(
+        (status = 200, description = "The todo", body = Todo),
+        (status = 400, description = "The id is not a positive integer", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_todo(
+    State(state): State<AppState>,
+    base: BaseUrl,
+    TodoId(id): TodoId,
+) -> Result<axum::Json<Todo>, ApiError> {
+    match state.db.get_todo(id).await? {
+        Some(row) => Ok(axum::Json(Todo::from_row(row, &base))),
+        None => Err(ApiError::todo_not_found(id)),
+    }
+}
+
+/// Change any of `title`, `completed` and `order`; other fields are rejected.
+#[utoipa::path(
+    patch, path = "/todos/{id}", tag = "todos",
+    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    request_body = UpdateTodo,
+    responses(
+        (status = 200, description = "The updated todo", body = Todo),
+        (status = 400, description = "Malformed JSON or id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid or unknown", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update_todo(
+    State(state): State<AppState>,
+    base: BaseUrl,
+    TodoId(id): TodoId,
+    JsonBody(body): JsonBody<UpdateTodo>,
+) -> Result<axum::Json<Todo>, ApiError> {
+    let mut errors = Vec::new();
+    let title = match body.title {
+        None => None,
+        Some(None) => {
+            errors.push(field("title", "must be a string, not null".into()));
+            None
+        }
+        Some(Some(t)) => {
+            validate_title(&t, &mut errors);
+            Some(t)
+        }
+    };
+    let completed = match body.completed {
+        None => None,
+        Some(None) => {
+            errors.push(field("completed", "must be true or false, not null".into()));
+            None
+        }
+        Some(c) => c,
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation_many(errors));
+    }
+    let changes = TodoChanges {
+        title,
+        completed,
+        position: body.order,
+    };
+    match state.db.update_todo(id, &changes).await? {
+        Some(row) => Ok(axum::Json(Todo::from_row(row, &base))),
+        None => Err(ApiError::todo_not_found(id)),
+    }
+}
+
+/// Delete one todo.
+#[utoipa::path(
+    delete, path = "/todos/{id}", tag = "todos",
+    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The id is not a positive integer", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete_todo(
+    State(state): State<AppState>,
+    TodoId(id): TodoId,
+) -> Result<StatusCode, ApiError> {
+    if state.db.delete_todo(id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::todo_not_found(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_including_negative_and_max_sort_keys() {
+        for c in [
+            Cursor { sort_key: -5, id: 10 },
+            Cursor { sort_key: i64::MAX, id: 1 },
+            Cursor::START,
+        ] {
+            assert_eq!(decode_cursor(&encode_cursor(c)), Some(c));
+        }
+        for bad in ["", "5", "a_b", "1_", "_1", "1_2_x"] {
+            assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn titles_are_checked_in_characters_not_bytes() {
+        let mut errors = Vec::new();
+        validate_title(&"é".repeat(MAX_TITLE_CHARS), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        validate_title(&"é".repeat(MAX_TITLE_CHARS + 1), &mut errors);
+        validate_title("  \t", &mut errors);
+        validate_title("a\0b", &mut errors);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+}

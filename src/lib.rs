@@ -1,0 +1,24 @@
+//! todo-service: a resilient, Postgres-backed todo REST API.
+//!
+//! It replaces a service that fell over when 120 simultaneous requests each opened a database
+//! connection and resolved the database host through Docker's DNS: the resolver overflowed and the
+//! app stopped answering while Postgres sat idle. Here the host is resolved once, connections are
+//! pooled, and the service keeps answering (503 with `Retry-After`) while the database is away.
+//!
+//! # Layout
+//! Read in this order:
+//! - [`config`]: every environment variable, parsed and validated once; the source of `--help`.
+//! - [`startup`]: binds the listener, builds the database handle and router, runs until shutdown.
+//! - [`http`]: the router and all middleware in one place; handlers per resource
+//!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
+//! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
+//!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
+//! - [`telemetry`]: logging setup.
+
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod startup;
+pub mod telemetry;
+
+pub use startup::Application;

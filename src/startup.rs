@@ -1,0 +1,150 @@
+//! Builds the application from settings and runs it until shutdown.
+//!
+//! [`Application::build`] binds the listener itself and exposes the real address, so tests ask
+//! for port 0 and the binary and the tests share one path. [`Application::run_until`] takes the
+//! shutdown signal as a future, which lets tests stop the server and `main` wire SIGTERM/SIGINT.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::{
+    config::Config,
+    db::{
+        Db,
+        resolve::{Resolver, SystemResolver},
+    },
+    http::{self, AppState},
+};
+
+/// Pending connections the kernel queues before `accept`. Tokio's default (mio) is 128, which a
+/// 2000-connection spike overflows: the kernel then drops SYNs and clients retry after a second.
+/// The kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A bound, ready-to-run service.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    db: Db,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Builds with the operating system's resolver.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_resolver(config, Arc::new(SystemResolver)).await
+    }
+
+    /// Builds with a given resolver for the database host (tests count and fail lookups).
+    pub async fn build_with_resolver(
+        config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> anyhow::Result<Self> {
+        let listener = bind(config.listen_addr)
+            .with_context(|| format!("cannot listen on LISTEN_ADDR={}", config.listen_addr))?;
+        let local = listener.local_addr()?;
+        tracing::info!(
+            database = %config.database.redacted_url(),
+            pool_max_size = config.database.pool_max_size,
+            "connecting to the database lazily"
+        );
+        let db = Db::connect(&config.database, resolver).await?;
+        let state = AppState {
+            db: db.clone(),
+            public_base_url: config
+                .public_base_url
+                .as_ref()
+                .map(|u| Arc::from(u.as_str().trim_end_matches('/'))),
+            fallback_base_url: Arc::from(format!("http://{local}")),
+        };
+        let router = http::router(state, &config);
+        Ok(Application {
+            listener,
+            router,
+            db,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// for up to `SHUTDOWN_TIMEOUT`, and closes the pool.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        tracing::info!(%addr, "listening");
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(
+            self.listener,
+            self.router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested; draining in-flight requests");
+            let _ = signalled_tx.send(());
+        });
+        let deadline = self.shutdown_timeout;
+        let drain_limit = async move {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(deadline).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => r.context("HTTP server failed")?,
+            () = drain_limit => tracing::warn!(?deadline, "in-flight requests did not finish before SHUTDOWN_TIMEOUT; exiting anyway"),
+        }
+        self.db.close();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Completes on SIGTERM (orchestrators) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
