@@ -449,7 +449,8 @@ mod tests {
             ("LOG_FORMAT", "xml", "text or json"),
             ("LOG_LEVEL", "info,[", "EnvFilter"),
             ("DATABASE_URL", "mysql://x@y/z", "postgres://"),
-            ("DATABASE_URL", "postgres://%zz", "postgres://"),
+            ("DATABASE_URL", "postgres://app@db:notaport/todos", "postgres://"),
+            ("DATABASE_URL", "not a url", "postgres://"),
         ];
         for (var, value, form) in cases {
             let err = if var == "DATABASE_URL" {

@@ -4,6 +4,8 @@
 //! containers (`LOG_FORMAT`). Libraries that log through the `log` crate (sqlx) are bridged into
 //! the same output. OTLP export to SigNoz will be added here, next to the log layer.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::{Config, LogFormat};
@@ -14,7 +16,9 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log_level)?;
     let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init()?,
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .try_init()?,
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()

@@ -240,7 +240,7 @@ impl Db {
 /// `Migrator::run` inside a spawned task fails to compile ("implementation of `Acquire` is not
 /// general enough", a known sqlx limitation); `run_direct` is sqlx's public, doc-hidden entry point
 /// for exactly this case. It takes the same advisory lock as `run` when locking is on (the default).
-async fn run_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+pub async fn run_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run_direct(None, conn, false).await
 }
 

@@ -55,8 +55,17 @@ fn is_json(content_type: Option<&axum::http::HeaderValue>) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Parses `bytes` as `T`: syntax errors are 400, type/shape errors 422 naming the field.
+/// Parses `bytes` as a JSON object into `T`: syntax errors are 400, type/shape errors 422 naming
+/// the field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde lets a struct be read from a JSON array (`["x"]` would fill the first field), so
+    // anything but an object is refused before it reaches the struct.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(ApiError::validation("(body)", "must be a JSON object")),
+            Err(e) => Err(malformed(&e)),
+        };
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -136,7 +145,10 @@ mod tests {
             (r#"{"title": "a", "done": "yes"}"#, StatusCode::UNPROCESSABLE_ENTITY, "done"),
             (r#"{}"#, StatusCode::UNPROCESSABLE_ENTITY, "title"),
             (r#"{"title": "a", "colour": 1}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
-            (r#"[1]"#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
+            (r#"["a title"]"#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
+            (r#" "a title""#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
+            ("null", StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
+            ("[1", StatusCode::BAD_REQUEST, ""),
             (r#"{"title": "a""#, StatusCode::BAD_REQUEST, ""),
             (r#"{"title": "a"} x"#, StatusCode::BAD_REQUEST, ""),
             ("", StatusCode::BAD_REQUEST, ""),

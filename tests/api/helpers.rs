@@ -1,0 +1,403 @@
+//! The test harness: a fresh, uniquely named database per test and the app on port 0.
+//!
+//! `TEST_DATABASE_URL` names a PostgreSQL server the tests may create databases on;
+//! `scripts/test.sh` starts a throwaway one and sets it. Each [`TestApp`] gets its own database,
+//! dropped when the test ends (also when it fails, from `Drop`).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Once,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use sqlx::{Connection, Executor, PgConnection};
+use todo_service::{
+    Application,
+    config::Config,
+    db::{
+        Db,
+        resolve::{LookupFuture, Resolver, SystemResolver},
+    },
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use url::Url;
+
+/// Admin URL of the test server.
+pub fn admin_url() -> Url {
+    let raw = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "TEST_DATABASE_URL is not set. Run the tests with `scripts/test.sh`, which starts a \
+             throwaway PostgreSQL, or set TEST_DATABASE_URL to a server where you may CREATE DATABASE."
+        )
+    });
+    Url::parse(&raw).expect("TEST_DATABASE_URL is a URL")
+}
+
+/// The server's address, for proxies and resolvers that must point at it.
+pub fn server_addr() -> SocketAddr {
+    let url = admin_url();
+    let host = url.host_str().expect("TEST_DATABASE_URL has a host");
+    let port = url.port().unwrap_or(5432);
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .expect("TEST_DATABASE_URL host resolves")
+        .next()
+        .expect("an address")
+}
+
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Silent unless TEST_LOG is set, so test output stays readable.
+        if let Ok(level) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(level)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// A database created for one test and dropped after it.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = format!("todo_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(admin_url().as_str())
+            .await
+            .expect("connect to TEST_DATABASE_URL");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .await
+            .expect("create test database");
+        TestDb { name }
+    }
+
+    /// URL of this database on the test server.
+    pub fn url(&self) -> Url {
+        let mut url = admin_url();
+        url.set_path(&self.name);
+        url
+    }
+
+    /// A direct connection, for arranging and inspecting state behind the API's back.
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(self.url().as_str())
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context (possibly during a panic), so use a private runtime on
+        // its own thread. FORCE ends the app's pooled connections.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(admin_url().as_str()).await {
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Answers every lookup with the test server's IP and counts the calls.
+#[derive(Default)]
+pub struct CountingResolver {
+    pub calls: AtomicUsize,
+}
+
+impl Resolver for CountingResolver {
+    fn lookup<'a>(&'a self, _host: &'a str, port: u16) -> LookupFuture<'a> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let ip = server_addr().ip();
+        Box::pin(async move { Ok(vec![SocketAddr::new(ip, port)]) })
+    }
+}
+
+/// A running app on 127.0.0.1:0 with its own database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub db: Db,
+    pub test_db: Arc<TestDb>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Options for [`spawn_app_with`].
+pub struct AppOptions {
+    /// Environment for `Config::from_lookup`; DATABASE_URL and LISTEN_ADDR are filled in.
+    pub env: HashMap<String, String>,
+    pub resolver: Arc<dyn Resolver>,
+    /// Replaces the test database URL (e.g. to point at a proxy or a dead port).
+    pub database_url: Option<String>,
+    /// Wait until `/ready` says 200 before returning.
+    pub wait_ready: bool,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            env: HashMap::new(),
+            resolver: Arc::new(SystemResolver),
+            database_url: None,
+            wait_ready: true,
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
+    init_logging();
+    let test_db = Arc::new(TestDb::create().await);
+    let mut env = opts.env;
+    env.insert(
+        "DATABASE_URL".into(),
+        opts.database_url
+            .unwrap_or_else(|| test_db.url().to_string()),
+    );
+    env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
+    env.entry("SHUTDOWN_TIMEOUT".into()).or_insert("2s".into());
+    let config = Config::from_lookup(|k| env.get(k).cloned()).expect("valid test config");
+    let app = Application::build_with_resolver(config, opts.resolver)
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let db = app.db().clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let app = TestApp {
+        addr,
+        client,
+        db,
+        test_db,
+        shutdown: Some(tx),
+        server: Some(server),
+    };
+    if opts.wait_ready {
+        app.wait_until_ready(Duration::from_secs(15)).await;
+    }
+    app
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_until_ready(&self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.client.get(self.url("/ready")).send().await
+                && r.status() == 200
+            {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "app not ready within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .patch(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("PATCH")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.expect("DELETE")
+    }
+
+    /// Creates a todo through the API and returns its JSON.
+    pub async fn create(&self, body: serde_json::Value) -> serde_json::Value {
+        let r = self.post_json("/todos", &body).await;
+        assert_eq!(r.status(), 201, "create {body}");
+        r.json().await.unwrap()
+    }
+
+    /// Rows in `todos`, read directly from the database.
+    pub async fn row_count(&self) -> i64 {
+        let mut conn = self.test_db.connect().await;
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM todos")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count todos")
+    }
+
+    /// Every row as JSON text, for "nothing changed" comparisons.
+    pub async fn snapshot(&self) -> String {
+        let mut conn = self.test_db.connect().await;
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT json_agg(t ORDER BY id)::text FROM todos t",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("snapshot")
+        .unwrap_or_default()
+    }
+
+    /// Stops the server (graceful shutdown) and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(h) => h.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Asserts a problem+json response and returns its body.
+pub async fn assert_problem(r: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(r.status(), status, "status for expected {code}");
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(ct, "application/problem+json", "content type for {code}");
+    let body: serde_json::Value = r.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["type"], format!("urn:todo-service:problem:{code}"), "{body}");
+    for key in ["title", "detail"] {
+        assert!(
+            body[key].as_str().is_some_and(|s| !s.is_empty()),
+            "{key} missing in {body}"
+        );
+    }
+    body
+}
+
+/// A TCP proxy in front of the test server that tests can open and cut, to make the database
+/// unreachable without stopping the shared server.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TcpProxy {
+    /// A port with nothing listening yet (the proxy is not started).
+    pub async fn reserve() -> TcpProxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        TcpProxy { addr, task: None }
+    }
+
+    /// Starts forwarding `self.addr` to the test server.
+    pub async fn start(&mut self) {
+        let listener = bind_retrying(self.addr).await;
+        let upstream = server_addr();
+        self.task = Some(tokio::spawn(async move {
+            // A JoinSet aborts every forwarded connection when the proxy task is dropped, which
+            // is what cutting the path means.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let start = Instant::now();
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind proxy on {addr}: {e}"),
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// `postgres://…@HOST:PORT/…` with host and port replaced.
+pub fn with_host(url: &Url, host: &str, port: u16) -> String {
+    let mut u = url.clone();
+    u.set_host(Some(host)).unwrap();
+    u.set_port(Some(port)).unwrap();
+    u.to_string()
+}
+
+/// Parses the `rel="next"` URL out of a Link header.
+pub fn next_link(r: &reqwest::Response) -> Option<String> {
+    let link = r.headers().get("link")?.to_str().ok()?;
+    let (url, rel) = link.split_once(';')?;
+    (rel.trim() == r#"rel="next""#).then(|| url.trim().trim_matches(['<', '>']).to_owned())
+}
+

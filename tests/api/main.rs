@@ -1,0 +1,10 @@
+//! Integration tests: the app on port 0 against a fresh PostgreSQL database per test, over HTTP.
+//! Run them with `scripts/test.sh` (it provides the PostgreSQL server).
+
+mod errors;
+mod helpers;
+mod migrations;
+mod openapi;
+mod operations;
+mod todobackend;
+mod todos;

@@ -1,0 +1,183 @@
+//! Probes, starting with the database down, the host resolved once, graceful shutdown.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    AppOptions, CountingResolver, TcpProxy, admin_url, assert_problem, spawn_app, spawn_app_with,
+    with_host,
+};
+
+#[tokio::test]
+async fn health_answers_and_ready_reports_the_database() {
+    let app = spawn_app().await;
+    let r = app.get("/health").await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+
+    let r = app.get("/ready").await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let db = &body["checks"]["database"];
+    assert_eq!(db["status"], "ok", "{body}");
+    assert_eq!(db["migrations_applied"], true);
+    assert_eq!(db["address"], crate::helpers::server_addr().to_string());
+}
+
+#[tokio::test]
+async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up() {
+    // The database "host" is a port where nothing listens yet.
+    let mut proxy = TcpProxy::reserve().await;
+    let test_db_url = crate::helpers::TestDb::create().await;
+    let opts = AppOptions {
+        database_url: Some(with_host(&test_db_url.url(), "127.0.0.1", proxy.addr.port())),
+        wait_ready: false,
+        ..AppOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+
+    // Up and answering: liveness OK, readiness and data requests 503 with Retry-After, quickly.
+    let r = app.get("/health").await;
+    assert_eq!(r.status(), 200);
+    let r = app.get("/ready").await;
+    assert!(r.headers().contains_key("retry-after"));
+    let p = assert_problem(r, 503, "not_ready").await;
+    assert_eq!(p["checks"]["database"]["status"], "fail", "{p}");
+    assert!(p["checks"]["database"]["error"].is_string(), "{p}");
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = app.post_json("/todos", &json!({"title": "early"})).await;
+        let elapsed = started.elapsed();
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_problem(r, 503, "database_unavailable").await;
+        assert!(elapsed < Duration::from_secs(1), "503 took {elapsed:?}");
+        let r = app.get("/todos").await;
+        assert_problem(r, 503, "database_unavailable").await;
+    }
+
+    // The database appears: the service becomes ready by itself, no restart.
+    proxy.start().await;
+    let took = app.wait_until_ready(Duration::from_secs(10)).await;
+    eprintln!("ready {took:?} after the database came up");
+    let r = app.post_json("/todos", &json!({"title": "after"})).await;
+    assert_eq!(r.status(), 201);
+    // The app's database is the proxied one; the early POSTs left nothing behind.
+    let mut conn = test_db_url.connect().await;
+    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM todos").fetch_all(&mut conn).await.unwrap();
+    assert_eq!(titles, ["after"]);
+}
+
+#[tokio::test]
+async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
+    let resolver = Arc::new(CountingResolver::default());
+    let test_db = crate::helpers::TestDb::create().await;
+    let port = crate::helpers::server_addr().port();
+    let opts = AppOptions {
+        database_url: Some(with_host(&test_db.url(), "postgres.test", port)),
+        resolver: resolver.clone(),
+        // A small pool so the burst below forces connections to be created, recycled and reused.
+        env: [("DB_POOL_MAX_SIZE".to_string(), "4".to_string())].into(),
+        ..AppOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "one lookup at startup");
+
+    // The post-mortem's burst: 120 simultaneous requests, several times, plus writes.
+    for round in 0..3 {
+        let mut burst = Vec::new();
+        for i in 0..120 {
+            let client = app.client.clone();
+            let url = app.url("/todos");
+            burst.push(tokio::spawn(async move {
+                if i % 10 == 0 {
+                    client.post(&url).json(&json!({"title": format!("r{round}-{i}")})).send().await
+                } else {
+                    client.get(&url).send().await
+                }
+            }));
+        }
+        for r in burst {
+            let r = r.await.unwrap().expect("every request is answered");
+            assert!(r.status().is_success(), "round {round}: {}", r.status());
+        }
+    }
+    // Kill every pooled connection so the pool must reconnect, then use it again.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url().as_str()).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'todo-service'")
+        .bind(&test_db.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..20 {
+        assert_eq!(app.get("/todos").await.status(), 200);
+    }
+    assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "no lookup after startup");
+    assert_eq!(app.db.address().lookups(), 1);
+    let ready: Value = app.get("/ready").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["database"]["dns_lookups"], 1);
+    assert_eq!(ready["checks"]["database"]["host"], "postgres.test");
+}
+
+#[tokio::test]
+async fn connections_carry_the_configured_application_name_and_statement_timeout() {
+    let mut opts = AppOptions::default();
+    opts.env.insert("DB_APPLICATION_NAME".into(), "todo-test-app".into());
+    opts.env.insert("DB_STATEMENT_TIMEOUT".into(), "1500ms".into());
+    let app = spawn_app_with(opts).await;
+    assert_eq!(app.get("/todos").await.status(), 200);
+    let mut conn = app.test_db.connect().await;
+    let names: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(!names.is_empty() && names.iter().all(|n| n.as_deref() == Some("todo-test-app")), "{names:?}");
+    // The setting is visible from a pooled connection: ask through a query the app would run.
+    let pool = app.db.pool();
+    let mut pooled = pool.get().await.unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout").fetch_one(&mut *pooled).await.unwrap();
+    assert_eq!(timeout, "1500ms");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let app = spawn_app().await;
+    let client = app.client.clone();
+    let url = app.url("/todos");
+    // Hold a request in flight with a slow body, then ask the server to stop.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(1);
+    let request = tokio::spawn(async move {
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(tokio_stream(rx)))
+            .send()
+            .await
+    });
+    tx.send(Ok(r#"{"title": "#.into())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let test_db = Arc::clone(&app.test_db);
+    let stopping = tokio::spawn(app.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(Ok(r#""in flight"}"#.into())).await.unwrap();
+    drop(tx);
+    let r = request.await.unwrap().expect("in-flight request answered");
+    assert_eq!(r.status(), 201);
+    stopping.await.unwrap().expect("clean shutdown");
+    let mut conn = test_db.connect().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM todos").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 1);
+}
+
+fn tokio_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Result<String, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,196 @@
+//! CRUD details beyond the TodoBackend suite: Location, timestamps, filters, paging.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{next_link, spawn_app};
+
+#[tokio::test]
+async fn create_returns_201_with_location_and_rfc3339_timestamps() {
+    let app = spawn_app().await;
+    let r = app
+        .post_json("/todos", &json!({"title": "x", "completed": true, "order": -3}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let todo: Value = r.json().await.unwrap();
+    assert_eq!(location, todo["url"].as_str().unwrap());
+    assert_eq!(location, app.url(&format!("/todos/{}", todo["id"])));
+    assert_eq!(todo["completed"], true);
+    assert_eq!(todo["order"], -3);
+    for key in ["created_at", "updated_at"] {
+        let ts = todo[key].as_str().unwrap();
+        chrono::DateTime::parse_from_rfc3339(ts).unwrap_or_else(|e| panic!("{key}={ts}: {e}"));
+    }
+    let keys: HashSet<&str> = todo.as_object().unwrap().keys().map(String::as_str).collect();
+    let expected: HashSet<&str> =
+        ["id", "url", "title", "completed", "order", "created_at", "updated_at"].into();
+    assert_eq!(keys, expected);
+}
+
+#[tokio::test]
+async fn the_public_base_url_is_used_for_links_when_configured() {
+    let mut opts = crate::helpers::AppOptions::default();
+    opts.env.insert("PUBLIC_BASE_URL".into(), "https://todos.example.com/api/".into());
+    let app = crate::helpers::spawn_app_with(opts).await;
+    let r = app.post_json("/todos", &json!({"title": "x"})).await;
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let todo: Value = r.json().await.unwrap();
+    let expected = format!("https://todos.example.com/api/todos/{}", todo["id"]);
+    assert_eq!(todo["url"], expected.as_str());
+    assert_eq!(location, expected);
+}
+
+#[tokio::test]
+async fn urls_follow_the_host_header_and_ignore_a_malformed_one() {
+    let app = spawn_app().await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    let r = app.client.get(app.url(&path)).header("host", "todo.test:9000").send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["url"], format!("http://todo.test:9000{path}").as_str());
+    let r = app.client.get(app.url(&path)).header("host", "evil.test/<script>").send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["url"], app.url(&path).as_str(), "bad Host falls back to the listen address");
+}
+
+#[tokio::test]
+async fn patch_changes_only_the_given_fields_and_null_order_clears_it() {
+    let app = spawn_app().await;
+    let todo = app.create(json!({"title": "a", "order": 7})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    let r = app.patch_json(&path, &json!({"order": null})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["order"], Value::Null);
+    assert_eq!(v["title"], "a");
+    assert_eq!(v["completed"], false);
+    assert!(v["updated_at"].as_str() >= todo["updated_at"].as_str());
+
+    let r = app.patch_json(&path, &json!({})).await;
+    assert_eq!(r.status(), 200, "an empty patch is a no-op");
+    let unchanged: Value = r.json().await.unwrap();
+    assert_eq!(unchanged, v);
+}
+
+#[tokio::test]
+async fn get_and_delete_of_a_missing_todo_are_404() {
+    let app = spawn_app().await;
+    let todo = app.create(json!({"title": "a"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    assert_eq!(app.delete(&path).await.status(), 204);
+    crate::helpers::assert_problem(app.get(&path).await, 404, "todo_not_found").await;
+    crate::helpers::assert_problem(app.delete(&path).await, 404, "todo_not_found").await;
+    crate::helpers::assert_problem(app.patch_json(&path, &json!({"title": "b"})).await, 404, "todo_not_found").await;
+}
+
+/// The list's sort key: order, missing orders last, then id.
+fn sort_key(t: &Value) -> (i64, i64) {
+    (t["order"].as_i64().unwrap_or(i64::MAX), t["id"].as_i64().unwrap())
+}
+
+#[tokio::test]
+async fn list_is_sorted_by_order_then_id_and_filters_by_completed() {
+    let app = spawn_app().await;
+    for (title, order, completed) in [("c", Some(3), false), ("none1", None, true), ("a", Some(-1), true), ("b", Some(3), false), ("none2", None, false)] {
+        let mut body = json!({"title": title, "completed": completed});
+        if let Some(o) = order {
+            body["order"] = json!(o);
+        }
+        app.create(body).await;
+    }
+    let all: Vec<Value> = app.get("/todos").await.json().await.unwrap();
+    let titles: Vec<&str> = all.iter().map(|t| t["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, ["a", "c", "b", "none1", "none2"]);
+
+    let done: Vec<Value> = app.get("/todos?completed=true").await.json().await.unwrap();
+    let titles: Vec<&str> = done.iter().map(|t| t["title"].as_str().unwrap()).collect();
+    assert_eq!(titles, ["a", "none1"]);
+    let open: Vec<Value> = app.get("/todos?completed=false").await.json().await.unwrap();
+    assert_eq!(open.len(), 3);
+}
+
+#[tokio::test]
+async fn the_default_page_is_50_and_limit_is_honoured() {
+    let app = spawn_app().await;
+    let mut conn = app.test_db.connect().await;
+    sqlx::query("INSERT INTO todos (title) SELECT 't' || g FROM generate_series(1, 60) g")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let r = app.get("/todos").await;
+    let next = next_link(&r).expect("a next link when more rows exist");
+    assert!(next.starts_with(&app.url("/todos?")), "{next}");
+    let page: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(page.len(), 50);
+    let r = app.client.get(&next).send().await.unwrap();
+    assert!(next_link(&r).is_none(), "the last page has no next link");
+    let rest: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(rest.len(), 10);
+
+    let r = app.get("/todos?limit=500").await;
+    assert!(next_link(&r).is_none());
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 60);
+}
+
+#[tokio::test]
+async fn paging_has_no_gaps_or_repeats_while_todos_are_inserted_concurrently() {
+    let app = spawn_app().await;
+    // 150 todos: orders spread over a few values (ties broken by id) plus some without an order.
+    let mut conn = app.test_db.connect().await;
+    sqlx::query(
+        "INSERT INTO todos (title, position) \
+         SELECT 't' || g, CASE WHEN g % 5 = 0 THEN NULL ELSE (g * 7919) % 13 - 6 END \
+         FROM generate_series(1, 150) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let before: HashSet<i64> = sqlx::query_scalar("SELECT id FROM todos")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+
+    // A writer inserts todos with orders that land before, inside and after the pages read.
+    let writer_app_url = app.url("/todos");
+    let client = app.client.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..100i64 {
+            let order = if i % 4 == 0 { Value::Null } else { json!((i * 31) % 15 - 7) };
+            let r = client
+                .post(&writer_app_url)
+                .json(&json!({"title": format!("w{i}"), "order": order}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    });
+
+    let mut seen = Vec::new();
+    let mut next = Some(app.url("/todos?limit=7"));
+    let mut pages = 0;
+    while let Some(url) = next {
+        let r = app.client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        next = next_link(&r);
+        let page: Vec<Value> = r.json().await.unwrap();
+        assert!(page.len() <= 7);
+        seen.extend(page);
+        pages += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+
+    let ids: Vec<i64> = seen.iter().map(|t| t["id"].as_i64().unwrap()).collect();
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "a todo was returned twice");
+    let missing: Vec<&i64> = before.difference(&unique).collect();
+    assert!(missing.is_empty(), "todos existing before paging were skipped: {missing:?}");
+    let keys: Vec<(i64, i64)> = seen.iter().map(sort_key).collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "pages are not in sort order");
+    assert!(pages > 20, "paged in {pages} pages");
+}
