@@ -195,7 +195,10 @@ impl Config {
         let env = Env { lookup: &lookup };
         Ok(Config {
             listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
-            public_base_url: env.optional("PUBLIC_BASE_URL").map(parse_base_url).transpose()?,
+            public_base_url: env
+                .optional("PUBLIC_BASE_URL")
+                .map(parse_base_url)
+                .transpose()?,
             database: database_config(&env)?,
             max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
             cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
@@ -263,7 +266,10 @@ struct Env<'a> {
 
 impl Env<'_> {
     fn optional(&self, name: &'static str) -> Option<String> {
-        debug_assert!(VARS.iter().any(|v| v.name == name), "{name} missing from VARS");
+        debug_assert!(
+            VARS.iter().any(|v| v.name == name),
+            "{name} missing from VARS"
+        );
         (self.lookup)(name).filter(|v| !v.trim().is_empty())
     }
 
@@ -278,7 +284,11 @@ impl Env<'_> {
         })
     }
 
-    fn parse<T: FromStr>(&self, name: &'static str, expected: &'static str) -> Result<T, ConfigError>
+    fn parse<T: FromStr>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+    ) -> Result<T, ConfigError>
     where
         T::Err: fmt::Display,
     {
@@ -449,7 +459,11 @@ mod tests {
             ("LOG_FORMAT", "xml", "text or json"),
             ("LOG_LEVEL", "info,[", "EnvFilter"),
             ("DATABASE_URL", "mysql://x@y/z", "postgres://"),
-            ("DATABASE_URL", "postgres://app@db:notaport/todos", "postgres://"),
+            (
+                "DATABASE_URL",
+                "postgres://app@db:notaport/todos",
+                "postgres://",
+            ),
             ("DATABASE_URL", "not a url", "postgres://"),
         ];
         for (var, value, form) in cases {
@@ -461,7 +475,10 @@ mod tests {
             .expect_err(var);
             let msg = err.to_string();
             assert_eq!(err.var, var, "{var}={value}: {msg}");
-            assert!(msg.contains(var) && msg.contains(form), "{var}={value}: {msg}");
+            assert!(
+                msg.contains(var) && msg.contains(form),
+                "{var}={value}: {msg}"
+            );
         }
     }
 
@@ -486,7 +503,10 @@ mod tests {
     fn cors_origin_lists_are_parsed() {
         let c = config(&[
             URL,
-            ("CORS_ALLOWED_ORIGINS", "https://a.example, http://b.example:3000"),
+            (
+                "CORS_ALLOWED_ORIGINS",
+                "https://a.example, http://b.example:3000",
+            ),
         ])
         .unwrap();
         match c.cors_allowed_origins {
@@ -505,12 +525,28 @@ mod tests {
             .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
             .collect();
         for var in VARS {
-            assert!(listed.contains(&var.name), ".env.example lacks {}", var.name);
+            assert!(
+                listed.contains(&var.name),
+                ".env.example lacks {}",
+                var.name
+            );
         }
         for name in listed {
             assert!(
                 VARS.iter().any(|v| v.name == name),
                 ".env.example lists {name}, which the service does not read"
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_lists_every_variable() {
+        let readme = include_str!("../README.md");
+        for var in VARS {
+            assert!(
+                readme.contains(&format!("| `{}` |", var.name)),
+                "README.md's configuration table lacks {}",
+                var.name
             );
         }
     }

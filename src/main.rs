@@ -31,7 +31,10 @@ fn main() -> ExitCode {
         eprintln!("error: cannot start logging: {e:#}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -47,7 +50,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "todo-service stopped with an error");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "todo-service stopped with an error"
+            );
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -69,7 +69,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn db(&self) -> &Db {
@@ -78,13 +80,17 @@ impl Application {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
     /// for up to `SHUTDOWN_TIMEOUT`, and closes the pool.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let addr = self.local_addr();
         tracing::info!(%addr, "listening");
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(
             self.listener,
-            self.router.into_make_service_with_connect_info::<SocketAddr>(),
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -94,7 +94,10 @@ pub struct PoolStatus {
 impl Db {
     /// Resolves the host (once), builds the lazy pool and starts applying migrations in the
     /// background. Never fails because the database is down.
-    pub async fn connect(config: &DatabaseConfig, resolver: Arc<dyn Resolver>) -> anyhow::Result<Db> {
+    pub async fn connect(
+        config: &DatabaseConfig,
+        resolver: Arc<dyn Resolver>,
+    ) -> anyhow::Result<Db> {
         let address = PinnedAddress::resolve(&config.host, config.port, resolver).await;
         let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
         let options = config
@@ -221,14 +224,21 @@ impl Db {
             match attempt.await {
                 Ok(()) => {
                     self.inner.migrated.store(true, Ordering::Release);
-                    *self.inner.migration_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    *self
+                        .inner
+                        .migration_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
                     tracing::info!("database migrations applied");
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "database not ready; will retry migrations");
-                    *self.inner.migration_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
+                    *self
+                        .inner
+                        .migration_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 }
             }
             tokio::time::sleep(delay).await;
@@ -240,7 +250,9 @@ impl Db {
 /// `Migrator::run` inside a spawned task fails to compile ("implementation of `Acquire` is not
 /// general enough", a known sqlx limitation); `run_direct` is sqlx's public, doc-hidden entry point
 /// for exactly this case. It takes the same advisory lock as `run` when locking is on (the default).
-pub async fn run_migrations(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+pub async fn run_migrations(
+    conn: &mut sqlx::PgConnection,
+) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run_direct(None, conn, false).await
 }
 

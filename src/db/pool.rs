@@ -60,10 +60,16 @@ impl Manager for PgManager {
         PgConnection::connect_with(&options).await
     }
 
-    async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+    async fn recycle(
+        &self,
+        conn: &mut PgConnection,
+        metrics: &Metrics,
+    ) -> RecycleResult<sqlx::Error> {
         if conn.is_in_transaction() {
             // A transaction left open by a cancelled request: the connection's state is unknown.
-            return Err(RecycleError::message("connection was returned inside a transaction"));
+            return Err(RecycleError::message(
+                "connection was returned inside a transaction",
+            ));
         }
         if metrics.last_used() >= PING_IF_IDLE_FOR {
             conn.ping().await.map_err(RecycleError::Backend)?;

@@ -56,9 +56,10 @@ pub struct FieldError {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    problem: Problem,
+    /// Boxed so `Result<_, ApiError>` stays small on the success path.
+    problem: Box<Problem>,
     retry_after: Option<u64>,
-    extra: Option<serde_json::Value>,
+    extra: Option<Box<serde_json::Value>>,
 }
 
 impl ApiError {
@@ -70,7 +71,7 @@ impl ApiError {
     ) -> Self {
         ApiError {
             status,
-            problem: Problem {
+            problem: Box::new(Problem {
                 type_uri: format!("urn:todo-service:problem:{code}"),
                 title: Cow::Borrowed(title),
                 status: status.as_u16(),
@@ -78,7 +79,7 @@ impl ApiError {
                 code: Cow::Borrowed(code),
                 hint: None,
                 errors: Vec::new(),
-            },
+            }),
             retry_after: None,
             extra: None,
         }
@@ -96,7 +97,7 @@ impl ApiError {
 
     /// Adds extension members (an object) next to the standard ones, e.g. `/ready`'s checks.
     pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
         self
     }
 
@@ -207,16 +208,15 @@ impl From<DbError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = match self.extra {
+        let body = match self.extra.map(|b| *b) {
             None => serde_json::to_vec(&self.problem),
-            Some(serde_json::Value::Object(mut extra)) => {
-                serde_json::to_value(&self.problem).and_then(|v| {
+            Some(serde_json::Value::Object(mut extra)) => serde_json::to_value(&self.problem)
+                .and_then(|v| {
                     if let serde_json::Value::Object(std) = v {
                         extra.extend(std);
                     }
                     serde_json::to_vec(&extra)
-                })
-            }
+                }),
             Some(_) => serde_json::to_vec(&self.problem),
         }
         .unwrap_or_else(|_| br#"{"title":"Internal server error","status":500}"#.to_vec());

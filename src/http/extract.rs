@@ -50,7 +50,12 @@ fn is_json(content_type: Option<&axum::http::HeaderValue>) -> bool {
     let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
@@ -110,9 +115,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TodoId {
         let axum::extract::Path(raw) =
             axum::extract::Path::<String>::from_request_parts(parts, state)
                 .await
-                .map_err(|e: PathRejection| {
-                    ApiError::bad_request("invalid_path", e.body_text())
-                })?;
+                .map_err(|e: PathRejection| ApiError::bad_request("invalid_path", e.body_text()))?;
         match raw.parse::<i64>() {
             Ok(id) if id > 0 => Ok(TodoId(id)),
             _ => Err(ApiError::bad_request(
@@ -142,9 +145,17 @@ mod tests {
     fn json_errors_name_the_field_and_pick_400_or_422() {
         let cases: &[(&str, StatusCode, &str)] = &[
             (r#"{"title": 5}"#, StatusCode::UNPROCESSABLE_ENTITY, "title"),
-            (r#"{"title": "a", "done": "yes"}"#, StatusCode::UNPROCESSABLE_ENTITY, "done"),
+            (
+                r#"{"title": "a", "done": "yes"}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "done",
+            ),
             (r#"{}"#, StatusCode::UNPROCESSABLE_ENTITY, "title"),
-            (r#"{"title": "a", "colour": 1}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
+            (
+                r#"{"title": "a", "colour": 1}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "colour",
+            ),
             (r#"["a title"]"#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
             (r#" "a title""#, StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
             ("null", StatusCode::UNPROCESSABLE_ENTITY, "(body)"),
@@ -169,7 +180,12 @@ mod tests {
     #[test]
     fn json_content_types_are_recognised() {
         use axum::http::HeaderValue;
-        for ok in ["application/json", "application/json; charset=utf-8", "application/merge-patch+json", "Application/JSON"] {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/merge-patch+json",
+            "Application/JSON",
+        ] {
             assert!(is_json(Some(&HeaderValue::from_static(ok))), "{ok}");
         }
         for bad in ["text/plain", "application/x-www-form-urlencoded", "json"] {

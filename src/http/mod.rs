@@ -14,7 +14,9 @@ use std::{any::Any, sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request},
-    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts, uri::Authority},
+    http::{
+        HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts, uri::Authority,
+    },
     response::{IntoResponse, Response},
 };
 use tower_http::{
@@ -60,7 +62,10 @@ impl BaseUrl {
 impl FromRequestParts<AppState> for BaseUrl {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         if let Some(base) = &state.public_base_url {
             return Ok(BaseUrl(Arc::clone(base)));
         }
@@ -103,7 +108,11 @@ pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             todos::create_todo,
             todos::delete_all_todos
         ))
-        .routes(routes!(todos::get_todo, todos::update_todo, todos::delete_todo))
+        .routes(routes!(
+            todos::get_todo,
+            todos::update_todo,
+            todos::delete_todo
+        ))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .split_for_parts()

@@ -83,7 +83,9 @@ pub struct UpdateTodo {
 }
 
 /// Tells "absent" (outer `None`, via `default`) from "null" (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -115,7 +117,10 @@ impl ListQuery {
             Some("true") => Some(true),
             Some("false") => Some(false),
             Some(other) => {
-                errors.push(field("completed", format!("{other:?} is not true or false")));
+                errors.push(field(
+                    "completed",
+                    format!("{other:?} is not true or false"),
+                ));
                 None
             }
         };
@@ -222,7 +227,11 @@ pub async fn list_todos(
             })
         );
         if let Some(c) = params.completed {
-            next.push_str(if c { "&completed=true" } else { "&completed=false" });
+            next.push_str(if c {
+                "&completed=true"
+            } else {
+                "&completed=false"
+            });
         }
         if let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
             headers.insert(header::LINK, v);
@@ -392,8 +401,14 @@ mod tests {
     #[test]
     fn cursors_round_trip_including_negative_and_max_sort_keys() {
         for c in [
-            Cursor { sort_key: -5, id: 10 },
-            Cursor { sort_key: i64::MAX, id: 1 },
+            Cursor {
+                sort_key: -5,
+                id: 10,
+            },
+            Cursor {
+                sort_key: i64::MAX,
+                id: 1,
+            },
             Cursor::START,
         ] {
             assert_eq!(decode_cursor(&encode_cursor(c)), Some(c));

@@ -16,8 +16,16 @@ async fn app_with_one_todo() -> (TestApp, String) {
 async fn malformed_json_is_400_and_changes_nothing() {
     let (app, path) = app_with_one_todo().await;
     let before = app.snapshot().await;
-    for body in [r#"{"title": "x""#, "not json", r#"{"title": "x"} trailing"#, ""] {
-        for (method, url) in [(reqwest::Method::POST, "/todos"), (reqwest::Method::PATCH, path.as_str())] {
+    for body in [
+        r#"{"title": "x""#,
+        "not json",
+        r#"{"title": "x"} trailing"#,
+        "",
+    ] {
+        for (method, url) in [
+            (reqwest::Method::POST, "/todos"),
+            (reqwest::Method::PATCH, path.as_str()),
+        ] {
             let r = app
                 .client
                 .request(method.clone(), app.url(url))
@@ -53,9 +61,17 @@ async fn validation_failures_are_422_naming_each_field_and_change_nothing() {
         (json!(["title"]), "(body)"),
     ];
     for (body, field) in create_cases {
-        let p = assert_problem(app.post_json("/todos", &body).await, 422, "validation_failed").await;
+        let p = assert_problem(
+            app.post_json("/todos", &body).await,
+            422,
+            "validation_failed",
+        )
+        .await;
         assert_eq!(p["errors"][0]["field"], field, "POST {body}: {p}");
-        assert!(p["detail"].as_str().unwrap().contains(field), "POST {body}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap().contains(field),
+            "POST {body}: {p}"
+        );
     }
     let patch_cases = [
         (json!({"title": ""}), "title"),
@@ -72,7 +88,8 @@ async fn validation_failures_are_422_naming_each_field_and_change_nothing() {
     }
     // Several bad fields at once are all reported.
     let p = assert_problem(
-        app.patch_json(&path, &json!({"title": "", "completed": null})).await,
+        app.patch_json(&path, &json!({"title": "", "completed": null}))
+            .await,
         422,
         "validation_failed",
     )
@@ -91,7 +108,12 @@ async fn bad_list_parameters_are_422_naming_the_parameter() {
         ("completed=maybe", "completed"),
         ("cursor=abc", "cursor"),
     ] {
-        let p = assert_problem(app.get(&format!("/todos?{query}")).await, 422, "validation_failed").await;
+        let p = assert_problem(
+            app.get(&format!("/todos?{query}")).await,
+            422,
+            "validation_failed",
+        )
+        .await;
         assert_eq!(p["errors"][0]["field"], field, "{query}: {p}");
     }
 }
@@ -100,14 +122,24 @@ async fn bad_list_parameters_are_422_naming_the_parameter() {
 async fn a_non_json_body_is_415() {
     let (app, path) = app_with_one_todo().await;
     let before = app.snapshot().await;
-    for ct in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
         let mut req = app.client.post(app.url("/todos")).body(r#"{"title":"x"}"#);
         if let Some(ct) = ct {
             req = req.header("content-type", ct);
         }
         assert_problem(req.send().await.unwrap(), 415, "unsupported_media_type").await;
     }
-    let r = app.client.patch(app.url(&path)).body(r#"{"title":"x"}"#).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&path))
+        .body(r#"{"title":"x"}"#)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 415, "unsupported_media_type").await;
     assert_eq!(app.snapshot().await, before);
 }
@@ -118,10 +150,18 @@ async fn a_body_over_the_limit_is_413_and_changes_nothing() {
     opts.env.insert("MAX_BODY_BYTES".into(), "2048".into());
     let app = spawn_app_with(opts).await;
     let body = json!({"title": "x".repeat(900), "pad": "y".repeat(3000)});
-    assert_problem(app.post_json("/todos", &body).await, 413, "payload_too_large").await;
+    assert_problem(
+        app.post_json("/todos", &body).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
     // Also when the size is not announced up front (chunked body).
-    let chunks: Vec<Result<String, std::io::Error>> =
-        vec![Ok(r#"{"title": ""#.into()), Ok("z".repeat(4000)), Ok(r#""}"#.into())];
+    let chunks: Vec<Result<String, std::io::Error>> = vec![
+        Ok(r#"{"title": ""#.into()),
+        Ok("z".repeat(4000)),
+        Ok(r#""}"#.into()),
+    ];
     let r = app
         .client
         .post(app.url("/todos"))
@@ -137,7 +177,12 @@ async fn a_body_over_the_limit_is_413_and_changes_nothing() {
 #[tokio::test]
 async fn an_invalid_id_is_400_and_unknown_routes_are_404() {
     let app = spawn_app().await;
-    for path in ["/todos/abc", "/todos/0", "/todos/-1", "/todos/99999999999999999999"] {
+    for path in [
+        "/todos/abc",
+        "/todos/0",
+        "/todos/-1",
+        "/todos/99999999999999999999",
+    ] {
         assert_problem(app.get(path).await, 400, "invalid_id").await;
     }
     let p = assert_problem(app.get("/nope").await, 404, "route_not_found").await;
@@ -153,8 +198,16 @@ async fn an_unsupported_method_is_405_with_an_allow_header() {
         (reqwest::Method::PATCH, "/todos", "POST"),
         (reqwest::Method::POST, "/health", "GET"),
     ] {
-        let r = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
-        let allow = r.headers().get("allow").map(|v| v.to_str().unwrap().to_owned());
+        let r = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        let allow = r
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned());
         assert_problem(r, 405, "method_not_allowed").await;
         let allow = allow.expect("Allow header");
         assert!(allow.contains(allowed), "{method} {path}: Allow: {allow}");

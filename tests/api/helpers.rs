@@ -221,10 +221,7 @@ impl TestApp {
             {
                 return start.elapsed();
             }
-            assert!(
-                start.elapsed() < limit,
-                "app not ready within {limit:?}"
-            );
+            assert!(start.elapsed() < limit, "app not ready within {limit:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -252,7 +249,11 @@ impl TestApp {
     }
 
     pub async fn delete(&self, path: &str) -> reqwest::Response {
-        self.client.delete(self.url(path)).send().await.expect("DELETE")
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("DELETE")
     }
 
     /// Creates a todo through the API and returns its JSON.
@@ -274,13 +275,11 @@ impl TestApp {
     /// Every row as JSON text, for "nothing changed" comparisons.
     pub async fn snapshot(&self) -> String {
         let mut conn = self.test_db.connect().await;
-        sqlx::query_scalar::<_, Option<String>>(
-            "SELECT json_agg(t ORDER BY id)::text FROM todos t",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("snapshot")
-        .unwrap_or_default()
+        sqlx::query_scalar::<_, Option<String>>("SELECT json_agg(t ORDER BY id)::text FROM todos t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("snapshot")
+            .unwrap_or_default()
     }
 
     /// Stops the server (graceful shutdown) and waits for it.
@@ -319,7 +318,11 @@ pub async fn assert_problem(r: reqwest::Response, status: u16, code: &str) -> se
     let body: serde_json::Value = r.json().await.expect("problem body is JSON");
     assert_eq!(body["status"], status, "{body}");
     assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["type"], format!("urn:todo-service:problem:{code}"), "{body}");
+    assert_eq!(
+        body["type"],
+        format!("urn:todo-service:problem:{code}"),
+        "{body}"
+    );
     for key in ["title", "detail"] {
         assert!(
             body[key].as_str().is_some_and(|s| !s.is_empty()),
@@ -400,4 +403,3 @@ pub fn next_link(r: &reqwest::Response) -> Option<String> {
     let (url, rel) = link.split_once(';')?;
     (rel.trim() == r#"rel="next""#).then(|| url.trim().trim_matches(['<', '>']).to_owned())
 }
-

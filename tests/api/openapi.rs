@@ -26,12 +26,21 @@ fn documented(doc: &Value) -> BTreeSet<(String, String)> {
 async fn the_openapi_document_lists_every_route_and_only_routes_that_exist() {
     let app = spawn_app().await;
     let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
 
     let expected: BTreeSet<(String, String)> = [
-        ("get", "/todos"), ("post", "/todos"), ("delete", "/todos"),
-        ("get", "/todos/{id}"), ("patch", "/todos/{id}"), ("delete", "/todos/{id}"),
-        ("get", "/health"), ("get", "/ready"),
+        ("get", "/todos"),
+        ("post", "/todos"),
+        ("delete", "/todos"),
+        ("get", "/todos/{id}"),
+        ("patch", "/todos/{id}"),
+        ("delete", "/todos/{id}"),
+        ("get", "/health"),
+        ("get", "/ready"),
     ]
     .iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -56,7 +65,10 @@ async fn the_openapi_document_lists_every_route_and_only_routes_that_exist() {
             let body: Value = r.json().await.unwrap_or(Value::Null);
             if item.get(m).is_some() {
                 assert_ne!(status, 405, "{m} {path} is documented but not routed");
-                assert_ne!(body["code"], "route_not_found", "{m} {path} is documented but not routed");
+                assert_ne!(
+                    body["code"], "route_not_found",
+                    "{m} {path} is documented but not routed"
+                );
             } else {
                 assert_eq!(status, 405, "{m} {path} is routed but not documented");
             }
@@ -70,25 +82,52 @@ async fn the_documented_schemas_match_real_responses() {
     let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
     let schemas = &doc["components"]["schemas"];
     let props = |name: &str| -> HashSet<String> {
-        schemas[name]["properties"].as_object().unwrap_or_else(|| panic!("schema {name}")).keys().cloned().collect()
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .cloned()
+            .collect()
     };
 
     let todo = app.create(json!({"title": "x", "order": 1})).await;
     let keys: HashSet<String> = todo.as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys, props("Todo"));
 
-    let problem: Value = app.post_json("/todos", &json!({"title": ""})).await.json().await.unwrap();
+    let problem: Value = app
+        .post_json("/todos", &json!({"title": ""}))
+        .await
+        .json()
+        .await
+        .unwrap();
     let keys: HashSet<String> = problem.as_object().unwrap().keys().cloned().collect();
-    assert!(keys.is_subset(&props("Problem")), "{keys:?} vs {:?}", props("Problem"));
+    assert!(
+        keys.is_subset(&props("Problem")),
+        "{keys:?} vs {:?}",
+        props("Problem")
+    );
 
     let create = props("CreateTodo");
-    assert_eq!(create, ["title", "completed", "order"].map(String::from).into());
-    let required: Vec<&str> = schemas["CreateTodo"]["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(
+        create,
+        ["title", "completed", "order"].map(String::from).into()
+    );
+    let required: Vec<&str> = schemas["CreateTodo"]["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(required, ["title"]);
     assert_eq!(props("UpdateTodo"), create);
 
     let ready: Value = app.get("/ready").await.json().await.unwrap();
-    let keys: HashSet<String> = ready["checks"]["database"].as_object().unwrap().keys().cloned().collect();
+    let keys: HashSet<String> = ready["checks"]["database"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     assert!(keys.is_subset(&props("DbStatus")), "{keys:?}");
 }
 
@@ -103,12 +142,24 @@ async fn the_interactive_docs_are_served_from_the_binary() {
     for (attr, quote) in [("src=", '"'), ("href=", '"')] {
         for part in html.split(attr).skip(1) {
             let target = part.trim_start_matches(quote).split(quote).next().unwrap();
-            assert!(!target.starts_with("http"), "docs page loads {target} from the network");
-            let url = if target.starts_with('/') { app.url(target) } else { app.url(&format!("/docs/{}", target.trim_start_matches("./"))) };
+            assert!(
+                !target.starts_with("http"),
+                "docs page loads {target} from the network"
+            );
+            let url = if target.starts_with('/') {
+                app.url(target)
+            } else {
+                app.url(&format!("/docs/{}", target.trim_start_matches("./")))
+            };
             let r = app.client.get(&url).send().await.unwrap();
             assert_eq!(r.status(), 200, "{url}");
         }
     }
-    let init = app.get("/docs/swagger-initializer.js").await.text().await.unwrap();
+    let init = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(init.contains("/openapi.json"), "{init}");
 }

@@ -35,7 +35,11 @@ async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up
     let mut proxy = TcpProxy::reserve().await;
     let test_db_url = crate::helpers::TestDb::create().await;
     let opts = AppOptions {
-        database_url: Some(with_host(&test_db_url.url(), "127.0.0.1", proxy.addr.port())),
+        database_url: Some(with_host(
+            &test_db_url.url(),
+            "127.0.0.1",
+            proxy.addr.port(),
+        )),
         wait_ready: false,
         ..AppOptions::default()
     };
@@ -68,7 +72,10 @@ async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up
     assert_eq!(r.status(), 201);
     // The app's database is the proxied one; the early POSTs left nothing behind.
     let mut conn = test_db_url.connect().await;
-    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM todos").fetch_all(&mut conn).await.unwrap();
+    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM todos")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(titles, ["after"]);
 }
 
@@ -85,7 +92,11 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
         ..AppOptions::default()
     };
     let app = spawn_app_with(opts).await;
-    assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "one lookup at startup");
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        1,
+        "one lookup at startup"
+    );
 
     // The post-mortem's burst: 120 simultaneous requests, several times, plus writes.
     for round in 0..3 {
@@ -95,7 +106,11 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
             let url = app.url("/todos");
             burst.push(tokio::spawn(async move {
                 if i % 10 == 0 {
-                    client.post(&url).json(&json!({"title": format!("r{round}-{i}")})).send().await
+                    client
+                        .post(&url)
+                        .json(&json!({"title": format!("r{round}-{i}")}))
+                        .send()
+                        .await
                 } else {
                     client.get(&url).send().await
                 }
@@ -107,7 +122,9 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
         }
     }
     // Kill every pooled connection so the pool must reconnect, then use it again.
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url().as_str()).await.unwrap();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url().as_str())
+        .await
+        .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'todo-service'")
         .bind(&test_db.name)
         .execute(&mut admin)
@@ -117,7 +134,11 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
     for _ in 0..20 {
         assert_eq!(app.get("/todos").await.status(), 200);
     }
-    assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "no lookup after startup");
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        1,
+        "no lookup after startup"
+    );
     assert_eq!(app.db.address().lookups(), 1);
     let ready: Value = app.get("/ready").await.json().await.unwrap();
     assert_eq!(ready["checks"]["database"]["dns_lookups"], 1);
@@ -127,8 +148,10 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
 #[tokio::test]
 async fn connections_carry_the_configured_application_name_and_statement_timeout() {
     let mut opts = AppOptions::default();
-    opts.env.insert("DB_APPLICATION_NAME".into(), "todo-test-app".into());
-    opts.env.insert("DB_STATEMENT_TIMEOUT".into(), "1500ms".into());
+    opts.env
+        .insert("DB_APPLICATION_NAME".into(), "todo-test-app".into());
+    opts.env
+        .insert("DB_STATEMENT_TIMEOUT".into(), "1500ms".into());
     let app = spawn_app_with(opts).await;
     assert_eq!(app.get("/todos").await.status(), 200);
     let mut conn = app.test_db.connect().await;
@@ -138,11 +161,17 @@ async fn connections_carry_the_configured_application_name_and_statement_timeout
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    assert!(!names.is_empty() && names.iter().all(|n| n.as_deref() == Some("todo-test-app")), "{names:?}");
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.as_deref() == Some("todo-test-app")),
+        "{names:?}"
+    );
     // The setting is visible from a pooled connection: ask through a query the app would run.
     let pool = app.db.pool();
     let mut pooled = pool.get().await.unwrap();
-    let timeout: String = sqlx::query_scalar("SHOW statement_timeout").fetch_one(&mut *pooled).await.unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut *pooled)
+        .await
+        .unwrap();
     assert_eq!(timeout, "1500ms");
 }
 
@@ -172,7 +201,10 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     assert_eq!(r.status(), 201);
     stopping.await.unwrap().expect("clean shutdown");
     let mut conn = test_db.connect().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM todos").fetch_one(&mut conn).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM todos")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(n, 1);
 }
 

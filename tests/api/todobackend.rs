@@ -37,7 +37,15 @@ async fn posted_todos_appear_in_the_list_start_not_completed_and_have_a_working_
     assert_eq!(todo["title"], "walk the dog");
     assert_eq!(todo["completed"], false);
     let url = todo["url"].as_str().expect("url is a string");
-    let fetched: Value = app.client.get(url).send().await.unwrap().json().await.unwrap();
+    let fetched: Value = app
+        .client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(&fetched, todo);
 }
 
@@ -48,17 +56,37 @@ async fn a_todo_can_be_renamed_completed_and_deleted_through_its_url() {
     let list: Vec<Value> = app.get("/todos").await.json().await.unwrap();
     let url = list[0]["url"].as_str().unwrap().to_owned();
 
-    let r = app.client.patch(&url).json(&json!({"title": "bathe the cat"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(&url)
+        .json(&json!({"title": "bathe the cat"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["title"], "bathe the cat");
 
-    let r = app.client.patch(&url).json(&json!({"completed": true})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(&url)
+        .json(&json!({"completed": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let patched: Value = r.json().await.unwrap();
     assert_eq!(patched["completed"], true);
     assert_eq!(patched["title"], "bathe the cat", "other fields unchanged");
 
-    let refetched: Value = app.client.get(&url).send().await.unwrap().json().await.unwrap();
+    let refetched: Value = app
+        .client
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(refetched["title"], "bathe the cat");
     assert_eq!(refetched["completed"], true);
 
@@ -74,9 +102,23 @@ async fn todos_remember_their_order_and_it_can_be_changed() {
     let todo = app.create(json!({"title": "blah", "order": 523})).await;
     assert_eq!(todo["order"], 523);
     let url = todo["url"].as_str().unwrap();
-    let r = app.client.patch(url).json(&json!({"order": 95})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(url)
+        .json(&json!({"order": 95}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["order"], 95);
-    let refetched: Value = app.client.get(url).send().await.unwrap().json().await.unwrap();
+    let refetched: Value = app
+        .client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(refetched["order"], 95);
 }
 
@@ -110,7 +152,10 @@ async fn cors_preflight_allows_patch_and_delete_with_a_json_content_type() {
         assert_eq!(h["access-control-allow-origin"], "*", "{method}");
         let methods = h["access-control-allow-methods"].to_str().unwrap();
         assert!(methods.contains(method), "{method} not in {methods}");
-        let headers = h["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+        let headers = h["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase();
         assert!(headers.contains("content-type"), "{headers}");
     }
 }

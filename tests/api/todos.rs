@@ -10,7 +10,10 @@ use crate::helpers::{next_link, spawn_app};
 async fn create_returns_201_with_location_and_rfc3339_timestamps() {
     let app = spawn_app().await;
     let r = app
-        .post_json("/todos", &json!({"title": "x", "completed": true, "order": -3}))
+        .post_json(
+            "/todos",
+            &json!({"title": "x", "completed": true, "order": -3}),
+        )
         .await;
     assert_eq!(r.status(), 201);
     let location = r.headers()["location"].to_str().unwrap().to_owned();
@@ -23,16 +26,32 @@ async fn create_returns_201_with_location_and_rfc3339_timestamps() {
         let ts = todo[key].as_str().unwrap();
         chrono::DateTime::parse_from_rfc3339(ts).unwrap_or_else(|e| panic!("{key}={ts}: {e}"));
     }
-    let keys: HashSet<&str> = todo.as_object().unwrap().keys().map(String::as_str).collect();
-    let expected: HashSet<&str> =
-        ["id", "url", "title", "completed", "order", "created_at", "updated_at"].into();
+    let keys: HashSet<&str> = todo
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let expected: HashSet<&str> = [
+        "id",
+        "url",
+        "title",
+        "completed",
+        "order",
+        "created_at",
+        "updated_at",
+    ]
+    .into();
     assert_eq!(keys, expected);
 }
 
 #[tokio::test]
 async fn the_public_base_url_is_used_for_links_when_configured() {
     let mut opts = crate::helpers::AppOptions::default();
-    opts.env.insert("PUBLIC_BASE_URL".into(), "https://todos.example.com/api/".into());
+    opts.env.insert(
+        "PUBLIC_BASE_URL".into(),
+        "https://todos.example.com/api/".into(),
+    );
     let app = crate::helpers::spawn_app_with(opts).await;
     let r = app.post_json("/todos", &json!({"title": "x"})).await;
     let location = r.headers()["location"].to_str().unwrap().to_owned();
@@ -47,12 +66,28 @@ async fn urls_follow_the_host_header_and_ignore_a_malformed_one() {
     let app = spawn_app().await;
     let todo = app.create(json!({"title": "x"})).await;
     let path = format!("/todos/{}", todo["id"]);
-    let r = app.client.get(app.url(&path)).header("host", "todo.test:9000").send().await.unwrap();
+    let r = app
+        .client
+        .get(app.url(&path))
+        .header("host", "todo.test:9000")
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["url"], format!("http://todo.test:9000{path}").as_str());
-    let r = app.client.get(app.url(&path)).header("host", "evil.test/<script>").send().await.unwrap();
+    let r = app
+        .client
+        .get(app.url(&path))
+        .header("host", "evil.test/<script>")
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["url"], app.url(&path).as_str(), "bad Host falls back to the listen address");
+    assert_eq!(
+        v["url"],
+        app.url(&path).as_str(),
+        "bad Host falls back to the listen address"
+    );
 }
 
 #[tokio::test]
@@ -82,18 +117,32 @@ async fn get_and_delete_of_a_missing_todo_are_404() {
     assert_eq!(app.delete(&path).await.status(), 204);
     crate::helpers::assert_problem(app.get(&path).await, 404, "todo_not_found").await;
     crate::helpers::assert_problem(app.delete(&path).await, 404, "todo_not_found").await;
-    crate::helpers::assert_problem(app.patch_json(&path, &json!({"title": "b"})).await, 404, "todo_not_found").await;
+    crate::helpers::assert_problem(
+        app.patch_json(&path, &json!({"title": "b"})).await,
+        404,
+        "todo_not_found",
+    )
+    .await;
 }
 
 /// The list's sort key: order, missing orders last, then id.
 fn sort_key(t: &Value) -> (i64, i64) {
-    (t["order"].as_i64().unwrap_or(i64::MAX), t["id"].as_i64().unwrap())
+    (
+        t["order"].as_i64().unwrap_or(i64::MAX),
+        t["id"].as_i64().unwrap(),
+    )
 }
 
 #[tokio::test]
 async fn list_is_sorted_by_order_then_id_and_filters_by_completed() {
     let app = spawn_app().await;
-    for (title, order, completed) in [("c", Some(3), false), ("none1", None, true), ("a", Some(-1), true), ("b", Some(3), false), ("none2", None, false)] {
+    for (title, order, completed) in [
+        ("c", Some(3), false),
+        ("none1", None, true),
+        ("a", Some(-1), true),
+        ("b", Some(3), false),
+        ("none2", None, false),
+    ] {
         let mut body = json!({"title": title, "completed": completed});
         if let Some(o) = order {
             body["order"] = json!(o);
@@ -107,7 +156,12 @@ async fn list_is_sorted_by_order_then_id_and_filters_by_completed() {
     let done: Vec<Value> = app.get("/todos?completed=true").await.json().await.unwrap();
     let titles: Vec<&str> = done.iter().map(|t| t["title"].as_str().unwrap()).collect();
     assert_eq!(titles, ["a", "none1"]);
-    let open: Vec<Value> = app.get("/todos?completed=false").await.json().await.unwrap();
+    let open: Vec<Value> = app
+        .get("/todos?completed=false")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(open.len(), 3);
 }
 
@@ -159,7 +213,11 @@ async fn paging_has_no_gaps_or_repeats_while_todos_are_inserted_concurrently() {
     let client = app.client.clone();
     let writer = tokio::spawn(async move {
         for i in 0..100i64 {
-            let order = if i % 4 == 0 { Value::Null } else { json!((i * 31) % 15 - 7) };
+            let order = if i % 4 == 0 {
+                Value::Null
+            } else {
+                json!((i * 31) % 15 - 7)
+            };
             let r = client
                 .post(&writer_app_url)
                 .json(&json!({"title": format!("w{i}"), "order": order}))
@@ -189,8 +247,14 @@ async fn paging_has_no_gaps_or_repeats_while_todos_are_inserted_concurrently() {
     let unique: HashSet<i64> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "a todo was returned twice");
     let missing: Vec<&i64> = before.difference(&unique).collect();
-    assert!(missing.is_empty(), "todos existing before paging were skipped: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "todos existing before paging were skipped: {missing:?}"
+    );
     let keys: Vec<(i64, i64)> = seen.iter().map(sort_key).collect();
-    assert!(keys.windows(2).all(|w| w[0] < w[1]), "pages are not in sort order");
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "pages are not in sort order"
+    );
     assert!(pages > 20, "paged in {pages} pages");
 }
