@@ -40,8 +40,9 @@ PY
 
 # Runs a PostgreSQL binary as the postgres user when we are root.
 pg_as_owner() {
+  # From /: the postgres user may not be allowed into the caller's working directory.
   if [ "$(id -u)" = "0" ]; then
-    runuser -u postgres -- "$@"
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
@@ -61,12 +62,21 @@ pg_start() {
     echo "       Install the server package (apt-get install -y postgresql) which creates it." >&2
     return 1
   fi
-  PG_DIR="$PG_ROOT_DIR/$name-$$"
   PG_PORT=$(pg_free_port) || { echo "error: no free port found" >&2; return 1; }
+  mkdir -p "$PG_ROOT_DIR"
+  PG_DIR="$PG_ROOT_DIR/$name-$$"
   rm -rf "$PG_DIR"
+  PG_LINK=""
+  if [ "$(id -u)" = "0" ] && ! runuser -u postgres -- test -x "$PG_ROOT_DIR" 2>/dev/null; then
+    # The checkout lies under a directory the postgres user cannot enter (e.g. a 0700 temp dir).
+    # Rather than loosen permissions outside the repository, keep the cluster in a private
+    # directory of its own and link it from target/pg so it is still easy to find.
+    PG_LINK="$PG_DIR"
+    PG_DIR=$(mktemp -d "/tmp/todo-service-pg-$name.XXXXXX")
+    ln -s "$PG_DIR" "$PG_LINK"
+  fi
   mkdir -p "$PG_DIR"
-  # The postgres user must be able to reach the directory through every parent.
-  if [ "$(id -u)" = "0" ]; then chown postgres: "$PG_DIR"; chmod o+x "$PG_ROOT_DIR" "$(dirname "$PG_ROOT_DIR")" 2>/dev/null || true; fi
+  if [ "$(id -u)" = "0" ]; then chown postgres: "$PG_DIR"; fi
   echo "starting throwaway PostgreSQL ($bindir) in $PG_DIR on 127.0.0.1:$PG_PORT" >&2
   if ! pg_as_owner "$bindir/initdb" --auth=trust --username=postgres --encoding=UTF8 --locale=C \
       -D "$PG_DIR/data" >"$PG_DIR/initdb.log" 2>&1; then
@@ -93,7 +103,9 @@ pg_stop() {
     rm -rf "$PG_DIR"
     echo "stopped throwaway PostgreSQL" >&2
   fi
+  if [ -n "${PG_LINK:-}" ]; then rm -f "$PG_LINK"; fi
   PG_DIR=""
+  PG_LINK=""
 }
 
 # Creates database $2 on the server at admin URL $1 unless it exists (psql from the same install).
