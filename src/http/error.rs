@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 
 use axum::{
+    body::Body,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -227,5 +228,57 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+/// Safety net behind the rule "every error is a problem": an error response that is not already
+/// `application/problem+json` (from a library's own router or layer, such as the docs UI's asset
+/// handler) is rewritten into one, keeping its status, headers and short text as the detail.
+pub async fn ensure_problem(res: Response) -> Response {
+    let status = res.status();
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .filter(|t| {
+            !t.trim().is_empty()
+                && parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"))
+        });
+    let title = status.canonical_reason().unwrap_or("Error");
+    let detail = text.unwrap_or_else(|| title.to_lowercase());
+    let problem = ApiError::new(status, generic_code(status), title, detail);
+    let new = problem.into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in new.headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Response::from_parts(parts, Body::new(new.into_body()))
+}
+
+fn generic_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        404 => "route_not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "validation_failed",
+        429 => "rate_limited",
+        503 => "service_unavailable",
+        504 => "gateway_timeout",
+        s if s >= 500 => "internal_error",
+        _ => "client_error",
     }
 }

@@ -6,7 +6,10 @@
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, FromRequestParts, Request, rejection::PathRejection},
+    extract::{
+        FromRequest, FromRequestParts, Request,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::{StatusCode, header, request::Parts},
 };
 use serde::de::DeserializeOwned;
@@ -103,6 +106,19 @@ fn missing_or_unknown_field(message: &str) -> Option<String> {
         .strip_prefix("missing field `")
         .or_else(|| message.strip_prefix("unknown field `"))?;
     rest.split('`').next().map(str::to_owned)
+}
+
+/// A query string deserialised into `T`; a malformed one (e.g. a repeated parameter) is a 400
+/// problem. Per-value checks happen in the handler, which names the parameter in a 422.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::bad_request("invalid_query", e.body_text())
+            .with_hint("Each query parameter may appear once; see /openapi.json.")
+    }
 }
 
 /// A todo id from the path.

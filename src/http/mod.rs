@@ -135,12 +135,14 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         // 2. A panicking handler becomes a logged 500 problem instead of a dropped connection.
         .layer(CatchPanicLayer::custom(panic_response))
-        // 3. CORS outside everything that can answer, so errors carry the CORS headers too and
+        // 3. Any error response that is not yet problem+json (a library's own) is rewritten.
+        .layer(axum::middleware::map_response(error::ensure_problem))
+        // 4. CORS outside everything that can answer, so errors carry the CORS headers too and
         //    browsers can read them; preflights are answered here without reaching a handler.
         .layer(cors_layer(&config.cors_allowed_origins))
-        // 4. The request id is copied to the response (clients quote it when reporting problems).
+        // 5. The request id is copied to the response (clients quote it when reporting problems).
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        // 5. One span per request, named by the matched route (low cardinality), carrying the id.
+        // 6. One span per request, named by the matched route (low cardinality), carrying the id.
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
@@ -160,7 +162,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 // Errors are logged once, where they happen (ApiError); the trace layer only notes.
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
-        // 6. Outermost: give every request an id (kept if the client sent one).
+        // 7. Outermost: give every request an id (kept if the client sent one).
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
 }
 

@@ -5,7 +5,7 @@
 //! `Link: <…>; rel="next"` header rather than in an envelope.
 
 use axum::{
-    extract::{Query, State},
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{
     AppState, BaseUrl,
     error::{ApiError, FieldError, Problem},
-    extract::{JsonBody, TodoId},
+    extract::{JsonBody, Query, TodoId},
 };
 use crate::db::todos::{Cursor, NewTodo, TodoChanges, TodoRow};
 

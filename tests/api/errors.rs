@@ -230,3 +230,39 @@ async fn an_unexpected_database_error_is_a_500_without_internal_details() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_malformed_query_string_is_a_400_problem() {
+    let app = spawn_app().await;
+    let p = assert_problem(
+        app.get("/todos?limit=1&limit=2").await,
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("limit"), "{p}");
+}
+
+#[tokio::test]
+async fn errors_from_library_routes_are_problems_too() {
+    let app = spawn_app().await;
+    // The docs UI's own asset handler answers unknown files with a bare 404.
+    assert_problem(
+        app.get("/docs/no-such-asset.js").await,
+        404,
+        "route_not_found",
+    )
+    .await;
+    let r = app
+        .client
+        .get(app.url("/docs/no-such-asset.js"))
+        .header("origin", "http://x.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "*",
+        "problems keep CORS headers"
+    );
+}

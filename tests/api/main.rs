@@ -1,6 +1,7 @@
 //! Integration tests: the app on port 0 against a fresh PostgreSQL database per test, over HTTP.
 //! Run them with `scripts/test.sh` (it provides the PostgreSQL server).
 
+mod cli;
 mod errors;
 mod helpers;
 mod migrations;
