@@ -102,7 +102,7 @@ pub struct ApiDoc;
 
 /// The routes and the OpenAPI document describing them, before state and layers.
 pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(
             todos::list_todos,
             todos::create_todo,
@@ -115,7 +115,61 @@ pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         ))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
-        .split_for_parts()
+        .split_for_parts();
+    add_common_problems(&mut openapi);
+    (router, openapi)
+}
+
+/// Adds the problem responses that whole classes of operations share, once, instead of repeating
+/// them in every handler annotation (so no route can forget them). An annotation's own entry for
+/// the same status wins.
+fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, response::Response};
+    let problem = |description: &str| -> RefOr<Response> {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                error::PROBLEM_JSON,
+                Content::new(Some(Ref::from_schema_name("Problem"))),
+            )
+            .build()
+            .into()
+    };
+    for (path, item) in api.paths.paths.iter_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in operations.into_iter().flatten() {
+            let has_body = op.request_body.is_some();
+            let r = &mut op.responses.responses;
+            if path.contains("{id}") {
+                r.entry("400".into()).or_insert_with(|| {
+                    problem("Malformed JSON body, or the id is not a positive integer")
+                });
+                r.entry("404".into())
+                    .or_insert_with(|| problem("No such todo"));
+            }
+            if has_body {
+                r.entry("400".into())
+                    .or_insert_with(|| problem("Malformed JSON body"));
+                r.entry("413".into())
+                    .or_insert_with(|| problem("Body larger than MAX_BODY_BYTES"));
+                r.entry("415".into())
+                    .or_insert_with(|| problem("Body sent without Content-Type: application/json"));
+                r.entry("422".into()).or_insert_with(|| {
+                    problem("A field is invalid or unknown; `errors` names each")
+                });
+            }
+            if path.starts_with("/todos") {
+                r.entry("503".into()).or_insert_with(|| {
+                    problem("Database unavailable; retry after the Retry-After delay")
+                });
+            }
+        }
+    }
 }
 
 /// The whole application: routes, docs, fallbacks and layers.

@@ -1,6 +1,8 @@
 //! `/todos`: the TodoBackend-compatible collection and item resources.
 //!
-//! Wire format and validation live here; SQL lives in `db::todos`. The collection GET answers a
+//! Wire format and validation live here; SQL lives in `db::todos`. The problem responses every
+//! route shares (503, and 400/413/415/422 for bodies, 400/404 for ids) are added to the OpenAPI
+//! document centrally by `http::add_common_problems`. The collection GET answers a
 //! plain JSON array (what TodoBackend clients expect), so the next page is announced in a
 //! `Link: <…>; rel="next"` header rather than in an envelope.
 
@@ -15,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{
     AppState, BaseUrl,
-    error::{ApiError, FieldError, Problem},
+    error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
 };
 use crate::db::todos::{Cursor, NewTodo, TodoChanges, TodoRow};
@@ -199,8 +201,7 @@ fn validate_title(title: &str, errors: &mut Vec<FieldError>) {
     responses(
         (status = 200, description = "One page of todos. When more follow, the `Link` header holds the next page's URL.",
          body = [Todo], headers(("link" = String, description = "`<URL>; rel=\"next\"` when another page exists"))),
-        (status = 422, description = "A query parameter is invalid", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter is invalid", body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list_todos(
@@ -247,11 +248,6 @@ pub async fn list_todos(
     request_body = CreateTodo,
     responses(
         (status = 201, description = "Created", body = Todo, headers(("location" = String, description = "URL of the new todo"))),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field is invalid", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create_todo(
@@ -286,7 +282,6 @@ pub async fn create_todo(
     delete, path = "/todos", tag = "todos",
     responses(
         (status = 204, description = "All todos deleted"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
@@ -301,9 +296,6 @@ pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCod
     params(("id" = i64, Path, description = "Todo id", minimum = 1)),
     responses(
         (status = 200, description = "The todo", body = Todo),
-        (status = 400, description = "The id is not a positive integer", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get_todo(
@@ -324,12 +316,6 @@ pub async fn get_todo(
     request_body = UpdateTodo,
     responses(
         (status = 200, description = "The updated todo", body = Todo),
-        (status = 400, description = "Malformed JSON or id", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field is invalid or unknown", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update_todo(
@@ -378,9 +364,6 @@ pub async fn update_todo(
     params(("id" = i64, Path, description = "Todo id", minimum = 1)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "The id is not a positive integer", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such todo", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete_todo(

@@ -256,6 +256,12 @@ impl TestApp {
             .expect("DELETE")
     }
 
+    /// GETs an absolute URL (e.g. a todo's `url`) and parses the JSON body.
+    pub async fn get_json_at(&self, url: &str) -> serde_json::Value {
+        let r = self.client.get(url).send().await.expect("GET");
+        r.json().await.expect("JSON body")
+    }
+
     /// Creates a todo through the API and returns its JSON.
     pub async fn create(&self, body: serde_json::Value) -> serde_json::Value {
         let r = self.post_json("/todos", &body).await;

@@ -47,6 +47,23 @@ async fn the_openapi_document_lists_every_route_and_only_routes_that_exist() {
     .collect();
     assert_eq!(documented(&doc), expected);
 
+    // Every data operation documents its 503, body operations their 400/413/415/422, all as
+    // problem+json.
+    for (method, path) in &expected {
+        let op = &doc["paths"][path][method];
+        let mut statuses = vec![];
+        if path.starts_with("/todos") {
+            statuses.push("503");
+        }
+        if op.get("requestBody").is_some() {
+            statuses.extend(["400", "413", "415", "422"]);
+        }
+        for status in statuses {
+            let content = &op["responses"][status]["content"]["application/problem+json"];
+            assert!(content.is_object(), "{method} {path} lacks a problem+json {status}");
+        }
+    }
+
     // Each documented path: documented methods are routed, undocumented ones are 405.
     let todo = app.create(json!({"title": "x"})).await;
     for (path, item) in doc["paths"].as_object().unwrap() {

@@ -37,15 +37,7 @@ async fn posted_todos_appear_in_the_list_start_not_completed_and_have_a_working_
     assert_eq!(todo["title"], "walk the dog");
     assert_eq!(todo["completed"], false);
     let url = todo["url"].as_str().expect("url is a string");
-    let fetched: Value = app
-        .client
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fetched = app.get_json_at(url).await;
     assert_eq!(&fetched, todo);
 }
 
@@ -78,15 +70,7 @@ async fn a_todo_can_be_renamed_completed_and_deleted_through_its_url() {
     assert_eq!(patched["completed"], true);
     assert_eq!(patched["title"], "bathe the cat", "other fields unchanged");
 
-    let refetched: Value = app
-        .client
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refetched = app.get_json_at(&url).await;
     assert_eq!(refetched["title"], "bathe the cat");
     assert_eq!(refetched["completed"], true);
 
@@ -110,15 +94,7 @@ async fn todos_remember_their_order_and_it_can_be_changed() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["order"], 95);
-    let refetched: Value = app
-        .client
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refetched = app.get_json_at(url).await;
     assert_eq!(refetched["order"], 95);
 }
 
