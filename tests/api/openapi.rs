@@ -60,7 +60,10 @@ async fn the_openapi_document_lists_every_route_and_only_routes_that_exist() {
         }
         for status in statuses {
             let content = &op["responses"][status]["content"]["application/problem+json"];
-            assert!(content.is_object(), "{method} {path} lacks a problem+json {status}");
+            assert!(
+                content.is_object(),
+                "{method} {path} lacks a problem+json {status}"
+            );
         }
     }
 
