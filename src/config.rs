@@ -17,6 +17,8 @@ use sqlx::postgres::PgConnectOptions;
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
+use crate::db::breaker::BreakerConfig;
+
 /// One environment variable the service reads.
 #[derive(Debug)]
 pub struct Var {
@@ -75,6 +77,50 @@ pub const VARS: &[Var] = &[
         name: "DB_APPLICATION_NAME",
         default: Some("todo-service"),
         help: "application_name reported to PostgreSQL (visible in pg_stat_activity).",
+    },
+    Var {
+        name: "RATE_LIMIT_PER_SECOND",
+        default: Some("200"),
+        help: "Requests per second each client IP may sustain on /todos (0 disables the limit). \
+               /health, /ready and the docs are never limited.",
+    },
+    Var {
+        name: "RATE_LIMIT_BURST",
+        default: Some("600"),
+        help: "Requests a client may send at once before the per-second rate applies; the default \
+               lets five 120-request spikes from one client through back to back.",
+    },
+    Var {
+        name: "RATE_LIMIT_TRUST_FORWARDED_FOR",
+        default: Some("false"),
+        help: "true: key the rate limit on X-Forwarded-For / X-Real-IP / Forwarded (only behind a \
+               proxy that sets them). false: key on the TCP peer address.",
+    },
+    Var {
+        name: "MAX_IN_FLIGHT",
+        default: None,
+        help: "Requests to /todos handled at once; beyond it they get an immediate 503 with \
+               Retry-After instead of queueing. Default: 16 × DB_POOL_MAX_SIZE.",
+    },
+    Var {
+        name: "REQUEST_TIMEOUT",
+        default: Some("10s"),
+        help: "Longest a /todos request may take, body included, before it is answered 504.",
+    },
+    Var {
+        name: "BREAKER_FAILURE_THRESHOLD",
+        default: Some("5"),
+        help: "Consecutive database-unavailable failures that open the circuit breaker.",
+    },
+    Var {
+        name: "BREAKER_OPEN_DURATION",
+        default: Some("2s"),
+        help: "How long the breaker stays open (503 without touching the database) before probing.",
+    },
+    Var {
+        name: "BREAKER_HALF_OPEN_PROBES",
+        default: Some("1"),
+        help: "Requests let through at once to probe the database after the open period.",
     },
     Var {
         name: "MAX_BODY_BYTES",
@@ -171,12 +217,24 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+/// Per-client rate limit; `None` in [`Config::rate_limit`] when disabled.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+    pub trust_forwarded_for: bool,
+}
+
 /// All settings of the service.
 #[derive(Debug)]
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub public_base_url: Option<Url>,
     pub database: DatabaseConfig,
+    pub rate_limit: Option<RateLimit>,
+    pub max_in_flight: usize,
+    pub request_timeout: Duration,
+    pub breaker: BreakerConfig,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
@@ -193,13 +251,45 @@ impl Config {
     /// Reads settings through `lookup`, so tests can pass a map instead of mutating the process env.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env { lookup: &lookup };
+        let database = database_config(&env)?;
+        let per_second = env.bounded("RATE_LIMIT_PER_SECOND", 0, 1_000_000)? as u32;
+        let rate_limit = (per_second > 0)
+            .then(|| -> Result<RateLimit, ConfigError> {
+                Ok(RateLimit {
+                    per_second,
+                    burst: env.bounded("RATE_LIMIT_BURST", 1, 1_000_000)? as u32,
+                    trust_forwarded_for: env.boolean("RATE_LIMIT_TRUST_FORWARDED_FOR")?,
+                })
+            })
+            .transpose()?;
+        let max_in_flight = match env.optional("MAX_IN_FLIGHT") {
+            Some(_) => env.bounded("MAX_IN_FLIGHT", 1, 1_000_000)?,
+            None => database.pool_max_size * 16,
+        };
+        let request_timeout = env.duration("REQUEST_TIMEOUT")?;
+        if request_timeout.is_zero() {
+            return Err(invalid(
+                "REQUEST_TIMEOUT",
+                "\"0\"".into(),
+                "a positive duration such as 10s",
+            ));
+        }
+        let breaker = BreakerConfig {
+            failure_threshold: env.bounded("BREAKER_FAILURE_THRESHOLD", 1, 10_000)? as u32,
+            open_for: env.duration("BREAKER_OPEN_DURATION")?,
+            half_open_probes: env.bounded("BREAKER_HALF_OPEN_PROBES", 1, 1000)? as u32,
+        };
         Ok(Config {
             listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
             public_base_url: env
                 .optional("PUBLIC_BASE_URL")
                 .map(parse_base_url)
                 .transpose()?,
-            database: database_config(&env)?,
+            database,
+            rate_limit,
+            max_in_flight,
+            request_timeout,
+            breaker,
             max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
             cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
@@ -296,6 +386,15 @@ impl Env<'_> {
         raw.trim()
             .parse()
             .map_err(|e| invalid(name, format!("{raw:?}: {e}"), expected))
+    }
+
+    fn boolean(&self, name: &'static str) -> Result<bool, ConfigError> {
+        let raw = self.value(name);
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err(invalid(name, format!("{raw:?}"), "true or false")),
+        }
     }
 
     fn bounded(&self, name: &'static str, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -435,6 +534,28 @@ mod tests {
         assert_eq!(c.database.pool_wait_timeout, Duration::from_secs(2));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(matches!(c.cors_allowed_origins, CorsOrigins::Any));
+        let rl = c.rate_limit.expect("rate limit on by default");
+        assert!(
+            rl.burst >= 5 * 120,
+            "five of the post-mortem's spikes must fit the burst"
+        );
+        assert!(!rl.trust_forwarded_for);
+        assert_eq!(c.max_in_flight, 16 * 16, "derived from the pool size");
+        assert_eq!(c.breaker.failure_threshold, 5);
+    }
+
+    #[test]
+    fn a_zero_rate_disables_the_limit_and_max_in_flight_follows_the_pool() {
+        let c = config(&[
+            URL,
+            ("RATE_LIMIT_PER_SECOND", "0"),
+            ("DB_POOL_MAX_SIZE", "4"),
+        ])
+        .unwrap();
+        assert!(c.rate_limit.is_none());
+        assert_eq!(c.max_in_flight, 64);
+        let c = config(&[URL, ("MAX_IN_FLIGHT", "7")]).unwrap();
+        assert_eq!(c.max_in_flight, 7);
     }
 
     #[test]
@@ -457,6 +578,12 @@ mod tests {
             ("PUBLIC_BASE_URL", "not a url", "http(s)"),
             ("CORS_ALLOWED_ORIGINS", "https://a.example/path", "origins"),
             ("LOG_FORMAT", "xml", "text or json"),
+            ("RATE_LIMIT_BURST", "0", "from 1"),
+            ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
+            ("MAX_IN_FLIGHT", "0", "from 1"),
+            ("REQUEST_TIMEOUT", "0s", "positive duration"),
+            ("BREAKER_FAILURE_THRESHOLD", "0", "from 1"),
+            ("BREAKER_OPEN_DURATION", "soon", "duration"),
             ("LOG_LEVEL", "info,[", "EnvFilter"),
             ("DATABASE_URL", "mysql://x@y/z", "postgres://"),
             (

@@ -50,7 +50,7 @@ impl Application {
             pool_max_size = config.database.pool_max_size,
             "connecting to the database lazily"
         );
-        let db = Db::connect(&config.database, resolver).await?;
+        let db = Db::connect(&config.database, config.breaker, resolver).await?;
         let state = AppState {
             db: db.clone(),
             public_base_url: config

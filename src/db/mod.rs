@@ -7,11 +7,17 @@
 //! exist" errors. Migrations take sqlx's advisory lock, so several replicas starting together apply
 //! them once.
 //!
+//! Every data call goes through a [`Session`]: a breaker permit plus a pooled connection. The
+//! circuit breaker ([`breaker`]) lives here, around the database, rather than around the router:
+//! it sees exactly the failures that mean "database unavailable", and `/health` and the docs never
+//! depend on it.
+//!
 //! Queries are runtime-checked (`sqlx::query_as` with string SQL), not the `query!` macros: the
 //! macros would make a fresh build depend on a live database or on a committed `.sqlx/` cache that
 //! can go stale without sqlx-cli in CI. Instead every query in [`todos`] is exercised by the
 //! integration tests against a real PostgreSQL, which catches the same mistakes.
 
+pub mod breaker;
 pub mod pool;
 pub mod resolve;
 pub mod todos;
@@ -29,6 +35,7 @@ use deadpool::managed::{Object, PoolError, TimeoutType};
 use sqlx::Connection;
 
 use crate::config::DatabaseConfig;
+use breaker::{Breaker, BreakerConfig, BreakerState, Permit};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
 
@@ -45,6 +52,13 @@ pub enum DbError {
     /// Retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The circuit breaker is open: the database was not touched.
+    #[error("database circuit open; next probe in {retry_after:?}")]
+    CircuitOpen { retry_after: Duration },
+    /// The database answered but a statement ran past `statement_timeout`. Retrying may succeed;
+    /// it does not count toward the breaker (the database is up, just slow for this query).
+    #[error("database statement timed out: {0}")]
+    Timeout(String),
     /// Anything else: a bug or a schema mismatch. Details are logged, not shown to clients.
     #[error(transparent)]
     Unexpected(#[from] sqlx::Error),
@@ -58,6 +72,7 @@ pub struct Db {
 
 struct Inner {
     pool: Pool,
+    breaker: Arc<Breaker>,
     address: Arc<PinnedAddress>,
     migrated: AtomicBool,
     /// The latest reason migrations could not be applied yet, for `/ready`.
@@ -78,9 +93,18 @@ pub struct DbStatus {
     pub dns_lookups: u64,
     pub migrations_applied: bool,
     pub pool: PoolStatus,
+    pub circuit: CircuitStatus,
     /// What is wrong, when `status` is `fail`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct CircuitStatus {
+    pub state: BreakerState,
+    pub consecutive_failures: u32,
+    /// Times the breaker opened since startup.
+    pub opened_total: u64,
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -96,6 +120,7 @@ impl Db {
     /// background. Never fails because the database is down.
     pub async fn connect(
         config: &DatabaseConfig,
+        breaker_config: BreakerConfig,
         resolver: Arc<dyn Resolver>,
     ) -> anyhow::Result<Db> {
         let address = PinnedAddress::resolve(&config.host, config.port, resolver).await;
@@ -115,6 +140,7 @@ impl Db {
         let db = Db {
             inner: Arc::new(Inner {
                 pool,
+                breaker: Breaker::new(breaker_config),
                 address,
                 migrated: AtomicBool::new(false),
                 migration_error: Mutex::new(None),
@@ -143,26 +169,34 @@ impl Db {
         self.inner.pool.close();
     }
 
-    /// Takes a pooled connection for a data request.
-    async fn conn(&self) -> Result<Conn, DbError> {
+    pub fn breaker(&self) -> &Breaker {
+        &self.inner.breaker
+    }
+
+    /// A breaker permit and a pooled connection for one data call. Rejected at once, without
+    /// touching the pool, while the breaker is open.
+    async fn session(&self) -> Result<Session, DbError> {
         if !self.migrations_applied() {
             return Err(DbError::Unavailable(
                 "the database schema is not ready yet (migrations pending)".into(),
             ));
         }
-        self.inner.pool.get().await.map_err(pool_error)
+        self.session_unchecked().await
     }
 
-    /// Maps a query result; a connection that failed at the connection level is discarded rather
-    /// than returned to the pool, so the next request does not inherit a broken socket.
-    fn finish<T>(conn: Conn, result: Result<T, sqlx::Error>) -> Result<T, DbError> {
-        match result {
-            Ok(v) => Ok(v),
+    async fn session_unchecked(&self) -> Result<Session, DbError> {
+        let permit = self
+            .inner
+            .breaker
+            .try_acquire()
+            .map_err(|r| DbError::CircuitOpen {
+                retry_after: r.retry_after,
+            })?;
+        match self.inner.pool.get().await {
+            Ok(conn) => Ok(Session { conn, permit }),
             Err(e) => {
-                let err = classify(e);
-                if matches!(err, DbError::Unavailable(_)) {
-                    drop(Object::take(conn));
-                }
+                let err = pool_error(e);
+                record(permit, &err);
                 Err(err)
             }
         }
@@ -172,9 +206,9 @@ impl Db {
     pub async fn check(&self) -> DbStatus {
         let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
         let outcome = tokio::time::timeout(limit, async {
-            let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
-            let r = conn.ping().await;
-            Self::finish(conn, r)
+            let mut session = self.session_unchecked().await?;
+            let r = session.conn.ping().await;
+            session.finish(r)
         })
         .await
         .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))));
@@ -203,6 +237,11 @@ impl Db {
                 size: s.size,
                 available: s.available,
                 waiting: s.waiting,
+            },
+            circuit: CircuitStatus {
+                state: self.inner.breaker.state(),
+                consecutive_failures: self.inner.breaker.consecutive_failures(),
+                opened_total: self.inner.breaker.opened_total(),
             },
             error,
         }
@@ -247,6 +286,56 @@ impl Db {
     }
 }
 
+/// One data call's breaker permit and connection.
+struct Session {
+    conn: Conn,
+    permit: Permit,
+}
+
+impl Session {
+    /// Maps a query result and tells the breaker.
+    ///
+    /// A connection that failed at the connection level is discarded rather than returned, and its
+    /// siblings are marked suspect so they are checked before reuse: after a mass disconnect only
+    /// the requests already in flight fail. Such a failure on a *reused* connection does not count
+    /// toward the breaker (it shows a stale socket, not that the database is down: if it is down,
+    /// opening the replacement fails and that counts); on a fresh connection it does.
+    fn finish<T>(self, result: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        match result {
+            Ok(v) => {
+                self.permit.success();
+                Ok(v)
+            }
+            Err(e) => {
+                let err = classify(e);
+                if matches!(err, DbError::Unavailable(_)) {
+                    let reused = Object::metrics(&self.conn).recycle_count > 0;
+                    if let Some(pool) = Object::pool(&self.conn) {
+                        pool.manager().mark_suspect();
+                    }
+                    drop(Object::take(self.conn));
+                    if reused {
+                        drop(self.permit);
+                        return Err(err);
+                    }
+                }
+                record(self.permit, &err);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Only outage-class failures count against the breaker; any other answer proves the database is
+/// there.
+fn record(permit: Permit, err: &DbError) {
+    match err {
+        DbError::Unavailable(_) => permit.failure(),
+        DbError::CircuitOpen { .. } => drop(permit),
+        DbError::Timeout(_) | DbError::Unexpected(_) => permit.success(),
+    }
+}
+
 /// `Migrator::run` inside a spawned task fails to compile ("implementation of `Acquire` is not
 /// general enough", a known sqlx limitation); `run_direct` is sqlx's public, doc-hidden entry point
 /// for exactly this case. It takes the same advisory lock as `run` when locking is on (the default).
@@ -288,10 +377,13 @@ pub fn classify(e: sqlx::Error) -> DbError {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            return DbError::Timeout(db.message().to_owned());
+        }
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // 08: connection exception; 53: insufficient resources (too many connections, disk
-            // full); 57P0x: admin/crash shutdown, cannot connect now; 57014: statement timeout.
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "57014"
+            // full); 57P0x: admin/crash shutdown, cannot connect now.
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
         }),
         _ => false,
     };

@@ -9,7 +9,13 @@
 //! Every connection is opened to the address in [`PinnedAddress`], never to the host name, so
 //! opening connections never touches DNS.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
 use sqlx::{
@@ -29,12 +35,43 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 pub struct PgManager {
     options: PgConnectOptions,
     address: Arc<PinnedAddress>,
+    /// Reference point for `suspect_mark`.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` at which a pooled connection was last found broken (0: never).
+    /// Connections not checked since then are pinged before reuse: when one connection breaks
+    /// (Postgres restarted, backends terminated, a proxy cut), its siblings usually broke too.
+    suspect_mark: AtomicU64,
 }
 
 impl PgManager {
     /// `options` come from `DATABASE_URL` plus per-connection settings; only the host is replaced.
     pub fn new(options: PgConnectOptions, address: Arc<PinnedAddress>) -> Self {
-        PgManager { options, address }
+        PgManager {
+            options,
+            address,
+            epoch: Instant::now(),
+            suspect_mark: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks every connection not checked since now as suspect: it is pinged (and replaced if
+    /// dead) before its next use instead of failing a request.
+    pub fn mark_suspect(&self) {
+        let now = self.epoch.elapsed().as_nanos().max(1) as u64;
+        self.suspect_mark.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn must_ping(&self, metrics: &Metrics) -> bool {
+        if metrics.last_used() >= PING_IF_IDLE_FOR {
+            return true;
+        }
+        let mark = self.suspect_mark.load(Ordering::Relaxed);
+        let last_checked = metrics.recycled.unwrap_or(metrics.created);
+        mark != 0
+            && last_checked
+                .saturating_duration_since(self.epoch)
+                .as_nanos() as u64
+                <= mark
     }
 }
 
@@ -71,7 +108,7 @@ impl Manager for PgManager {
                 "connection was returned inside a transaction",
             ));
         }
-        if metrics.last_used() >= PING_IF_IDLE_FOR {
+        if self.must_ping(metrics) {
             conn.ping().await.map_err(RecycleError::Backend)?;
         }
         Ok(())

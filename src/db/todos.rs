@@ -64,7 +64,7 @@ impl Db {
         after: Cursor,
         limit: i64,
     ) -> Result<Vec<TodoRow>, DbError> {
-        let mut conn = self.conn().await?;
+        let mut s = self.session().await?;
         let r = sqlx::query_as::<_, TodoRow>(
             "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos \
@@ -76,25 +76,25 @@ impl Db {
         .bind(after.sort_key)
         .bind(after.id)
         .bind(limit)
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *s.conn)
         .await;
-        Self::finish(conn, r)
+        s.finish(r)
     }
 
     pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
-        let mut conn = self.conn().await?;
+        let mut s = self.session().await?;
         let r = sqlx::query_as::<_, TodoRow>(
             "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&mut *conn)
+        .fetch_optional(&mut *s.conn)
         .await;
-        Self::finish(conn, r)
+        s.finish(r)
     }
 
     pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
-        let mut conn = self.conn().await?;
+        let mut s = self.session().await?;
         let r = sqlx::query_as::<_, TodoRow>(
             "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at",
@@ -102,9 +102,9 @@ impl Db {
         .bind(&new.title)
         .bind(new.completed)
         .bind(new.position)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut *s.conn)
         .await;
-        Self::finish(conn, r)
+        s.finish(r)
     }
 
     /// Applies `changes`; `None` when the todo does not exist. An empty change set reads the todo
@@ -117,7 +117,7 @@ impl Db {
         if changes.is_empty() {
             return self.get_todo(id).await;
         }
-        let mut conn = self.conn().await?;
+        let mut s = self.session().await?;
         let r = sqlx::query_as::<_, TodoRow>(
             "UPDATE todos SET \
                title = COALESCE($2, title), \
@@ -132,25 +132,25 @@ impl Db {
         .bind(changes.completed)
         .bind(changes.position.is_some())
         .bind(changes.position.flatten())
-        .fetch_optional(&mut *conn)
+        .fetch_optional(&mut *s.conn)
         .await;
-        Self::finish(conn, r)
+        s.finish(r)
     }
 
     /// `true` when a todo was deleted.
     pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
-        let mut conn = self.conn().await?;
+        let mut s = self.session().await?;
         let r = sqlx::query("DELETE FROM todos WHERE id = $1")
             .bind(id)
-            .execute(&mut *conn)
+            .execute(&mut *s.conn)
             .await;
-        Self::finish(conn, r).map(|done| done.rows_affected() == 1)
+        s.finish(r).map(|done| done.rows_affected() == 1)
     }
 
     /// Deletes every todo; returns how many there were.
     pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
-        let mut conn = self.conn().await?;
-        let r = sqlx::query("DELETE FROM todos").execute(&mut *conn).await;
-        Self::finish(conn, r).map(|done| done.rows_affected())
+        let mut s = self.session().await?;
+        let r = sqlx::query("DELETE FROM todos").execute(&mut *s.conn).await;
+        s.finish(r).map(|done| done.rows_affected())
     }
 }

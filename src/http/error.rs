@@ -193,14 +193,62 @@ impl ApiError {
         )
         .with_hint("Retry later; quote the x-request-id header when reporting this.")
     }
+
+    /// 503 from the load shedder: too many requests in flight.
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Service overloaded",
+            "too many requests are in flight; this one was not started",
+        )
+        .with_hint("Retry after the Retry-After delay, ideally with jitter.")
+        .with_retry_after(1)
+    }
+
+    /// 429 from the rate limiter.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Too many requests",
+            format!("this client is over its request quota; retry in {retry_after_secs} s"),
+        )
+        .with_hint("Slow down: wait for Retry-After seconds; see x-ratelimit-* headers.")
+        .with_retry_after(retry_after_secs)
+    }
 }
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
+            // Logged at debug: during an outage this fires for every request; the breaker logs
+            // the outage once per state change and /ready reports it.
             DbError::Unavailable(reason) => {
-                tracing::warn!(%reason, "database unavailable");
+                tracing::debug!(%reason, "database unavailable");
                 ApiError::database_unavailable(reason)
+            }
+            DbError::CircuitOpen { retry_after } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                "Database unavailable",
+                "the database has been failing, so requests are refused until it is probed again",
+            )
+            .with_hint(
+                "The service probes the database by itself; retry after the Retry-After delay.",
+            )
+            // Whole seconds, rounded up, and at least 1 so clients never busy-loop on 0.
+            .with_retry_after(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            DbError::Timeout(reason) => {
+                tracing::warn!(%reason, "database statement timed out");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_timeout",
+                    "Database timeout",
+                    "the database did not finish the query in time",
+                )
+                .with_hint("Retry after the Retry-After delay.")
+                .with_retry_after(DB_RETRY_AFTER_SECS)
             }
             DbError::Unexpected(e) => ApiError::internal(&e),
         }

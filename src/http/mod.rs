@@ -7,6 +7,7 @@
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod resilience;
 pub mod todos;
 
 use std::{any::Any, sync::Arc, time::Duration};
@@ -100,9 +101,17 @@ impl FromRequestParts<AppState> for BaseUrl {
 )]
 pub struct ApiDoc;
 
-/// The routes and the OpenAPI document describing them, before state and layers.
-pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The routes, before state and layers: `data` (everything that needs the database, to be
+/// protected by the resilience layers) and `ops` (probes, never limited), plus the OpenAPI
+/// document describing both.
+pub struct ApiRoutes {
+    pub data: Router<AppState>,
+    pub ops: Router<AppState>,
+    pub openapi: utoipa::openapi::OpenApi,
+}
+
+pub fn api_routes() -> ApiRoutes {
+    let (data, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(
             todos::list_todos,
             todos::create_todo,
@@ -113,11 +122,14 @@ pub fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             todos::update_todo,
             todos::delete_todo
         ))
+        .split_for_parts();
+    let (ops, ops_doc) = OpenApiRouter::new()
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .split_for_parts();
+    openapi.merge(ops_doc);
     add_common_problems(&mut openapi);
-    (router, openapi)
+    ApiRoutes { data, ops, openapi }
 }
 
 /// Adds the problem responses that whole classes of operations share, once, instead of repeating
@@ -174,10 +186,14 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
 
 /// The whole application: routes, docs, fallbacks and layers.
 pub fn router(state: AppState, config: &Config) -> Router {
-    let (api, openapi) = api_routes();
+    let ApiRoutes { data, ops, openapi } = api_routes();
     let x_request_id = HeaderName::from_static("x-request-id");
 
-    api.with_state(state)
+    // Rate limit, load shedding and the request timeout guard only the data routes; probes and
+    // docs must answer even when clients are being refused (see resilience.rs).
+    resilience::protect(data, config)
+        .merge(ops)
+        .with_state(state)
         // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs works
         // offline, with no CDN.
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))

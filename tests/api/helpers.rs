@@ -373,6 +373,101 @@ impl TcpProxy {
     }
 }
 
+impl TcpProxy {
+    /// Cuts the path: the listener closes (new connects are refused) and every forwarded
+    /// connection is dropped, as when Postgres dies or the network between goes away.
+    pub fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// One request's outcome in a [`Load`] run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// When the request was sent, relative to the load's start.
+    pub at: Duration,
+    pub latency: Duration,
+    /// `None`: no HTTP response at all (refused, reset, timed out).
+    pub status: Option<u16>,
+    pub retry_after: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Concurrent clients sending `GET path` in a loop until stopped, recording every outcome.
+pub struct Load {
+    pub start: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<JoinHandle<Vec<Outcome>>>,
+}
+
+impl Load {
+    pub fn start(app: &TestApp, path: &str, clients: usize) -> Load {
+        let start = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                // Each client has its own connection pool, like separate users.
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(15))
+                    .build()
+                    .unwrap();
+                let url = app.url(path);
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
+                        let r = client.get(&url).send().await;
+                        let latency = sent.elapsed();
+                        let at = sent - start;
+                        out.push(match r {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let retry_after = r
+                                    .headers()
+                                    .get("retry-after")
+                                    .map(|v| v.to_str().unwrap_or("").to_owned());
+                                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                                Outcome {
+                                    at,
+                                    latency,
+                                    status: Some(status),
+                                    retry_after,
+                                    code: body["code"].as_str().map(str::to_owned),
+                                }
+                            }
+                            Err(_) => Outcome {
+                                at,
+                                latency,
+                                status: None,
+                                retry_after: None,
+                                code: None,
+                            },
+                        });
+                        // A short pause keeps debug builds on two cores responsive.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load { start, stop, tasks }
+    }
+
+    /// Stops the clients and returns every outcome, sorted by send time, per client.
+    pub async fn finish(self) -> Vec<Vec<Outcome>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.push(t.await.expect("load client"));
+        }
+        all
+    }
+}
+
 async fn bind_retrying(addr: SocketAddr) -> TcpListener {
     let start = Instant::now();
     loop {

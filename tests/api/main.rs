@@ -3,6 +3,8 @@
 
 mod cli;
 mod errors;
+// Shared with the drills binary, which uses parts this one does not.
+#[allow(dead_code)]
 mod helpers;
 mod migrations;
 mod openapi;

@@ -88,7 +88,11 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
         database_url: Some(with_host(&test_db.url(), "postgres.test", port)),
         resolver: resolver.clone(),
         // A small pool so the burst below forces connections to be created, recycled and reused.
-        env: [("DB_POOL_MAX_SIZE".to_string(), "4".to_string())].into(),
+        env: [
+            ("DB_POOL_MAX_SIZE".to_string(), "4".to_string()),
+            ("MAX_IN_FLIGHT".to_string(), "200".to_string()),
+        ]
+        .into(),
         ..AppOptions::default()
     };
     let app = spawn_app_with(opts).await;

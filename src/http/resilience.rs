@@ -1,0 +1,184 @@
+//! The protective layers in front of the data routes (`/todos…`): rate limit, load shedding with a
+//! global concurrency limit, and a request timeout. Probes and docs are deliberately outside them,
+//! so an operator can always see whether the service is alive and why it refuses work.
+//!
+//! From the outside in (see [`protect`]):
+//! 1. **Rate limit** (tower_governor, per client IP): the cheapest refusal, so a runaway client is
+//!    stopped before it takes an in-flight slot. 429 with `Retry-After`.
+//! 2. **Load shed + global concurrency limit** (tower): at most `MAX_IN_FLIGHT` requests run;
+//!    the next one is refused at once with 503 + `Retry-After` instead of queueing without bound.
+//! 3. **Request timeout** (tower-http): inside the shedder, so a request that times out frees its
+//!    slot; answered 504 (turned into a problem by `error::ensure_problem`).
+//!
+//! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
+//! sees exactly the failures that mean "database unavailable" and nothing else.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use axum::{
+    BoxError, Router,
+    body::Body,
+    error_handling::HandleErrorLayer,
+    http::{Request, Response, StatusCode, header},
+    response::IntoResponse,
+};
+use governor::middleware::StateInformationMiddleware;
+use tower::{ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer};
+use tower_governor::{
+    GovernorError, GovernorLayer,
+    governor::{GovernorConfig, GovernorConfigBuilder},
+    key_extractor::{KeyExtractor, PeerIpKeyExtractor, SmartIpKeyExtractor},
+};
+use tower_http::timeout::TimeoutLayer;
+
+use super::{AppState, error::ApiError};
+use crate::config::{Config, RateLimit};
+
+/// How often idle clients' rate-limit state is dropped, so memory stays bounded however many
+/// distinct IPs have called.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Wraps `router` (the data routes) in the layers described in the module doc.
+pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
+    // Router::layer wraps each route separately, so anything stateful must share its state
+    // across clones: the global limit shares one semaphore, the governor one limiter.
+    let router = router
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            config.request_timeout,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(layer_error))
+                .layer(LoadShedLayer::new())
+                .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight)),
+        );
+    match config.rate_limit {
+        Some(limit) => router.layer(rate_limit_layer(limit)),
+        None => router,
+    }
+}
+
+async fn layer_error(err: BoxError) -> axum::response::Response {
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        tracing::debug!("shed a request: too many in flight");
+        ApiError::overloaded().into_response()
+    } else {
+        ApiError::internal(err.as_ref()).into_response()
+    }
+}
+
+/// The rate-limit key: the TCP peer, or the forwarded client address when configured to trust it.
+#[derive(Debug, Clone, Copy)]
+struct ClientIp {
+    trust_forwarded_for: bool,
+}
+
+impl KeyExtractor for ClientIp {
+    type Key = IpAddr;
+
+    fn name(&self) -> &'static str {
+        "client IP"
+    }
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<IpAddr, GovernorError> {
+        if self.trust_forwarded_for {
+            SmartIpKeyExtractor.extract(req)
+        } else {
+            PeerIpKeyExtractor.extract(req)
+        }
+    }
+}
+
+type Governor = GovernorConfig<ClientIp, StateInformationMiddleware>;
+
+fn rate_limit_layer(limit: RateLimit) -> GovernorLayer<ClientIp, StateInformationMiddleware, Body> {
+    let config: Arc<Governor> = Arc::new(
+        GovernorConfigBuilder::default()
+            .period(Duration::from_nanos(
+                1_000_000_000 / u64::from(limit.per_second),
+            ))
+            .burst_size(limit.burst)
+            .key_extractor(ClientIp {
+                trust_forwarded_for: limit.trust_forwarded_for,
+            })
+            .use_headers()
+            .finish()
+            .expect("per_second and burst are validated non-zero"),
+    );
+    spawn_pruner(Arc::downgrade(&config));
+    GovernorLayer::new(config).error_handler(rate_limit_response)
+}
+
+/// Drops idle clients' state periodically; ends when the app (and so the config) is dropped.
+fn spawn_pruner(config: std::sync::Weak<Governor>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PRUNE_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(config) = config.upgrade() else {
+                return;
+            };
+            let limiter = config.limiter();
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            tracing::debug!(clients = limiter.len(), "pruned rate-limit state");
+        }
+    });
+}
+
+fn rate_limit_response(err: GovernorError) -> Response<Body> {
+    match err {
+        GovernorError::TooManyRequests { wait_time, headers } => {
+            // governor reports whole seconds rounded down (0 for a wait under a second); one more
+            // second is always enough, so a client that honours Retry-After is admitted.
+            let mut res = ApiError::rate_limited(wait_time + 1).into_response();
+            for (name, value) in headers.iter().flatten() {
+                if name != header::RETRY_AFTER {
+                    res.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            res
+        }
+        GovernorError::UnableToExtractKey => {
+            ApiError::internal(&GovernorError::UnableToExtractKey).into_response()
+        }
+        GovernorError::Other { code, msg, headers } => {
+            let mut res = ApiError::new(
+                code,
+                "rate_limit_error",
+                "Rate limiter error",
+                msg.unwrap_or_default(),
+            )
+            .into_response();
+            if let Some(h) = headers {
+                res.headers_mut().extend(h);
+            }
+            res
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_never_zero_and_keeps_the_rate_limit_headers() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-ratelimit-limit", "200".parse().unwrap());
+        headers.insert(header::RETRY_AFTER, "0".parse().unwrap());
+        let res = rate_limit_response(GovernorError::TooManyRequests {
+            wait_time: 0,
+            headers: Some(headers),
+        });
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(res.headers()["x-ratelimit-limit"], "200");
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+    }
+}

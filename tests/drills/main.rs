@@ -1,0 +1,559 @@
+//! Fault drills: each produces a fault against the running service and asserts the behaviour and
+//! its time bound. A separate test binary (cargo runs binaries one at a time) whose tests also take
+//! turns (`serial`), so the bounds are not measured while other tests compete for the CPU.
+//! Run with `scripts/test.sh --test drills`; add `-- --nocapture` to see the figures.
+
+#[path = "../api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use helpers::{
+    AppOptions, CountingResolver, Load, Outcome, TcpProxy, TestApp, admin_url, server_addr,
+    spawn_app_with, with_host,
+};
+use serde_json::json;
+use todo_service::db::{
+    breaker::BreakerState,
+    resolve::{LookupFuture, Resolver},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Mutex,
+};
+
+/// Drills take turns.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::const_new(());
+    LOCK.lock().await
+}
+
+fn opts(env: &[(&str, &str)]) -> AppOptions {
+    let mut o = AppOptions::default();
+    for (k, v) in env {
+        o.env.insert(k.to_string(), v.to_string());
+    }
+    o
+}
+
+fn summary(outcomes: &[&Outcome]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for o in outcomes {
+        let key = match (o.status, &o.code) {
+            (Some(s), Some(c)) => format!("{s} {c}"),
+            (Some(s), None) => s.to_string(),
+            (None, _) => "no response".into(),
+        };
+        *m.entry(key).or_default() += 1;
+    }
+    m
+}
+
+async fn terminate_app_connections(app: &TestApp) -> i64 {
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url().as_str())
+        .await
+        .unwrap();
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'todo-service') t",
+    )
+    .bind(&app.test_db.name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap()
+}
+
+/// Drill 1: the post-mortem's spike. 120 simultaneous `GET /todos`, five times, default settings:
+/// every one 2xx, and the database host resolved exactly once since startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_1_the_post_mortem_spike_is_answered_and_dns_is_asked_once() {
+    let _turn = serial().await;
+    let resolver = Arc::new(CountingResolver::default());
+    let test_db = helpers::TestDb::create().await;
+    let app = spawn_app_with(AppOptions {
+        database_url: Some(with_host(
+            &test_db.url(),
+            "postgres.test",
+            server_addr().port(),
+        )),
+        resolver: resolver.clone(),
+        ..AppOptions::default()
+    })
+    .await;
+    app.create(json!({"title": "spike"})).await;
+    for round in 1..=5 {
+        let started = Instant::now();
+        let burst: Vec<_> = (0..120)
+            .map(|_| {
+                let client = app.client.clone();
+                let url = app.url("/todos");
+                tokio::spawn(async move { client.get(&url).send().await.map(|r| r.status()) })
+            })
+            .collect();
+        let mut statuses = BTreeMap::new();
+        for r in burst {
+            let status = r.await.unwrap().expect("every request gets an answer");
+            *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        }
+        eprintln!(
+            "spike round {round}: {statuses:?} in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            statuses.get(&200),
+            Some(&120),
+            "round {round}: {statuses:?}"
+        );
+    }
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        1,
+        "resolved once, at startup"
+    );
+}
+
+/// Drill 2: 2000 simultaneous connections against a small concurrency limit. Every connection gets
+/// an HTTP answer (200, or 503/429 with Retry-After); none is refused or reset; and the service
+/// serves normally right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_2_overload_every_connection_gets_an_answer() {
+    let _turn = serial().await;
+    require_fds(5000);
+    let app = spawn_app_with(opts(&[("MAX_IN_FLIGHT", "8")])).await;
+    let mut conn = app.test_db.connect().await;
+    sqlx::query("INSERT INTO todos (title) SELECT 't' || g FROM generate_series(1, 200) g")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..2000)
+        .map(|_| tokio::spawn(raw_get(app.addr, "/todos?limit=200")))
+        .collect();
+    let mut statuses = BTreeMap::new();
+    let mut failures = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok((status, retry_after)) => {
+                if status != 200 {
+                    assert!(matches!(status, 429 | 503), "unexpected status {status}");
+                    let ra: u64 = retry_after
+                        .unwrap_or_else(|| panic!("{status} without Retry-After"))
+                        .parse()
+                        .expect("Retry-After in seconds");
+                    assert!(ra >= 1, "Retry-After {ra}");
+                }
+                *statuses.entry(status).or_insert(0usize) += 1;
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "2000 connections: {statuses:?}, {} failures, in {took:?}",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "connections without an HTTP answer: {:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) > 0,
+        "some requests must be served"
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) > 0,
+        "the shedder must have been exercised"
+    );
+    let after = Instant::now();
+    let r = app.get("/todos?limit=1").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        after.elapsed() < Duration::from_secs(1),
+        "serving normally right after"
+    );
+}
+
+/// Drill 3: the database goes away mid-load (the TCP path to it is cut). Within 1 s the breaker is
+/// open and requests get a quick 503; when the path returns the service recovers by itself
+/// within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_3_database_outage_opens_the_breaker_and_recovery_is_automatic() {
+    let _turn = serial().await;
+    let mut proxy = TcpProxy::reserve().await;
+    proxy.start().await;
+    let test_db = helpers::TestDb::create().await;
+    // One load generator is one client IP; the rate limit is drill 6's subject, not this one's.
+    let app = spawn_app_with(AppOptions {
+        database_url: Some(with_host(&test_db.url(), "127.0.0.1", proxy.addr.port())),
+        ..opts(&[("RATE_LIMIT_PER_SECOND", "0")])
+    })
+    .await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+
+    let load = Load::start(&app, &path, 8);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let cut_at = load.start.elapsed();
+    proxy.cut();
+    let opened_after = wait_for(Duration::from_secs(1), || {
+        app.db.breaker().state() == BreakerState::Open
+    })
+    .await
+    .expect("breaker open within 1 s of the outage");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.get("/health").await.status(),
+        200,
+        "liveness unaffected"
+    );
+    assert_eq!(
+        app.get("/ready").await.status(),
+        503,
+        "readiness reports the outage"
+    );
+    assert_eq!(
+        app.get("/openapi.json").await.status(),
+        200,
+        "docs unaffected"
+    );
+
+    let restored_at = load.start.elapsed();
+    proxy.start().await;
+    let recovered_after = wait_for(Duration::from_secs(5), || {
+        app.db.breaker().state() == BreakerState::Closed
+    })
+    .await
+    .expect("recovered within 5 s of the database's return");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let results: Vec<Outcome> = load.finish().await.into_iter().flatten().collect();
+
+    // Requests in flight at the cut may fail; those that finished before it may not.
+    let before: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| o.at + o.latency < cut_at)
+        .collect();
+    let open_from = cut_at + opened_after;
+    let during: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| o.at > open_from && o.at + o.latency < restored_at)
+        .collect();
+    let settled = restored_at + recovered_after + Duration::from_millis(100);
+    let after: Vec<&Outcome> = results.iter().filter(|o| o.at > settled).collect();
+    let mut during_latency: Vec<Duration> = during.iter().map(|o| o.latency).collect();
+    during_latency.sort();
+    eprintln!(
+        "outage drill: open {opened_after:?} after the cut, recovered {recovered_after:?} after the \
+         return; before {:?}; during {:?} (latency p50 {:?}, max {:?}); after {:?}",
+        summary(&before),
+        summary(&during),
+        during_latency.get(during_latency.len() / 2),
+        during_latency.last(),
+        summary(&after),
+    );
+    assert!(
+        results.iter().all(|o| o.status.is_some()),
+        "every request answered"
+    );
+    assert!(
+        before.iter().all(|o| o.status == Some(200)),
+        "{:?}",
+        summary(&before)
+    );
+    assert!(!during.is_empty());
+    for o in &during {
+        assert_eq!(o.status, Some(503), "{o:?}");
+        assert!(o.retry_after.is_some(), "503 without Retry-After: {o:?}");
+        assert!(
+            o.latency < Duration::from_millis(250),
+            "slow 503 while open: {o:?}"
+        );
+    }
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|o| o.status == Some(200)),
+        "{:?}",
+        summary(&after)
+    );
+    assert!(app.db.breaker().opened_total() >= 1);
+}
+
+/// Drill 4: every service connection is killed during load. At most the requests in flight fail
+/// (one per client), the following ones succeed, nothing hangs, and the breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_4_killed_connections_fail_only_in_flight_requests() {
+    let _turn = serial().await;
+    let app = spawn_app_with(opts(&[("RATE_LIMIT_PER_SECOND", "0")])).await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    // Fill the pool well beyond the number of clients, so stale connections outnumber in-flight
+    // requests: without the sibling check, each stale one would fail a later request.
+    let warm: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url(&path));
+            tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
+        })
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    let pooled = app.db.pool().status().size;
+    assert!(pooled >= 12, "pool warmed to {pooled}");
+    const CLIENTS: usize = 4;
+    let load = Load::start(&app, &path, CLIENTS);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed_at = load.start.elapsed();
+    let killed = terminate_app_connections(&app).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let per_client = load.finish().await;
+
+    let all: Vec<&Outcome> = per_client.iter().flatten().collect();
+    let failed: Vec<&Outcome> = all
+        .iter()
+        .copied()
+        .filter(|o| o.status != Some(200))
+        .collect();
+    let max_latency = all.iter().map(|o| o.latency).max().unwrap();
+    eprintln!(
+        "killed {killed} connections ({pooled} pooled, {CLIENTS} clients): {} requests, {:?}, max latency {max_latency:?}",
+        all.len(),
+        summary(&all)
+    );
+    assert!(killed > 0, "the drill must kill live connections");
+    assert!(
+        all.iter().all(|o| o.status.is_some()),
+        "every request answered"
+    );
+    for (i, client) in per_client.iter().enumerate() {
+        let n = client.iter().filter(|o| o.status != Some(200)).count();
+        assert!(
+            n <= 1,
+            "client {i} saw {n} failures: only its in-flight request may fail"
+        );
+    }
+    let settled = killed_at + Duration::from_millis(300);
+    assert!(
+        all.iter()
+            .filter(|o| o.at > settled)
+            .all(|o| o.status == Some(200)),
+        "requests after the kill must succeed: {:?}",
+        summary(&failed)
+    );
+    assert!(
+        max_latency < Duration::from_secs(2),
+        "a request hung: {max_latency:?}"
+    );
+    assert_eq!(
+        app.db.breaker().opened_total(),
+        0,
+        "a connection kill is not an outage"
+    );
+}
+
+/// Answers the first lookup, then fails every one after it, like a DNS server that went away.
+#[derive(Default)]
+struct DnsDiesAfterStartup {
+    calls: AtomicUsize,
+}
+
+impl Resolver for DnsDiesAfterStartup {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> LookupFuture<'a> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let ip = server_addr().ip();
+        Box::pin(async move {
+            if n == 0 {
+                Ok(vec![SocketAddr::new(ip, port)])
+            } else {
+                Err(io::Error::other(format!(
+                    "could not translate host name {host:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// Drill 5: DNS fails after startup. The pool keeps opening connections (load grows, connections
+/// are killed and replaced) and not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_5_dns_failing_after_startup_fails_nothing() {
+    let _turn = serial().await;
+    let resolver = Arc::new(DnsDiesAfterStartup::default());
+    let test_db = helpers::TestDb::create().await;
+    let app = spawn_app_with(AppOptions {
+        database_url: Some(with_host(
+            &test_db.url(),
+            "postgres.test",
+            server_addr().port(),
+        )),
+        resolver: resolver.clone(),
+        ..AppOptions::default()
+    })
+    .await;
+    let mut statuses = BTreeMap::new();
+    for round in 0..3 {
+        // A wider burst each round makes the pool open new connections after DNS died.
+        let burst: Vec<_> = (0..40 * (round + 1))
+            .map(|i| {
+                let client = app.client.clone();
+                let url = app.url("/todos");
+                tokio::spawn(async move {
+                    if i % 4 == 0 {
+                        client
+                            .post(&url)
+                            .json(&json!({"title": "dns"}))
+                            .send()
+                            .await
+                    } else {
+                        client.get(&url).send().await
+                    }
+                })
+            })
+            .collect();
+        for r in burst {
+            let status = r.await.unwrap().expect("answered").status().as_u16();
+            *statuses.entry(status).or_insert(0usize) += 1;
+        }
+        // Kill the idle connections; the pool replaces them (idle ones are checked before reuse).
+        terminate_app_connections(&app).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let size = app.db.pool().status().size;
+    eprintln!(
+        "dns drill: {statuses:?}, pool size {size}, lookups {}",
+        resolver.calls.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        [200, 201],
+        "{statuses:?}"
+    );
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        1,
+        "no lookup after startup"
+    );
+}
+
+/// Drill 6: a client over its quota gets 429 with a Retry-After that is honest; another client is
+/// unaffected; the probes are never limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_6_rate_limit_is_per_client_and_spares_the_probes() {
+    let _turn = serial().await;
+    let app = spawn_app_with(opts(&[
+        ("RATE_LIMIT_PER_SECOND", "1"),
+        ("RATE_LIMIT_BURST", "5"),
+    ]))
+    .await;
+    for i in 0..5 {
+        let r = app.get("/todos").await;
+        assert_eq!(r.status(), 200, "request {i} is within the burst");
+        assert_eq!(r.headers()["x-ratelimit-limit"], "5");
+    }
+    let r = app.get("/todos").await;
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let p = helpers::assert_problem(r, 429, "rate_limited").await;
+    assert!(
+        (1..=2).contains(&retry_after),
+        "Retry-After {retry_after}: {p}"
+    );
+
+    // The probes and docs are never limited, even for the limited client.
+    for _ in 0..20 {
+        assert_eq!(app.get("/health").await.status(), 200);
+        assert_eq!(app.get("/ready").await.status(), 200);
+    }
+    // Another client (another source address on loopback) is unaffected.
+    let other = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            other.get(app.url("/todos")).send().await.unwrap().status(),
+            200
+        );
+    }
+    // Honouring Retry-After is enough to be admitted again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_eq!(app.get("/todos").await.status(), 200);
+}
+
+/// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
+async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// One HTTP/1.1 request on its own connection; the status and Retry-After, or what went wrong
+/// at the connection level.
+async fn raw_get(addr: SocketAddr, path: &'static str) -> Result<(u16, Option<String>), String> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(60), io)
+        .await
+        .map_err(|_| "no answer within 60 s".to_string())??;
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {:?}", &text[..text.len().min(80)]))?;
+    let retry_after = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+        .map(|(_, v)| v.trim().to_owned());
+    Ok((status, retry_after))
+}
+
+/// Fails early with a clear message when the open-files limit cannot hold the drill's sockets.
+fn require_fds(needed: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(soft) = soft {
+        assert!(
+            soft >= needed,
+            "open-files limit {soft} < {needed}: run via scripts/test.sh, which raises `ulimit -n`"
+        );
+    }
+}
