@@ -123,6 +123,12 @@ pub const VARS: &[Var] = &[
         help: "Requests let through at once to probe the database after the open period.",
     },
     Var {
+        name: "IDEMPOTENCY_KEY_TTL",
+        default: Some("24h"),
+        help: "How long an Idempotency-Key on POST /todos is remembered; a retry within it \
+               returns the original 201 instead of creating a second todo.",
+    },
+    Var {
         name: "MAX_BODY_BYTES",
         default: Some("65536"),
         help: "Largest accepted request body in bytes; larger bodies get 413.",
@@ -235,6 +241,7 @@ pub struct Config {
     pub max_in_flight: usize,
     pub request_timeout: Duration,
     pub breaker: BreakerConfig,
+    pub idempotency_key_ttl: Duration,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
@@ -290,6 +297,7 @@ impl Config {
             max_in_flight,
             request_timeout,
             breaker,
+            idempotency_key_ttl: env.duration("IDEMPOTENCY_KEY_TTL")?,
             max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
             cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,

@@ -58,7 +58,9 @@ impl Application {
                 .as_ref()
                 .map(|u| Arc::from(u.as_str().trim_end_matches('/'))),
             fallback_base_url: Arc::from(format!("http://{local}")),
+            idempotency_key_ttl: config.idempotency_key_ttl,
         };
+        spawn_idempotency_sweeper(&db);
         let router = http::router(state, &config);
         Ok(Application {
             listener,
@@ -113,6 +115,24 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Deletes expired idempotency keys every few minutes so the table stays small. Holds the
+/// database only weakly: it ends when the application is dropped.
+fn spawn_idempotency_sweeper(db: &Db) {
+    let db = db.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let Some(db) = db.upgrade() else { return };
+            match db.delete_expired_idempotency_keys().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "swept expired idempotency keys"),
+                Err(e) => tracing::debug!(error = %e, "idempotency key sweep skipped"),
+            }
+        }
+    });
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

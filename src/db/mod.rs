@@ -80,6 +80,15 @@ struct Inner {
     wait_timeout: Duration,
 }
 
+/// See [`Db::downgrade`].
+pub struct WeakDb(std::sync::Weak<Inner>);
+
+impl WeakDb {
+    pub fn upgrade(&self) -> Option<Db> {
+        self.0.upgrade().map(|inner| Db { inner })
+    }
+}
+
 /// What `/ready` reports about the database.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct DbStatus {
@@ -149,6 +158,11 @@ impl Db {
         };
         tokio::spawn(db.clone().migrate_until_applied());
         Ok(db)
+    }
+
+    /// A handle that does not keep the database alive (for background tasks).
+    pub fn downgrade(&self) -> WeakDb {
+        WeakDb(Arc::downgrade(&self.inner))
     }
 
     /// The pinned database address (for logs, `/ready` and tests).

@@ -3,7 +3,10 @@
 //! Lists are keyset-paged on `(sort_key, id)` (see the migration), so a page costs an index range
 //! scan whatever its depth, and rows inserted while a client pages cannot shift later pages.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
+use sqlx::{Connection, PgConnection};
 
 use super::{Db, DbError};
 
@@ -40,6 +43,24 @@ pub struct NewTodo {
     pub title: String,
     pub completed: bool,
     pub position: Option<i64>,
+}
+
+/// What an idempotent create did.
+#[derive(Debug)]
+pub enum Idempotent {
+    /// First use of the key: the todo was created.
+    Created(TodoRow),
+    /// The key was used before with the same request: the todo created then, as returned then.
+    Replayed(TodoRow),
+    /// The key was used before with a different request; nothing was created.
+    KeyReused,
+}
+
+#[derive(sqlx::FromRow)]
+struct Replay {
+    same_request: bool,
+    #[sqlx(flatten)]
+    todo: TodoRow,
 }
 
 /// A validated partial update; `None` leaves a field unchanged, `Some(None)` clears `position`.
@@ -153,4 +174,90 @@ impl Db {
         let r = sqlx::query("DELETE FROM todos").execute(&mut *s.conn).await;
         s.finish(r).map(|done| done.rows_affected())
     }
+
+    /// Creates a todo once per `key`: a retry with the same key and request replays the first
+    /// response; the same key with another request is refused. Keys live for `ttl`.
+    pub async fn create_todo_idempotent(
+        &self,
+        key: &str,
+        new: &NewTodo,
+        ttl: Duration,
+    ) -> Result<Idempotent, DbError> {
+        let mut s = self.session().await?;
+        let r = create_idempotent(&mut s.conn, key, new, ttl).await;
+        s.finish(r)
+    }
+
+    /// Deletes expired idempotency keys; returns how many.
+    pub async fn delete_expired_idempotency_keys(&self) -> Result<u64, DbError> {
+        let mut s = self.session().await?;
+        let r = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < now()")
+            .execute(&mut *s.conn)
+            .await;
+        s.finish(r).map(|done| done.rows_affected())
+    }
+}
+
+async fn create_idempotent(
+    conn: &mut PgConnection,
+    key: &str,
+    new: &NewTodo,
+    ttl: Duration,
+) -> Result<Idempotent, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND expires_at < now()")
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    // A concurrent claim of the same key makes this wait until that transaction ends.
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (key, request, expires_at) \
+         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
+                 now() + make_interval(secs => $5::float8)) \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(&new.title)
+    .bind(new.completed)
+    .bind(new.position)
+    .bind(ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let outcome = if claimed {
+        let row = sqlx::query_as::<_, TodoRow>(
+            "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
+             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
+             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        Idempotent::Created(row)
+    } else {
+        let replay = sqlx::query_as::<_, Replay>(
+            "SELECT k.request = jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint) \
+                    AS same_request, \
+                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at \
+             FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
+             WHERE k.key = $1",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        if replay.same_request {
+            Idempotent::Replayed(replay.todo)
+        } else {
+            Idempotent::KeyReused
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
 }

@@ -45,6 +45,8 @@ pub struct AppState {
     pub public_base_url: Option<Arc<str>>,
     /// Used when neither `PUBLIC_BASE_URL` nor a usable Host header is present.
     pub fallback_base_url: Arc<str>,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_key_ttl: Duration,
 }
 
 /// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
@@ -259,6 +261,7 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             HeaderName::from_static("idempotency-key"),
         ])
         .expose_headers([
+            HeaderName::from_static("idempotent-replayed"),
             header::LOCATION,
             header::LINK,
             header::RETRY_AFTER,

@@ -20,7 +20,11 @@ use super::{
     error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
 };
-use crate::db::todos::{Cursor, NewTodo, TodoChanges, TodoRow};
+use crate::db::todos::{Cursor, Idempotent, NewTodo, TodoChanges, TodoRow};
+
+/// The request header that makes `POST /todos` safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
@@ -243,18 +247,28 @@ pub async fn list_todos(
 }
 
 /// Create a todo. New todos start with `completed: false` unless told otherwise.
+///
+/// With an `Idempotency-Key` header the create is safe to retry: the same key with the same body
+/// returns the original `201` (marked `Idempotent-Replayed: true`) without creating another todo;
+/// the same key with a different body is `422`.
 #[utoipa::path(
     post, path = "/todos", tag = "todos",
     request_body = CreateTodo,
+    params(("Idempotency-Key" = Option<String>, Header,
+            description = "1-255 visible ASCII characters, unique per intended todo (e.g. a UUID); remembered for IDEMPOTENCY_KEY_TTL")),
     responses(
-        (status = 201, description = "Created", body = Todo, headers(("location" = String, description = "URL of the new todo"))),
+        (status = 201, description = "Created, or replayed for a repeated Idempotency-Key", body = Todo,
+         headers(("location" = String, description = "URL of the new todo"),
+                 ("idempotent-replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key"))),
     )
 )]
 pub async fn create_todo(
     State(state): State<AppState>,
     base: BaseUrl,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<CreateTodo>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let mut errors = Vec::new();
     match &body.title {
         Some(t) => validate_title(t, &mut errors),
@@ -268,13 +282,61 @@ pub async fn create_todo(
         completed: body.completed.unwrap_or(false),
         position: body.order,
     };
-    let todo = Todo::from_row(state.db.create_todo(&new).await?, &base);
+    let (row, replayed) = match key {
+        None => (state.db.create_todo(&new).await?, false),
+        Some(key) => match state
+            .db
+            .create_todo_idempotent(key, &new, state.idempotency_key_ttl)
+            .await?
+        {
+            Idempotent::Created(row) => (row, false),
+            Idempotent::Replayed(row) => (row, true),
+            Idempotent::KeyReused => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "Idempotency key reused",
+                    "this Idempotency-Key was already used for a different request body",
+                )
+                .with_hint(
+                    "Use a new key for a new todo; reuse a key only to retry the same request.",
+                ));
+            }
+        },
+    };
+    let todo = Todo::from_row(row, &base);
     let location = HeaderValue::from_str(&todo.url).ok();
     let mut res = (StatusCode::CREATED, axum::Json(todo)).into_response();
     if let Some(location) = location {
         res.headers_mut().insert(header::LOCATION, location);
     }
+    if replayed {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
     Ok(res)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match raw.to_str() {
+        Ok(k)
+            if !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY_LEN
+                && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+        {
+            Ok(Some(k))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+            ),
+        )
+        .with_hint("Send a UUID, for example.")),
+    }
 }
 
 /// Delete every todo.

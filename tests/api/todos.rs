@@ -258,3 +258,81 @@ async fn paging_has_no_gaps_or_repeats_while_todos_are_inserted_concurrently() {
     );
     assert!(pages > 20, "paged in {pages} pages");
 }
+
+async fn post_with_key(app: &crate::helpers::TestApp, key: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/todos"))
+        .header("idempotency-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_retried_post_with_the_same_idempotency_key_creates_one_todo() {
+    let app = spawn_app().await;
+    let first = post_with_key(&app, "k-1", json!({"title": "pay rent", "order": 1})).await;
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let location = first.headers()["location"].clone();
+    let created: Value = first.json().await.unwrap();
+
+    let retry = post_with_key(&app, "k-1", json!({"order": 1, "title": "pay rent"})).await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.headers()["location"], location);
+    let replayed: Value = retry.json().await.unwrap();
+    assert_eq!(replayed, created, "the original response, field for field");
+    assert_eq!(app.row_count().await, 1);
+
+    // A different key is a different todo.
+    post_with_key(&app, "k-2", json!({"title": "pay rent", "order": 1})).await;
+    assert_eq!(app.row_count().await, 2);
+}
+
+#[tokio::test]
+async fn reusing_an_idempotency_key_for_another_body_is_422_and_creates_nothing() {
+    let app = spawn_app().await;
+    post_with_key(&app, "key", json!({"title": "a"})).await;
+    for body in [
+        json!({"title": "b"}),
+        json!({"title": "a", "completed": true}),
+        json!({"title": "a", "order": 3}),
+    ] {
+        let r = post_with_key(&app, "key", body.clone()).await;
+        crate::helpers::assert_problem(r, 422, "idempotency_key_reused").await;
+    }
+    assert_eq!(app.row_count().await, 1);
+}
+
+#[tokio::test]
+async fn an_invalid_idempotency_key_is_400() {
+    let app = spawn_app().await;
+    for key in ["", &"k".repeat(256), "tab\there"] {
+        let r = post_with_key(&app, key, json!({"title": "a"})).await;
+        crate::helpers::assert_problem(r, 400, "invalid_idempotency_key").await;
+    }
+    assert_eq!(app.row_count().await, 0);
+}
+
+#[tokio::test]
+async fn an_expired_idempotency_key_creates_a_new_todo() {
+    let mut opts = crate::helpers::AppOptions::default();
+    opts.env.insert("IDEMPOTENCY_KEY_TTL".into(), "1s".into());
+    let app = crate::helpers::spawn_app_with(opts).await;
+    let first: Value = post_with_key(&app, "k", json!({"title": "a"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let r = post_with_key(&app, "k", json!({"title": "a"})).await;
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let second: Value = r.json().await.unwrap();
+    assert_ne!(second["id"], first["id"]);
+    // The sweep removes expired keys.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(app.db.delete_expired_idempotency_keys().await.unwrap(), 1);
+}

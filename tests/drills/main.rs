@@ -494,6 +494,53 @@ async fn drill_6_rate_limit_is_per_client_and_spares_the_probes() {
     assert_eq!(app.get("/todos").await.status(), 200);
 }
 
+/// Drill 7: the same POST retried concurrently with one Idempotency-Key creates one row, and every
+/// 201 the service sent names a todo that is in the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_7_concurrent_retries_with_one_idempotency_key_create_one_row() {
+    let _turn = serial().await;
+    let app = spawn_app_with(AppOptions::default()).await;
+    for round in 0..5 {
+        let key = format!("retry-storm-{round}");
+        let retries: Vec<_> = (0..25)
+            .map(|_| {
+                let (client, url, key) = (app.client.clone(), app.url("/todos"), key.clone());
+                tokio::spawn(async move {
+                    let r = client
+                        .post(&url)
+                        .header("idempotency-key", key)
+                        .json(&json!({"title": "exactly once"}))
+                        .send()
+                        .await
+                        .expect("answered");
+                    assert_eq!(r.status(), 201);
+                    r.json::<serde_json::Value>().await.unwrap()["id"]
+                        .as_i64()
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for r in retries {
+            ids.insert(r.await.unwrap());
+        }
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: one todo for one key, got {ids:?}"
+        );
+    }
+    let mut conn = app.test_db.connect().await;
+    let (rows, keys): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM todos), (SELECT count(*) FROM idempotency_keys)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    eprintln!("idempotency drill: 125 POSTs over 5 keys -> {rows} rows");
+    assert_eq!((rows, keys), (5, 5));
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
