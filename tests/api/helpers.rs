@@ -403,7 +403,8 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(app: &TestApp, path: &str, clients: usize) -> Load {
+    /// `url` is absolute, so the load can target a separately started process too.
+    pub fn start(url: String, clients: usize) -> Load {
         let start = Instant::now();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = (0..clients)
@@ -414,7 +415,7 @@ impl Load {
                     .timeout(Duration::from_secs(15))
                     .build()
                     .unwrap();
-                let url = app.url(path);
+                let url = url.clone();
                 let stop = Arc::clone(&stop);
                 tokio::spawn(async move {
                     let mut out = Vec::new();

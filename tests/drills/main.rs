@@ -202,7 +202,7 @@ async fn drill_3_database_outage_opens_the_breaker_and_recovery_is_automatic() {
     let todo = app.create(json!({"title": "x"})).await;
     let path = format!("/todos/{}", todo["id"]);
 
-    let load = Load::start(&app, &path, 8);
+    let load = Load::start(app.url(&path), 8);
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     let cut_at = load.start.elapsed();
@@ -311,7 +311,7 @@ async fn drill_4_killed_connections_fail_only_in_flight_requests() {
     let pooled = app.db.pool().status().size;
     assert!(pooled >= 12, "pool warmed to {pooled}");
     const CLIENTS: usize = 4;
-    let load = Load::start(&app, &path, CLIENTS);
+    let load = Load::start(app.url(&path), CLIENTS);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let killed_at = load.start.elapsed();
     let killed = terminate_app_connections(&app).await;
@@ -539,6 +539,121 @@ async fn drill_7_concurrent_retries_with_one_idempotency_key_create_one_row() {
     .unwrap();
     eprintln!("idempotency drill: 125 POSTs over 5 keys -> {rows} rows");
     assert_eq!((rows, keys), (5, 5));
+}
+
+/// Drill 8: SIGTERM to the real binary during load. Requests in flight finish (a slow upload
+/// still gets its 201), a stalled request cannot hold the process past SHUTDOWN_TIMEOUT, and the
+/// process exits cleanly within that deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_8_sigterm_drains_in_flight_requests_and_exits_within_the_deadline() {
+    let _turn = serial().await;
+    let test_db = helpers::TestDb::create().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_todo-service"))
+        .env("DATABASE_URL", test_db.url().as_str())
+        .env("LISTEN_ADDR", addr.to_string())
+        .env("SHUTDOWN_TIMEOUT", "2s")
+        .env("RATE_LIMIT_PER_SECOND", "0")
+        .env("LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ready = wait_for_async(Duration::from_secs(20), || async {
+        client
+            .get(format!("http://{addr}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready.is_some(), "service never became ready");
+
+    let load = Load::start(format!("http://{addr}/todos?limit=5"), 8);
+    // An upload in progress: headers and half the body now, the rest after SIGTERM.
+    let body = r#"{"title": "sent across the shutdown"}"#;
+    let (first, rest) = body.split_at(12);
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(format!("POST /todos HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}", body.len()).as_bytes()).await.unwrap();
+    // An upload that never finishes: it must not keep the process alive past the deadline.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(format!("POST /todos HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let term_at = load.start.elapsed();
+    let signalled = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "in-flight upload after SIGTERM: {answer:?}"
+    );
+
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exited_after = signalled.elapsed();
+    let results: Vec<Outcome> = load.finish().await.into_iter().flatten().collect();
+    let before: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| o.at + Duration::from_millis(50) < term_at)
+        .collect();
+    eprintln!(
+        "shutdown drill: exited {exit} {exited_after:?} after SIGTERM (deadline 2 s); requests sent before it: {:?}",
+        summary(&before)
+    );
+    assert!(exit.success(), "exit status {exit}");
+    assert!(
+        exited_after < Duration::from_millis(3500),
+        "exit took {exited_after:?}"
+    );
+    assert!(
+        exited_after >= Duration::from_millis(1500),
+        "the deadline, not an abort, ended the stalled upload"
+    );
+    assert!(
+        !before.is_empty() && before.iter().all(|o| o.status == Some(200)),
+        "{:?}",
+        summary(&before)
+    );
+    let mut conn = test_db.connect().await;
+    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM todos")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(titles, ["sent across the shutdown"]);
+}
+
+async fn wait_for_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    cond: impl Fn() -> F,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
