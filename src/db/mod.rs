@@ -39,6 +39,10 @@ use breaker::{Breaker, BreakerConfig, BreakerState, Permit};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
 
+/// How much longer than `statement_timeout` a call may take before the client gives up on the
+/// connection: enough for Postgres' own cancellation to arrive over a healthy link.
+const QUERY_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -78,6 +82,10 @@ struct Inner {
     /// The latest reason migrations could not be applied yet, for `/ready`.
     migration_error: Mutex<Option<String>>,
     wait_timeout: Duration,
+    /// Client-side limit for one database call: `statement_timeout` plus a margin. Postgres
+    /// enforces its own timeout only while it can still talk to us; on a half-open TCP connection
+    /// (peer gone without a FIN) nothing would ever answer, so this is what ends the wait.
+    query_deadline: Option<Duration>,
 }
 
 /// See [`Db::downgrade`].
@@ -154,6 +162,8 @@ impl Db {
                 migrated: AtomicBool::new(false),
                 migration_error: Mutex::new(None),
                 wait_timeout: config.pool_wait_timeout,
+                query_deadline: (!config.statement_timeout.is_zero())
+                    .then(|| config.statement_timeout + QUERY_DEADLINE_MARGIN),
             }),
         };
         tokio::spawn(db.clone().migrate_until_applied());
@@ -207,7 +217,11 @@ impl Db {
                 retry_after: r.retry_after,
             })?;
         match self.inner.pool.get().await {
-            Ok(conn) => Ok(Session { conn, permit }),
+            Ok(conn) => Ok(Session {
+                conn,
+                permit,
+                deadline: self.inner.query_deadline,
+            }),
             Err(e) => {
                 let err = pool_error(e);
                 record(permit, &err);
@@ -221,7 +235,7 @@ impl Db {
         let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
         let outcome = tokio::time::timeout(limit, async {
             let mut session = self.session_unchecked().await?;
-            let r = session.conn.ping().await;
+            let r = within(session.deadline, session.conn.ping()).await;
             session.finish(r)
         })
         .await
@@ -304,6 +318,24 @@ impl Db {
 struct Session {
     conn: Conn,
     permit: Permit,
+    deadline: Option<Duration>,
+}
+
+/// Runs one database call under the client-side deadline; running out counts as a broken
+/// connection (it is discarded and its siblings checked), not as a slow query.
+async fn within<T>(
+    deadline: Option<Duration>,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match deadline {
+        None => call.await,
+        Some(d) => tokio::time::timeout(d, call).await.unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the database connection within {d:?}"),
+            )))
+        }),
+    }
 }
 
 impl Session {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection};
 
-use super::{Db, DbError};
+use super::{Db, DbError, within};
 
 /// One row of `todos`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -86,44 +86,53 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<TodoRow>, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query_as::<_, TodoRow>(
-            "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+        let r = within(
+            s.deadline,
+            sqlx::query_as::<_, TodoRow>(
+                "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos \
              WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
              ORDER BY sort_key, id \
              LIMIT $4",
+            )
+            .bind(completed)
+            .bind(after.sort_key)
+            .bind(after.id)
+            .bind(limit)
+            .fetch_all(&mut *s.conn),
         )
-        .bind(completed)
-        .bind(after.sort_key)
-        .bind(after.id)
-        .bind(limit)
-        .fetch_all(&mut *s.conn)
         .await;
         s.finish(r)
     }
 
     pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query_as::<_, TodoRow>(
-            "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+        let r = within(
+            s.deadline,
+            sqlx::query_as::<_, TodoRow>(
+                "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *s.conn),
         )
-        .bind(id)
-        .fetch_optional(&mut *s.conn)
         .await;
         s.finish(r)
     }
 
     pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query_as::<_, TodoRow>(
-            "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+        let r = within(
+            s.deadline,
+            sqlx::query_as::<_, TodoRow>(
+                "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at",
+            )
+            .bind(&new.title)
+            .bind(new.completed)
+            .bind(new.position)
+            .fetch_one(&mut *s.conn),
         )
-        .bind(&new.title)
-        .bind(new.completed)
-        .bind(new.position)
-        .fetch_one(&mut *s.conn)
         .await;
         s.finish(r)
     }
@@ -139,21 +148,24 @@ impl Db {
             return self.get_todo(id).await;
         }
         let mut s = self.session().await?;
-        let r = sqlx::query_as::<_, TodoRow>(
-            "UPDATE todos SET \
+        let r = within(
+            s.deadline,
+            sqlx::query_as::<_, TodoRow>(
+                "UPDATE todos SET \
                title = COALESCE($2, title), \
                completed = COALESCE($3, completed), \
                position = CASE WHEN $4 THEN $5 ELSE position END, \
                updated_at = now() \
              WHERE id = $1 \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at",
+            )
+            .bind(id)
+            .bind(changes.title.as_deref())
+            .bind(changes.completed)
+            .bind(changes.position.is_some())
+            .bind(changes.position.flatten())
+            .fetch_optional(&mut *s.conn),
         )
-        .bind(id)
-        .bind(changes.title.as_deref())
-        .bind(changes.completed)
-        .bind(changes.position.is_some())
-        .bind(changes.position.flatten())
-        .fetch_optional(&mut *s.conn)
         .await;
         s.finish(r)
     }
@@ -161,17 +173,24 @@ impl Db {
     /// `true` when a todo was deleted.
     pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query("DELETE FROM todos WHERE id = $1")
-            .bind(id)
-            .execute(&mut *s.conn)
-            .await;
+        let r = within(
+            s.deadline,
+            sqlx::query("DELETE FROM todos WHERE id = $1")
+                .bind(id)
+                .execute(&mut *s.conn),
+        )
+        .await;
         s.finish(r).map(|done| done.rows_affected() == 1)
     }
 
     /// Deletes every todo; returns how many there were.
     pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query("DELETE FROM todos").execute(&mut *s.conn).await;
+        let r = within(
+            s.deadline,
+            sqlx::query("DELETE FROM todos").execute(&mut *s.conn),
+        )
+        .await;
         s.finish(r).map(|done| done.rows_affected())
     }
 
@@ -184,16 +203,19 @@ impl Db {
         ttl: Duration,
     ) -> Result<Idempotent, DbError> {
         let mut s = self.session().await?;
-        let r = create_idempotent(&mut s.conn, key, new, ttl).await;
+        let r = within(s.deadline, create_idempotent(&mut s.conn, key, new, ttl)).await;
         s.finish(r)
     }
 
     /// Deletes expired idempotency keys; returns how many.
     pub async fn delete_expired_idempotency_keys(&self) -> Result<u64, DbError> {
         let mut s = self.session().await?;
-        let r = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < now()")
-            .execute(&mut *s.conn)
-            .await;
+        let r = within(
+            s.deadline,
+            sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < now()")
+                .execute(&mut *s.conn),
+        )
+        .await;
         s.finish(r).map(|done| done.rows_affected())
     }
 }

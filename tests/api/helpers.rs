@@ -343,6 +343,9 @@ pub async fn assert_problem(r: reqwest::Response, status: u16, code: &str) -> se
 pub struct TcpProxy {
     pub addr: SocketAddr,
     task: Option<JoinHandle<()>>,
+    /// While set, bytes are held instead of forwarded and nothing is closed: a black hole, as
+    /// when the peer vanished without a FIN (half-open TCP).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TcpProxy {
@@ -351,21 +354,36 @@ impl TcpProxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        TcpProxy { addr, task: None }
+        TcpProxy {
+            addr,
+            task: None,
+            frozen: Arc::default(),
+        }
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     /// Starts forwarding `self.addr` to the test server.
     pub async fn start(&mut self) {
         let listener = bind_retrying(self.addr).await;
         let upstream = server_addr();
+        let frozen = Arc::clone(&self.frozen);
         self.task = Some(tokio::spawn(async move {
             // A JoinSet aborts every forwarded connection when the proxy task is dropped, which
             // is what cutting the path means.
             let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let frozen = Arc::clone(&frozen);
                 conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let (in_r, in_w) = inbound.into_split();
+                        let (out_r, out_w) = outbound.into_split();
+                        tokio::join!(
+                            pump(in_r, out_w, Arc::clone(&frozen)),
+                            pump(out_r, in_w, frozen)
+                        );
                     }
                 });
             }
@@ -466,6 +484,31 @@ impl Load {
             all.push(t.await.expect("load client"));
         }
         all
+    }
+}
+
+/// Forwards one direction, holding data while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

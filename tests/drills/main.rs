@@ -361,6 +361,67 @@ async fn drill_4_killed_connections_fail_only_in_flight_requests() {
     );
 }
 
+/// Drill 9: the database's TCP path turns into a black hole (half-open connections: no FIN, no
+/// answer). No request hangs: each gets a 503 within about `statement_timeout` + 1 s, far inside
+/// the request timeout, and the breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_9_half_open_connections_cannot_hang_requests() {
+    let _turn = serial().await;
+    let mut proxy = TcpProxy::reserve().await;
+    proxy.start().await;
+    let test_db = helpers::TestDb::create().await;
+    let app = spawn_app_with(AppOptions {
+        database_url: Some(with_host(&test_db.url(), "127.0.0.1", proxy.addr.port())),
+        ..opts(&[
+            ("DB_STATEMENT_TIMEOUT", "1s"),
+            ("DB_CONNECT_TIMEOUT", "1s"),
+            ("REQUEST_TIMEOUT", "30s"),
+            ("RATE_LIMIT_PER_SECOND", "0"),
+        ])
+    })
+    .await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    let load = Load::start(app.url(&path), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frozen_at = load.start.elapsed();
+    proxy.freeze();
+    let opened = wait_for(Duration::from_secs(8), || {
+        app.db.breaker().state() == BreakerState::Open
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let results: Vec<Outcome> = load.finish().await.into_iter().flatten().collect();
+    let after: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| o.at + o.latency > frozen_at)
+        .collect();
+    let worst = after.iter().map(|o| o.latency).max().unwrap_or_default();
+    eprintln!(
+        "half-open drill: breaker open {opened:?} after the freeze; requests touching it: {:?}, slowest {worst:?}",
+        summary(&after)
+    );
+    assert!(
+        opened.is_some(),
+        "breaker must open on a black-holed database"
+    );
+    assert!(
+        results.iter().all(|o| o.status.is_some()),
+        "every request answered"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|o| o.status == Some(200) || o.status == Some(503)),
+        "{:?}",
+        summary(&after)
+    );
+    assert!(
+        worst < Duration::from_millis(3500),
+        "a request hung for {worst:?} (deadline is 2 s)"
+    );
+}
+
 /// Answers the first lookup, then fails every one after it, like a DNS server that went away.
 #[derive(Default)]
 struct DnsDiesAfterStartup {
