@@ -145,6 +145,12 @@ pub const VARS: &[Var] = &[
         help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.",
     },
     Var {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: None,
+        help: "OTLP collector URL, e.g. http://otel-collector:4317. Today only \
+               `todo-service doctor` uses it (reachability); telemetry export comes later.",
+    },
+    Var {
         name: "LOG_LEVEL",
         default: Some("info"),
         help: "Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,todo_service=debug`.",

@@ -14,9 +14,11 @@
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
 //!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
 //! - [`telemetry`]: logging setup.
+//! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 
 pub mod config;
 pub mod db;
+pub mod doctor;
 pub mod http;
 pub mod startup;
 pub mod telemetry;

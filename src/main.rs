@@ -2,24 +2,44 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
-use todo_service::{Application, config::Config, startup::shutdown_signal, telemetry};
+use std::sync::Arc;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use todo_service::{
+    Application, config::Config, db::resolve::SystemResolver, doctor, startup::shutdown_signal,
+    telemetry,
+};
 
 /// A resilient, Postgres-backed todo REST service.
 ///
 /// Configured entirely by environment variables (listed below and in .env.example).
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Check configuration, DNS, TCP reach, login, migrations and the OTLP endpoint, printing
+    /// each result and what to do next. Exits 1 if any check fails.
+    Doctor,
+}
 
 fn main() -> ExitCode {
     let matches = Cli::command()
         .after_long_help(todo_service::config::help_text())
         .after_help(todo_service::config::help_text())
         .get_matches();
-    let Ok(_cli) = Cli::from_arg_matches(&matches) else {
+    let Ok(cli) = Cli::from_arg_matches(&matches) else {
         return ExitCode::from(2);
     };
+    if let Some(Command::Doctor) = cli.command {
+        return run_doctor();
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -57,5 +77,28 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_doctor() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(doctor::run(
+        |name| std::env::var(name).ok(),
+        Arc::new(SystemResolver),
+    ));
+    print!("{report}");
+    if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -101,3 +101,89 @@ fn the_database_password_never_appears_in_the_logs() {
         "password leaked into logs:\n{logs}"
     );
 }
+
+fn doctor(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = service();
+    cmd.arg("doctor");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap())
+}
+
+fn line<'a>(report: &'a str, check: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l.contains(&format!("] {check}:")))
+        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"))
+}
+
+#[tokio::test]
+async fn doctor_passes_against_a_healthy_database() {
+    let app = crate::helpers::spawn_app().await;
+    let url = app.test_db.url().to_string();
+    let (code, report) = tokio::task::spawn_blocking(move || doctor(&[("DATABASE_URL", &url)]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{report}");
+    for check in ["configuration", "DNS", "TCP reach", "login", "migrations"] {
+        assert!(line(&report, check).contains("[pass]"), "{report}");
+    }
+    assert!(
+        line(&report, "OTLP endpoint").contains("[skip]"),
+        "{report}"
+    );
+    assert!(report.contains("all checks passed"), "{report}");
+}
+
+#[test]
+fn doctor_names_the_failing_step_and_what_to_do() {
+    let (code, report) = doctor(&[("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/todos")]);
+    assert_eq!(code, Some(1), "{report}");
+    let tcp = line(&report, "TCP reach");
+    assert!(
+        tcp.contains("[FAIL]") && tcp.contains("127.0.0.1:1"),
+        "{report}"
+    );
+    assert!(report.contains("next: Is PostgreSQL running"), "{report}");
+    assert!(line(&report, "login").contains("[skip]"), "{report}");
+    assert!(!report.contains("pw@"), "password printed:\n{report}");
+
+    let (code, report) = doctor(&[
+        ("DATABASE_URL", "postgres://app@127.0.0.1:1/todos"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1"),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        line(&report, "OTLP endpoint").contains("[FAIL]"),
+        "{report}"
+    );
+
+    let (code, report) = doctor(&[("DB_POOL_MAX_SIZE", "x")]);
+    assert_eq!(code, Some(1));
+    assert!(
+        line(&report, "configuration").contains("DATABASE_URL"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn doctor_reports_a_failing_resolver() {
+    struct Broken;
+    impl todo_service::db::resolve::Resolver for Broken {
+        fn lookup<'a>(&'a self, _: &'a str, _: u16) -> todo_service::db::resolve::LookupFuture<'a> {
+            Box::pin(async { Err(std::io::Error::other("could not translate host name")) })
+        }
+    }
+    let env =
+        |k: &str| (k == "DATABASE_URL").then(|| "postgres://app@postgres:5432/todos".to_string());
+    let report = todo_service::doctor::run(env, std::sync::Arc::new(Broken)).await;
+    let text = report.to_string();
+    assert_eq!(report.failed(), 1, "{text}");
+    assert!(
+        line(&text, "DNS").contains("could not translate host name"),
+        "{text}"
+    );
+    assert!(line(&text, "TCP reach").contains("[skip]"), "{text}");
+}

@@ -1,0 +1,348 @@
+//! `todo-service doctor`: the post-mortem's manual playbook as a command.
+//!
+//! When the old service stopped answering, finding out *why* took a person checking DNS, the
+//! network, credentials and the schema by hand. This runs those checks in order, as the service
+//! would perform them, and prints each with pass/fail and what to do next. Later checks that depend
+//! on an earlier failure are skipped rather than reported as noise.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sqlx::{Connection, PgConnection};
+
+use crate::{
+    config::Config,
+    db::{MIGRATOR, resolve::Resolver},
+};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+    Skip,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Pass => "pass",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+        })
+    }
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do next (for warn and fail).
+    pub hint: Option<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            status,
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Check {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// Every check, in order.
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "todo-service doctor")?;
+        for c in &self.checks {
+            writeln!(f, "  [{}] {}: {}", c.status, c.name, c.detail)?;
+            if let Some(h) = &c.hint {
+                writeln!(f, "         next: {h}")?;
+            }
+        }
+        match self.failed() {
+            0 => writeln!(f, "all checks passed"),
+            n => writeln!(f, "{n} check(s) failed"),
+        }
+    }
+}
+
+/// Runs every check with settings from `lookup` (the environment in production).
+pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Resolver>) -> Report {
+    let mut checks = Vec::new();
+    let config = match Config::from_lookup(&lookup) {
+        Ok(c) => {
+            checks.push(Check::new(
+                "configuration",
+                Status::Pass,
+                format!("valid; database {}", c.database.redacted_url()),
+            ));
+            c
+        }
+        Err(e) => {
+            checks.push(
+                Check::new("configuration", Status::Fail, e.to_string()).hint(format!(
+                    "Fix {} (see `todo-service --help` or .env.example).",
+                    e.var
+                )),
+            );
+            for name in ["DNS", "TCP reach", "login", "migrations"] {
+                checks.push(Check::new(
+                    name,
+                    Status::Skip,
+                    "needs a valid configuration",
+                ));
+            }
+            checks.push(otlp(&lookup).await);
+            return Report { checks };
+        }
+    };
+
+    let db = &config.database;
+    let addr = match resolve(&db.host, db.port, resolver.as_ref()).await {
+        Ok((addr, check)) => {
+            checks.push(check);
+            Some(addr)
+        }
+        Err(check) => {
+            checks.push(check);
+            None
+        }
+    };
+    let reached = match addr {
+        None => {
+            checks.push(Check::new("TCP reach", Status::Skip, "needs DNS"));
+            false
+        }
+        Some(addr) => {
+            let c = tcp(addr).await;
+            let ok = c.status == Status::Pass;
+            checks.push(c);
+            ok
+        }
+    };
+    let conn = match (addr, reached) {
+        (Some(addr), true) => {
+            let options = db
+                .connect_options
+                .clone()
+                .host(&addr.ip().to_string())
+                .port(addr.port())
+                .application_name("todo-service-doctor");
+            match tokio::time::timeout(STEP_TIMEOUT, PgConnection::connect_with(&options)).await {
+                Ok(Ok(conn)) => {
+                    checks.push(Check::new(
+                        "login",
+                        Status::Pass,
+                        format!(
+                            "logged in as {:?} to database {:?}",
+                            db.connect_options.get_username(),
+                            db.connect_options.get_database().unwrap_or("(default)")
+                        ),
+                    ));
+                    Some(conn)
+                }
+                Ok(Err(e)) => {
+                    checks.push(Check::new("login", Status::Fail, e.to_string()).hint(
+                        "Check the user, password and database name in DATABASE_URL, and \
+                         pg_hba.conf on the server.",
+                    ));
+                    None
+                }
+                Err(_) => {
+                    checks.push(
+                        Check::new("login", Status::Fail, format!("no answer within {STEP_TIMEOUT:?}"))
+                            .hint("The port answers TCP but not the PostgreSQL protocol: is it the right port, or a proxy with nothing behind it?"),
+                    );
+                    None
+                }
+            }
+        }
+        _ => {
+            checks.push(Check::new("login", Status::Skip, "needs TCP reach"));
+            None
+        }
+    };
+    checks.push(match conn {
+        Some(mut conn) => {
+            let c = migrations(&mut conn).await;
+            let _ = conn.close().await;
+            c
+        }
+        None => Check::new("migrations", Status::Skip, "needs login"),
+    });
+    checks.push(otlp(&lookup).await);
+    Report { checks }
+}
+
+async fn resolve(
+    host: &str,
+    port: u16,
+    resolver: &dyn Resolver,
+) -> Result<(SocketAddr, Check), Check> {
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        let addr = SocketAddr::new(ip, port);
+        return Ok((
+            addr,
+            Check::new(
+                "DNS",
+                Status::Pass,
+                format!("{host} is an IP address; no lookup needed"),
+            ),
+        ));
+    }
+    let started = Instant::now();
+    match tokio::time::timeout(STEP_TIMEOUT, resolver.lookup(host, port)).await {
+        Ok(Ok(addrs)) if !addrs.is_empty() => {
+            let addr = addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]);
+            let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+            Ok((
+                *addr,
+                Check::new(
+                    "DNS",
+                    Status::Pass,
+                    format!(
+                        "{host} -> {} in {:?}; the service would pin {}",
+                        list.join(", "),
+                        started.elapsed(),
+                        addr.ip()
+                    ),
+                ),
+            ))
+        }
+        Ok(Ok(_)) => Err(Check::new("DNS", Status::Fail, format!("{host} resolved to no addresses"))),
+        Ok(Err(e)) => Err(Check::new("DNS", Status::Fail, format!("cannot resolve {host:?}: {e}")).hint(
+            "Check the host name in DATABASE_URL; in Docker Compose it is the database service's name, \
+             and both services must share a network. The service itself starts anyway and retries.",
+        )),
+        Err(_) => Err(Check::new("DNS", Status::Fail, format!("no answer for {host:?} within {STEP_TIMEOUT:?}"))
+            .hint("The resolver is slow or overloaded (the post-mortem's failure); check /etc/resolv.conf.")),
+    }
+}
+
+async fn tcp(addr: SocketAddr) -> Check {
+    let started = Instant::now();
+    match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Check::new("TCP reach", Status::Pass, format!("{addr} accepted a connection in {:?}", started.elapsed())),
+        Ok(Err(e)) => Check::new("TCP reach", Status::Fail, format!("{addr}: {e}")).hint(format!(
+            "Is PostgreSQL running and listening on {addr} (listen_addresses, port)? Is a firewall in the way?"
+        )),
+        Err(_) => Check::new("TCP reach", Status::Fail, format!("{addr}: no answer within {STEP_TIMEOUT:?}"))
+            .hint("Packets are dropped on the way: check the network path and firewalls."),
+    }
+}
+
+async fn migrations(conn: &mut PgConnection) -> Check {
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let applied: Result<Vec<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut *conn)
+            .await;
+    match applied {
+        Ok(applied) => {
+            let pending: Vec<&i64> = known.iter().filter(|v| !applied.contains(v)).collect();
+            let unknown: Vec<&i64> = applied.iter().filter(|v| !known.contains(v)).collect();
+            if !unknown.is_empty() {
+                Check::new(
+                    "migrations",
+                    Status::Warn,
+                    format!("the database has migrations this build does not know: {unknown:?}"),
+                )
+                .hint("A newer version of the service ran against this database; deploy that version.")
+            } else if pending.is_empty() {
+                Check::new(
+                    "migrations",
+                    Status::Pass,
+                    format!("all {} applied", known.len()),
+                )
+            } else {
+                Check::new(
+                    "migrations",
+                    Status::Warn,
+                    format!("{} of {} pending: {pending:?}", pending.len(), known.len()),
+                )
+                .hint("The service applies them at startup; nothing to do unless it cannot start.")
+            }
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Check::new(
+            "migrations",
+            Status::Warn,
+            format!("none applied yet ({} pending)", known.len()),
+        )
+        .hint("The service applies them at startup."),
+        Err(e) => Check::new(
+            "migrations",
+            Status::Fail,
+            format!("cannot read the migration table: {e}"),
+        )
+        .hint("The user in DATABASE_URL needs read access to _sqlx_migrations."),
+    }
+}
+
+/// The OTLP collector, from the standard OpenTelemetry variable.
+async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
+    const NAME: &str = "OTLP endpoint";
+    let Some(raw) = lookup("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty()) else {
+        return Check::new(NAME, Status::Skip, "OTEL_EXPORTER_OTLP_ENDPOINT is not set");
+    };
+    let url = match url::Url::parse(raw.trim()) {
+        Ok(u) if u.host_str().is_some() => u,
+        _ => {
+            return Check::new(NAME, Status::Fail, format!("{raw:?} is not a URL")).hint(
+                "Use e.g. http://otel-collector:4317 (gRPC) or http://otel-collector:4318 (HTTP).",
+            );
+        }
+    };
+    let host = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = url.port_or_known_default().unwrap_or(4317);
+    let reach = async {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await?
+            .collect();
+        let addr = *addrs
+            .first()
+            .ok_or_else(|| std::io::Error::other("no addresses"))?;
+        tokio::net::TcpStream::connect(addr).await?;
+        Ok::<_, std::io::Error>(addr)
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, reach).await {
+        Ok(Ok(addr)) => Check::new(NAME, Status::Pass, format!("{raw} ({addr}) accepts connections")),
+        Ok(Err(e)) => Check::new(NAME, Status::Fail, format!("{raw}: {e}"))
+            .hint("Is the collector (SigNoz's otel-collector) up and on the same network? The service keeps serving without it."),
+        Err(_) => Check::new(NAME, Status::Fail, format!("{raw}: no answer within {STEP_TIMEOUT:?}"))
+            .hint("Check the network path to the collector."),
+    }
+}
