@@ -54,6 +54,8 @@ pub struct Breaker {
     consecutive_failures: AtomicU32,
     opened_total: AtomicU64,
     inner: Mutex<Inner>,
+    /// Signalled each time the breaker opens, for background reactions (re-resolving DNS).
+    opened: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -88,6 +90,7 @@ impl Breaker {
                 open_until: Instant::now(),
                 probes_in_flight: 0,
             }),
+            opened: tokio::sync::Notify::new(),
         })
     }
 
@@ -102,6 +105,11 @@ impl Breaker {
     /// How many times the breaker has opened since startup.
     pub fn opened_total(&self) -> u64 {
         self.opened_total.load(Ordering::Relaxed)
+    }
+
+    /// Completes the next time the breaker opens (or at once if it opened since the last call).
+    pub async fn opened(&self) {
+        self.opened.notified().await;
     }
 
     pub fn consecutive_failures(&self) -> u32 {
@@ -187,6 +195,7 @@ impl Breaker {
         inner.probes_in_flight = 0;
         self.state.store(OPEN, Ordering::Release);
         self.opened_total.fetch_add(1, Ordering::Relaxed);
+        self.opened.notify_one();
         tracing::warn!(
             breaker.state = "open",
             consecutive_failures = failures,

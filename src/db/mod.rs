@@ -167,6 +167,9 @@ impl Db {
             }),
         };
         tokio::spawn(db.clone().migrate_until_applied());
+        if db.inner.address.is_name() {
+            spawn_re_resolver(db.downgrade());
+        }
         Ok(db)
     }
 
@@ -389,6 +392,46 @@ pub async fn run_migrations(
     conn: &mut sqlx::PgConnection,
 ) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run_direct(None, conn, false).await
+}
+
+/// While the breaker is open (the pinned address keeps failing), looks the host up again in the
+/// background: at once when it opens, then with doubling delays up to a minute, until it closes.
+/// One lookup per outage in the common case; never a lookup storm, never on a request.
+fn spawn_re_resolver(db: WeakDb) {
+    tokio::spawn(async move {
+        loop {
+            let Some(breaker) = db.upgrade().map(|d| Arc::clone(&d.inner.breaker)) else {
+                return;
+            };
+            breaker.opened().await;
+            let mut delay = Duration::from_secs(2);
+            loop {
+                let Some(d) = db.upgrade() else { return };
+                if d.breaker().state() == BreakerState::Closed {
+                    break;
+                }
+                let address = d.address();
+                match address.re_resolve().await {
+                    resolve::ReResolved::Switched { from, to } => {
+                        tracing::warn!(
+                            db.host = address.host(), ?from, %to,
+                            "database address changed: switched to an address that answers"
+                        );
+                        // The breaker's next probe tries the new address; if that fails too, the
+                        // breaker reopens and this starts over.
+                        break;
+                    }
+                    outcome => tracing::info!(
+                        db.host = address.host(), ?outcome, retry_in = ?delay,
+                        "re-resolved the database host during an outage; keeping the address"
+                    ),
+                }
+                drop(d);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    });
 }
 
 fn pool_error(e: PoolError<sqlx::Error>) -> DbError {

@@ -10,6 +10,11 @@
 //! attempts report "not resolved yet" meanwhile. The cost of pinning is that a changed DNS record
 //! (fail-over by DNS) is only followed after a restart.
 //!
+//! If connections to the pinned address keep failing (the circuit breaker opened), a background
+//! task may look the name up again ([`PinnedAddress::re_resolve`]), with capped exponential backoff
+//! while the outage lasts, and switches only to an address that accepts a TCP connection; a failed
+//! lookup keeps the last good address. Requests never wait for any of it.
+//!
 //! The lookup goes through the [`Resolver`] trait so tests can count and fail lookups.
 
 use std::{
@@ -49,7 +54,33 @@ pub struct PinnedAddress {
     port: u16,
     addr: RwLock<Option<SocketAddr>>,
     lookups: AtomicU64,
+    resolver: Arc<dyn Resolver>,
 }
+
+impl std::fmt::Debug for dyn Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+/// What a re-resolution did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReResolved {
+    /// The host is an IP address: there is nothing to look up.
+    Literal,
+    /// The lookup failed; the last good address stays pinned.
+    LookupFailed,
+    /// No other address answered; the pinned one stays.
+    Kept,
+    /// Switched to an address that accepts connections.
+    Switched {
+        from: Option<SocketAddr>,
+        to: SocketAddr,
+    },
+}
+
+/// How long a candidate address gets to accept a TCP connection before it is passed over.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl PinnedAddress {
     /// Pins `host` right away when it is an IP literal; otherwise performs the one lookup, and if
@@ -60,8 +91,9 @@ impl PinnedAddress {
             port,
             addr: RwLock::new(None),
             lookups: AtomicU64::new(0),
+            resolver: Arc::clone(&resolver),
         });
-        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        if let Some(ip) = pinned.literal() {
             pinned.pin(SocketAddr::new(ip, port));
             tracing::info!(db.host = host, db.address = %SocketAddr::new(ip, port), "database host is an IP address; no DNS lookup needed");
             return pinned;
@@ -72,6 +104,46 @@ impl PinnedAddress {
             tokio::spawn(async move { retry.retry_until_resolved(resolver).await });
         }
         pinned
+    }
+
+    fn literal(&self) -> Option<IpAddr> {
+        self.host.trim_matches(['[', ']']).parse().ok()
+    }
+
+    /// Whether the host is a name (so re-resolving can change anything).
+    pub fn is_name(&self) -> bool {
+        self.literal().is_none()
+    }
+
+    /// Looks the host up again and switches to another address only if it accepts a TCP
+    /// connection. Called from a background task while the database is unreachable.
+    pub async fn re_resolve(&self) -> ReResolved {
+        if !self.is_name() {
+            return ReResolved::Literal;
+        }
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let addrs = match self.resolver.lookup(&self.host, self.port).await {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) | Err(_) => return ReResolved::LookupFailed,
+        };
+        let current = self.get();
+        let mut candidates: Vec<SocketAddr> =
+            addrs.into_iter().filter(|a| Some(*a) != current).collect();
+        candidates.sort_by_key(|a| !a.is_ipv4());
+        for candidate in candidates {
+            let answers =
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(candidate))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if answers {
+                self.pin(candidate);
+                return ReResolved::Switched {
+                    from: current,
+                    to: candidate,
+                };
+            }
+        }
+        ReResolved::Kept
     }
 
     /// The pinned address, or `None` while the startup lookup has not succeeded yet.
@@ -153,6 +225,41 @@ mod tests {
                 }
             })
         }
+    }
+
+    #[tokio::test]
+    async fn re_resolving_keeps_the_address_when_the_lookup_fails_or_nothing_else_answers() {
+        // First call answers, the next fails.
+        struct OnceThenFail(AtomicUsize);
+        impl Resolver for OnceThenFail {
+            fn lookup<'a>(&'a self, _: &'a str, port: u16) -> LookupFuture<'a> {
+                let n = self.0.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    match n {
+                        0 => Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
+                        1 => Err(io::Error::other("SERVFAIL")),
+                        // A different address on a port where nothing listens.
+                        _ => Ok(vec![SocketAddr::from(([127, 0, 0, 1], 1))]),
+                    }
+                })
+            }
+        }
+        let p =
+            PinnedAddress::resolve("db", 5432, Arc::new(OnceThenFail(AtomicUsize::new(0)))).await;
+        let good = p.get();
+        assert_eq!(p.re_resolve().await, ReResolved::LookupFailed);
+        assert_eq!(p.get(), good);
+        assert_eq!(
+            p.re_resolve().await,
+            ReResolved::Kept,
+            "the other address does not answer"
+        );
+        assert_eq!(p.get(), good);
+        assert_eq!(p.lookups(), 3);
+
+        let literal = PinnedAddress::resolve("10.0.0.1", 5432, Arc::new(SystemResolver)).await;
+        assert_eq!(literal.re_resolve().await, ReResolved::Literal);
+        assert_eq!(literal.lookups(), 0);
     }
 
     #[tokio::test]

@@ -717,6 +717,102 @@ async fn wait_for_async<F: std::future::Future<Output = bool>>(
     None
 }
 
+/// Answers the first lookup with `first`, every later one with `then`; counts calls.
+struct Scripted {
+    first: Vec<SocketAddr>,
+    then: Vec<SocketAddr>,
+    calls: AtomicUsize,
+}
+
+impl Resolver for Scripted {
+    fn lookup<'a>(&'a self, _: &'a str, _: u16) -> LookupFuture<'a> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = if n == 0 {
+            self.first.clone()
+        } else {
+            self.then.clone()
+        };
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+/// Drill 10: the database moves during an outage. The pinned address dies and DNS now names a
+/// dead address and the new one; in the background the service looks the name up again, passes
+/// over the dead address, switches to the one that answers, and recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_10_a_moved_database_is_found_again_without_a_restart() {
+    let _turn = serial().await;
+    let mut old_home = TcpProxy::reserve().await;
+    old_home.start().await;
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let resolver = Arc::new(Scripted {
+        first: vec![old_home.addr],
+        then: vec![dead, server_addr()],
+        calls: AtomicUsize::new(0),
+    });
+    let test_db = helpers::TestDb::create().await;
+    let app = spawn_app_with(AppOptions {
+        database_url: Some(with_host(&test_db.url(), "postgres.test", 5432)),
+        resolver: resolver.clone(),
+        ..opts(&[("RATE_LIMIT_PER_SECOND", "0")])
+    })
+    .await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    assert_eq!(app.db.address().get(), Some(old_home.addr));
+
+    let load = Load::start(app.url(&path), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = Instant::now();
+    old_home.cut();
+    let opened = wait_for(Duration::from_secs(2), || {
+        app.db.breaker().state() == BreakerState::Open
+    })
+    .await;
+    let recovered = wait_for(Duration::from_secs(8), || {
+        app.db.breaker().state() == BreakerState::Closed
+            && app.db.address().get() == Some(server_addr())
+    })
+    .await;
+    let recovered_at = load.start.elapsed();
+    let recovered_after = cut.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let results: Vec<Outcome> = load.finish().await.into_iter().flatten().collect();
+    let tail: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| o.at > recovered_at + Duration::from_millis(100))
+        .collect();
+    eprintln!(
+        "moved-database drill: open {opened:?} after the cut, recovered {recovered_after:?} after it at {:?}; lookups {}; requests after recovery {:?}",
+        app.db.address().get(),
+        resolver.calls.load(Ordering::SeqCst),
+        summary(&tail)
+    );
+    assert!(
+        opened.is_some(),
+        "breaker opens when the pinned address dies"
+    );
+    assert!(
+        recovered.is_some(),
+        "recovered on the new address within 8 s"
+    );
+    assert!(
+        !tail.is_empty() && tail.iter().all(|o| o.status == Some(200)),
+        "{:?}",
+        summary(&tail)
+    );
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        2,
+        "one lookup at startup, one for the outage"
+    );
+    assert!(
+        results.iter().all(|o| o.status.is_some()),
+        "every request answered"
+    );
+    assert_eq!(app.get(&path).await.status(), 200);
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
