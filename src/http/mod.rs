@@ -178,9 +178,14 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
                 });
             }
             if path.starts_with("/todos") {
-                r.entry("503".into()).or_insert_with(|| {
-                    problem("Database unavailable; retry after the Retry-After delay")
+                r.entry("429".into()).or_insert_with(|| {
+                    problem("Over this client's rate limit; retry after Retry-After seconds")
                 });
+                r.entry("503".into()).or_insert_with(|| {
+                    problem("Overloaded, or the database is unavailable (`code` says which); retry after Retry-After")
+                });
+                r.entry("504".into())
+                    .or_insert_with(|| problem("The request took longer than REQUEST_TIMEOUT"));
             }
         }
     }
