@@ -149,6 +149,9 @@ pub struct AppOptions {
     pub resolver: Arc<dyn Resolver>,
     /// Replaces the test database URL (e.g. to point at a proxy or a dead port).
     pub database_url: Option<String>,
+    /// Reach this test's own database through another host and port (a proxy, a name the test
+    /// resolver answers for).
+    pub db_via: Option<(String, u16)>,
     /// Wait until `/ready` says 200 before returning.
     pub wait_ready: bool,
 }
@@ -159,6 +162,7 @@ impl Default for AppOptions {
             env: HashMap::new(),
             resolver: Arc::new(SystemResolver),
             database_url: None,
+            db_via: None,
             wait_ready: true,
         }
     }
@@ -172,11 +176,12 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     init_logging();
     let test_db = Arc::new(TestDb::create().await);
     let mut env = opts.env;
-    env.insert(
-        "DATABASE_URL".into(),
-        opts.database_url
-            .unwrap_or_else(|| test_db.url().to_string()),
-    );
+    let url = match (opts.database_url, opts.db_via) {
+        (Some(url), _) => url,
+        (None, Some((host, port))) => with_host(&test_db.url(), &host, port),
+        (None, None) => test_db.url().to_string(),
+    };
+    env.insert("DATABASE_URL".into(), url);
     env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
     env.entry("SHUTDOWN_TIMEOUT".into()).or_insert("2s".into());
     let config = Config::from_lookup(|k| env.get(k).cloned()).expect("valid test config");

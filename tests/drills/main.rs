@@ -46,6 +46,16 @@ fn opts(env: &[(&str, &str)]) -> AppOptions {
     o
 }
 
+/// An app whose database is reached through `proxy` (started here), with extra settings.
+async fn app_behind(proxy: &mut TcpProxy, env: &[(&str, &str)]) -> TestApp {
+    proxy.start().await;
+    spawn_app_with(AppOptions {
+        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
+        ..opts(env)
+    })
+    .await
+}
+
 fn summary(outcomes: &[&Outcome]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for o in outcomes {
@@ -191,14 +201,8 @@ async fn drill_2_overload_every_connection_gets_an_answer() {
 async fn drill_3_database_outage_opens_the_breaker_and_recovery_is_automatic() {
     let _turn = serial().await;
     let mut proxy = TcpProxy::reserve().await;
-    proxy.start().await;
-    let test_db = helpers::TestDb::create().await;
     // One load generator is one client IP; the rate limit is drill 6's subject, not this one's.
-    let app = spawn_app_with(AppOptions {
-        database_url: Some(with_host(&test_db.url(), "127.0.0.1", proxy.addr.port())),
-        ..opts(&[("RATE_LIMIT_PER_SECOND", "0")])
-    })
-    .await;
+    let app = app_behind(&mut proxy, &[("RATE_LIMIT_PER_SECOND", "0")]).await;
     let todo = app.create(json!({"title": "x"})).await;
     let path = format!("/todos/{}", todo["id"]);
 
@@ -368,17 +372,15 @@ async fn drill_4_killed_connections_fail_only_in_flight_requests() {
 async fn drill_9_half_open_connections_cannot_hang_requests() {
     let _turn = serial().await;
     let mut proxy = TcpProxy::reserve().await;
-    proxy.start().await;
-    let test_db = helpers::TestDb::create().await;
-    let app = spawn_app_with(AppOptions {
-        database_url: Some(with_host(&test_db.url(), "127.0.0.1", proxy.addr.port())),
-        ..opts(&[
+    let app = app_behind(
+        &mut proxy,
+        &[
             ("DB_STATEMENT_TIMEOUT", "1s"),
             ("DB_CONNECT_TIMEOUT", "1s"),
             ("REQUEST_TIMEOUT", "30s"),
             ("RATE_LIMIT_PER_SECOND", "0"),
-        ])
-    })
+        ],
+    )
     .await;
     let todo = app.create(json!({"title": "x"})).await;
     let path = format!("/todos/{}", todo["id"]);
