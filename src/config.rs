@@ -147,8 +147,29 @@ pub const VARS: &[Var] = &[
     Var {
         name: "OTEL_EXPORTER_OTLP_ENDPOINT",
         default: None,
-        help: "OTLP collector URL, e.g. http://otel-collector:4317. Today only \
-               `todo-service doctor` uses it (reachability); telemetry export comes later.",
+        help: "OTLP collector URL, e.g. http://otel-collector:4317 (gRPC) or :4318 \
+               (http/protobuf). Unset: no export, logs only. Its host is resolved once at startup.",
+    },
+    Var {
+        name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default: Some("grpc"),
+        help: "`grpc` or `http/protobuf`.",
+    },
+    Var {
+        name: "OTEL_SERVICE_NAME",
+        default: Some("todo-service"),
+        help: "service.name of the exported telemetry (what SigNoz lists under Services).",
+    },
+    Var {
+        name: "OTEL_RESOURCE_ATTRIBUTES",
+        default: None,
+        help: "Extra resource attributes as key=value,key=value, e.g. \
+               deployment.environment=production (default deployment.environment=development).",
+    },
+    Var {
+        name: "OTEL_SDK_DISABLED",
+        default: Some("false"),
+        help: "true turns telemetry export off even when an endpoint is set.",
     },
     Var {
         name: "LOG_LEVEL",
@@ -229,6 +250,23 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+/// How traces are sent to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// OpenTelemetry export settings (the standard `OTEL_*` variables).
+#[derive(Debug, Clone)]
+pub struct OtelConfig {
+    pub endpoint: Option<Url>,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    pub resource_attributes: Vec<(String, String)>,
+    pub disabled: bool,
+}
+
 /// Per-client rate limit; `None` in [`Config::rate_limit`] when disabled.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
@@ -253,6 +291,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
+    pub otel: OtelConfig,
 }
 
 impl Config {
@@ -313,6 +352,7 @@ impl Config {
                 "json" => LogFormat::Json,
                 other => return Err(invalid("LOG_FORMAT", format!("{other:?}"), "text or json")),
             },
+            otel: otel_config(&env)?,
         })
     }
 }
@@ -446,6 +486,58 @@ fn invalid(var: &'static str, problem: String, expected: &'static str) -> Config
         problem,
         expected,
     }
+}
+
+fn otel_config(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
+    const URL_FORM: &str = "an http(s) URL such as http://otel-collector:4317";
+    let endpoint = env
+        .optional("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .map(|raw| match Url::parse(raw.trim()) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(u),
+            _ => Err(invalid(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("{raw:?}"),
+                URL_FORM,
+            )),
+        })
+        .transpose()?;
+    let protocol = match env.value("OTEL_EXPORTER_OTLP_PROTOCOL").trim() {
+        "grpc" => OtlpProtocol::Grpc,
+        "http/protobuf" => OtlpProtocol::HttpProtobuf,
+        other => {
+            return Err(invalid(
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                format!("{other:?}"),
+                "grpc or http/protobuf",
+            ));
+        }
+    };
+    let resource_attributes = env
+        .optional("OTEL_RESOURCE_ATTRIBUTES")
+        .map(|raw| {
+            raw.split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, v)) if !k.trim().is_empty() => {
+                        Ok((k.trim().to_owned(), v.trim().to_owned()))
+                    }
+                    _ => Err(invalid(
+                        "OTEL_RESOURCE_ATTRIBUTES",
+                        format!("{pair:?}"),
+                        "key=value pairs separated by commas",
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(OtelConfig {
+        endpoint,
+        protocol,
+        service_name: env.value("OTEL_SERVICE_NAME").trim().to_owned(),
+        resource_attributes,
+        disabled: env.boolean("OTEL_SDK_DISABLED")?,
+    })
 }
 
 fn parse_base_url(raw: String) -> Result<Url, ConfigError> {
@@ -593,6 +685,18 @@ mod tests {
             ("CORS_ALLOWED_ORIGINS", "https://a.example/path", "origins"),
             ("LOG_FORMAT", "xml", "text or json"),
             ("RATE_LIMIT_BURST", "0", "from 1"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "collector:4317",
+                "http(s) URL",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "http/json",
+                "grpc or http/protobuf",
+            ),
+            ("OTEL_RESOURCE_ATTRIBUTES", "novalue", "key=value"),
+            ("OTEL_SDK_DISABLED", "perhaps", "true or false"),
             ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
             ("MAX_IN_FLIGHT", "0", "from 1"),
             ("REQUEST_TIMEOUT", "0s", "positive duration"),

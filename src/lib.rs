@@ -13,7 +13,7 @@
 //!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
 //!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging and OTLP trace export (the request span itself is in `http`).
 //! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 
 pub mod config;

@@ -47,21 +47,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = telemetry::init(&config) {
-        eprintln!("error: cannot start logging: {e:#}");
-        return ExitCode::FAILURE;
-    }
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = runtime.block_on(async {
+    runtime.block_on(serve(config))
+}
+
+/// Logging and trace export first, then the service; the last spans are flushed after it drains.
+async fn serve(config: Config) -> ExitCode {
+    let telemetry = match telemetry::init(&config).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot start logging/telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = async {
         Application::build(config)
             .await?
             .run_until(shutdown_signal())
             .await
-    });
-    match result {
+    }
+    .await;
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(
@@ -71,7 +80,9 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 fn run_doctor() -> ExitCode {

@@ -1,32 +1,173 @@
-//! Logging setup, built once at startup.
+//! Logging and trace export, built once at startup.
 //!
 //! Logs go to stdout through `tracing`, filtered by `LOG_LEVEL`, as text for people or JSON for
-//! containers (`LOG_FORMAT`). Libraries that log through the `log` crate (sqlx) are bridged into
-//! the same output. OTLP export to SigNoz will be added here, next to the log layer.
+//! containers (`LOG_FORMAT`); libraries that log through the `log` crate (sqlx) are bridged in.
+//!
+//! Traces go to an OTLP collector (SigNoz) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set and
+//! `OTEL_SDK_DISABLED` is not: the service's own spans (one per request, one per database call)
+//! become OpenTelemetry spans through `tracing-opentelemetry`. Export never blocks a request: spans
+//! are queued in a bounded buffer and sent by the SDK's batch processor on its own thread; if the
+//! collector is down the queue fills and further spans are dropped, and the service keeps serving.
+//! The collector's host is resolved once here, like the database's: the exporter keeps one
+//! long-lived channel to that address.
+//!
+//! The export filter is separate from `LOG_LEVEL` and limited to this crate's spans, so quieting the
+//! logs cannot silence the traces, and the exporter's own HTTP/gRPC internals are never exported.
 
-use std::io::IsTerminal;
+use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
+};
+use tracing::Level;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+};
+use url::Url;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, OtelConfig, OtlpProtocol};
 
-/// Installs the global subscriber. Fails if one is already installed.
-pub fn init(config: &Config) -> anyhow::Result<()> {
+/// Spans waiting for export; beyond this they are dropped rather than held in memory.
+const MAX_QUEUED_SPANS: usize = 4096;
+
+/// Owns the trace pipeline; [`Telemetry::shutdown`] flushes it.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are being exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends the spans still queued and stops the exporter. Call after the server has drained,
+    /// inside the runtime (the gRPC exporter runs on it).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let r = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(e)) = r {
+                eprintln!("warning: trace exporter shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber and, when configured, the OTLP trace exporter. Must run inside
+/// the Tokio runtime.
+pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = match (&config.otel.endpoint, config.otel.disabled) {
+        (Some(endpoint), false) => Some(tracer_provider(&config.otel, endpoint).await?),
+        _ => None,
+    };
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("todo-service"))
+            .with_filter(Targets::new().with_target("todo_service", Level::INFO))
+    });
     // Validated in config, so this cannot fail on a bad directive.
     let filter = EnvFilter::try_new(&config.log_level)?;
-    let registry = tracing_subscriber::registry().with(filter);
-    match config.log_format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
-            .try_init()?,
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .try_init()?,
+    let fmt_layer = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()?;
+    if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
+        tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces over OTLP");
     }
-    Ok(())
+    Ok(Telemetry { provider })
+}
+
+async fn tracer_provider(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<SdkTracerProvider> {
+    let endpoint = resolve_once(endpoint).await;
+    let timeout = Duration::from_secs(3);
+    let exporter = match otel.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+            .with_timeout(timeout)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!(
+                "{}/v1/traces",
+                endpoint.as_str().trim_end_matches('/')
+            ))
+            .with_timeout(timeout)
+            .build()?,
+    };
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(MAX_QUEUED_SPANS)
+                .build(),
+        )
+        .build();
+    let mut attributes = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("deployment.environment", "development"),
+    ];
+    for (k, v) in &otel.resource_attributes {
+        attributes.push(KeyValue::new(k.clone(), v.clone()));
+    }
+    let resource = Resource::builder_empty()
+        .with_attributes(attributes)
+        .with_service_name(otel.service_name.clone())
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_span_processor(processor)
+        .build())
+}
+
+/// The endpoint with its host replaced by the address it resolves to now, so the exporter's
+/// reconnects never go back to DNS. A failed lookup keeps the name (and is logged by the caller's
+/// later export errors), rather than stopping the service over telemetry.
+async fn resolve_once(endpoint: &Url) -> Url {
+    let Some(host) = endpoint.host_str() else {
+        return endpoint.clone();
+    };
+    if host
+        .trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+    {
+        return endpoint.clone();
+    }
+    let port = endpoint.port_or_known_default().unwrap_or(4317);
+    let found: Option<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next());
+    match found {
+        Some(addr) => {
+            let mut url = endpoint.clone();
+            if url.set_ip_host(addr.ip()).is_ok() {
+                eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
+                return url;
+            }
+            endpoint.clone()
+        }
+        None => {
+            eprintln!("warning: OTLP collector host {host} did not resolve; using the name");
+            endpoint.clone()
+        }
+    }
 }

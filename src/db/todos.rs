@@ -77,6 +77,31 @@ impl TodoChanges {
     }
 }
 
+// Statements are named so their text can go on the database spans (parameterised: never values).
+const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
+         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
+                 now() + make_interval(secs => $5::float8)) \
+         ON CONFLICT (key) DO NOTHING";
+const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
+const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
+const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE expires_at < now()";
+const SQL_DELETE_TODO: &str = "DELETE FROM todos WHERE id = $1";
+const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos WHERE id = $1";
+const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos \
+             WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
+             ORDER BY sort_key, id \
+             LIMIT $4";
+const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
+               title = COALESCE($2, title), \
+               completed = COALESCE($3, completed), \
+               position = CASE WHEN $4 THEN $5 ELSE position END, \
+               updated_at = now() \
+             WHERE id = $1 \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
+
 impl Db {
     /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
     pub async fn list_todos(
@@ -85,53 +110,41 @@ impl Db {
         after: Cursor,
         limit: i64,
     ) -> Result<Vec<TodoRow>, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self.session("SELECT", "todos", SQL_LIST_TODOS).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, TodoRow>(
-                "SELECT id, title, completed, position, sort_key, created_at, updated_at \
-             FROM todos \
-             WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
-             ORDER BY sort_key, id \
-             LIMIT $4",
-            )
-            .bind(completed)
-            .bind(after.sort_key)
-            .bind(after.id)
-            .bind(limit)
-            .fetch_all(&mut *s.conn),
+            sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
+                .bind(completed)
+                .bind(after.sort_key)
+                .bind(after.id)
+                .bind(limit)
+                .fetch_all(&mut *s.conn),
         )
         .await;
         s.finish(r)
     }
 
     pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self.session("SELECT", "todos", SQL_GET_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, TodoRow>(
-                "SELECT id, title, completed, position, sort_key, created_at, updated_at \
-             FROM todos WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *s.conn),
+            sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
+                .bind(id)
+                .fetch_optional(&mut *s.conn),
         )
         .await;
         s.finish(r)
     }
 
     pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self.session("INSERT", "todos", SQL_CREATE_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, TodoRow>(
-                "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at",
-            )
-            .bind(&new.title)
-            .bind(new.completed)
-            .bind(new.position)
-            .fetch_one(&mut *s.conn),
+            sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
+                .bind(&new.title)
+                .bind(new.completed)
+                .bind(new.position)
+                .fetch_one(&mut *s.conn),
         )
         .await;
         s.finish(r)
@@ -147,24 +160,16 @@ impl Db {
         if changes.is_empty() {
             return self.get_todo(id).await;
         }
-        let mut s = self.session().await?;
+        let mut s = self.session("UPDATE", "todos", SQL_UPDATE_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, TodoRow>(
-                "UPDATE todos SET \
-               title = COALESCE($2, title), \
-               completed = COALESCE($3, completed), \
-               position = CASE WHEN $4 THEN $5 ELSE position END, \
-               updated_at = now() \
-             WHERE id = $1 \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at",
-            )
-            .bind(id)
-            .bind(changes.title.as_deref())
-            .bind(changes.completed)
-            .bind(changes.position.is_some())
-            .bind(changes.position.flatten())
-            .fetch_optional(&mut *s.conn),
+            sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
+                .bind(id)
+                .bind(changes.title.as_deref())
+                .bind(changes.completed)
+                .bind(changes.position.is_some())
+                .bind(changes.position.flatten())
+                .fetch_optional(&mut *s.conn),
         )
         .await;
         s.finish(r)
@@ -172,12 +177,10 @@ impl Db {
 
     /// `true` when a todo was deleted.
     pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self.session("DELETE", "todos", SQL_DELETE_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query("DELETE FROM todos WHERE id = $1")
-                .bind(id)
-                .execute(&mut *s.conn),
+            sqlx::query(SQL_DELETE_TODO).bind(id).execute(&mut *s.conn),
         )
         .await;
         s.finish(r).map(|done| done.rows_affected() == 1)
@@ -185,10 +188,12 @@ impl Db {
 
     /// Deletes every todo; returns how many there were.
     pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self
+            .session("DELETE", "todos", SQL_DELETE_ALL_TODOS)
+            .await?;
         let r = within(
             s.deadline,
-            sqlx::query("DELETE FROM todos").execute(&mut *s.conn),
+            sqlx::query(SQL_DELETE_ALL_TODOS).execute(&mut *s.conn),
         )
         .await;
         s.finish(r).map(|done| done.rows_affected())
@@ -202,18 +207,21 @@ impl Db {
         new: &NewTodo,
         ttl: Duration,
     ) -> Result<Idempotent, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self
+            .session("INSERT", "todos", SQL_CLAIM_IDEMPOTENCY_KEY)
+            .await?;
         let r = within(s.deadline, create_idempotent(&mut s.conn, key, new, ttl)).await;
         s.finish(r)
     }
 
     /// Deletes expired idempotency keys; returns how many.
     pub async fn delete_expired_idempotency_keys(&self) -> Result<u64, DbError> {
-        let mut s = self.session().await?;
+        let mut s = self
+            .session("DELETE", "idempotency_keys", SQL_DELETE_EXPIRED_KEYS)
+            .await?;
         let r = within(
             s.deadline,
-            sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < now()")
-                .execute(&mut *s.conn),
+            sqlx::query(SQL_DELETE_EXPIRED_KEYS).execute(&mut *s.conn),
         )
         .await;
         s.finish(r).map(|done| done.rows_affected())
@@ -232,20 +240,15 @@ async fn create_idempotent(
         .execute(&mut *tx)
         .await?;
     // A concurrent claim of the same key makes this wait until that transaction ends.
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (key, request, expires_at) \
-         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
-                 now() + make_interval(secs => $5::float8)) \
-         ON CONFLICT (key) DO NOTHING",
-    )
-    .bind(key)
-    .bind(&new.title)
-    .bind(new.completed)
-    .bind(new.position)
-    .bind(ttl.as_secs_f64())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
+    let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
         == 1;
     let outcome = if claimed {
         let row = sqlx::query_as::<_, TodoRow>(

@@ -22,6 +22,11 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// Seconds a client should wait before retrying when the database is unavailable.
 pub const DB_RETRY_AFTER_SECS: u64 = 1;
 
+/// Response extension carrying the problem's `code`, so the request span can record what went
+/// wrong (and which protective layer answered) without reading the body.
+#[derive(Debug, Clone)]
+pub struct ProblemCode(pub Cow<'static, str>);
+
 /// A problem details body. Also the OpenAPI schema for every error response.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
@@ -270,6 +275,8 @@ impl IntoResponse for ApiError {
         }
         .unwrap_or_else(|_| br#"{"title":"Internal server error","status":500}"#.to_vec());
         let mut res = (self.status, body).into_response();
+        res.extensions_mut()
+            .insert(ProblemCode(self.problem.code.clone()));
         let headers = res.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(secs) = self.retry_after {

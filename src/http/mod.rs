@@ -9,12 +9,13 @@ pub mod extract;
 pub mod health;
 pub mod resilience;
 pub mod todos;
+mod trace;
 
 use std::{any::Any, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request},
+    extract::{DefaultBodyLimit, FromRequestParts},
     http::{
         HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts, uri::Authority,
     },
@@ -24,7 +25,7 @@ use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer},
+    trace::{DefaultOnFailure, TraceLayer},
 };
 use tracing::Level;
 use utoipa::OpenApi;
@@ -219,27 +220,18 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(cors_layer(&config.cors_allowed_origins))
         // 5. The request id is copied to the response (clients quote it when reporting problems).
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        // 6. One span per request, named by the matched route (low cardinality), carrying the id.
+        // 6. The trace id goes back to the client (x-trace-id), so a report can quote it.
+        .layer(axum::middleware::map_response(trace::add_trace_id))
+        // 7. One server span per request, named by the matched route (low cardinality), a child
+        //    of the caller's `traceparent` if any; see trace.rs.
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map(MatchedPath::as_str)
-                        .unwrap_or("unmatched");
-                    let request_id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), route, request_id)
-                })
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                .make_span_with(trace::request_span)
+                .on_response(trace::on_response)
                 // Errors are logged once, where they happen (ApiError); the trace layer only notes.
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
-        // 7. Outermost: give every request an id (kept if the client sent one).
+        // 8. Outermost: give every request an id (kept if the client sent one).
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
 }
 

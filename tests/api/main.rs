@@ -9,5 +9,6 @@ mod helpers;
 mod migrations;
 mod openapi;
 mod operations;
+mod telemetry;
 mod todobackend;
 mod todos;

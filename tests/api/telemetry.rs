@@ -1,0 +1,448 @@
+//! Trace export, end to end: the real binary exports to a real OTLP gRPC receiver started here,
+//! and the spans that arrive are checked — resource, names, kinds, attributes, parent links, DB
+//! spans, error status, a rejection by a protective layer — after a SIGTERM, which also proves
+//! that shutdown flushes. A second test shows an unreachable collector costs requests nothing.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, KeyValue, any_value::Value as Av},
+    trace::v1::Span,
+};
+use serde_json::json;
+
+use crate::helpers::TestDb;
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn start_receiver() -> (Receiver, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let svc = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (receiver, addr)
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn spawn_service(db: &TestDb, addr: SocketAddr, env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_todo-service"));
+    cmd.env("DATABASE_URL", db.url().as_str())
+        .env("LISTEN_ADDR", addr.to_string())
+        .env("SHUTDOWN_TIMEOUT", "2s")
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn wait_ready(client: &reqwest::Client, addr: SocketAddr) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(r) = client.get(format!("http://{addr}/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("service not ready");
+}
+
+async fn terminate(mut child: Child) -> Duration {
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Av> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v: &AnyValue| v.value.as_ref())
+}
+
+fn s<'a>(attrs: &'a [KeyValue], key: &str) -> &'a str {
+    match attr(attrs, key) {
+        Some(Av::StringValue(v)) => v,
+        other => panic!("{key}: expected a string, got {other:?}"),
+    }
+}
+
+fn i(attrs: &[KeyValue], key: &str) -> i64 {
+    match attr(attrs, key) {
+        Some(Av::IntValue(v)) => *v,
+        other => panic!("{key}: expected an int, got {other:?}"),
+    }
+}
+
+const SPAN_KIND_SERVER: i32 = 2;
+const SPAN_KIND_CLIENT: i32 = 3;
+const STATUS_ERROR: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
+    let (receiver, collector) = start_receiver().await;
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    // "localhost", not an IP: the service resolves the collector's name once at startup.
+    let endpoint = format!("http://localhost:{}", collector.port());
+    let child = spawn_service(
+        &db,
+        addr,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+            ("RATE_LIMIT_PER_SECOND", "1"),
+            ("RATE_LIMIT_BURST", "6"),
+        ],
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let base = format!("http://{addr}");
+
+    // A caller that is itself traced: the server span must continue its trace.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let r = client
+        .post(format!("{base}/todos"))
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-01"))
+        .header("user-agent", "telemetry-test/1")
+        .json(&json!({"title": "traced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let r = client
+        .get(format!("{base}/todos/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let quoted_trace = r.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        client
+            .get(format!("{base}/todos/999999"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let mut limited = 0;
+    for _ in 0..8 {
+        if client
+            .get(format!("{base}/todos"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 429
+        {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "the quota must be exceeded");
+    // An unexpected failure: the server span must carry status ERROR.
+    let mut conn = db.connect().await;
+    sqlx::query("ALTER TABLE todos RENAME COLUMN title TO name")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        client
+            .get(format!("{base}/todos/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        500
+    );
+
+    // Shutdown must flush what is still queued: nothing is asserted before it.
+    terminate(child).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let batches = receiver.0.lock().unwrap().clone();
+    let mut spans: Vec<(&[KeyValue], &Span)> = Vec::new();
+    for batch in &batches {
+        for rs in &batch.resource_spans {
+            let res = &rs.resource.as_ref().expect("resource").attributes;
+            assert_eq!(s(res, "service.name"), "todo-service");
+            assert_eq!(s(res, "service.version"), env!("CARGO_PKG_VERSION"));
+            assert_eq!(s(res, "deployment.environment"), "test");
+            for ss in &rs.scope_spans {
+                for span in &ss.spans {
+                    spans.push((res, span));
+                }
+            }
+        }
+    }
+    let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    eprintln!(
+        "received {} spans in {} batches: {names:?}",
+        spans.len(),
+        batches.len()
+    );
+    let known = |n: &str| {
+        n.starts_with("GET ")
+            || n.starts_with("POST ")
+            || n.starts_with("SELECT ")
+            || n.starts_with("INSERT ")
+            || n.starts_with("PING ")
+            || n.starts_with("DELETE ")
+    };
+    assert!(
+        names.iter().all(|n| known(n)),
+        "unexpected span names: {names:?}"
+    );
+    let find = |pred: &dyn Fn(&Span) -> bool| -> Vec<&Span> {
+        spans.iter().map(|(_, s)| *s).filter(|s| pred(s)).collect()
+    };
+
+    let post = find(&|s| s.name == "POST /todos");
+    assert_eq!(post.len(), 1, "{names:?}");
+    let post = post[0];
+    assert_eq!(post.kind, SPAN_KIND_SERVER);
+    assert_eq!(
+        hex(&post.trace_id),
+        caller_trace,
+        "continues the caller's trace"
+    );
+    assert_eq!(
+        hex(&post.parent_span_id),
+        caller_span,
+        "child of the caller's span"
+    );
+    let a = &post.attributes;
+    assert_eq!(s(a, "http.request.method"), "POST");
+    assert_eq!(s(a, "http.route"), "/todos");
+    assert_eq!(s(a, "url.path"), "/todos");
+    assert_eq!(i(a, "http.response.status_code"), 201);
+    assert_eq!(s(a, "client.address"), "127.0.0.1");
+    assert_eq!(s(a, "user_agent.original"), "telemetry-test/1");
+    assert!(!s(a, "request_id").is_empty());
+
+    let insert = find(&|s| s.name == "INSERT todos" && s.parent_span_id == post.span_id);
+    assert_eq!(insert.len(), 1, "the INSERT is a child of POST /todos");
+    let a = &insert[0].attributes;
+    assert_eq!(insert[0].kind, SPAN_KIND_CLIENT);
+    assert_eq!(s(a, "db.system"), "postgresql");
+    assert_eq!(s(a, "db.namespace"), db.name);
+    assert_eq!(s(a, "db.operation.name"), "INSERT");
+    assert!(
+        s(a, "db.query.text").starts_with("INSERT INTO todos"),
+        "{:?}",
+        s(a, "db.query.text")
+    );
+    assert!(
+        !s(a, "db.query.text").contains("traced"),
+        "values never appear in the query text"
+    );
+    assert_eq!(s(a, "server.address"), "127.0.0.1");
+    assert_eq!(s(a, "network.peer.address"), "127.0.0.1");
+    assert!(attr(a, "db.client.connection.wait_time_ms").is_some());
+
+    let get = find(&|s| s.name == "GET /todos/{id}" && hex(&s.trace_id) == quoted_trace);
+    assert_eq!(get.len(), 1, "x-trace-id names the request's trace");
+    let selects = find(&|s| s.name == "SELECT todos" && s.parent_span_id == get[0].span_id);
+    assert_eq!(selects.len(), 1);
+
+    let not_found = find(&|s| {
+        s.name == "GET /todos/{id}" && i(&s.attributes, "http.response.status_code") == 404
+    });
+    assert_eq!(not_found.len(), 1);
+    assert_ne!(
+        not_found[0].status.as_ref().map(|s| s.code),
+        Some(STATUS_ERROR),
+        "a 404 is not a server error"
+    );
+
+    let rejected =
+        find(&|s| s.name == "GET /todos" && i(&s.attributes, "http.response.status_code") == 429);
+    assert_eq!(rejected.len(), limited);
+    assert_eq!(s(&rejected[0].attributes, "todo.rejected_by"), "rate_limit");
+    assert_eq!(s(&rejected[0].attributes, "error.type"), "rate_limited");
+
+    let failed = find(&|s| {
+        s.name == "GET /todos/{id}" && i(&s.attributes, "http.response.status_code") == 500
+    });
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        failed[0].status.as_ref().map(|s| s.code),
+        Some(STATUS_ERROR)
+    );
+    let failed_db = find(&|s| s.name == "SELECT todos" && s.parent_span_id == failed[0].span_id);
+    assert_eq!(
+        failed_db[0].status.as_ref().map(|s| s.code),
+        Some(STATUS_ERROR)
+    );
+    assert_eq!(s(&failed_db[0].attributes, "error.type"), "unexpected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_costs_requests_nothing() {
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    let dead = free_addr();
+    let child = spawn_service(
+        &db,
+        addr,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{dead}")),
+            ("RATE_LIMIT_PER_SECOND", "0"),
+        ],
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let mut worst = Duration::ZERO;
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for n in 0..300 {
+        let started = Instant::now();
+        let r = if n % 3 == 0 {
+            client
+                .post(format!("http://{addr}/todos"))
+                .json(&json!({"title": "t"}))
+                .send()
+                .await
+        } else {
+            client
+                .get(format!("http://{addr}/todos?limit=5"))
+                .send()
+                .await
+        }
+        .unwrap();
+        worst = worst.max(started.elapsed());
+        *statuses.entry(r.status().as_u16()).or_default() += 1;
+    }
+    let exit_after = terminate(child).await;
+    eprintln!(
+        "collector down: {statuses:?}, slowest request {worst:?}, exit {exit_after:?} after SIGTERM"
+    );
+    assert_eq!(statuses.get(&200), Some(&200));
+    assert_eq!(statuses.get(&201), Some(&100));
+    assert!(
+        worst < Duration::from_secs(1),
+        "a request waited on the exporter: {worst:?}"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_http_protobuf_too() {
+    use prost::Message as _;
+    let received: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+    let sink = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = Arc::clone(&sink);
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("protobuf body");
+                sink.lock().unwrap().push(req);
+                ExportTraceServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    let child = spawn_service(
+        &db,
+        addr,
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", "todo-service-http"),
+        ],
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let r = client
+        .get(format!("http://{addr}/todos"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    terminate(child).await;
+
+    let batches = received.lock().unwrap().clone();
+    let mut names = Vec::new();
+    for rs in batches.iter().flat_map(|b| &b.resource_spans) {
+        let res = &rs.resource.as_ref().unwrap().attributes;
+        assert_eq!(s(res, "service.name"), "todo-service-http");
+        names.extend(
+            rs.scope_spans
+                .iter()
+                .flat_map(|ss| &ss.spans)
+                .map(|s| s.name.clone()),
+        );
+    }
+    assert!(names.iter().any(|n| n == "GET /todos"), "{names:?}");
+    assert!(names.iter().any(|n| n == "SELECT todos"), "{names:?}");
+}
