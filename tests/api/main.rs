@@ -9,6 +9,7 @@ mod helpers;
 mod migrations;
 mod openapi;
 mod operations;
+mod signoz;
 mod telemetry;
 mod todobackend;
 mod todos;
