@@ -147,8 +147,6 @@ pub struct AppOptions {
     /// Environment for `Config::from_lookup`; DATABASE_URL and LISTEN_ADDR are filled in.
     pub env: HashMap<String, String>,
     pub resolver: Arc<dyn Resolver>,
-    /// Replaces the test database URL (e.g. to point at a proxy or a dead port).
-    pub database_url: Option<String>,
     /// Reach this test's own database through another host and port (a proxy, a name the test
     /// resolver answers for).
     pub db_via: Option<(String, u16)>,
@@ -161,7 +159,6 @@ impl Default for AppOptions {
         AppOptions {
             env: HashMap::new(),
             resolver: Arc::new(SystemResolver),
-            database_url: None,
             db_via: None,
             wait_ready: true,
         }
@@ -176,10 +173,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     init_logging();
     let test_db = Arc::new(TestDb::create().await);
     let mut env = opts.env;
-    let url = match (opts.database_url, opts.db_via) {
-        (Some(url), _) => url,
-        (None, Some((host, port))) => with_host(&test_db.url(), &host, port),
-        (None, None) => test_db.url().to_string(),
+    let url = match opts.db_via {
+        Some((host, port)) => with_host(&test_db.url(), &host, port),
+        None => test_db.url().to_string(),
     };
     env.insert("DATABASE_URL".into(), url);
     env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
@@ -540,7 +536,7 @@ impl Drop for TcpProxy {
 }
 
 /// `postgres://…@HOST:PORT/…` with host and port replaced.
-pub fn with_host(url: &Url, host: &str, port: u16) -> String {
+fn with_host(url: &Url, host: &str, port: u16) -> String {
     let mut u = url.clone();
     u.set_host(Some(host)).unwrap();
     u.set_port(Some(port)).unwrap();

@@ -9,7 +9,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{
     AppOptions, CountingResolver, TcpProxy, admin_url, assert_problem, spawn_app, spawn_app_with,
-    with_host,
 };
 
 #[tokio::test]
@@ -33,13 +32,8 @@ async fn health_answers_and_ready_reports_the_database() {
 async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up() {
     // The database "host" is a port where nothing listens yet.
     let mut proxy = TcpProxy::reserve().await;
-    let test_db_url = crate::helpers::TestDb::create().await;
     let opts = AppOptions {
-        database_url: Some(with_host(
-            &test_db_url.url(),
-            "127.0.0.1",
-            proxy.addr.port(),
-        )),
+        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
         wait_ready: false,
         ..AppOptions::default()
     };
@@ -71,7 +65,7 @@ async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up
     let r = app.post_json("/todos", &json!({"title": "after"})).await;
     assert_eq!(r.status(), 201);
     // The app's database is the proxied one; the early POSTs left nothing behind.
-    let mut conn = test_db_url.connect().await;
+    let mut conn = app.test_db.connect().await;
     let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM todos")
         .fetch_all(&mut conn)
         .await
@@ -82,10 +76,9 @@ async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up
 #[tokio::test]
 async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
     let resolver = Arc::new(CountingResolver::default());
-    let test_db = crate::helpers::TestDb::create().await;
     let port = crate::helpers::server_addr().port();
     let opts = AppOptions {
-        database_url: Some(with_host(&test_db.url(), "postgres.test", port)),
+        db_via: Some(("postgres.test".into(), port)),
         resolver: resolver.clone(),
         // A small pool so the burst below forces connections to be created, recycled and reused.
         env: [
@@ -130,7 +123,7 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
         .await
         .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'todo-service'")
-        .bind(&test_db.name)
+        .bind(&app.test_db.name)
         .execute(&mut admin)
         .await
         .unwrap();

@@ -20,7 +20,7 @@ use std::{
 
 use helpers::{
     AppOptions, CountingResolver, Load, Outcome, TcpProxy, TestApp, admin_url, server_addr,
-    spawn_app_with, with_host,
+    spawn_app_with,
 };
 use serde_json::json;
 use todo_service::db::{
@@ -89,13 +89,8 @@ async fn terminate_app_connections(app: &TestApp) -> i64 {
 async fn drill_1_the_post_mortem_spike_is_answered_and_dns_is_asked_once() {
     let _turn = serial().await;
     let resolver = Arc::new(CountingResolver::default());
-    let test_db = helpers::TestDb::create().await;
     let app = spawn_app_with(AppOptions {
-        database_url: Some(with_host(
-            &test_db.url(),
-            "postgres.test",
-            server_addr().port(),
-        )),
+        db_via: Some(("postgres.test".into(), server_addr().port())),
         resolver: resolver.clone(),
         ..AppOptions::default()
     })
@@ -452,13 +447,8 @@ impl Resolver for DnsDiesAfterStartup {
 async fn drill_5_dns_failing_after_startup_fails_nothing() {
     let _turn = serial().await;
     let resolver = Arc::new(DnsDiesAfterStartup::default());
-    let test_db = helpers::TestDb::create().await;
     let app = spawn_app_with(AppOptions {
-        database_url: Some(with_host(
-            &test_db.url(),
-            "postgres.test",
-            server_addr().port(),
-        )),
+        db_via: Some(("postgres.test".into(), server_addr().port())),
         resolver: resolver.clone(),
         ..AppOptions::default()
     })
@@ -752,9 +742,8 @@ async fn drill_10_a_moved_database_is_found_again_without_a_restart() {
         then: vec![dead, server_addr()],
         calls: AtomicUsize::new(0),
     });
-    let test_db = helpers::TestDb::create().await;
     let app = spawn_app_with(AppOptions {
-        database_url: Some(with_host(&test_db.url(), "postgres.test", 5432)),
+        db_via: Some(("postgres.test".into(), 5432)),
         resolver: resolver.clone(),
         ..opts(&[("RATE_LIMIT_PER_SECOND", "0")])
     })
