@@ -167,6 +167,11 @@ pub const VARS: &[Var] = &[
                deployment.environment=production (default deployment.environment=development).",
     },
     Var {
+        name: "OTEL_METRIC_EXPORT_INTERVAL",
+        default: Some("60000"),
+        help: "Milliseconds between metric exports (the OpenTelemetry standard variable).",
+    },
+    Var {
         name: "OTEL_SDK_DISABLED",
         default: Some("false"),
         help: "true turns telemetry export off even when an endpoint is set.",
@@ -265,6 +270,7 @@ pub struct OtelConfig {
     pub service_name: String,
     pub resource_attributes: Vec<(String, String)>,
     pub disabled: bool,
+    pub metric_interval: std::time::Duration,
 }
 
 /// Per-client rate limit; `None` in [`Config::rate_limit`] when disabled.
@@ -537,6 +543,11 @@ fn otel_config(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
         service_name: env.value("OTEL_SERVICE_NAME").trim().to_owned(),
         resource_attributes,
         disabled: env.boolean("OTEL_SDK_DISABLED")?,
+        metric_interval: Duration::from_millis(env.bounded(
+            "OTEL_METRIC_EXPORT_INTERVAL",
+            100,
+            3_600_000,
+        )? as u64),
     })
 }
 
@@ -697,6 +708,7 @@ mod tests {
             ),
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue", "key=value"),
             ("OTEL_SDK_DISABLED", "perhaps", "true or false"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1m", "from 100"),
             ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
             ("MAX_IN_FLIGHT", "0", "from 1"),
             ("REQUEST_TIMEOUT", "0s", "positive duration"),

@@ -14,12 +14,14 @@
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
 //!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
 //! - [`telemetry`]: logging and OTLP trace export (the request span itself is in `http`).
+//! - [`metrics`]: request, pool, breaker and DNS metrics, exported with the traces.
 //! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 
 pub mod config;
 pub mod db;
 pub mod doctor;
 pub mod http;
+pub mod metrics;
 pub mod startup;
 pub mod telemetry;
 

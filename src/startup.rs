@@ -61,6 +61,7 @@ impl Application {
             idempotency_key_ttl: config.idempotency_key_ttl,
         };
         spawn_idempotency_sweeper(&db);
+        crate::metrics::register_db(&db);
         let router = http::router(state, &config);
         Ok(Application {
             listener,

@@ -1,4 +1,4 @@
-//! Logging and trace export, built once at startup.
+//! Logging, trace and metric export, built once at startup.
 //!
 //! Logs go to stdout through `tracing`, filtered by `LOG_LEVEL`, as text for people or JSON for
 //! containers (`LOG_FORMAT`); libraries that log through the `log` crate (sqlx) are bridged in.
@@ -11,6 +11,8 @@
 //! The collector's host is resolved once here, like the database's: the exporter keeps one
 //! long-lived channel to that address.
 //!
+//! Metrics (see `metrics`) go to the same collector, pushed periodically by the SDK's reader.
+//!
 //! The export filter is separate from `LOG_LEVEL` and limited to this crate's spans, so quieting the
 //! logs cannot silence the traces, and the exporter's own HTTP/gRPC internals are never exported.
 
@@ -20,6 +22,7 @@ use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
+    metrics::{PeriodicReader, SdkMeterProvider},
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
 };
@@ -34,9 +37,10 @@ use crate::config::{Config, LogFormat, OtelConfig, OtlpProtocol};
 /// Spans waiting for export; beyond this they are dropped rather than held in memory.
 const MAX_QUEUED_SPANS: usize = 4096;
 
-/// Owns the trace pipeline; [`Telemetry::shutdown`] flushes it.
+/// Owns the trace and metric pipelines; [`Telemetry::shutdown`] flushes them.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -48,6 +52,12 @@ impl Telemetry {
     /// Sends the spans still queued and stops the exporter. Call after the server has drained,
     /// inside the runtime (the gRPC exporter runs on it).
     pub async fn shutdown(self) {
+        if let Some(meters) = self.meters {
+            let r = tokio::task::spawn_blocking(move || meters.shutdown()).await;
+            if let Ok(Err(e)) = r {
+                eprintln!("warning: metric exporter shutdown: {e}");
+            }
+        }
         if let Some(provider) = self.provider {
             let r = tokio::task::spawn_blocking(move || provider.shutdown()).await;
             if let Ok(Err(e)) = r {
@@ -61,9 +71,18 @@ impl Telemetry {
 /// the Tokio runtime.
 pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = match (&config.otel.endpoint, config.otel.disabled) {
-        (Some(endpoint), false) => Some(tracer_provider(&config.otel, endpoint).await?),
-        _ => None,
+    let (provider, meters) = match (&config.otel.endpoint, config.otel.disabled) {
+        (Some(endpoint), false) => {
+            let endpoint = resolve_once(endpoint).await;
+            let resource = resource(&config.otel);
+            let meters = meter_provider(&config.otel, &endpoint, resource.clone())?;
+            opentelemetry::global::set_meter_provider(meters.clone());
+            (
+                Some(tracer_provider(&config.otel, &endpoint, resource)?),
+                Some(meters),
+            )
+        }
+        _ => (None, None),
     };
     let otel_layer = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -91,11 +110,63 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
     if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
         tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces over OTLP");
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry { provider, meters })
 }
 
-async fn tracer_provider(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<SdkTracerProvider> {
-    let endpoint = resolve_once(endpoint).await;
+/// The same resource on traces and metrics, so SigNoz joins them by service.
+fn resource(otel: &OtelConfig) -> Resource {
+    let mut attributes = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("deployment.environment", "development"),
+    ];
+    for (k, v) in &otel.resource_attributes {
+        attributes.push(KeyValue::new(k.clone(), v.clone()));
+    }
+    Resource::builder_empty()
+        .with_attributes(attributes)
+        .with_service_name(otel.service_name.clone())
+        .build()
+}
+
+/// Metrics are pushed every `OTEL_METRIC_EXPORT_INTERVAL` ms (validated in config) by the SDK's
+/// own reader thread, and once more at shutdown.
+fn meter_provider(
+    otel: &OtelConfig,
+    endpoint: &Url,
+    resource: Resource,
+) -> anyhow::Result<SdkMeterProvider> {
+    let timeout = Duration::from_secs(3);
+    let exporter = match otel.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+            .with_timeout(timeout)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!(
+                "{}/v1/metrics",
+                endpoint.as_str().trim_end_matches('/')
+            ))
+            .with_timeout(timeout)
+            .build()?,
+    };
+    Ok(SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(
+            PeriodicReader::builder(exporter)
+                .with_interval(otel.metric_interval)
+                .build(),
+        )
+        .build())
+}
+
+fn tracer_provider(
+    otel: &OtelConfig,
+    endpoint: &Url,
+    resource: Resource,
+) -> anyhow::Result<SdkTracerProvider> {
     let timeout = Duration::from_secs(3);
     let exporter = match otel.protocol {
         OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
@@ -119,17 +190,6 @@ async fn tracer_provider(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<Sd
                 .with_max_queue_size(MAX_QUEUED_SPANS)
                 .build(),
         )
-        .build();
-    let mut attributes = vec![
-        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-        KeyValue::new("deployment.environment", "development"),
-    ];
-    for (k, v) in &otel.resource_attributes {
-        attributes.push(KeyValue::new(k.clone(), v.clone()));
-    }
-    let resource = Resource::builder_empty()
-        .with_attributes(attributes)
-        .with_service_name(otel.service_name.clone())
         .build();
     Ok(SdkTracerProvider::builder()
         .with_resource(resource)

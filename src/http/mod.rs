@@ -220,8 +220,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(cors_layer(&config.cors_allowed_origins))
         // 5. The request id is copied to the response (clients quote it when reporting problems).
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        // 6. The trace id goes back to the client (x-trace-id), so a report can quote it.
+        // 6. The trace id goes back to the client (x-trace-id), so a report can quote it; the
+        //    request's duration is recorded for the metrics.
         .layer(axum::middleware::map_response(trace::add_trace_id))
+        .layer(axum::middleware::from_fn(trace::record_metrics))
         // 7. One server span per request, named by the matched route (low cardinality), a child
         //    of the caller's `traceparent` if any; see trace.rs.
         .layer(

