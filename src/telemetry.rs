@@ -89,7 +89,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
             .with_tracer(p.tracer("todo-service"))
             .with_filter(Targets::new().with_target("todo_service", Level::INFO))
     });
-    // Validated in config, so this cannot fail on a bad directive.
+    // Events follow LOG_LEVEL (validated in config, so this cannot fail). This crate's spans are
+    // always enabled for the log layer, whatever the level: they are what puts request_id and
+    // trace_id on an error logged inside a request, and `LOG_LEVEL=warn` must not lose that.
     let filter = EnvFilter::try_new(&config.log_level)?;
     let fmt_layer = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()

@@ -189,7 +189,8 @@ impl ApiError {
 
     /// 500; `error` is logged here (inside the request span) and not returned.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
-        tracing::error!(error = %error, source = ?error.source(), "unexpected error while handling request");
+        let (trace_id, span_id) = super::trace::current_ids();
+        tracing::error!(error = %error, source = ?error.source(), trace_id, span_id, "unexpected error while handling request");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",

@@ -119,13 +119,24 @@ fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-fn spawn_service(db: &TestDb, addr: SocketAddr, env: &[(&str, &str)]) -> Child {
+/// Starts the binary; `capture_stdout` pipes its logs (the caller must drain them, or a full pipe
+/// would block the service).
+fn spawn_service(
+    db: &TestDb,
+    addr: SocketAddr,
+    env: &[(&str, &str)],
+    capture_stdout: bool,
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_todo-service"));
     cmd.env("DATABASE_URL", db.url().as_str())
         .env("LISTEN_ADDR", addr.to_string())
         .env("SHUTDOWN_TIMEOUT", "2s")
         .env("LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
+        .stdout(if capture_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -201,7 +212,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
     by_name.set_host(Some("localhost")).unwrap();
     // "localhost", not an IP: the service resolves the collector's name once at startup.
     let endpoint = format!("http://localhost:{}", collector.port());
-    let child = spawn_service(
+    let mut child = spawn_service(
         &db,
         addr,
         &[
@@ -211,8 +222,16 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
             ("RATE_LIMIT_BURST", "6"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
             ("DATABASE_URL", by_name.as_str()),
+            ("LOG_FORMAT", "json"),
         ],
+        true,
     );
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    });
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let base = format!("http://{addr}");
@@ -282,6 +301,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
     // Shutdown must flush what is still queued: nothing is asserted before it.
     terminate(child).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = logs.join().unwrap();
 
     let batches = receiver.0.lock().unwrap().clone();
     let mut spans: Vec<(&[KeyValue], &Span)> = Vec::new();
@@ -400,6 +420,25 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         failed[0].status.as_ref().map(|s| s.code),
         Some(STATUS_ERROR)
     );
+    // The error is logged once, inside the request, with the ids that join it to this trace.
+    let error_lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "unexpected error while handling request")
+        .collect();
+    assert_eq!(error_lines.len(), 1, "logged once: {logs}");
+    assert_eq!(
+        error_lines[0]["fields"]["trace_id"],
+        hex(&failed[0].trace_id),
+        "{}",
+        error_lines[0]
+    );
+    assert_eq!(
+        error_lines[0]["fields"]["span_id"],
+        hex(&failed[0].span_id),
+        "{}",
+        error_lines[0]
+    );
     let failed_db = find(&|s| s.name == "SELECT todos" && s.parent_span_id == failed[0].span_id);
     assert_eq!(
         failed_db[0].status.as_ref().map(|s| s.code),
@@ -471,6 +510,7 @@ async fn an_unreachable_collector_costs_requests_nothing() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{dead}")),
             ("RATE_LIMIT_PER_SECOND", "0"),
         ],
+        false,
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
@@ -546,6 +586,7 @@ async fn spans_are_exported_over_http_protobuf_too() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_SERVICE_NAME", "todo-service-http"),
         ],
+        false,
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
