@@ -535,6 +535,31 @@ impl Drop for TcpProxy {
     }
 }
 
+/// A child process (the service binary) that is killed when dropped, so a test that fails before
+/// shutting it down cannot leak a running service.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Already exited after a clean shutdown: kill fails harmlessly; wait reaps it either way.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `postgres://…@HOST:PORT/…` with host and port replaced.
 fn with_host(url: &Url, host: &str, port: u16) -> String {
     let mut u = url.clone();

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::{
 };
 use serde_json::json;
 
-use crate::helpers::TestDb;
+use crate::helpers::{KillOnDrop, TestDb};
 
 #[derive(Clone, Default)]
 struct Receiver(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
@@ -126,7 +126,7 @@ fn spawn_service(
     addr: SocketAddr,
     env: &[(&str, &str)],
     capture_stdout: bool,
-) -> Child {
+) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_todo-service"));
     cmd.env("DATABASE_URL", db.url().as_str())
         .env("LISTEN_ADDR", addr.to_string())
@@ -141,7 +141,7 @@ fn spawn_service(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap()
+    KillOnDrop(cmd.spawn().unwrap())
 }
 
 async fn wait_ready(client: &reqwest::Client, addr: SocketAddr) {
@@ -157,7 +157,7 @@ async fn wait_ready(client: &reqwest::Client, addr: SocketAddr) {
     panic!("service not ready");
 }
 
-async fn terminate(mut child: Child) -> Duration {
+async fn terminate(mut child: KillOnDrop) -> Duration {
     let started = Instant::now();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -608,15 +608,17 @@ async fn drill_8_sigterm_drains_in_flight_requests_and_exits_within_the_deadline
         l.local_addr().unwrap().port()
     };
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_todo-service"))
-        .env("DATABASE_URL", test_db.url().as_str())
-        .env("LISTEN_ADDR", addr.to_string())
-        .env("SHUTDOWN_TIMEOUT", "2s")
-        .env("RATE_LIMIT_PER_SECOND", "0")
-        .env("LOG_LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = helpers::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_todo-service"))
+            .env("DATABASE_URL", test_db.url().as_str())
+            .env("LISTEN_ADDR", addr.to_string())
+            .env("SHUTDOWN_TIMEOUT", "2s")
+            .env("RATE_LIMIT_PER_SECOND", "0")
+            .env("LOG_LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let ready = wait_for_async(Duration::from_secs(20), || async {
         client
