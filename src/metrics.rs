@@ -100,60 +100,82 @@ pub fn register_db(db: &Db) {
             }
         })
         .build();
+    gauge(
+        &meter,
+        db,
+        "db.client.connection.max",
+        "Largest number of pooled connections (DB_POOL_MAX_SIZE)",
+        |db| db.pool().status().max_size as i64,
+    );
+    gauge(
+        &meter,
+        db,
+        "db.client.connection.pending_requests",
+        "Requests waiting for a pooled connection",
+        |db| db.pool().status().waiting as i64,
+    );
+    gauge(
+        &meter,
+        db,
+        "todo.db.breaker.state",
+        "Database circuit breaker: 0 closed, 1 half-open, 2 open",
+        |db| match db.breaker().state() {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        },
+    );
+    counter(
+        &meter,
+        db,
+        "todo.db.breaker.opened",
+        "Times the database circuit breaker opened since startup",
+        |db| db.breaker().opened_total(),
+    );
+    counter(
+        &meter,
+        db,
+        "todo.db.dns.lookups",
+        "DNS lookups of the database host since startup: 1 in a healthy run (0 for an IP)",
+        |db| db.address().lookups(),
+    );
+}
+
+/// An unattributed gauge whose value `read` takes from the database handle at export time.
+fn gauge(
+    meter: &Meter,
+    db: &Db,
+    name: &'static str,
+    description: &'static str,
+    read: fn(&Db) -> i64,
+) {
     let weak = db.downgrade();
     let _ = meter
-        .i64_observable_gauge("db.client.connection.max")
-        .with_description("Largest number of pooled connections (DB_POOL_MAX_SIZE)")
+        .i64_observable_gauge(name)
+        .with_description(description)
         .with_callback(move |o| {
             if let Some(db) = weak.upgrade() {
-                o.observe(db.pool().status().max_size as i64, &[]);
+                o.observe(read(&db), &[]);
             }
         })
         .build();
+}
+
+/// An unattributed cumulative counter read from the database handle at export time.
+fn counter(
+    meter: &Meter,
+    db: &Db,
+    name: &'static str,
+    description: &'static str,
+    read: fn(&Db) -> u64,
+) {
     let weak = db.downgrade();
     let _ = meter
-        .i64_observable_gauge("db.client.connection.pending_requests")
-        .with_description("Requests waiting for a pooled connection")
+        .u64_observable_counter(name)
+        .with_description(description)
         .with_callback(move |o| {
             if let Some(db) = weak.upgrade() {
-                o.observe(db.pool().status().waiting as i64, &[]);
-            }
-        })
-        .build();
-    let weak = db.downgrade();
-    let _ = meter
-        .i64_observable_gauge("todo.db.breaker.state")
-        .with_description("Database circuit breaker: 0 closed, 1 half-open, 2 open")
-        .with_callback(move |o| {
-            if let Some(db) = weak.upgrade() {
-                let v = match db.breaker().state() {
-                    BreakerState::Closed => 0,
-                    BreakerState::HalfOpen => 1,
-                    BreakerState::Open => 2,
-                };
-                o.observe(v, &[]);
-            }
-        })
-        .build();
-    let weak = db.downgrade();
-    let _ = meter
-        .u64_observable_counter("todo.db.breaker.opened")
-        .with_description("Times the database circuit breaker opened since startup")
-        .with_callback(move |o| {
-            if let Some(db) = weak.upgrade() {
-                o.observe(db.breaker().opened_total(), &[]);
-            }
-        })
-        .build();
-    let weak = db.downgrade();
-    let _ = meter
-        .u64_observable_counter("todo.db.dns.lookups")
-        .with_description(
-            "DNS lookups of the database host since startup: 1 in a healthy run (0 for an IP)",
-        )
-        .with_callback(move |o| {
-            if let Some(db) = weak.upgrade() {
-                o.observe(db.address().lookups(), &[]);
+                o.observe(read(&db), &[]);
             }
         })
         .build();
