@@ -189,8 +189,7 @@ impl ApiError {
 
     /// 500; `error` is logged here (inside the request span) and not returned.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
-        let (trace_id, span_id) = super::trace::current_ids();
-        tracing::error!(error = %error, source = ?error.source(), trace_id, span_id, "unexpected error while handling request");
+        tracing::error!(error = %error, source = ?error.source(), "unexpected error while handling request");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",

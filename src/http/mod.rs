@@ -283,8 +283,7 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into());
-    let (trace_id, span_id) = trace::current_ids();
-    tracing::error!(panic = %message, trace_id, span_id, "handler panicked");
+    tracing::error!(panic = %message, "handler panicked");
     let mut res = ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal_error",

@@ -64,8 +64,6 @@ pub fn request_span(req: &Request) -> Span {
         client.address = %client,
         user_agent.original = header(header::USER_AGENT.as_str()),
         request_id = header("x-request-id"),
-        trace_id = Empty,
-        span_id = Empty,
         http.response.status_code = Empty,
         otel.status_code = Empty,
         error.type = Empty,
@@ -79,15 +77,6 @@ pub fn request_span(req: &Request) -> Span {
     });
     // Without a valid incoming traceparent this leaves the span a root.
     let _ = span.set_parent(parent);
-    // The ids as plain fields too, so every log line inside the request (they carry the request
-    // span's fields) can be joined to its trace in SigNoz. Invalid when export is off: omitted.
-    let cx = span.context();
-    let span_ref = cx.span();
-    let sc = span_ref.span_context();
-    if sc.is_valid() {
-        span.record("trace_id", sc.trace_id().to_string());
-        span.record("span_id", sc.span_id().to_string());
-    }
     span
 }
 
@@ -137,19 +126,6 @@ fn rejected_by(code: &str) -> Option<&'static str> {
         "circuit_open" => Some("circuit_breaker"),
         "gateway_timeout" => Some("timeout"),
         _ => None,
-    }
-}
-
-/// The current trace and span ids (hex), when the request is being traced; for log lines that
-/// must be joinable to their trace whatever `LOG_LEVEL` shows of the span context.
-pub fn current_ids() -> (String, String) {
-    let cx = Span::current().context();
-    let span_ref = cx.span();
-    let sc = span_ref.span_context();
-    if sc.is_valid() {
-        (sc.trace_id().to_string(), sc.span_id().to_string())
-    } else {
-        (String::new(), String::new())
     }
 }
 

@@ -1,7 +1,9 @@
-//! Trace export, end to end: the real binary exports to a real OTLP gRPC receiver started here,
-//! and the spans that arrive are checked — resource, names, kinds, attributes, parent links, DB
-//! spans, error status, a rejection by a protective layer — after a SIGTERM, which also proves
-//! that shutdown flushes. A second test shows an unreachable collector costs requests nothing.
+//! Telemetry export, end to end: the real binary exports to a real OTLP gRPC receiver started here,
+//! and what arrives is checked — spans (resource, names, kinds, attributes, parent links, DB spans,
+//! error status, a rejection by a protective layer), metrics, and log records joined to their
+//! trace — after a SIGTERM, which also proves that shutdown flushes. Another test shows an
+//! unreachable collector costs requests nothing; the http/protobuf test shows a collector that
+//! refuses logs makes the loss visible as a metric.
 
 use std::{
     collections::HashMap,
@@ -12,6 +14,10 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
+    collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+        logs_service_server::{LogsService, LogsServiceServer},
+    },
     collector::metrics::v1::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
         metrics_service_server::{MetricsService, MetricsServiceServer},
@@ -60,19 +66,37 @@ impl MetricsService for MetricsReceiver {
     }
 }
 
-/// An OTLP gRPC collector for traces and metrics on 127.0.0.1:0.
-async fn start_receiver() -> (Receiver, MetricsReceiver, SocketAddr) {
+#[derive(Clone, Default)]
+struct LogsReceiver(Arc<Mutex<Vec<ExportLogsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl LogsService for LogsReceiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// An OTLP gRPC collector for traces, metrics and logs on 127.0.0.1:0.
+async fn start_receiver() -> (Receiver, MetricsReceiver, LogsReceiver, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
     let metrics = MetricsReceiver::default();
+    let logs = LogsReceiver::default();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
             .add_service(MetricsServiceServer::new(metrics.clone()))
+            .add_service(LogsServiceServer::new(logs.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    (receiver, metrics, addr)
+    (receiver, metrics, logs, addr)
 }
 
 /// The last exported value of every point of metric `name`, keyed by its attributes.
@@ -204,7 +228,7 @@ const STATUS_ERROR: i32 = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_needs() {
-    let (receiver, metrics, collector) = start_receiver().await;
+    let (receiver, metrics, exported_logs, collector) = start_receiver().await;
     let db = TestDb::create().await;
     let addr = free_addr();
     // The database by name, so the DNS-lookup metric has something to count (exactly once).
@@ -420,7 +444,8 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         failed[0].status.as_ref().map(|s| s.code),
         Some(STATUS_ERROR)
     );
-    // The error is logged once, inside the request, with the ids that join it to this trace.
+    // The error is logged once, inside the request, with the ids that join it to this trace —
+    // at LOG_LEVEL=warn, which hides the request span itself from the log layer.
     let error_lines: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -428,16 +453,54 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         .collect();
     assert_eq!(error_lines.len(), 1, "logged once: {logs}");
     assert_eq!(
-        error_lines[0]["fields"]["trace_id"],
+        error_lines[0]["trace_id"],
         hex(&failed[0].trace_id),
         "{}",
         error_lines[0]
     );
     assert_eq!(
-        error_lines[0]["fields"]["span_id"],
+        error_lines[0]["span_id"],
         hex(&failed[0].span_id),
         "{}",
         error_lines[0]
+    );
+    // The same record went to the collector, stamped with the same trace, under the same
+    // resource; the exporters' own chatter never does.
+    let batches = exported_logs.0.lock().unwrap().clone();
+    let mut records = Vec::new();
+    for rl in batches.iter().flat_map(|b| &b.resource_logs) {
+        let res = &rl.resource.as_ref().expect("resource").attributes;
+        assert_eq!(s(res, "service.name"), "todo-service");
+        for sl in &rl.scope_logs {
+            records.extend(sl.log_records.iter().cloned());
+        }
+    }
+    let body = |r: &opentelemetry_proto::tonic::logs::v1::LogRecord| match r
+        .body
+        .as_ref()
+        .and_then(|b| b.value.as_ref())
+    {
+        Some(Av::StringValue(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let exported: Vec<_> = records
+        .iter()
+        .filter(|r| body(r) == "unexpected error while handling request")
+        .collect();
+    assert_eq!(exported.len(), 1, "{records:?}");
+    assert_eq!(exported[0].severity_text, "ERROR");
+    assert_eq!(hex(&exported[0].trace_id), hex(&failed[0].trace_id));
+    assert_eq!(hex(&exported[0].span_id), hex(&failed[0].span_id));
+    assert!(
+        attr(&exported[0].attributes, "error").is_some(),
+        "the event's fields are attributes: {:?}",
+        exported[0].attributes
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.event_name.starts_with("opentelemetry") && !body(r).contains("h2")),
+        "{records:?}"
     );
     let failed_db = find(&|s| s.name == "SELECT todos" && s.parent_span_id == failed[0].span_id);
     assert_eq!(
@@ -493,6 +556,9 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         "db.client.connection.max",
         "db.client.connection.pending_requests",
         "todo.db.breaker.opened",
+        // The SDK's own counts, including spans and logs dropped on a full queue.
+        "otel.sdk.processor.span.processed",
+        "otel.sdk.processor.log.processed",
     ] {
         assert!(!last_points(&batches, name).is_empty(), "{name} missing");
     }
@@ -555,20 +621,42 @@ async fn spans_are_exported_over_http_protobuf_too() {
     use prost::Message as _;
     let received: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
     let sink = Arc::clone(&received);
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let sink = Arc::clone(&sink);
-            async move {
-                let req = ExportTraceServiceRequest::decode(body).expect("protobuf body");
-                sink.lock().unwrap().push(req);
-                ExportTraceServiceResponse {
-                    partial_success: None,
+    let metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>> = Arc::default();
+    let metrics_sink = Arc::clone(&metrics);
+    let app = axum::Router::new()
+        // A collector that refuses logs: the loss must show up as a number.
+        .route(
+            "/v1/logs",
+            axum::routing::post(|| async { axum::http::StatusCode::BAD_REQUEST }),
+        )
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = Arc::clone(&metrics_sink);
+                async move {
+                    let req = ExportMetricsServiceRequest::decode(body).expect("protobuf body");
+                    sink.lock().unwrap().push(req);
+                    ExportMetricsServiceResponse {
+                        partial_success: None,
+                    }
+                    .encode_to_vec()
                 }
-                .encode_to_vec()
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = Arc::clone(&sink);
+                async move {
+                    let req = ExportTraceServiceRequest::decode(body).expect("protobuf body");
+                    sink.lock().unwrap().push(req);
+                    ExportTraceServiceResponse {
+                        partial_success: None,
+                    }
+                    .encode_to_vec()
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let collector = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -585,6 +673,7 @@ async fn spans_are_exported_over_http_protobuf_too() {
             ),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_SERVICE_NAME", "todo-service-http"),
+            ("LOG_LEVEL", "info"),
         ],
         false,
     );
@@ -612,4 +701,18 @@ async fn spans_are_exported_over_http_protobuf_too() {
     }
     assert!(names.iter().any(|n| n == "GET /todos"), "{names:?}");
     assert!(names.iter().any(|n| n == "SELECT todos"), "{names:?}");
+    let lost = last_points(&metrics.lock().unwrap(), "todo.otel.export.lost");
+    let lost_logs: f64 = lost
+        .iter()
+        .filter(|(a, _)| s(a, "signal") == "logs")
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        lost_logs >= 1.0,
+        "refused log records not counted: {lost:?}"
+    );
+    assert!(
+        lost.iter().all(|(a, _)| s(a, "signal") != "traces"),
+        "no span was lost: {lost:?}"
+    );
 }

@@ -1,27 +1,35 @@
-//! Logging, trace and metric export, built once at startup.
+//! Logging, trace, metric and log export, built once at startup.
 //!
 //! Logs go to stdout through `tracing`, filtered by `LOG_LEVEL`, as text for people or JSON for
 //! containers (`LOG_FORMAT`); libraries that log through the `log` crate (sqlx) are bridged in.
+//! Every line written inside a traced request carries its `trace_id` and `span_id` (see
+//! `log_format`).
 //!
-//! Traces go to an OTLP collector (SigNoz) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set and
-//! `OTEL_SDK_DISABLED` is not: the service's own spans (one per request, one per database call)
-//! become OpenTelemetry spans through `tracing-opentelemetry`. Export never blocks a request: spans
-//! are queued in a bounded buffer and sent by the SDK's batch processor on its own thread; if the
-//! collector is down the queue fills and further spans are dropped, and the service keeps serving.
-//! The collector's host is resolved once here, like the database's: the exporter keeps one
-//! long-lived channel to that address.
+//! When `OTEL_EXPORTER_OTLP_ENDPOINT` is set and `OTEL_SDK_DISABLED` is not, three signals go to an
+//! OTLP collector (SigNoz): the service's own spans (one per request, one per database call) through
+//! `tracing-opentelemetry`; the metrics of `metrics`; and the same log events as stdout, through
+//! `opentelemetry-appender-tracing`, stamped with the active trace so SigNoz shows them beside it.
+//! Export never blocks a request: spans and log records are queued in bounded buffers and sent by
+//! the SDK's batch processors on their own threads; if the collector is down the queues fill and
+//! further records are dropped — counted (see `counted`) — and the service keeps serving. The
+//! collector's host is resolved once here, like the database's: each exporter keeps one long-lived
+//! channel to that address.
 //!
-//! Metrics (see `metrics`) go to the same collector, pushed periodically by the SDK's reader.
-//!
-//! The export filter is separate from `LOG_LEVEL` and limited to this crate's spans, so quieting the
-//! logs cannot silence the traces, and the exporter's own HTTP/gRPC internals are never exported.
+//! The span export filter is separate from `LOG_LEVEL` and limited to this crate's spans, so
+//! quieting the logs cannot silence the traces. The exporters' own HTTP/gRPC internals are never
+//! exported, so that exporting cannot feed on itself.
+
+mod counted;
+pub mod log_format;
 
 use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
+    logs::{BatchLogProcessor, SdkLoggerProvider},
     metrics::{PeriodicReader, SdkMeterProvider},
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
@@ -33,14 +41,33 @@ use tracing_subscriber::{
 use url::Url;
 
 use crate::config::{Config, LogFormat, OtelConfig, OtlpProtocol};
+use counted::Counted;
 
 /// Spans waiting for export; beyond this they are dropped rather than held in memory.
 const MAX_QUEUED_SPANS: usize = 4096;
+/// Log records waiting for export, likewise.
+const MAX_QUEUED_LOGS: usize = 4096;
+/// One export attempt; a dead collector costs at most this per batch, on the exporter's thread.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Crates that carry the export itself: their events are never exported, or a failing export
+/// would log about itself over the same failing path.
+const EXPORT_INTERNALS: &[&str] = &[
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "tonic",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "reqwest",
+];
 
-/// Owns the trace and metric pipelines; [`Telemetry::shutdown`] flushes them.
+/// Owns the export pipelines; [`Telemetry::shutdown`] flushes them.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
     meters: Option<SdkMeterProvider>,
+    logs: Option<SdkLoggerProvider>,
 }
 
 impl Telemetry {
@@ -49,13 +76,14 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Sends the spans still queued and stops the exporter. Call after the server has drained,
-    /// inside the runtime (the gRPC exporter runs on it).
+    /// Sends what is still queued and stops the exporters. Call after the server has drained,
+    /// inside the runtime (the gRPC exporters run on it). Logs first, so the shutdown's own log
+    /// lines and the last spans' logs go out; metrics last, so they include the final counts.
     pub async fn shutdown(self) {
-        if let Some(meters) = self.meters {
-            let r = tokio::task::spawn_blocking(move || meters.shutdown()).await;
+        if let Some(logs) = self.logs {
+            let r = tokio::task::spawn_blocking(move || logs.shutdown()).await;
             if let Ok(Err(e)) = r {
-                eprintln!("warning: metric exporter shutdown: {e}");
+                eprintln!("warning: log exporter shutdown: {e}");
             }
         }
         if let Some(provider) = self.provider {
@@ -64,58 +92,85 @@ impl Telemetry {
                 eprintln!("warning: trace exporter shutdown: {e}");
             }
         }
+        if let Some(meters) = self.meters {
+            let r = tokio::task::spawn_blocking(move || meters.shutdown()).await;
+            if let Ok(Err(e)) = r {
+                eprintln!("warning: metric exporter shutdown: {e}");
+            }
+        }
     }
 }
 
-/// Installs the global subscriber and, when configured, the OTLP trace exporter. Must run inside
-/// the Tokio runtime.
+/// Installs the global subscriber and, when configured, the OTLP exporters. Must run inside the
+/// Tokio runtime.
 pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let (provider, meters) = match (&config.otel.endpoint, config.otel.disabled) {
+    let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
             let endpoint = resolve_once(endpoint).await;
             let resource = resource(&config.otel);
+            // First, so the SDK's processors built next find it for their own drop counters.
             let meters = meter_provider(&config.otel, &endpoint, resource.clone())?;
             opentelemetry::global::set_meter_provider(meters.clone());
             (
-                Some(tracer_provider(&config.otel, &endpoint, resource)?),
+                Some(tracer_provider(&config.otel, &endpoint, resource.clone())?),
                 Some(meters),
+                Some(logger_provider(&config.otel, &endpoint, resource)?),
             )
         }
-        _ => (None, None),
+        _ => (None, None, None),
     };
     let otel_layer = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("todo-service"))
             .with_filter(Targets::new().with_target("todo_service", Level::INFO))
     });
-    // Events follow LOG_LEVEL (validated in config, so this cannot fail). This crate's spans are
-    // always enabled for the log layer, whatever the level: they are what puts request_id and
-    // trace_id on an error logged inside a request, and `LOG_LEVEL=warn` must not lose that.
+    // Exported log records follow LOG_LEVEL like stdout, minus the exporters' internals.
+    let log_export_layer = match &logs {
+        Some(logs) => {
+            let mut filter = EnvFilter::try_new(&config.log_level)?;
+            for target in EXPORT_INTERNALS {
+                filter = filter.add_directive(format!("{target}=off").parse()?);
+            }
+            Some(OpenTelemetryTracingBridge::new(logs).with_filter(filter))
+        }
+        None => None,
+    };
+    // Events follow LOG_LEVEL (validated in config, so this cannot fail).
     let filter = EnvFilter::try_new(&config.log_level)?;
     let fmt_layer = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stdout().is_terminal())
+            .event_format(log_format::Text::default())
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .event_format(log_format::JsonLine(
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false),
+            ))
             .with_filter(filter)
             .boxed(),
     };
     tracing_subscriber::registry()
         .with(fmt_layer)
         .with(otel_layer)
+        .with(log_export_layer)
         .try_init()?;
     if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
-        tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces over OTLP");
+        tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces, metrics and logs over OTLP");
     }
-    Ok(Telemetry { provider, meters })
+    Ok(Telemetry {
+        provider,
+        meters,
+        logs,
+    })
 }
 
-/// The same resource on traces and metrics, so SigNoz joins them by service.
+/// The same resource on every signal, so SigNoz joins them by service.
 fn resource(otel: &OtelConfig) -> Resource {
     let mut attributes = vec![
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
@@ -137,7 +192,7 @@ fn meter_provider(
     endpoint: &Url,
     resource: Resource,
 ) -> anyhow::Result<SdkMeterProvider> {
-    let timeout = Duration::from_secs(3);
+    let timeout = EXPORT_TIMEOUT;
     let exporter = match otel.protocol {
         OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
@@ -169,7 +224,7 @@ fn tracer_provider(
     endpoint: &Url,
     resource: Resource,
 ) -> anyhow::Result<SdkTracerProvider> {
-    let timeout = Duration::from_secs(3);
+    let timeout = EXPORT_TIMEOUT;
     let exporter = match otel.protocol {
         OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -186,7 +241,7 @@ fn tracer_provider(
             .with_timeout(timeout)
             .build()?,
     };
-    let processor = BatchSpanProcessor::builder(exporter)
+    let processor = BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
         .with_batch_config(
             BatchConfigBuilder::default()
                 .with_max_queue_size(MAX_QUEUED_SPANS)
@@ -196,6 +251,40 @@ fn tracer_provider(
     Ok(SdkTracerProvider::builder()
         .with_resource(resource)
         .with_span_processor(processor)
+        .build())
+}
+
+fn logger_provider(
+    otel: &OtelConfig,
+    endpoint: &Url,
+    resource: Resource,
+) -> anyhow::Result<SdkLoggerProvider> {
+    let exporter = match otel.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!(
+                "{}/v1/logs",
+                endpoint.as_str().trim_end_matches('/')
+            ))
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?,
+    };
+    let processor = BatchLogProcessor::builder(Counted::new(exporter, "logs"))
+        .with_batch_config(
+            opentelemetry_sdk::logs::BatchConfigBuilder::default()
+                .with_max_queue_size(MAX_QUEUED_LOGS)
+                .build(),
+        )
+        .build();
+    Ok(SdkLoggerProvider::builder()
+        .with_resource(resource)
+        .with_log_processor(processor)
         .build())
 }
 
