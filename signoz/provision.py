@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Provision todo-service's alert rules into SigNoz through its API, idempotently.
+"""Provision todo-service's alert rules and dashboard into SigNoz through its API, idempotently.
 
-SigNoz cannot load rules from files at startup (its file loader was removed), so this script
-creates them through the API once SigNoz is healthy. A rule is matched by its `alert` name: an
-existing one is updated (PUT), a missing one created (POST), so re-running never duplicates.
+SigNoz cannot load rules or dashboards from files at startup (its file loader was removed), so this
+script creates them through the API once SigNoz is healthy. A rule is matched by its `alert` name
+and a dashboard by its `title`: an existing one is updated (PUT), a missing one created (POST), so
+re-running never duplicates. SigNoz's dashboard POST keeps only the title, so a new dashboard is
+created and then PUT in full.
 
 Standard library only, so it runs anywhere Python 3.8+ does (a `python:3-alpine` one-shot service
 in compose, or a laptop).
@@ -15,8 +17,9 @@ Environment:
                       an admin login (SigNoz's email/password session flow)
   SIGNOZ_WAIT         seconds to wait for /api/v1/health (default 300)
   RULES_DIR           directory of rule JSON files (default: alerts/ beside this script)
+  DASHBOARDS_DIR      directory of dashboard JSON files (default: dashboards/ beside this script)
 
-Exit status: 0 when every rule is in place, 1 otherwise (each failure is printed).
+Exit status: 0 when every rule and dashboard is in place, 1 otherwise (each failure is printed).
 """
 
 import glob
@@ -93,14 +96,59 @@ def existing_rules(base, headers):
     return {r.get("alert"): r.get("id") for r in rules if isinstance(r, dict)}
 
 
+def existing_dashboards(base, headers):
+    status, body = request("GET", base + "/api/v1/dashboards", headers)
+    if status != 200:
+        sys.exit(f"error: listing dashboards: HTTP {status}: {body}")
+    items = body.get("data") if isinstance(body, dict) else body
+    found = {}
+    for d in items or []:
+        if not isinstance(d, dict):
+            continue
+        title = (d.get("data") or {}).get("title")
+        found[title] = d.get("id") or d.get("uuid")
+    return found
+
+
+def provision_dashboards(base, headers, files):
+    current = existing_dashboards(base, headers)
+    failed = 0
+    for path in files:
+        with open(path) as f:
+            dashboard = json.load(f)
+        title = dashboard["title"]
+        dash_id = current.get(title)
+        action = "updated"
+        if dash_id is None:
+            status, body = request("POST", base + "/api/v1/dashboards", headers, dashboard)
+            data = body.get("data") if isinstance(body, dict) else None
+            dash_id = (data or {}).get("id") or (data or {}).get("uuid")
+            action = "created"
+            if not (200 <= status < 300 and dash_id):
+                failed += 1
+                print(f"FAILED ({status}): dashboard {title}: {body}")
+                continue
+        status, body = request("PUT", f"{base}/api/v1/dashboards/{dash_id}", headers, dashboard)
+        if 200 <= status < 300:
+            print(f"{action}: dashboard {title} ({os.path.basename(path)})")
+        else:
+            failed += 1
+            print(f"FAILED ({status}): dashboard {title}: {body}")
+    return failed
+
+
 def main():
     base = os.environ.get("SIGNOZ_URL", "http://localhost:8080").rstrip("/")
     rules_dir = os.environ.get(
         "RULES_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "alerts")
     )
+    dashboards_dir = os.environ.get(
+        "DASHBOARDS_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboards")
+    )
     files = sorted(glob.glob(os.path.join(rules_dir, "*.json")))
     if not files:
         sys.exit(f"error: no rule files in {rules_dir}")
+    dashboard_files = sorted(glob.glob(os.path.join(dashboards_dir, "*.json")))
     if not wait_healthy(base, int(os.environ.get("SIGNOZ_WAIT", "300"))):
         sys.exit(f"error: {base}/api/v1/health did not answer 200")
     headers = auth_headers(base)
@@ -123,7 +171,12 @@ def main():
             failed += 1
             print(f"FAILED ({status}): {name} ({os.path.basename(path)}): {body}")
     print(f"{len(files) - failed} rules in place, {failed} failed")
-    return 1 if failed else 0
+    dashboards_failed = provision_dashboards(base, headers, dashboard_files)
+    print(
+        f"{len(dashboard_files) - dashboards_failed} dashboards in place, "
+        f"{dashboards_failed} failed"
+    )
+    return 1 if failed or dashboards_failed else 0
 
 
 if __name__ == "__main__":

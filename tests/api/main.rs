@@ -2,6 +2,7 @@
 //! Run them with `scripts/test.sh` (it provides the PostgreSQL server).
 
 mod cli;
+mod compose;
 mod errors;
 // Shared with the drills binary, which uses parts this one does not.
 #[allow(dead_code)]

@@ -1,7 +1,10 @@
-//! The alert rules in `signoz/alerts/` have every field SigNoz's rule API requires (as read from
-//! its validators: `ruletypes.PostableRule`, schema v2alpha1), cover the alerts an operator needs,
-//! and `signoz/provision.py` provisions them idempotently (run twice against a fake SigNoz API).
-//! No SigNoz runs here, so the API's shape comes from SigNoz's source, not from a live server.
+//! The `signoz/` folder: the alert rules have every field SigNoz's rule API requires (as read from
+//! its validators: `ruletypes.PostableRule`, schema v2alpha1) and cover the alerts an operator
+//! needs; the dashboard has the v4 dashboard shape SigNoz imports; both name only metrics and
+//! attributes this service really emits; `signoz/provision.py` provisions both idempotently (run
+//! twice against a fake SigNoz API); ClickHouse's `histogramQuantile` script computes Prometheus'
+//! quantiles. No SigNoz runs here, so the API's shape comes from SigNoz's source and tests, not from
+//! a live server.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +21,15 @@ use axum::{
 use serde_json::{Value, json};
 
 fn rules() -> Vec<(String, Value)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("signoz/alerts");
+    json_files("signoz/alerts")
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    json_files("signoz/dashboards")
+}
+
+fn json_files(dir: &str) -> Vec<(String, Value)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut out: Vec<(String, Value)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -40,6 +51,35 @@ fn one_of(v: &Value, allowed: &[&str], what: &str, file: &str) {
     assert!(
         allowed.contains(&s),
         "{file}: {what} {s:?} not in {allowed:?}"
+    );
+}
+
+/// The service's source, where every metric and span attribute it emits is named.
+fn source() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut text = String::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    text
+}
+
+/// A metric a rule or panel queries must be one the service exports, or the panel stays empty
+/// and the alert never fires.
+fn assert_emitted(metric: &str, file: &str) {
+    assert!(!metric.is_empty(), "{file}: metric name missing");
+    let sdk_own = metric.starts_with("otel.sdk.");
+    assert!(
+        sdk_own || source().contains(&format!("\"{metric}\"")),
+        "{file}: metric {metric} is not emitted by the service"
     );
 }
 
@@ -110,10 +150,28 @@ fn every_alert_rule_has_what_signozs_rule_api_requires() {
                     "signal",
                     file,
                 );
-                assert!(
-                    spec["aggregations"][0]["expression"].is_string(),
-                    "{file}: aggregation"
-                );
+                let agg = &spec["aggregations"][0];
+                if spec["signal"] == "metrics" {
+                    // Metric aggregations name the metric and how to fold it over time and series.
+                    let metric = agg["metricName"].as_str().unwrap_or_default();
+                    assert_emitted(metric, file);
+                    one_of(
+                        &agg["timeAggregation"],
+                        &[
+                            "latest", "sum", "avg", "min", "max", "count", "rate", "increase",
+                        ],
+                        "timeAggregation",
+                        file,
+                    );
+                    one_of(
+                        &agg["spaceAggregation"],
+                        &["sum", "avg", "min", "max", "count"],
+                        "spaceAggregation",
+                        file,
+                    );
+                } else {
+                    assert!(agg["expression"].is_string(), "{file}: aggregation");
+                }
                 let filter = spec["filter"]["expression"].as_str().unwrap_or("");
                 assert!(
                     filter.contains("service.name = 'todo-service'"),
@@ -249,14 +307,216 @@ fn the_alerts_cover_the_post_mortem_and_the_operators_needs() {
         find(&|r| text(r).contains("db.client.connection.wait_time_ms")).is_some(),
         "pool waiters"
     );
+    assert!(
+        find(&|r| text(r).contains("todo.db.dns.lookups")
+            && r["condition"]["thresholds"]["spec"][0]["op"] == "above"
+            && r["condition"]["thresholds"]["spec"][0]["target"] == 1)
+        .is_some(),
+        "DNS resolutions > 1"
+    );
 }
 
-/// A stand-in for SigNoz's rule API, as its source describes it.
+#[test]
+fn the_dashboard_has_signozs_v4_shape_and_queries_what_the_service_emits() {
+    let dashboards = dashboards();
+    assert_eq!(dashboards.len(), 1);
+    let source = source();
+    for (file, d) in &dashboards {
+        let file = file.as_str();
+        assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()), "{file}");
+        assert_eq!(d["version"], "v4", "{file}");
+        for key in ["description", "tags", "variables"] {
+            assert!(!d[key].is_null(), "{file}: {key}");
+        }
+        let widgets = d["widgets"].as_array().expect("widgets");
+        let layout = d["layout"].as_array().expect("layout");
+        let mut ids = std::collections::HashSet::new();
+        let mut titles = String::new();
+        for w in widgets {
+            let id = w["id"].as_str().expect("widget id");
+            assert!(ids.insert(id), "{file}: duplicate widget id {id}");
+            assert!(
+                layout.iter().any(|l| l["i"] == id),
+                "{file}: widget {id} has no layout cell"
+            );
+            assert_eq!(w["panelTypes"], "graph", "{file}");
+            let title = w["title"].as_str().expect("title");
+            titles.push_str(title);
+            titles.push('\n');
+            let q = &w["query"];
+            assert_eq!(q["queryType"], "builder", "{file}: {title}");
+            let data = q["builder"]["queryData"].as_array().expect("queryData");
+            assert!(!data.is_empty(), "{file}: {title}");
+            let names: Vec<&str> = data
+                .iter()
+                .map(|qd| qd["queryName"].as_str().expect("queryName"))
+                .collect();
+            for qd in data {
+                one_of(
+                    &qd["dataSource"],
+                    &["traces", "metrics", "logs"],
+                    "dataSource",
+                    file,
+                );
+                assert_eq!(qd["expression"], qd["queryName"], "{file}: {title}");
+                let filter = qd["filter"]["expression"].as_str().unwrap_or("");
+                assert!(
+                    filter.contains("service.name = 'todo-service'"),
+                    "{file}: {title}: must filter on the service"
+                );
+                if qd["dataSource"] == "metrics" {
+                    assert_emitted(qd["aggregateAttribute"]["key"].as_str().unwrap(), file);
+                }
+                for g in qd["groupBy"].as_array().expect("groupBy") {
+                    let key = g["key"].as_str().unwrap();
+                    assert!(
+                        source.contains(key),
+                        "{file}: {title}: groups by {key}, which the service never sets"
+                    );
+                }
+            }
+            for f in q["builder"]["queryFormulas"].as_array().expect("formulas") {
+                let expr = f["expression"].as_str().unwrap();
+                for token in expr.split(|c: char| !c.is_ascii_alphanumeric()) {
+                    if token.chars().all(|c| c.is_ascii_uppercase()) && !token.is_empty() {
+                        assert!(names.contains(&token), "{file}: {title}: {token}");
+                    }
+                }
+            }
+        }
+        assert_eq!(layout.len(), widgets.len(), "{file}");
+        // What the issue asks the dashboard to show.
+        let titles = titles.to_lowercase();
+        for needle in [
+            "requests per second",
+            "error rate",
+            "latency",
+            "pool",
+            "breaker",
+            "rejections",
+            "db call latency",
+        ] {
+            assert!(titles.contains(needle), "{file}: no panel for {needle}");
+        }
+    }
+}
+
+/// Runs ClickHouse's `histogramQuantile` user script (the stack mounts it, no download) on rows in
+/// ClickHouse's TabSeparated form.
+fn histogram_quantile(rows: &str) -> Vec<String> {
+    use std::io::Write as _;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("signoz/clickhouse/user_scripts/histogramQuantile");
+    let mut child = std::process::Command::new(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the script is executable");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rows.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn histogram_quantile_interpolates_like_prometheus() {
+    let rows = [
+        // 100 observations: 10 ≤ 0.1, 50 ≤ 0.5, 90 ≤ 1. Median: rank 50 ends bucket (0.1, 0.5].
+        ("[0.1,0.5,1,inf]\t[10,50,90,100]\t0.5", "0.5"),
+        // Rank 30 is halfway through (0.1, 0.5]: 0.1 + 0.4 × 20/40.
+        ("[0.1,0.5,1,inf]\t[10,50,90,100]\t0.3", "0.3"),
+        // Buckets arrive unordered (groupArray): sorted first. Rank 9 ends bucket (0.5, 1].
+        ("[1,inf,0.5]\t[9,10,5]\t0.9", "1"),
+        // Rank in the +Inf bucket: the highest finite bound.
+        ("[0.1,0.5,inf]\t[10,20,100]\t0.99", "0.5"),
+        // No observations, no +Inf bucket, q out of range.
+        ("[0.1,inf]\t[0,0]\t0.5", "nan"),
+        ("[0.1,0.5]\t[1,2]\t0.5", "nan"),
+        ("[0.1,inf]\t[10,10]\t2", "inf"),
+        ("[0.1,inf]\t[10,10]\t-1", "-inf"),
+    ];
+    let input: String = rows.iter().map(|(r, _)| format!("{r}\n")).collect();
+    let got = histogram_quantile(&input);
+    assert_eq!(got.len(), rows.len(), "{got:?}");
+    for ((row, want), got) in rows.iter().zip(&got) {
+        let same = match (want.parse::<f64>(), got.parse::<f64>()) {
+            (Ok(w), Ok(g)) if w.is_finite() => (w - g).abs() < 1e-9,
+            _ => want == got,
+        };
+        assert!(same, "{row}: want {want}, got {got}");
+    }
+}
+
+/// A stand-in for SigNoz's rule and dashboard APIs, as its source and tests describe them.
 #[derive(Clone, Default)]
 struct FakeSignoz {
     rules: Arc<Mutex<BTreeMap<u64, Value>>>,
     posts: Arc<Mutex<usize>>,
     puts: Arc<Mutex<usize>>,
+    dashboards: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
+async fn list_dashboards(State(s): State<FakeSignoz>, h: HeaderMap) -> (StatusCode, Json<Value>) {
+    if !authorised(&h) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"status": "error"})));
+    }
+    let items: Vec<Value> = s
+        .dashboards
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, d)| json!({"id": id, "data": d}))
+        .collect();
+    (
+        StatusCode::OK,
+        Json(json!({"status": "success", "data": items})),
+    )
+}
+
+/// Like SigNoz's: a POST keeps only the title (and version); the rest needs a PUT.
+async fn create_dashboard(
+    State(s): State<FakeSignoz>,
+    h: HeaderMap,
+    Json(d): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if !authorised(&h) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"status": "error"})));
+    }
+    let mut dashboards = s.dashboards.lock().unwrap();
+    let id = format!("dash-{}", dashboards.len() + 1);
+    let kept = json!({"title": d["title"], "version": d["version"]});
+    dashboards.insert(id.clone(), kept.clone());
+    (
+        StatusCode::CREATED,
+        Json(json!({"status": "success", "data": {"id": id, "data": kept}})),
+    )
+}
+
+async fn update_dashboard(
+    State(s): State<FakeSignoz>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(d): Json<Value>,
+) -> StatusCode {
+    if !authorised(&h) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    match s.dashboards.lock().unwrap().get_mut(&id) {
+        Some(existing) => {
+            *existing = d;
+            StatusCode::OK
+        }
+        None => StatusCode::NOT_FOUND,
+    }
 }
 
 fn authorised(h: &HeaderMap) -> bool {
@@ -318,7 +578,7 @@ async fn update(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provisioning_creates_the_rules_once_and_updates_them_on_rerun() {
+async fn provisioning_creates_rules_and_dashboard_once_and_updates_them_on_rerun() {
     let fake = FakeSignoz::default();
     let app = Router::new()
         .route(
@@ -327,6 +587,11 @@ async fn provisioning_creates_the_rules_once_and_updates_them_on_rerun() {
         )
         .route("/api/v1/rules", get(list).post(create))
         .route("/api/v1/rules/{id}", put(update))
+        .route(
+            "/api/v1/dashboards",
+            get(list_dashboards).post(create_dashboard),
+        )
+        .route("/api/v1/dashboards/{id}", put(update_dashboard))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -353,13 +618,22 @@ async fn provisioning_creates_the_rules_once_and_updates_them_on_rerun() {
         "{out}{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(out.matches("created:").count(), expected, "{out}");
+    assert_eq!(out.matches("created:").count(), expected + 1, "{out}");
     assert_eq!(fake.rules.lock().unwrap().len(), expected);
+    let full = &dashboards()[0].1;
+    let stored = fake.dashboards.lock().unwrap().clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored.values().next().unwrap(),
+        full,
+        "the dashboard is stored in full, not just what POST keeps"
+    );
 
     let second = run("test-key").await.unwrap();
     let out = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(second.status.success(), "{out}");
-    assert_eq!(out.matches("updated:").count(), expected, "{out}");
+    assert_eq!(out.matches("updated:").count(), expected + 1, "{out}");
+    assert_eq!(fake.dashboards.lock().unwrap().len(), 1, "{out}");
     assert_eq!(
         fake.rules.lock().unwrap().len(),
         expected,

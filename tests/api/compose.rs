@@ -1,0 +1,236 @@
+//! `docker-compose.yml`, the `Dockerfile` and the SigNoz collector config, checked statically: no
+//! Docker engine runs on these machines. CI also runs `docker-compose config -q` on the compose
+//! file; this test checks what that cannot: that the stack is the one the README describes and is
+//! wired to this service's real settings.
+
+use std::{collections::HashSet, path::PathBuf};
+
+use serde_yaml_ng::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml(path: &str) -> Value {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn s<'a>(v: &'a Value, what: &str) -> &'a str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: expected a string, got {v:?}"))
+}
+
+/// The variables the service reads, from `.env.example` (itself checked against the config table).
+fn known_variables() -> HashSet<String> {
+    std::fs::read_to_string(root().join(".env.example"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect()
+}
+
+fn healthcheck(service: &Value, name: &str) -> String {
+    let test = &service["healthcheck"]["test"];
+    let parts: Vec<&str> = test
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{name}: healthcheck test"))
+        .iter()
+        .map(|p| s(p, "healthcheck part"))
+        .collect();
+    parts.join(" ")
+}
+
+#[test]
+fn compose_brings_up_postgres_the_service_and_signoz_wired_together() {
+    let compose = yaml("docker-compose.yml");
+    let services = compose["services"].as_mapping().expect("services");
+    let names: HashSet<&str> = services.keys().map(|k| s(k, "service name")).collect();
+    for required in [
+        "postgres",
+        "todo-service",
+        "clickhouse",
+        "signoz-migrator",
+        "otel-collector",
+        "signoz",
+        "signoz-provision",
+    ] {
+        assert!(names.contains(required), "service {required} missing");
+    }
+    // Every image pinned to a version (no implicit or explicit `latest`).
+    for (name, svc) in services {
+        if let Some(image) = svc["image"].as_str() {
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                !tag.is_empty() && tag != "latest",
+                "{name:?}: image {image} is not pinned"
+            );
+        }
+    }
+
+    let pg = &compose["services"]["postgres"];
+    assert!(healthcheck(pg, "postgres").contains("pg_isready"));
+    assert!(
+        pg["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| s(v, "volume").ends_with(":/var/lib/postgresql/data")),
+        "postgres data on a volume"
+    );
+    assert!(pg["deploy"]["resources"]["limits"]["memory"].is_string());
+
+    let app = &compose["services"]["todo-service"];
+    assert_eq!(
+        app["build"].as_str(),
+        Some("."),
+        "built from the Dockerfile"
+    );
+    assert!(healthcheck(app, "todo-service").contains("/health"));
+    assert_eq!(
+        app["depends_on"]["postgres"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    assert!(app["deploy"]["resources"]["limits"]["memory"].is_string());
+    assert!(app["deploy"]["resources"]["limits"]["cpus"].is_string());
+    let env = app["environment"].as_mapping().expect("environment map");
+    let known = known_variables();
+    for key in env.keys() {
+        let key = s(key, "variable");
+        assert!(
+            known.contains(key),
+            "todo-service: {key} is not a setting of the service"
+        );
+    }
+    let var = |k: &str| s(&app["environment"][k], k).to_owned();
+    // The post-mortem's setup: the database by its compose name (resolved once at startup).
+    let db = url::Url::parse(&var("DATABASE_URL").replace("${POSTGRES_PASSWORD:-todo}", "x"))
+        .expect("DATABASE_URL");
+    assert_eq!(db.host_str(), Some("postgres"));
+    assert_eq!(
+        var("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "http://otel-collector:4317"
+    );
+    assert_eq!(var("OTEL_EXPORTER_OTLP_PROTOCOL"), "grpc");
+    assert_eq!(var("OTEL_SERVICE_NAME"), "todo-service");
+    assert!(var("LISTEN_ADDR").starts_with("0.0.0.0:"));
+    // The stop grace period must outlast the service's own drain deadline.
+    let grace =
+        humantime::parse_duration(s(&app["stop_grace_period"], "stop_grace_period")).unwrap();
+    let drain = humantime::parse_duration(&var("SHUTDOWN_TIMEOUT")).unwrap();
+    assert!(
+        grace > drain,
+        "stop_grace_period {grace:?} <= SHUTDOWN_TIMEOUT {drain:?}"
+    );
+
+    let published: Vec<String> = services
+        .values()
+        .filter_map(|svc| svc["ports"].as_sequence())
+        .flatten()
+        .map(|p| s(p, "port").to_owned())
+        .collect();
+    for port in ["8080:8080", "4317:4317", "4318:4318", "3301:8080"] {
+        assert!(
+            published.iter().any(|p| p == port),
+            "{port} not published: {published:?}"
+        );
+    }
+    for name in ["clickhouse", "otel-collector", "signoz"] {
+        assert!(
+            !healthcheck(&compose["services"][name], name).is_empty(),
+            "{name}: healthcheck"
+        );
+    }
+    assert_eq!(
+        compose["services"]["signoz-provision"]["depends_on"]["signoz"]["condition"].as_str(),
+        Some("service_healthy"),
+        "provisioning waits for a healthy SigNoz"
+    );
+    // Every file the stack mounts from the repository exists.
+    for (name, svc) in services {
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let v = s(v, "volume");
+            if let Some(path) = v.strip_prefix("./") {
+                let host = path.split(':').next().unwrap();
+                assert!(
+                    root().join(host).exists(),
+                    "{name:?}: mounts missing {host}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_image_is_multi_stage_non_root_and_healthchecked() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let froms = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .count();
+    assert!(froms >= 2, "multi-stage: {froms} FROM lines");
+    let user = dockerfile
+        .lines()
+        .rfind(|l| l.starts_with("USER "))
+        .expect("a USER line");
+    let uid = user.trim_start_matches("USER ").split(':').next().unwrap();
+    assert!(uid != "0" && uid != "root", "runs as {uid}");
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/health"));
+    assert!(dockerfile.contains("--locked"), "builds from Cargo.lock");
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target/"),
+        "target/ kept out of the context"
+    );
+}
+
+#[test]
+fn the_collector_receives_otlp_and_every_pipeline_part_is_defined() {
+    let c = yaml("signoz/collector/otel-collector-config.yaml");
+    let grpc = s(
+        &c["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"],
+        "grpc",
+    );
+    let http = s(
+        &c["receivers"]["otlp"]["protocols"]["http"]["endpoint"],
+        "http",
+    );
+    assert!(grpc.ends_with(":4317") && http.ends_with(":4318"));
+    let pipelines = c["service"]["pipelines"].as_mapping().expect("pipelines");
+    for signal in ["traces", "metrics", "logs"] {
+        let p = &c["service"]["pipelines"][signal];
+        assert!(
+            p["receivers"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|r| r.as_str() == Some("otlp")),
+            "{signal} pipeline receives OTLP"
+        );
+    }
+    for (name, p) in pipelines {
+        for (kind, section) in [
+            ("receivers", "receivers"),
+            ("processors", "processors"),
+            ("exporters", "exporters"),
+        ] {
+            for part in p[kind].as_sequence().into_iter().flatten() {
+                let part = s(part, kind);
+                assert!(
+                    !c[section][part].is_null() || c[section].get(part).is_some(),
+                    "pipeline {name:?} uses undefined {kind} {part}"
+                );
+            }
+        }
+    }
+    // SigNoz's APM pages are built from the span metrics processor on the traces pipeline.
+    assert!(
+        c["service"]["pipelines"]["traces"]["processors"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == Some("signozspanmetrics/delta"))
+    );
+}
