@@ -13,7 +13,8 @@
 //!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
 //!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
-//! - [`telemetry`]: logging and OTLP trace export (the request span itself is in `http`).
+//! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
+//!   logs (the request span itself is in `http`).
 //! - [`metrics`]: request, pool, breaker and DNS metrics, exported with the traces.
 //! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 
