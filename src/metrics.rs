@@ -1,9 +1,9 @@
 //! The service's metrics, exported over OTLP next to the traces (see `telemetry`).
 //!
 //! What an operator graphs and alerts on: request duration by route/method/status, rejections by
-//! the protective layer that answered, the pool (open, idle, in use, waiting, max), the circuit
-//! breaker (state, times opened) and the number of DNS lookups of the database host — 1 in a
-//! healthy run, the invariant the post-mortem's service lacked.
+//! the protective layer that answered, the pool (open, idle, in use, waiting, max, wait time), the
+//! circuit breaker (state, times opened) and the number of DNS lookups of the database host — 1 in
+//! a healthy run, the invariant the post-mortem's service lacked.
 //!
 //! Instruments come from the global meter, so when export is off (no endpoint, or in-process
 //! tests) they are the API's no-op instruments and cost almost nothing. Pool, breaker and DNS
@@ -78,6 +78,23 @@ impl HttpMetrics {
                 .add(1, &[KeyValue::new("todo.rejected_by", layer)]);
         }
     }
+}
+
+/// Records how long a database call waited for a pooled connection
+/// (`db.client.connection.wait_time`, seconds).
+pub fn pool_wait(waited: Duration) {
+    static WAIT: OnceLock<Histogram<f64>> = OnceLock::new();
+    WAIT.get_or_init(|| {
+        meter()
+            .f64_histogram("db.client.connection.wait_time")
+            .with_unit("s")
+            .with_description("Time a database call waited for a pooled connection")
+            .with_boundaries(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+            ])
+            .build()
+    })
+    .record(waited.as_secs_f64(), &[]);
 }
 
 /// Registers the pool, breaker and DNS instruments, read from `db` at each export. They hold the

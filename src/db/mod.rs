@@ -267,10 +267,12 @@ impl Db {
         };
         let waited = tokio::time::Instant::now();
         let got = self.inner.pool.get().instrument(span.clone()).await;
+        let waited = waited.elapsed();
         span.record(
             "db.client.connection.wait_time_ms",
-            waited.elapsed().as_secs_f64() * 1000.0,
+            waited.as_secs_f64() * 1000.0,
         );
+        crate::metrics::pool_wait(waited);
         match got {
             Ok(conn) => Ok(Session {
                 conn,

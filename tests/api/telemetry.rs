@@ -555,6 +555,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         "db.client.connection.count",
         "db.client.connection.max",
         "db.client.connection.pending_requests",
+        "db.client.connection.wait_time",
         "todo.db.breaker.opened",
         // The SDK's own counts, including spans and logs dropped on a full queue.
         "otel.sdk.processor.span.processed",
