@@ -1,0 +1,2 @@
+-- POST /todos: the service's SQL_CREATE_TODO.
+INSERT INTO todos (title, completed, position) VALUES ('load test', false, NULL) RETURNING id, title, completed, position, sort_key, created_at, updated_at;

@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Load-test driver behind loadtest/run.sh (which installs the tools, starts PostgreSQL and builds
+the release binary first). Standard library plus matplotlib for the plots.
+
+Why a script and not a Rust bench: the figures must come from the tools users run against the
+service (curl, ab, oha) and from pgbench on the same SQL, in one invocation, so that every ratio
+compares runs made on the same machine at the same time. Every step is bounded in time and count
+and targets 127.0.0.1 only; whatever this script starts it stops, also on Ctrl-C or failure.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "loadtest")
+SCENARIOS = ["spike", "steps", "sustained", "flood", "outage"]  # baseline runs inside sustained
+STARTED = []  # processes to stop on exit
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http(method, url, body=None, timeout=5):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+    except OSError:
+        return 0, {}, b""
+
+
+def run(cmd, timeout, **kw):
+    """Runs a load tool with a hard time bound; returns (stdout, the command as a string)."""
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    log(f"  $ {shown}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return out.stdout, shown
+
+
+# --- the service and the database -----------------------------------------------------------
+
+class Service:
+    def __init__(self, url, database_url, extra_env=None):
+        self.url = url
+        self.database_url = database_url
+        self.proc = None
+        self.extra_env = extra_env or {}
+
+    def start(self):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ)
+        env.update({
+            "DATABASE_URL": self.database_url,
+            "LISTEN_ADDR": f"127.0.0.1:{port}",
+            # Every load comes from one IP: the per-client limiter would measure itself.
+            "RATE_LIMIT_PER_SECOND": "0",
+            "LOG_LEVEL": "warn",
+            "OTEL_SDK_DISABLED": "true",
+        })
+        env.update(self.extra_env)
+        binary = os.path.join(ROOT, "target", "release", "todo-service")
+        self.proc = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        STARTED.append(self.proc)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if http("GET", self.url + "/ready")[0] == 200:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError("the service exited during startup")
+            time.sleep(0.1)
+        raise RuntimeError("the service did not become ready in 30 s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def rss_kib(self):
+        if not self.proc:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+
+def psql(database_url, sql):
+    binary = os.path.join(os.environ["PG_BIN"], "psql")
+    return subprocess.run([binary, database_url, "-qtAc", sql], check=True, capture_output=True,
+                          text=True, timeout=120).stdout
+
+
+def seed(database_url, rows):
+    """A known data set: `rows` todos with ids 1..rows (the table is emptied and renumbered)."""
+    psql(database_url, "TRUNCATE todos RESTART IDENTITY")
+    psql(database_url, f"INSERT INTO todos (title, position) SELECT 'seeded todo ' || g, "
+                       f"CASE WHEN g % 3 = 0 THEN g END FROM generate_series(1, {rows}) g")
+    psql(database_url, "VACUUM ANALYZE todos")
+
+
+def as_owner(cmd):
+    return (["runuser", "-u", "postgres", "--"] + cmd) if os.geteuid() == 0 else cmd
+
+
+class Postgres:
+    """The throwaway cluster run.sh started, for the outage scenario."""
+
+    def __init__(self):
+        self.data = os.environ.get("LOADTEST_PG_DATA")
+        self.log = os.environ.get("LOADTEST_PG_LOG")
+        self.opts = None
+
+    def available(self):
+        return bool(self.data)
+
+    def stop(self):
+        with open(os.path.join(self.data, "postmaster.opts")) as f:
+            args = shlex.split(f.read())[1:]
+        # Restart with the same options (port, socket dir) it was started with, minus -D.
+        keep, skip = [], False
+        for a in args:
+            if skip:
+                skip = False
+                continue
+            if a == "-D":
+                skip = True
+                continue
+            keep.append(a)
+        self.opts = " ".join(shlex.quote(a) for a in keep)
+        subprocess.run(as_owner([os.path.join(os.environ["PG_BIN"], "pg_ctl"), "-D", self.data,
+                                 "-m", "fast", "-w", "stop"]), check=True, capture_output=True,
+                       cwd="/", timeout=60)
+
+    def start(self):
+        subprocess.run(as_owner([os.path.join(os.environ["PG_BIN"], "pg_ctl"), "-D", self.data,
+                                 "-l", self.log, "-o", self.opts, "-w", "start"]), check=True,
+                       capture_output=True, cwd="/", timeout=60)
+
+
+# --- tool output parsers ----------------------------------------------------------------------
+
+def parse_ab(text):
+    def num(pattern, default=None):
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else default
+    pct = {int(p): float(v) for p, v in re.findall(r"^\s+(\d+)%\s+(\d+)", text, re.M)}
+    return {
+        "rps": num(r"Requests per second:\s+([\d.]+)"),
+        "p50_ms": pct.get(50),
+        "p99_ms": pct.get(99),
+        "failed": int(num(r"Failed requests:\s+(\d+)", 0)),
+        "non_2xx": int(num(r"Non-2xx responses:\s+(\d+)", 0)),
+        "complete": int(num(r"Complete requests:\s+(\d+)", 0)),
+    }
+
+
+def parse_oha(text):
+    j = json.loads(text)
+    s = j.get("summary", {})
+    pct = j.get("latencyPercentiles", {})
+    ms = lambda v: None if v is None else v * 1000.0  # noqa: E731
+    return {
+        "rps": s.get("requestsPerSec"),
+        "success_rate": s.get("successRate"),
+        "p50_ms": ms(pct.get("p50")),
+        "p99_ms": ms(pct.get("p99")),
+        "p99_9_ms": ms(pct.get("p99.9")),
+        "statuses": {str(k): v for k, v in (j.get("statusCodeDistribution") or {}).items()},
+        "non_2xx": sum(v for k, v in (j.get("statusCodeDistribution") or {}).items()
+                       if not str(k).startswith("2")),
+        "errors": j.get("errorDistribution") or {},
+    }
+
+
+def parse_pgbench(text, log_dir):
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", text)
+    latencies = []
+    for name in os.listdir(log_dir):
+        with open(os.path.join(log_dir, name)) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    latencies.append(int(parts[2]) / 1000.0)  # µs → ms
+    latencies.sort()
+    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else None  # noqa: E731
+    return {"tps": float(tps.group(1)) if tps else None, "p50_ms": q(0.50), "p99_ms": q(0.99),
+            "p99_9_ms": q(0.999), "transactions": len(latencies)}
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+def spike(svc, args, res):
+    """The post-mortem's protocol: 120 simultaneous curl GET /todos, 5 rounds."""
+    rounds = []
+    for n in range(5):
+        procs = [subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-m", "30", "-w",
+                                  "%{http_code}", svc.url + "/todos"], stdout=subprocess.PIPE,
+                                 text=True) for _ in range(120)]
+        started = time.time()
+        codes = {}
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            codes[out.strip() or "000"] = codes.get(out.strip() or "000", 0) + 1
+        wall = time.time() - started
+        rounds.append({"round": n + 1, "statuses": codes, "wall_s": round(wall, 3)})
+        log(f"  spike round {n + 1}: {codes} in {wall:.2f} s")
+    res["spike"] = {"command": f"120 x curl -s -o /dev/null -w %{{http_code}} {svc.url}/todos, 5 rounds",
+                    "rounds": rounds}
+
+
+def steps(svc, args, res):
+    levels = [10, 50, 200] if args.quick else [10, 25, 50, 100, 200, 500]
+    out = []
+    for c in levels:
+        n = max(c * (20 if args.quick else 100), 1000 if args.quick else 5000)
+        text, cmd = run(["ab", "-q", "-n", str(n), "-c", str(c), "-s", "30",
+                         svc.url + "/todos?limit=20"], timeout=300)
+        r = parse_ab(text)
+        r.update({"concurrency": c, "requests": n, "command": cmd})
+        out.append(r)
+        log(f"  ab c={c}: {r['rps']} rps, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+            f"failed {r['failed']}, non-2xx {r['non_2xx']}")
+    res["steps"] = out
+
+
+WORKLOADS = {
+    # name: (oha args after the URL base, pgbench script)
+    "get-one": (["--rand-regex-url", "{base}/todos/[1-9][0-9]{{0,2}}"], "get-one.sql"),
+    "list": (["{base}/todos?limit=20"], "list.sql"),
+    "post": (["-m", "POST", "-H", "content-type: application/json", "-d", '{{"title":"load test"}}',
+              "{base}/todos"], "post.sql"),
+    "patch": (["-m", "PATCH", "-H", "content-type: application/json", "-d", '{{"completed":true}}',
+               "--rand-regex-url", "{base}/todos/[1-9][0-9]{{0,2}}"], "patch.sql"),
+}
+
+
+def oha(svc, extra, seconds, conc):
+    # With --rand-regex-url the URL is a pattern: the dots of the address must be literal.
+    # ("[.]", not "\\.": oha's generator does not take the escape as a literal dot).
+    base = svc.url.replace(".", "[.]") if "--rand-regex-url" in extra else svc.url
+    args = [a.format(base=base) for a in extra]
+    # The URL (or --rand-regex-url's pattern) comes last; oha's own flags first.
+    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(conc)] + args
+    text, shown = run(cmd, timeout=seconds + 60)
+    return parse_oha(text), shown
+
+
+def pgbench(database_url, script, seconds, conc, rows):
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [os.path.join(os.environ["PG_BIN"], "pgbench"), "-n", "-M", "prepared",
+               "-c", str(conc), "-j", "2", "-T", str(seconds), "-D", f"seed_rows={rows}",
+               "-l", "--log-prefix", os.path.join(d, "tx"),
+               "-f", os.path.join(HERE, "pgbench", script), database_url]
+        text, shown = run(cmd, timeout=seconds + 60)
+        return parse_pgbench(text, d), shown
+
+
+def sustained(svc, args, res):
+    """oha at c=64 per workload, each interleaved with pgbench running the same SQL."""
+    seconds = args.duration
+    out = {}
+    for name, (extra, script) in WORKLOADS.items():
+        if name in ("post", "patch"):
+            seed(svc.database_url, args.rows)  # writes grow the table; each run starts alike
+        base, base_cmd = pgbench(svc.database_url, script, seconds, 64, min(args.rows, 999))
+        seed(svc.database_url, args.rows)
+        http_r, cmd = oha(svc, extra, seconds, 64)
+        ratio = (http_r["rps"] / base["tps"]) if base["tps"] else None
+        out[name] = {"http": http_r, "http_command": cmd, "pgbench": base,
+                     "pgbench_command": base_cmd, "ratio_to_pgbench": ratio}
+        log(f"  {name}: {http_r['rps']:.0f} rps (p99 {http_r['p99_ms']:.2f} ms, non-2xx "
+            f"{http_r['non_2xx']}) vs pgbench {base['tps']:.0f} tps (p99 {base['p99_ms']:.2f} ms): "
+            f"{ratio:.2f}x")
+    # Mixed 80/20 read/write: two oha processes at once, 51 + 13 connections.
+    seed(svc.database_url, args.rows)
+    results = {}
+
+    def go(key, extra, conc):
+        results[key] = oha(svc, extra, seconds, conc)
+
+    threads = [threading.Thread(target=go, args=("read", WORKLOADS["get-one"][0], 51)),
+               threading.Thread(target=go, args=("write", WORKLOADS["post"][0], 13))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    read, write = results["read"][0], results["write"][0]
+    out["mixed-80-20"] = {"http": {"rps": read["rps"] + write["rps"], "read": read, "write": write},
+                          "http_command": results["read"][1] + "  &  " + results["write"][1]}
+    log(f"  mixed 80/20: {read['rps'] + write['rps']:.0f} rps "
+        f"(read p99 {read['p99_ms']:.2f} ms, write p99 {write['p99_ms']:.2f} ms)")
+    res["sustained"] = {"concurrency": 64, "seconds": seconds, "workloads": out}
+
+
+def flood(svc, args, res):
+    """2000 simultaneous connections, then /health must answer within 1 s."""
+    conc = 2000
+    n = 4000 if args.quick else 20000
+    retry_after = {"checked": 0, "missing": 0}
+    stop = threading.Event()
+
+    def probe():
+        # Beside the flood: every refusal must say when to come back.
+        while not stop.is_set():
+            status, headers, _ = http("GET", svc.url + "/todos?limit=20", timeout=10)
+            if status in (429, 503):
+                retry_after["checked"] += 1
+                if not any(k.lower() == "retry-after" for k in headers):
+                    retry_after["missing"] += 1
+
+    prober = threading.Thread(target=probe)
+    peak = {"rss_kib": 0}
+
+    def watch():
+        while not stop.is_set():
+            peak["rss_kib"] = max(peak["rss_kib"], svc.rss_kib() or 0)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    prober.start()
+    watcher.start()
+    try:
+        text, cmd = run(["oha", "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(conc),
+                         "-t", "10s", svc.url + "/todos?limit=20"], timeout=180)
+    finally:
+        stop.set()
+        prober.join()
+        watcher.join()
+    r = parse_oha(text)
+    ended = time.time()
+    healthy_after = None
+    while time.time() - ended < 10:
+        if http("GET", svc.url + "/health", timeout=2)[0] == 200:
+            healthy_after = time.time() - ended
+            break
+        time.sleep(0.01)
+    r.update({"concurrency": conc, "requests": n, "command": cmd, "retry_after": retry_after,
+              "healthy_after_s": healthy_after, "peak_rss_mib": round(peak["rss_kib"] / 1024, 1)})
+    log(f"  flood: statuses {r['statuses']}, errors {r['errors']}, p99 {r['p99_ms']:.1f} ms, "
+        f"healthy after {healthy_after} s, peak RSS {r['peak_rss_mib']} MiB, Retry-After {retry_after}")
+    res["flood"] = r
+
+
+def outage(svc, args, res):
+    """Steady load while PostgreSQL is stopped for 10 s, then started: a per-second timeline."""
+    pg = Postgres()
+    if not pg.available():
+        log("  outage: skipped (needs the throwaway PostgreSQL that run.sh starts)")
+        res["outage"] = {"skipped": "needs the throwaway PostgreSQL run.sh starts"}
+        return
+    before, down, after = (3, 10, 6) if args.quick else (5, 10, 10)
+    total = before + down + after
+    events = []  # (t, status, latency)
+    t0 = time.time()
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            start = time.time()
+            status = http("GET", svc.url + "/todos/1", timeout=5)[0]
+            events.append((start - t0, status, time.time() - start))
+            time.sleep(0.005)
+
+    pool = [threading.Thread(target=client) for _ in range(8)]
+    for t in pool:
+        t.start()
+    try:
+        time.sleep(before)
+        stopped_at = time.time() - t0
+        pg.stop()
+        time.sleep(max(0, before + down - (time.time() - t0)))
+        started_at = time.time() - t0
+        pg.start()
+        time.sleep(max(0, total - (time.time() - t0)))
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
+    timeline = {}
+    for t, status, _ in events:
+        sec = timeline.setdefault(int(t), {})
+        sec[str(status)] = sec.get(str(status), 0) + 1
+    first_503 = next((t for t, s, _ in sorted(events) if t >= stopped_at and s == 503), None)
+    recovered = next((t for t, s, _ in sorted(events) if t >= started_at and s == 200), None)
+    during = [lat for t, s, lat in events if stopped_at <= t < started_at]
+    r = {
+        "stopped_at_s": round(stopped_at, 2), "started_at_s": round(started_at, 2),
+        "time_to_first_503_s": None if first_503 is None else round(first_503 - stopped_at, 3),
+        "time_to_recovery_s": None if recovered is None else round(recovered - started_at, 3),
+        "p99_ms_while_down": round(sorted(during)[int(0.99 * (len(during) - 1))] * 1000, 1) if during else None,
+        "timeline": {str(k): timeline[k] for k in sorted(timeline)},
+        "command": "8 Python clients GET /todos/1 in a loop; pg_ctl stop -m fast; pg_ctl start",
+    }
+    log(f"  outage: first 503 {r['time_to_first_503_s']} s after the stop, recovered "
+        f"{r['time_to_recovery_s']} s after the start, p99 while down {r['p99_ms_while_down']} ms")
+    res["outage"] = r
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def machine():
+    def cmd(c):
+        try:
+            return subprocess.run(c, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f.readline().split()[1] + " kB"
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory": mem, "kernel": platform.release(),
+            "oha": cmd(["oha", "--version"]), "ab": cmd(["ab", "-V"]),
+            "pgbench": cmd([os.path.join(os.environ["PG_BIN"], "pgbench"), "--version"])}
+
+
+def summary(res):
+    lines = [f"# Load test {res['started']}", "",
+             f"commit `{res['commit']}`, {res['machine']['cpus']} CPUs ({res['machine']['cpu']}), "
+             f"{'quick' if res['quick'] else 'full'} run", ""]
+    if "sustained" in res:
+        lines += ["| workload (c=64) | service rps | p50 ms | p99 ms | non-2xx | pgbench tps | pgbench p99 ms | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, w in res["sustained"]["workloads"].items():
+            h, b = w["http"], w.get("pgbench")
+            f = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+            non2xx = h.get("non_2xx", (h.get("read") or {}).get("non_2xx", 0) + (h.get("write") or {}).get("non_2xx", 0))
+            lines.append(f"| {name} | {f(h['rps'], 0)} | {f(h.get('p50_ms'), 2)} | {f(h.get('p99_ms'), 2)} | {non2xx} | "
+                         f"{f(b['tps'], 0) if b else '–'} | {f(b['p99_ms'], 2) if b else '–'} | "
+                         f"{f(w.get('ratio_to_pgbench'), 2)} |")
+        lines.append("")
+    if "steps" in res:
+        lines += ["| ab concurrency | rps | p50 ms | p99 ms | failed | non-2xx |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s['concurrency']} | {s['rps']} | {s['p50_ms']} | {s['p99_ms']} | {s['failed']} | {s['non_2xx']} |"
+                  for s in res["steps"]]
+        lines.append("")
+    if "spike" in res:
+        lines.append("Spike (120 × curl, 5 rounds): " + "; ".join(
+            f"{r['statuses']} in {r['wall_s']} s" for r in res["spike"]["rounds"]))
+        lines.append("")
+    if "flood" in res:
+        fl = res["flood"]
+        lines.append(f"Flood (oha -c 2000, {fl['requests']} requests): statuses {fl['statuses']}, "
+                     f"connection errors {fl['errors'] or 0}, p99 {fl['p99_ms']:.1f} ms, healthy "
+                     f"{fl['healthy_after_s']} s after, peak RSS {fl['peak_rss_mib']} MiB, "
+                     f"Retry-After missing on {fl['retry_after']['missing']} of "
+                     f"{fl['retry_after']['checked']} refusals")
+        lines.append("")
+    if "outage" in res and "skipped" not in res["outage"]:
+        o = res["outage"]
+        lines.append(f"Outage (PostgreSQL stopped 10 s): first 503 {o['time_to_first_503_s']} s after "
+                     f"the stop, recovered {o['time_to_recovery_s']} s after the start, p99 while "
+                     f"down {o['p99_ms_while_down']} ms")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(res, stem):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    if "steps" in res:
+        c = [s["concurrency"] for s in res["steps"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(c, [s["rps"] for s in res["steps"]], "o-", label="requests/s")
+        ax.set_xscale("log")
+        ax.set_xlabel("ab concurrency")
+        ax.set_ylabel("requests/s")
+        ax2 = ax.twinx()
+        ax2.plot(c, [s["p99_ms"] for s in res["steps"]], "s--", color="tab:red", label="p99 ms")
+        ax2.set_ylabel("p99 latency (ms)")
+        ax.set_title("GET /todos?limit=20: throughput and p99 vs concurrency")
+        fig.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(stem + "-steps.png", dpi=100)
+        made.append(stem + "-steps.png")
+    if "outage" in res and "timeline" in res["outage"]:
+        o = res["outage"]
+        secs = sorted(int(k) for k in o["timeline"])
+        codes = sorted({c for v in o["timeline"].values() for c in v})
+        fig, ax = plt.subplots(figsize=(8, 4))
+        bottom = [0] * len(secs)
+        for code in codes:
+            vals = [o["timeline"][str(s)].get(code, 0) for s in secs]
+            ax.bar(secs, vals, bottom=bottom, label=code)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.axvspan(o["stopped_at_s"], o["started_at_s"], color="grey", alpha=0.2, label="Postgres down")
+        ax.set_xlabel("second")
+        ax.set_ylabel("responses")
+        ax.set_title("Outage: responses per second by status")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(stem + "-outage.png", dpi=100)
+        made.append(stem + "-outage.png")
+    return made
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI mode: about two minutes in all")
+    p.add_argument("--duration", type=int, help="seconds per sustained workload (default 20, quick 3)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)} (baseline runs with sustained)")
+    p.add_argument("--url", help="a running service (127.0.0.1 only); its database must be DATABASE_URL")
+    p.add_argument("--rows", type=int, default=10000, help="todos seeded before the runs")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    args.duration = args.duration or (3 if args.quick else 20)
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS + ["baseline"]]
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(unknown)}")
+    if "baseline" in chosen and "sustained" not in chosen:
+        chosen.append("sustained")
+    database_url = os.environ.get("DATABASE_URL")
+    if not database_url:
+        p.error("DATABASE_URL is not set (run through loadtest/run.sh)")
+    if args.url and not re.match(r"^http://127\.0\.0\.1:\d+/?$", args.url):
+        p.error("--url must be http://127.0.0.1:PORT: load tests target this machine only")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    svc = Service(args.url.rstrip("/") if args.url else None, database_url)
+    res = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "quick": args.quick, "scenarios": chosen, "rows": args.rows}
+    res["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                   capture_output=True, text=True).stdout.strip()
+    res["machine"] = machine()
+    try:
+        if not args.url:
+            svc.start()
+        log(f"service at {svc.url}; seeding {args.rows} todos")
+        seed(database_url, args.rows)
+        res["rss_mib_idle"] = round((svc.rss_kib() or 0) / 1024, 1)
+        for name in SCENARIOS:
+            if name in chosen:
+                log(f"== {name}")
+                globals()[name](svc, args, res)
+        res["rss_mib_end"] = round((svc.rss_kib() or 0) / 1024, 1)
+    finally:
+        svc.stop()
+        for proc in STARTED:
+            if proc.poll() is None:
+                proc.kill()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, res["started"].replace(":", ""))
+    res["plots"] = [os.path.basename(x) for x in plots(res, stem)]
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    text = summary(res)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"results: {stem}.json, {stem}.md" + "".join(f", {os.path.join(args.out, x)}" for x in res["plots"]))
+
+
+if __name__ == "__main__":
+    main()
