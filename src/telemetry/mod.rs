@@ -185,6 +185,27 @@ fn resource(otel: &OtelConfig) -> Resource {
         .build()
 }
 
+/// Builds an OTLP exporter for the configured protocol. The span, metric and log exporter builders
+/// share no trait in opentelemetry-otlp, so a macro is what keeps the three identical.
+macro_rules! exporter {
+    ($builder:expr, $otel:expr, $endpoint:expr, $path:literal) => {{
+        let base = $endpoint.as_str().trim_end_matches('/');
+        match $otel.protocol {
+            OtlpProtocol::Grpc => $builder
+                .with_tonic()
+                .with_endpoint(base)
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?,
+            OtlpProtocol::HttpProtobuf => $builder
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{base}{}", $path))
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?,
+        }
+    }};
+}
+
 /// Metrics are pushed every `OTEL_METRIC_EXPORT_INTERVAL` ms (validated in config) by the SDK's
 /// own reader thread, and once more at shutdown.
 fn meter_provider(
@@ -192,23 +213,12 @@ fn meter_provider(
     endpoint: &Url,
     resource: Resource,
 ) -> anyhow::Result<SdkMeterProvider> {
-    let timeout = EXPORT_TIMEOUT;
-    let exporter = match otel.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-            .with_timeout(timeout)
-            .build()?,
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(format!(
-                "{}/v1/metrics",
-                endpoint.as_str().trim_end_matches('/')
-            ))
-            .with_timeout(timeout)
-            .build()?,
-    };
+    let exporter = exporter!(
+        opentelemetry_otlp::MetricExporter::builder(),
+        otel,
+        endpoint,
+        "/v1/metrics"
+    );
     Ok(SdkMeterProvider::builder()
         .with_resource(resource)
         .with_reader(
@@ -224,23 +234,12 @@ fn tracer_provider(
     endpoint: &Url,
     resource: Resource,
 ) -> anyhow::Result<SdkTracerProvider> {
-    let timeout = EXPORT_TIMEOUT;
-    let exporter = match otel.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-            .with_timeout(timeout)
-            .build()?,
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(format!(
-                "{}/v1/traces",
-                endpoint.as_str().trim_end_matches('/')
-            ))
-            .with_timeout(timeout)
-            .build()?,
-    };
+    let exporter = exporter!(
+        opentelemetry_otlp::SpanExporter::builder(),
+        otel,
+        endpoint,
+        "/v1/traces"
+    );
     let processor = BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -259,22 +258,12 @@ fn logger_provider(
     endpoint: &Url,
     resource: Resource,
 ) -> anyhow::Result<SdkLoggerProvider> {
-    let exporter = match otel.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()?,
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(format!(
-                "{}/v1/logs",
-                endpoint.as_str().trim_end_matches('/')
-            ))
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()?,
-    };
+    let exporter = exporter!(
+        opentelemetry_otlp::LogExporter::builder(),
+        otel,
+        endpoint,
+        "/v1/logs"
+    );
     let processor = BatchLogProcessor::builder(Counted::new(exporter, "logs"))
         .with_batch_config(
             opentelemetry_sdk::logs::BatchConfigBuilder::default()
