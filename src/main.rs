@@ -1,14 +1,18 @@
 //! The `todo-service` binary: parse the command line, read settings, start logging, serve.
 
-use std::process::ExitCode;
-
-use std::sync::Arc;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use todo_service::{
     Application, config::Config, db::resolve::SystemResolver, doctor, startup::shutdown_signal,
     telemetry,
 };
+
+// mimalloc instead of glibc's malloc: under load the request path allocates from both worker
+// threads at once, and glibc's arena locks and consolidation were a tenth of the service's CPU in
+// the profile (loadtest/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A resilient, Postgres-backed todo REST service.
 ///

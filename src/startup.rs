@@ -51,7 +51,7 @@ impl Application {
             "connecting to the database lazily"
         );
         let db = Db::connect(&config.database, config.breaker, resolver).await?;
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             db: db.clone(),
             public_base_url: config
                 .public_base_url
@@ -59,7 +59,7 @@ impl Application {
                 .map(|u| Arc::from(u.as_str().trim_end_matches('/'))),
             fallback_base_url: Arc::from(format!("http://{local}")),
             idempotency_key_ttl: config.idempotency_key_ttl,
-        };
+        });
         spawn_idempotency_sweeper(&db);
         crate::metrics::register_db(&db);
         let router = http::router(state, &config);

@@ -229,7 +229,9 @@ impl Db {
             otel.status_code = Empty,
             error.type = Empty,
         );
-        if let Some(addr) = self.inner.address.get() {
+        if !span.is_disabled()
+            && let Some(addr) = self.inner.address.get()
+        {
             span.record("network.peer.address", addr.ip().to_string());
         }
         span

@@ -15,12 +15,14 @@ use std::{any::Any, sync::Arc, time::Duration};
 
 use axum::{
     Router,
+    body::Body,
     extract::{DefaultBodyLimit, FromRequestParts},
     http::{
         HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts, uri::Authority,
     },
     response::{IntoResponse, Response},
 };
+use tower::ServiceBuilder;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
@@ -38,9 +40,27 @@ use crate::{
 };
 use error::ApiError;
 
-/// What every handler can reach.
+/// What every handler can reach. One `Arc`: axum clones the state for every request, and one
+/// shared counter is cheaper than one per field when both cores touch it.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct Shared {
     pub db: Db,
     /// `PUBLIC_BASE_URL` without a trailing slash, when configured.
     pub public_base_url: Option<Arc<str>>,
@@ -207,34 +227,54 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Layers: the last `.layer` call is the outermost. From the inside out:
-        // 1. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read (413),
-        //    never buffered whole.
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        // 2. A panicking handler becomes a logged 500 problem instead of a dropped connection.
-        .layer(CatchPanicLayer::custom(panic_response))
-        // 3. Any error response that is not yet problem+json (a library's own) is rewritten.
-        .layer(axum::middleware::map_response(error::ensure_problem))
-        // 4. CORS outside everything that can answer, so errors carry the CORS headers too and
-        //    browsers can read them; preflights are answered here without reaching a handler.
-        .layer(cors_layer(&config.cors_allowed_origins))
-        // 5. The request id is copied to the response (clients quote it when reporting problems).
-        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        // 6. The trace id goes back to the client (x-trace-id), so a report can quote it; the
-        //    request's duration is recorded for the metrics.
-        .layer(axum::middleware::map_response(trace::add_trace_id))
-        .layer(axum::middleware::from_fn(trace::record_metrics))
-        // 7. One server span per request, named by the matched route (low cardinality), a child
-        //    of the caller's `traceparent` if any; see trace.rs.
+        // One `layer` call with the whole stack: every `Router::layer` call boxes each route once
+        // more, and each box is cloned per request. Listed outermost first:
         .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(trace::request_span)
-                .on_response(trace::on_response)
-                // Errors are logged once, where they happen (ApiError); the trace layer only notes.
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+            ServiceBuilder::new()
+                // 1. Give every request an id (kept if the client sent one).
+                .layer(SetRequestIdLayer::new(
+                    x_request_id.clone(),
+                    MakeRequestUuid,
+                ))
+                // 2. One server span per request, named by the matched route (low cardinality),
+                //    a child of the caller's `traceparent` if any; see trace.rs.
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(trace::request_span)
+                        .on_response(trace::on_response)
+                        // Errors are logged once, where they happen (ApiError); the trace layer
+                        // only notes them.
+                        .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+                )
+                // 3. The request's duration is recorded for the metrics, and the trace id goes
+                //    back to the client (x-trace-id), so a report can quote it.
+                .layer(axum::middleware::from_fn(trace::record_metrics))
+                .layer(axum::middleware::map_response(trace::add_trace_id))
+                // 4. The request id is copied to the response (clients quote it when reporting
+                //    problems).
+                .layer(PropagateRequestIdLayer::new(x_request_id))
+                // 5. CORS outside everything that can answer, so errors carry the CORS headers
+                //    too and browsers can read them; preflights are answered here without
+                //    reaching a handler.
+                .layer(cors_layer(&config.cors_allowed_origins))
+                // 6. Any error response that is not yet problem+json (a library's own) is
+                //    rewritten.
+                .layer(axum::middleware::map_response(error::ensure_problem))
+                .map_response(from_catch_panic)
+                // 7. A panicking handler becomes a logged 500 problem instead of a dropped
+                //    connection.
+                .layer(CatchPanicLayer::custom(panic_response))
+                // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
+                //    (413), never buffered whole.
+                .layer(DefaultBodyLimit::max(config.max_body_bytes)),
         )
-        // 8. Outermost: give every request an id (kept if the client sent one).
-        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+/// CatchPanic boxes every response body; the layers above it take axum's body type.
+fn from_catch_panic(
+    res: Response<tower_http::body::UnsyncBoxBody<axum::body::Bytes, axum::BoxError>>,
+) -> Response {
+    res.map(Body::new)
 }
 
 fn cors_layer(origins: &CorsOrigins) -> CorsLayer {

@@ -42,17 +42,17 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
     // Router::layer wraps each route separately, so anything stateful must share its state
     // across clones: the global limit shares one semaphore, the governor one limiter.
-    let router = router
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            config.request_timeout,
-        ))
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(layer_error))
-                .layer(LoadShedLayer::new())
-                .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight)),
-        );
+    // One `layer` call: each call boxes every route once more (a clone per request).
+    let router = router.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(layer_error))
+            .layer(LoadShedLayer::new())
+            .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::GATEWAY_TIMEOUT,
+                config.request_timeout,
+            )),
+    );
     match config.rate_limit {
         Some(limit) => router.layer(rate_limit_layer(limit)),
         None => router,
