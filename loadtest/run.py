@@ -286,10 +286,11 @@ def oha(svc, extra, seconds, conc):
     return parse_oha(text), shown
 
 
-def pgbench(database_url, script, seconds, conc, rows):
+def pgbench(database_url, script, seconds, conc, rows, url_prefix):
     with tempfile.TemporaryDirectory() as d:
         cmd = [os.path.join(os.environ["PG_BIN"], "pgbench"), "-n", "-M", "prepared",
                "-c", str(conc), "-j", "2", "-T", str(seconds), "-D", f"seed_rows={rows}",
+               "-D", f"url_prefix={url_prefix}",
                "-l", "--log-prefix", os.path.join(d, "tx"),
                "-f", os.path.join(HERE, "pgbench", script), database_url]
         text, shown = run(cmd, timeout=seconds + 60)
@@ -303,7 +304,8 @@ def sustained(svc, args, res):
     for name, (extra, script) in WORKLOADS.items():
         if name in ("post", "patch"):
             seed(svc.database_url, args.rows)  # writes grow the table; each run starts alike
-        base, base_cmd = pgbench(svc.database_url, script, seconds, 64, min(args.rows, 999))
+        base, base_cmd = pgbench(svc.database_url, script, seconds, 64, min(args.rows, 999),
+                                 svc.url + "/todos/")
         seed(svc.database_url, args.rows)
         http_r, cmd = oha(svc, extra, seconds, 64)
         ratio = (http_r["rps"] / base["tps"]) if base["tps"] else None

@@ -25,7 +25,17 @@ async fn create_returns_201_with_location_and_rfc3339_timestamps() {
     for key in ["created_at", "updated_at"] {
         let ts = todo[key].as_str().unwrap();
         chrono::DateTime::parse_from_rfc3339(ts).unwrap_or_else(|e| panic!("{key}={ts}: {e}"));
+        // One fixed form (UTC, six fractional digits): what older ISO 8601 parsers need.
+        assert_eq!(ts.len(), "2026-01-01T00:00:00.000000Z".len(), "{key}={ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{key}={ts}");
     }
+    // The database builds this JSON; the OpenAPI type must describe it exactly (it refuses
+    // unknown fields).
+    let typed: todo_service::http::todos::Todo = serde_json::from_value(todo.clone()).unwrap();
+    assert_eq!(typed.url, location);
+    let listed: Vec<todo_service::http::todos::Todo> =
+        app.get("/todos").await.json().await.unwrap();
+    assert_eq!(listed.len(), 1);
     let keys: HashSet<&str> = todo
         .as_object()
         .unwrap()
