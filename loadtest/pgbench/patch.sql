@@ -1,3 +1,3 @@
 -- PATCH /todos/{id} {"completed": true}: the service's SQL_UPDATE_TODO on a random seeded id.
 \set id random(1, :seed_rows)
-WITH p AS (UPDATE todos SET title = COALESCE(NULL::text, title), completed = COALESCE(true, completed), position = CASE WHEN false THEN NULL::bigint ELSE position END, updated_at = now() WHERE id = :id RETURNING *) SELECT p.id, (SELECT row_to_json(j)::text FROM (SELECT p.id, :url_prefix::text || p.id AS url, p.title, p.completed, p.position AS "order", to_char(p.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"') AS created_at, to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"') AS updated_at) j) FROM p;
+UPDATE todos SET title = COALESCE(NULL::text, title), completed = COALESCE(true, completed), position = CASE WHEN false THEN NULL::bigint ELSE position END, updated_at = now() WHERE id = :id RETURNING id, title, completed, position, sort_key, created_at, updated_at;

@@ -1,2 +1,2 @@
 -- POST /todos {"title": "load test"}: the service's SQL_CREATE_TODO.
-WITH p AS (INSERT INTO todos (title, completed, position) VALUES ('load test', false, NULL::bigint) RETURNING *) SELECT p.id, (SELECT row_to_json(j)::text FROM (SELECT p.id, :url_prefix::text || p.id AS url, p.title, p.completed, p.position AS "order", to_char(p.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"') AS created_at, to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":"MI":"SS.US"Z"') AS updated_at) j) FROM p;
+INSERT INTO todos (title, completed, position) VALUES ('load test', false, NULL::bigint) RETURNING id, title, completed, position, sort_key, created_at, updated_at;

@@ -1,31 +1,25 @@
 //! The todo queries. Each takes a pooled connection for one statement and gives it back.
 //!
-//! Todos leave the database as the API's JSON, built by Postgres (`todo_json!`): the service then
-//! neither decodes seven columns per row nor serialises them again, which was a third of its CPU
-//! on a 20-row page (profiles in `loadtest/RESULTS.md`). The `Todo` schema in `http::todos`
-//! describes the same object, and the API tests read every response into it strictly.
-//!
 //! Lists are keyset-paged on `(sort_key, id)` (see the migration), so a page costs an index range
 //! scan whatever its depth, and rows inserted while a client pages cannot shift later pages.
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, PgConnection, Row, postgres::PgRow};
 
 use super::{Db, DbError, within};
 
-/// One todo as the API's JSON object, with its id (for `Location`).
+/// One row of `todos`.
 #[derive(Debug, Clone)]
-pub struct TodoJson {
+pub struct TodoRow {
     pub id: i64,
-    pub json: String,
-}
-
-/// One todo of a page, with its position for the next page's cursor.
-#[derive(Debug)]
-pub struct PageRow {
-    pub cursor: Cursor,
-    pub json: String,
+    pub title: String,
+    pub completed: bool,
+    pub position: Option<i64>,
+    pub sort_key: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// Where a page starts: strictly after this `(sort_key, id)`.
@@ -55,11 +49,51 @@ pub struct NewTodo {
 #[derive(Debug)]
 pub enum Idempotent {
     /// First use of the key: the todo was created.
-    Created(TodoJson),
+    Created(TodoRow),
     /// The key was used before with the same request: the todo created then, as returned then.
-    Replayed(TodoJson),
+    Replayed(TodoRow),
     /// The key was used before with a different request; nothing was created.
     KeyReused,
+}
+
+// Rows are read by column position, in the order every query's RETURNING/SELECT list gives:
+// sqlx's derived `FromRow` looks each column up by name, a hash per column per row, which was a
+// visible share of a 20-row page's cost in the profile.
+impl<'r> sqlx::FromRow<'r, PgRow> for TodoRow {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(TodoRow {
+            id: row.try_get(0)?,
+            title: row.try_get(1)?,
+            completed: row.try_get(2)?,
+            position: row.try_get(3)?,
+            sort_key: row.try_get(4)?,
+            created_at: row.try_get(5)?,
+            updated_at: row.try_get(6)?,
+        })
+    }
+}
+
+/// `same_request` first, then the todo's columns.
+struct Replay {
+    same_request: bool,
+    todo: TodoRow,
+}
+
+impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Replay {
+            same_request: row.try_get(0)?,
+            todo: TodoRow {
+                id: row.try_get(1)?,
+                title: row.try_get(2)?,
+                completed: row.try_get(3)?,
+                position: row.try_get(4)?,
+                sort_key: row.try_get(5)?,
+                created_at: row.try_get(6)?,
+                updated_at: row.try_get(7)?,
+            },
+        })
+    }
 }
 
 /// A validated partial update; `None` leaves a field unchanged, `Some(None)` clears `position`.
@@ -76,91 +110,44 @@ impl TodoChanges {
     }
 }
 
-/// The API's JSON for the todos row `p`, given `$1`: the URL prefix of a todo (`…/todos/`).
-/// Timestamps are RFC 3339 in UTC with exactly six fractional digits, a form every ISO 8601
-/// parser takes (older Python `fromisoformat` refuses Postgres' own trimmed fractions). The `":"`
-/// quoting keeps the text usable verbatim in pgbench scripts, where a bare `:name` is a variable.
-macro_rules! todo_json {
-    () => {
-        "(SELECT row_to_json(j)::text FROM (SELECT p.id, $1::text || p.id AS url, p.title, \
-         p.completed, p.position AS \"order\", \
-         to_char(p.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":\"MI\":\"SS.US\"Z\"') AS created_at, \
-         to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":\"MI\":\"SS.US\"Z\"') AS updated_at) j)"
-    };
-}
-
 // Statements are named so their text can go on the database spans (parameterised: never values),
 // and so loadtest/pgbench can run the very same text (a test compares them).
-pub const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
+const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
          VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
                  now() + make_interval(secs => $5::float8)) \
          ON CONFLICT (key) DO NOTHING";
-pub const SQL_CREATE_TODO: &str = concat!(
-    "WITH p AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
-     SELECT p.id, ",
-    todo_json!(),
-    " FROM p"
-);
-const SQL_CREATE_IDEMPOTENT: &str = concat!(
-    "WITH p AS (INSERT INTO todos (title, completed, position) VALUES ($3, $4, $5) RETURNING *), \
-          k AS (UPDATE idempotency_keys k SET response = to_jsonb(p) FROM p WHERE k.key = $2) \
-     SELECT p.id, ",
-    todo_json!(),
-    " FROM p"
-);
-const SQL_REPLAY_IDEMPOTENT: &str = concat!(
-    "SELECT k.request = jsonb_build_object('title', $3::text, 'completed', $4::boolean, 'order', $5::bigint), \
-            p.id, ",
-    todo_json!(),
-    " FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) p WHERE k.key = $2"
-);
+pub const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
 const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
 const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE expires_at < now()";
 const SQL_DELETE_TODO: &str = "DELETE FROM todos WHERE id = $1";
-pub const SQL_GET_TODO: &str = concat!(
-    "SELECT p.id, ",
-    todo_json!(),
-    " FROM todos p WHERE p.id = $2"
-);
-pub const SQL_LIST_TODOS: &str = concat!(
-    "SELECT p.sort_key, p.id, ",
-    todo_json!(),
-    " FROM todos p \
-     WHERE ($2::boolean IS NULL OR p.completed = $2) AND (p.sort_key, p.id) > ($3, $4) \
-     ORDER BY p.sort_key, p.id \
-     LIMIT $5"
-);
-pub const SQL_UPDATE_TODO: &str = concat!(
-    "WITH p AS (UPDATE todos SET \
-       title = COALESCE($3, title), \
-       completed = COALESCE($4, completed), \
-       position = CASE WHEN $5 THEN $6 ELSE position END, \
-       updated_at = now() \
-     WHERE id = $2 RETURNING *) \
-     SELECT p.id, ",
-    todo_json!(),
-    " FROM p"
-);
-
-fn todo((id, json): (i64, String)) -> TodoJson {
-    TodoJson { id, json }
-}
+pub const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos WHERE id = $1";
+pub const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+             FROM todos \
+             WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
+             ORDER BY sort_key, id \
+             LIMIT $4";
+pub const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
+               title = COALESCE($2, title), \
+               completed = COALESCE($3, completed), \
+               position = CASE WHEN $4 THEN $5 ELSE position END, \
+               updated_at = now() \
+             WHERE id = $1 \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
 
 impl Db {
     /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
-    /// `url_prefix` is what each todo's `url` starts with (`…/todos/`).
     pub async fn list_todos(
         &self,
-        url_prefix: &str,
         completed: Option<bool>,
         after: Cursor,
         limit: i64,
-    ) -> Result<Vec<PageRow>, DbError> {
+    ) -> Result<Vec<TodoRow>, DbError> {
         let mut s = self.session("SELECT", "todos", SQL_LIST_TODOS).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, (i64, i64, String)>(SQL_LIST_TODOS)
-                .bind(url_prefix)
+            sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
                 .bind(completed)
                 .bind(after.sort_key)
                 .bind(after.id)
@@ -168,60 +155,49 @@ impl Db {
                 .fetch_all(&mut *s.conn),
         )
         .await;
-        s.finish(r).map(|rows| {
-            rows.into_iter()
-                .map(|(sort_key, id, json)| PageRow {
-                    cursor: Cursor { sort_key, id },
-                    json,
-                })
-                .collect()
-        })
+        s.finish(r)
     }
 
-    pub async fn get_todo(&self, url_prefix: &str, id: i64) -> Result<Option<TodoJson>, DbError> {
+    pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
         let mut s = self.session("SELECT", "todos", SQL_GET_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, (i64, String)>(SQL_GET_TODO)
-                .bind(url_prefix)
+            sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
                 .bind(id)
                 .fetch_optional(&mut *s.conn),
         )
         .await;
-        s.finish(r).map(|row| row.map(todo))
+        s.finish(r)
     }
 
-    pub async fn create_todo(&self, url_prefix: &str, new: &NewTodo) -> Result<TodoJson, DbError> {
+    pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
         let mut s = self.session("INSERT", "todos", SQL_CREATE_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, (i64, String)>(SQL_CREATE_TODO)
-                .bind(url_prefix)
+            sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
                 .bind(&new.title)
                 .bind(new.completed)
                 .bind(new.position)
                 .fetch_one(&mut *s.conn),
         )
         .await;
-        s.finish(r).map(todo)
+        s.finish(r)
     }
 
     /// Applies `changes`; `None` when the todo does not exist. An empty change set reads the todo
     /// without touching `updated_at`.
     pub async fn update_todo(
         &self,
-        url_prefix: &str,
         id: i64,
         changes: &TodoChanges,
-    ) -> Result<Option<TodoJson>, DbError> {
+    ) -> Result<Option<TodoRow>, DbError> {
         if changes.is_empty() {
-            return self.get_todo(url_prefix, id).await;
+            return self.get_todo(id).await;
         }
         let mut s = self.session("UPDATE", "todos", SQL_UPDATE_TODO).await?;
         let r = within(
             s.deadline,
-            sqlx::query_as::<_, (i64, String)>(SQL_UPDATE_TODO)
-                .bind(url_prefix)
+            sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
                 .bind(id)
                 .bind(changes.title.as_deref())
                 .bind(changes.completed)
@@ -230,7 +206,7 @@ impl Db {
                 .fetch_optional(&mut *s.conn),
         )
         .await;
-        s.finish(r).map(|row| row.map(todo))
+        s.finish(r)
     }
 
     /// `true` when a todo was deleted.
@@ -261,7 +237,6 @@ impl Db {
     /// response; the same key with another request is refused. Keys live for `ttl`.
     pub async fn create_todo_idempotent(
         &self,
-        url_prefix: &str,
         key: &str,
         new: &NewTodo,
         ttl: Duration,
@@ -269,11 +244,7 @@ impl Db {
         let mut s = self
             .session("INSERT", "todos", SQL_CLAIM_IDEMPOTENCY_KEY)
             .await?;
-        let r = within(
-            s.deadline,
-            create_idempotent(&mut s.conn, url_prefix, key, new, ttl),
-        )
-        .await;
+        let r = within(s.deadline, create_idempotent(&mut s.conn, key, new, ttl)).await;
         s.finish(r)
     }
 
@@ -293,7 +264,6 @@ impl Db {
 
 async fn create_idempotent(
     conn: &mut PgConnection,
-    url_prefix: &str,
     key: &str,
     new: &NewTodo,
     ttl: Duration,
@@ -315,27 +285,34 @@ async fn create_idempotent(
         .rows_affected()
         == 1;
     let outcome = if claimed {
-        let row = sqlx::query_as::<_, (i64, String)>(SQL_CREATE_IDEMPOTENT)
-            .bind(url_prefix)
-            .bind(key)
-            .bind(&new.title)
-            .bind(new.completed)
-            .bind(new.position)
-            .fetch_one(&mut *tx)
-            .await?;
-        Idempotent::Created(todo(row))
+        let row = sqlx::query_as::<_, TodoRow>(
+            "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
+             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
+             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        Idempotent::Created(row)
     } else {
-        let (same_request, id, json) =
-            sqlx::query_as::<_, (bool, i64, String)>(SQL_REPLAY_IDEMPOTENT)
-                .bind(url_prefix)
-                .bind(key)
-                .bind(&new.title)
-                .bind(new.completed)
-                .bind(new.position)
-                .fetch_one(&mut *tx)
-                .await?;
-        if same_request {
-            Idempotent::Replayed(TodoJson { id, json })
+        let replay = sqlx::query_as::<_, Replay>(
+            "SELECT k.request = jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint) \
+                    AS same_request, \
+                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at \
+             FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
+             WHERE k.key = $1",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        if replay.same_request {
+            Idempotent::Replayed(replay.todo)
         } else {
             Idempotent::KeyReused
         }
@@ -364,34 +341,24 @@ mod tests {
         let cases = [
             (
                 include_str!("../../loadtest/pgbench/get-one.sql"),
-                as_pgbench(SQL_GET_TODO, &[":url_prefix", ":id"]),
+                as_pgbench(SQL_GET_TODO, &[":id"]),
             ),
             (
                 include_str!("../../loadtest/pgbench/list.sql"),
                 as_pgbench(
                     SQL_LIST_TODOS,
-                    &[":url_prefix", "NULL::boolean", ":start", ":start", ":limit"],
+                    &["NULL::boolean", ":start", ":start", ":limit"],
                 ),
             ),
             (
                 include_str!("../../loadtest/pgbench/post.sql"),
-                as_pgbench(
-                    SQL_CREATE_TODO,
-                    &[":url_prefix", "'load test'", "false", "NULL::bigint"],
-                ),
+                as_pgbench(SQL_CREATE_TODO, &["'load test'", "false", "NULL::bigint"]),
             ),
             (
                 include_str!("../../loadtest/pgbench/patch.sql"),
                 as_pgbench(
                     SQL_UPDATE_TODO,
-                    &[
-                        ":url_prefix",
-                        ":id",
-                        "NULL::text",
-                        "true",
-                        "false",
-                        "NULL::bigint",
-                    ],
+                    &[":id", "NULL::text", "true", "false", "NULL::bigint"],
                 ),
             ),
         ];

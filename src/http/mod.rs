@@ -81,11 +81,6 @@ impl BaseUrl {
     pub fn todo_url(&self, id: i64) -> String {
         format!("{}/todos/{id}", self.0)
     }
-
-    /// What every todo's URL starts with; the database appends the id.
-    pub fn todos_prefix(&self) -> String {
-        format!("{}/todos/", self.0)
-    }
 }
 
 impl FromRequestParts<AppState> for BaseUrl {
