@@ -11,6 +11,7 @@ and targets 127.0.0.1 only; whatever this script starts it stops, also on Ctrl-C
 import argparse
 import concurrent.futures
 import datetime
+import http.server as http_server
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "flood", "outage"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "outage"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 
@@ -335,6 +336,73 @@ def sustained(svc, args, res):
     res["sustained"] = {"concurrency": 64, "seconds": seconds, "workloads": out}
 
 
+class OtlpSink:
+    """A stand-in for SigNoz's collector: accepts OTLP/HTTP exports and counts them."""
+
+    def __init__(self):
+        self.counts = {}
+        sink = self
+
+        class Handler(http_server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                c = sink.counts.setdefault(self.path, {"requests": 0, "bytes": 0})
+                c["requests"] += 1
+                c["bytes"] += len(body)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def telemetry(svc, args, res):
+    """Throughput with every span, metric and log exported to a receiver, against export off:
+    a second service with OTLP/HTTP export to an in-process sink, runs interleaved (off, on, ...)."""
+    if not svc.proc:
+        res["telemetry"] = {"skipped": "needs a service this script starts (no --url)"}
+        log("  skipped: needs a service this script starts")
+        return
+    sink = OtlpSink()
+    on = Service(None, svc.database_url, {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+        "LOG_LEVEL": "info",
+    })
+    runs = {"off": [], "on": []}
+    try:
+        on.start()
+        extra = WORKLOADS["get-one"][0]
+        for _ in range(2):
+            for name, target in (("off", svc), ("on", on)):
+                r, cmd = oha(target, extra, args.duration, 64)
+                runs[name].append(r["rps"])
+                log(f"  telemetry {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms)")
+    finally:
+        on.stop()
+        time.sleep(0.5)
+        sink.stop()
+    off_rps, on_rps = statistics.mean(runs["off"]), statistics.mean(runs["on"])
+    res["telemetry"] = {"workload": "get-one, oha c=64", "rps_off": runs["off"], "rps_on": runs["on"],
+                        "cost_pct": round(100 * (1 - on_rps / off_rps), 1) if off_rps else None,
+                        "sink": sink.counts}
+    log(f"  telemetry costs {res['telemetry']['cost_pct']} % of get-one throughput; sink got "
+        f"{sink.counts}")
+
+
 def flood(svc, args, res):
     """2000 simultaneous connections, then /health must answer within 1 s."""
     conc = 2000
@@ -487,6 +555,13 @@ def summary(res):
     if "spike" in res:
         lines.append("Spike (120 × curl, 5 rounds): " + "; ".join(
             f"{r['statuses']} in {r['wall_s']} s" for r in res["spike"]["rounds"]))
+        lines.append("")
+    if "telemetry" in res and "skipped" not in res["telemetry"]:
+        t = res["telemetry"]
+        lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps, "
+                     f"on {statistics.mean(t['rps_on']):.0f} rps: cost {t['cost_pct']} %; the receiver got "
+                     + ", ".join(f"{k} {v['requests']} requests / {v['bytes'] // 1024} KiB"
+                                 for k, v in sorted(t["sink"].items())))
         lines.append("")
     if "flood" in res:
         fl = res["flood"]
