@@ -61,14 +61,21 @@ pub enum Idempotent {
 // visible share of a 20-row page's cost in the profile.
 impl<'r> sqlx::FromRow<'r, PgRow> for TodoRow {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        TodoRow::from_columns(row, 0)
+    }
+}
+
+impl TodoRow {
+    /// The todo's seven columns, starting at column `first`.
+    fn from_columns(row: &PgRow, first: usize) -> Result<Self, sqlx::Error> {
         Ok(TodoRow {
-            id: row.try_get(0)?,
-            title: row.try_get(1)?,
-            completed: row.try_get(2)?,
-            position: row.try_get(3)?,
-            sort_key: row.try_get(4)?,
-            created_at: row.try_get(5)?,
-            updated_at: row.try_get(6)?,
+            id: row.try_get(first)?,
+            title: row.try_get(first + 1)?,
+            completed: row.try_get(first + 2)?,
+            position: row.try_get(first + 3)?,
+            sort_key: row.try_get(first + 4)?,
+            created_at: row.try_get(first + 5)?,
+            updated_at: row.try_get(first + 6)?,
         })
     }
 }
@@ -83,15 +90,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
         Ok(Replay {
             same_request: row.try_get(0)?,
-            todo: TodoRow {
-                id: row.try_get(1)?,
-                title: row.try_get(2)?,
-                completed: row.try_get(3)?,
-                position: row.try_get(4)?,
-                sort_key: row.try_get(5)?,
-                created_at: row.try_get(6)?,
-                updated_at: row.try_get(7)?,
-            },
+            todo: TodoRow::from_columns(row, 1)?,
         })
     }
 }
