@@ -115,19 +115,19 @@ const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, requ
          VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
                  now() + make_interval(secs => $5::float8)) \
          ON CONFLICT (key) DO NOTHING";
-pub const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at";
 const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
 const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE expires_at < now()";
 const SQL_DELETE_TODO: &str = "DELETE FROM todos WHERE id = $1";
-pub const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos WHERE id = $1";
-pub const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos \
              WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
              ORDER BY sort_key, id \
              LIMIT $4";
-pub const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
+const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
                title = COALESCE($2, title), \
                completed = COALESCE($3, completed), \
                position = CASE WHEN $4 THEN $5 ELSE position END, \
