@@ -30,7 +30,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "outage"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 
@@ -368,39 +368,51 @@ class OtlpSink:
 
 
 def telemetry(svc, args, res):
-    """Throughput with every span, metric and log exported to a receiver, against export off:
-    a second service with OTLP/HTTP export to an in-process sink, runs interleaved (off, on, ...)."""
+    """Throughput with spans, metrics and logs exported to a receiver, against export off: two more
+    services export OTLP/HTTP to an in-process sink, one tracing every request, one sampling 10 %
+    (OTEL_TRACES_SAMPLER=parentbased_traceidratio). Same LOG_LEVEL everywhere, so only export
+    differs; runs interleaved (off, all, sampled, ...) so drift in the machine hits all alike."""
     if not svc.proc:
         res["telemetry"] = {"skipped": "needs a service this script starts (no --url)"}
         log("  skipped: needs a service this script starts")
         return
     sink = OtlpSink()
-    on = Service(None, svc.database_url, {
+    export = {
         "OTEL_SDK_DISABLED": "false",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_METRIC_EXPORT_INTERVAL": "5000",
-        "LOG_LEVEL": "info",
-    })
-    runs = {"off": [], "on": []}
+    }
+    traced_all = Service(None, svc.database_url, dict(export))
+    sampled = Service(None, svc.database_url, dict(export, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+                                                    OTEL_TRACES_SAMPLER_ARG="0.1"))
+    variants = (("off", svc), ("all", traced_all), ("sampled_10pct", sampled))
+    runs = {name: [] for name, _ in variants}
     try:
-        on.start()
+        traced_all.start()
+        sampled.start()
         extra = WORKLOADS["get-one"][0]
         for _ in range(2):
-            for name, target in (("off", svc), ("on", on)):
+            for name, target in variants:
                 r, cmd = oha(target, extra, args.duration, 64)
                 runs[name].append(r["rps"])
                 log(f"  telemetry {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms)")
     finally:
-        on.stop()
+        traced_all.stop()
+        sampled.stop()
         time.sleep(0.5)
         sink.stop()
-    off_rps, on_rps = statistics.mean(runs["off"]), statistics.mean(runs["on"])
-    res["telemetry"] = {"workload": "get-one, oha c=64", "rps_off": runs["off"], "rps_on": runs["on"],
-                        "cost_pct": round(100 * (1 - on_rps / off_rps), 1) if off_rps else None,
+    off_rps = statistics.mean(runs["off"])
+
+    def cost(name):
+        return round(100 * (1 - statistics.mean(runs[name]) / off_rps), 1) if off_rps else None
+
+    res["telemetry"] = {"workload": "get-one, oha c=64, LOG_LEVEL=warn", "rps_off": runs["off"],
+                        "rps_on": runs["all"], "rps_on_sampled_10pct": runs["sampled_10pct"],
+                        "cost_pct": cost("all"), "cost_pct_sampled_10pct": cost("sampled_10pct"),
                         "sink": sink.counts}
-    log(f"  telemetry costs {res['telemetry']['cost_pct']} % of get-one throughput; sink got "
-        f"{sink.counts}")
+    log(f"  telemetry costs {cost('all')} % of get-one throughput tracing every request, "
+        f"{cost('sampled_10pct')} % sampling 10 %; sink got {sink.counts}")
 
 
 def flood(svc, args, res):
@@ -509,6 +521,60 @@ def outage(svc, args, res):
 
 # --- report -----------------------------------------------------------------------------------
 
+def soak(svc, args, res):
+    """The mixed 80/20 load for --soak seconds with the service's resident memory sampled every
+    second: memory must level off, not climb. Growth is judged on the second half (after pools,
+    caches and allocator arenas have warmed up): its least-squares slope and first-to-last change."""
+    seconds = args.soak
+    samples = []
+    stop = threading.Event()
+
+    def watch():
+        started = time.time()
+        while not stop.wait(1.0):
+            kib = svc.rss_kib()
+            if kib is not None:
+                samples.append((round(time.time() - started, 1), round(kib / 1024, 1)))
+
+    watcher = threading.Thread(target=watch)
+    results = {}
+
+    def go(key, extra, conc):
+        results[key] = oha(svc, extra, seconds, conc)
+
+    seed(svc.database_url, args.rows)
+    threads = [threading.Thread(target=go, args=("read", WORKLOADS["get-one"][0], 51)),
+               threading.Thread(target=go, args=("write", WORKLOADS["post"][0], 13))]
+    watcher.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        watcher.join()
+    read, write = results["read"][0], results["write"][0]
+    out = {"seconds": seconds, "read": read, "write": write,
+           "commands": [results["read"][1], results["write"][1]], "rss_mib": samples}
+    if len(samples) >= 4:
+        half = samples[len(samples) // 2:]
+        xs, ys = [t for t, _ in half], [m for _, m in half]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        out.update({"rss_mib_max": max(m for _, m in samples),
+                    "rss_mib_second_half_first": ys[0], "rss_mib_last": ys[-1],
+                    "rss_mib_per_min_second_half": round(slope * 60, 3)})
+        log(f"  soak {seconds} s: {read['rps'] + write['rps']:.0f} rps, non-2xx "
+            f"{read['non_2xx'] + write['non_2xx']}; RSS max {out['rss_mib_max']} MiB, second half "
+            f"{ys[0]} -> {ys[-1]} MiB ({out['rss_mib_per_min_second_half']:+} MiB/min)")
+    else:
+        log(f"  soak {seconds} s: {read['rps'] + write['rps']:.0f} rps (too short, or no RSS: "
+            f"an external --url service)")
+    res["soak"] = out
+
+
 def machine():
     def cmd(c):
         try:
@@ -558,8 +624,10 @@ def summary(res):
         lines.append("")
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
-        lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps, "
-                     f"on {statistics.mean(t['rps_on']):.0f} rps: cost {t['cost_pct']} %; the receiver got "
+        lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "
+                     f"every request traced {statistics.mean(t['rps_on']):.0f} rps (cost {t['cost_pct']} %); "
+                     f"10 % sampled {statistics.mean(t['rps_on_sampled_10pct']):.0f} rps "
+                     f"(cost {t['cost_pct_sampled_10pct']} %); the receiver got "
                      + ", ".join(f"{k} {v['requests']} requests / {v['bytes'] // 1024} KiB"
                                  for k, v in sorted(t["sink"].items())))
         lines.append("")
@@ -570,6 +638,14 @@ def summary(res):
                      f"{fl['healthy_after_s']} s after, peak RSS {fl['peak_rss_mib']} MiB, "
                      f"Retry-After missing on {fl['retry_after']['missing']} of "
                      f"{fl['retry_after']['checked']} refusals")
+        lines.append("")
+    if "soak" in res and "rss_mib_max" in res["soak"]:
+        k = res["soak"]
+        lines.append(f"Soak (mixed 80/20 for {k['seconds']} s): "
+                     f"{k['read']['rps'] + k['write']['rps']:.0f} rps, non-2xx "
+                     f"{k['read']['non_2xx'] + k['write']['non_2xx']}; RSS max {k['rss_mib_max']} MiB, "
+                     f"second half {k['rss_mib_second_half_first']} -> {k['rss_mib_last']} MiB "
+                     f"({k['rss_mib_per_min_second_half']:+} MiB/min)")
         lines.append("")
     if "outage" in res and "skipped" not in res["outage"]:
         o = res["outage"]
@@ -618,6 +694,17 @@ def plots(res, stem):
         fig.tight_layout()
         fig.savefig(stem + "-outage.png", dpi=100)
         made.append(stem + "-outage.png")
+    if res.get("soak", {}).get("rss_mib"):
+        t, m = zip(*res["soak"]["rss_mib"])
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(t, m)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("second")
+        ax.set_ylabel("resident memory (MiB)")
+        ax.set_title(f"Soak: service RSS under mixed 80/20 load, {res['soak']['seconds']} s")
+        fig.tight_layout()
+        fig.savefig(stem + "-soak.png", dpi=100)
+        made.append(stem + "-soak.png")
     return made
 
 
@@ -625,6 +712,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: about two minutes in all")
     p.add_argument("--duration", type=int, help="seconds per sustained workload (default 20, quick 3)")
+    p.add_argument("--soak", type=int, help="seconds of the soak (memory growth) run (default 600, quick 10)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (baseline runs with sustained)")
     p.add_argument("--url", help="a running service (127.0.0.1 only); its database must be DATABASE_URL")
@@ -632,6 +720,7 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     args.duration = args.duration or (3 if args.quick else 20)
+    args.soak = args.soak or (10 if args.quick else 600)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS + ["baseline"]]
     if unknown:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-command load tests: the post-mortem's spike, stepped ab runs, oha workloads against a pgbench
-# baseline running the same SQL, a 2000-connection flood and a database outage.
+# baseline running the same SQL, telemetry export on/off, a 2000-connection flood, a database outage
+# and a memory soak.
 #
-#   loadtest/run.sh [--quick] [--duration SECS] [--scenarios spike,steps,...] [--url URL]
+#   loadtest/run.sh [--quick] [--duration SECS] [--soak SECS] [--scenarios spike,steps,...] [--url URL]
 #
 # Installs what is missing (ab, oha, matplotlib) and says so; starts a throwaway PostgreSQL and the
 # service in release mode unless DATABASE_URL / --url point at running ones; targets 127.0.0.1 only;

@@ -172,6 +172,19 @@ pub const VARS: &[Var] = &[
         help: "Milliseconds between metric exports (the OpenTelemetry standard variable).",
     },
     Var {
+        name: "OTEL_TRACES_SAMPLER",
+        default: Some("parentbased_always_on"),
+        help: "Which requests are traced: always_on, always_off, traceidratio, or parentbased_* \
+               of those (follow the caller's traceparent decision, else the named sampler).",
+    },
+    Var {
+        name: "OTEL_TRACES_SAMPLER_ARG",
+        default: Some("1.0"),
+        help: "Fraction of traces kept by the *traceidratio samplers, from 0 to 1, e.g. 0.1. \
+               At thousands of requests per second a fraction keeps export cheap (see \
+               loadtest/RESULTS.md); metrics and logs are never sampled.",
+    },
+    Var {
         name: "OTEL_SDK_DISABLED",
         default: Some("false"),
         help: "true turns telemetry export off even when an endpoint is set.",
@@ -271,6 +284,17 @@ pub struct OtelConfig {
     pub resource_attributes: Vec<(String, String)>,
     pub disabled: bool,
     pub metric_interval: std::time::Duration,
+    pub sampler: TraceSampler,
+}
+
+/// The head sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Parsed here rather than
+/// left to the SDK, which falls back to always-on with only a warning on a bad value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampler {
+    /// Follow the sampled flag of an incoming `traceparent` when there is one.
+    pub parent_based: bool,
+    /// Fraction of new traces kept, 0.0 to 1.0 (always_off is 0, always_on is 1).
+    pub ratio: f64,
 }
 
 /// Per-client rate limit; `None` in [`Config::rate_limit`] when disabled.
@@ -548,6 +572,42 @@ fn otel_config(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
             100,
             3_600_000,
         )? as u64),
+        sampler: trace_sampler(env)?,
+    })
+}
+
+fn trace_sampler(env: &Env<'_>) -> Result<TraceSampler, ConfigError> {
+    const NAMES: &str = "always_on, always_off, traceidratio, parentbased_always_on, \
+                         parentbased_always_off or parentbased_traceidratio";
+    let raw = env.value("OTEL_TRACES_SAMPLER");
+    let name = raw.trim();
+    let (parent_based, rule) = match name.strip_prefix("parentbased_") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let ratio = match rule {
+        "always_on" => 1.0,
+        "always_off" => 0.0,
+        "traceidratio" => {
+            let arg = env.value("OTEL_TRACES_SAMPLER_ARG");
+            match arg.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => r,
+                _ => {
+                    return Err(invalid(
+                        "OTEL_TRACES_SAMPLER_ARG",
+                        format!("{arg:?}"),
+                        "a fraction from 0 to 1, e.g. 0.1",
+                    ));
+                }
+            }
+        }
+        _ => {
+            return Err(invalid("OTEL_TRACES_SAMPLER", format!("{name:?}"), NAMES));
+        }
+    };
+    Ok(TraceSampler {
+        parent_based,
+        ratio,
     })
 }
 
@@ -709,6 +769,11 @@ mod tests {
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue", "key=value"),
             ("OTEL_SDK_DISABLED", "perhaps", "true or false"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "1m", "from 100"),
+            (
+                "OTEL_TRACES_SAMPLER",
+                "sometimes",
+                "parentbased_traceidratio",
+            ),
             ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
             ("MAX_IN_FLIGHT", "0", "from 1"),
             ("REQUEST_TIMEOUT", "0s", "positive duration"),
@@ -736,6 +801,46 @@ mod tests {
                 msg.contains(var) && msg.contains(form),
                 "{var}={value}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn trace_samplers_follow_the_otel_names() {
+        let sampler = |pairs: &[(&str, &str)]| {
+            let mut all = vec![URL];
+            all.extend_from_slice(pairs);
+            config(&all).map(|c| c.otel.sampler)
+        };
+        let s = |parent_based, ratio| TraceSampler {
+            parent_based,
+            ratio,
+        };
+        assert_eq!(sampler(&[]).unwrap(), s(true, 1.0));
+        assert_eq!(
+            sampler(&[("OTEL_TRACES_SAMPLER", "always_off")]).unwrap(),
+            s(false, 0.0)
+        );
+        assert_eq!(
+            sampler(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ])
+            .unwrap(),
+            s(true, 0.25)
+        );
+        // A ratio sampler without its argument keeps everything, as the OTel spec says.
+        assert_eq!(
+            sampler(&[("OTEL_TRACES_SAMPLER", "traceidratio")]).unwrap(),
+            s(false, 1.0)
+        );
+        for bad in ["1.5", "-0.1", "half", "NaN"] {
+            let err = sampler(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", bad),
+            ])
+            .unwrap_err();
+            assert_eq!(err.var, "OTEL_TRACES_SAMPLER_ARG", "{bad}: {err}");
+            assert!(err.to_string().contains("from 0 to 1"), "{err}");
         }
     }
 

@@ -35,7 +35,7 @@ use deadpool::managed::{Object, PoolError, TimeoutType};
 use sqlx::Connection;
 use tracing::{Instrument, Span, field::Empty};
 
-use crate::config::DatabaseConfig;
+use crate::{config::DatabaseConfig, telemetry::sampling};
 use breaker::{Breaker, BreakerConfig, BreakerState, Permit};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
@@ -212,23 +212,35 @@ impl Db {
     /// expect, with the older `db.system` attribute SigNoz still counts, the parameterised SQL
     /// (never values), the host as configured and the pinned address actually used.
     fn span(&self, operation: &'static str, table: &'static str, sql: &'static str) -> Span {
-        let span = tracing::info_span!(
-            "db",
-            otel.name = %format_args!("{operation} {table}"),
-            otel.kind = "client",
-            db.system = "postgresql",
-            db.system.name = "postgresql",
-            db.namespace = %self.inner.db_name,
-            db.operation.name = operation,
-            db.collection.name = table,
-            db.query.text = sql,
-            server.address = %self.inner.address.host(),
-            server.port = i64::from(self.inner.address.port()),
-            network.peer.address = Empty,
-            db.client.connection.wait_time_ms = Empty,
-            otel.status_code = Empty,
-            error.type = Empty,
-        );
+        // Two callsites because a callsite's target is fixed: spans of untraced requests (see
+        // `telemetry::sampling`) go under the target the exporter ignores.
+        macro_rules! db_span {
+            ($target:expr) => {
+                tracing::info_span!(
+                    target: $target,
+                    "db",
+                    otel.name = %format_args!("{operation} {table}"),
+                    otel.kind = "client",
+                    db.system = "postgresql",
+                    db.system.name = "postgresql",
+                    db.namespace = %self.inner.db_name,
+                    db.operation.name = operation,
+                    db.collection.name = table,
+                    db.query.text = sql,
+                    server.address = %self.inner.address.host(),
+                    server.port = i64::from(self.inner.address.port()),
+                    network.peer.address = Empty,
+                    db.client.connection.wait_time_ms = Empty,
+                    otel.status_code = Empty,
+                    error.type = Empty,
+                )
+            };
+        }
+        let span = if sampling::in_traced_request() {
+            db_span!("todo_service::db")
+        } else {
+            db_span!(sampling::UNTRACED)
+        };
         if !span.is_disabled()
             && let Some(addr) = self.inner.address.get()
         {

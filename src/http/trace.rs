@@ -19,6 +19,7 @@ use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProblemCode;
+use crate::telemetry::sampling;
 
 /// Reads W3C trace context from request headers.
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -33,6 +34,29 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The server span under `target`: traced requests and the rest (see `telemetry::sampling`) need
+/// two callsites with the same fields, since a callsite's target is fixed.
+macro_rules! server_span {
+    ($target:expr, $req:expr, $header:expr) => {
+        tracing::info_span!(
+            target: $target,
+            "request",
+            otel.name = Empty,
+            otel.kind = "server",
+            http.request.method = %$req.method(),
+            http.route = Empty,
+            url.path = %$req.uri().path(),
+            client.address = Empty,
+            user_agent.original = $header(header::USER_AGENT.as_str()),
+            request_id = $header("x-request-id"),
+            http.response.status_code = Empty,
+            otel.status_code = Empty,
+            error.type = Empty,
+            todo.rejected_by = Empty,
+        )
+    };
+}
+
 pub fn request_span(req: &Request) -> Span {
     let method = req.method();
     let header = |name: &str| {
@@ -41,24 +65,22 @@ pub fn request_span(req: &Request) -> Span {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     };
+    // The caller's trace context matters only when spans are exported; it decides (with the
+    // configured sampler) whether this request is traced at all.
+    let parent = sampling::exporting().then(|| {
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        })
+    });
+    let traced = parent.as_ref().is_none_or(sampling::sampled);
     // Field values inside the macro are only computed when the span is enabled; what is computed
     // outside it (name, client, parent) is recorded below, after the same check, so requests
-    // cost nothing extra when nothing listens (no export, quiet logs).
-    let span = tracing::info_span!(
-        "request",
-        otel.name = Empty,
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = Empty,
-        url.path = %req.uri().path(),
-        client.address = Empty,
-        user_agent.original = header(header::USER_AGENT.as_str()),
-        request_id = header("x-request-id"),
-        http.response.status_code = Empty,
-        otel.status_code = Empty,
-        error.type = Empty,
-        todo.rejected_by = Empty,
-    );
+    // cost nothing extra when nothing listens (no export or not sampled, and quiet logs).
+    let span = if traced {
+        server_span!("todo_service::http::trace", req, header)
+    } else {
+        server_span!(sampling::UNTRACED, req, header)
+    };
     if span.is_disabled() {
         return span;
     }
@@ -78,11 +100,10 @@ pub fn request_span(req: &Request) -> Span {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
         span.record("client.address", peer.ip().to_string());
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
-    // Without a valid incoming traceparent this leaves the span a root.
-    let _ = span.set_parent(parent);
+    if traced && let Some(parent) = parent {
+        // Without a valid incoming traceparent this leaves the span a root.
+        let _ = span.set_parent(parent);
+    }
     span
 }
 

@@ -717,3 +717,90 @@ async fn spans_are_exported_over_http_protobuf_too() {
         "no span was lost: {lost:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampler_keeps_only_the_chosen_traces_and_every_metric() {
+    let (receiver, metrics, _logs, collector) = start_receiver().await;
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    let child = spawn_service(
+        &db,
+        addr,
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            ),
+            // Trace only what a traced caller asks for.
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("RATE_LIMIT_PER_SECOND", "0"),
+            // Info: the untraced requests' spans exist (for the logs) and must still not export.
+            ("LOG_LEVEL", "info"),
+        ],
+        false,
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let base = format!("http://{addr}");
+    let caller_trace = "0af7651916cd43dd8448eb211c80319c";
+    let get = |traceparent: Option<String>| {
+        let mut req = client.get(format!("{base}/todos?limit=3"));
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()
+                .get("x-trace-id")
+                .map(|v| v.to_str().unwrap().to_owned())
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(get(None).await, None, "an unsampled request has no trace");
+    }
+    let unsampled_caller = format!("00-{}-b7ad6b7169203331-00", "1".repeat(32));
+    assert_eq!(get(Some(unsampled_caller)).await, None);
+    let sampled_caller = format!("00-{caller_trace}-b7ad6b7169203331-01");
+    assert_eq!(
+        get(Some(sampled_caller)).await.as_deref(),
+        Some(caller_trace)
+    );
+    terminate(child).await;
+
+    let batches = receiver.0.lock().unwrap().clone();
+    let spans: Vec<&Span> = batches
+        .iter()
+        .flat_map(|b| &b.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .collect();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let server: Vec<&&Span> = spans.iter().filter(|s| s.name == "GET /todos").collect();
+    assert_eq!(
+        server.len(),
+        1,
+        "only the sampled caller's request: {names:?}"
+    );
+    let db_spans: Vec<&&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SPAN_KIND_CLIENT)
+        .collect();
+    assert!(!db_spans.is_empty(), "{names:?}");
+    for s in db_spans {
+        assert_eq!(s.parent_span_id, server[0].span_id, "{names:?}");
+    }
+    assert!(
+        spans.iter().all(|s| hex(&s.trace_id) == caller_trace),
+        "a span outside the sampled trace: {names:?}"
+    );
+    // Metrics are never sampled: all seven requests are in the duration histogram.
+    let batches = metrics.0.lock().unwrap().clone();
+    let counted: f64 = last_points(&batches, "http.server.request.duration")
+        .iter()
+        .filter(|(attrs, _)| s(attrs, "http.route") == "/todos")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(counted, 7.0);
+}
