@@ -454,7 +454,7 @@ def flood(svc, args, res):
     healthy_after = None
     while time.time() - ended < 10:
         if http("GET", svc.url + "/health", timeout=2)[0] == 200:
-            healthy_after = time.time() - ended
+            healthy_after = round(time.time() - ended, 4)
             break
         time.sleep(0.01)
     r.update({"concurrency": conc, "requests": n, "command": cmd, "retry_after": retry_after,
