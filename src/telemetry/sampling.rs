@@ -23,7 +23,8 @@ use opentelemetry_sdk::trace::{
 };
 use tracing::Span;
 
-/// Target of the spans of requests that are not sampled; the export layer filters it out.
+/// Target of the spans of requests that are not sampled; the export layer filters it out. A
+/// `LOG_LEVEL` directive for these spans in the logs names this target, not the module.
 pub const UNTRACED: &str = "todo_service::untraced";
 
 /// The configured sampler, set once when span export starts; unset while nothing is exported.
