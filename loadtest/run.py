@@ -115,6 +115,19 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def cpu_ticks(self):
+        """User + system CPU the service has used, in clock ticks (/proc/<pid>/stat)."""
+        if not self.proc:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                # Fields after the command name, which may hold spaces: utime and stime are the
+                # 12th and 13th of them.
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
     def rss_kib(self):
         if not self.proc:
             return None
@@ -368,10 +381,13 @@ class OtlpSink:
 
 
 def telemetry(svc, args, res):
-    """Throughput with spans, metrics and logs exported to a receiver, against export off: two more
-    services export OTLP/HTTP to an in-process sink, one tracing every request, one sampling 10 %
-    (OTEL_TRACES_SAMPLER=parentbased_traceidratio). Same LOG_LEVEL everywhere, so only export
-    differs; runs interleaved (off, all, sampled, ...) so drift in the machine hits all alike."""
+    """What observability costs: throughput and the service's CPU per request with spans, metrics
+    and logs exported to a receiver, and with logs at the default level, against neither. Three
+    more services: two export OTLP/HTTP to an in-process sink, one tracing every request, one
+    sampling 10 % (OTEL_TRACES_SAMPLER=parentbased_traceidratio), both at LOG_LEVEL=warn like the
+    baseline; one exports nothing at LOG_LEVEL=info (the default). Runs interleaved (off, all,
+    sampled, info, ...) so drift in the machine hits all alike; CPU per request is the steadier
+    figure on a noisy machine."""
     if not svc.proc:
         res["telemetry"] = {"skipped": "needs a service this script starts (no --url)"}
         log("  skipped: needs a service this script starts")
@@ -386,20 +402,31 @@ def telemetry(svc, args, res):
     traced_all = Service(None, svc.database_url, dict(export))
     sampled = Service(None, svc.database_url, dict(export, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
                                                     OTEL_TRACES_SAMPLER_ARG="0.1"))
-    variants = (("off", svc), ("all", traced_all), ("sampled_10pct", sampled))
+    logs_info = Service(None, svc.database_url, {"LOG_LEVEL": "info"})
+    extras = (traced_all, sampled, logs_info)
+    variants = (("off", svc), ("all", traced_all), ("sampled_10pct", sampled), ("logs_info", logs_info))
     runs = {name: [] for name, _ in variants}
+    cpu = {name: [] for name, _ in variants}
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
     try:
-        traced_all.start()
-        sampled.start()
+        for extra_svc in extras:
+            extra_svc.start()
         extra = WORKLOADS["get-one"][0]
         for _ in range(2):
             for name, target in variants:
+                before = target.cpu_ticks()
                 r, cmd = oha(target, extra, args.duration, 64)
+                after = target.cpu_ticks()
+                requests = sum(r["statuses"].values())
+                us = (round((after - before) / ticks_per_s * 1e6 / requests, 1)
+                      if None not in (before, after) and requests else None)
                 runs[name].append(r["rps"])
-                log(f"  telemetry {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms)")
+                cpu[name].append(us)
+                log(f"  telemetry {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms), "
+                    f"service CPU {us} µs/request")
     finally:
-        traced_all.stop()
-        sampled.stop()
+        for extra_svc in extras:
+            extra_svc.stop()
         time.sleep(0.5)
         sink.stop()
     off_rps = statistics.mean(runs["off"])
@@ -407,12 +434,21 @@ def telemetry(svc, args, res):
     def cost(name):
         return round(100 * (1 - statistics.mean(runs[name]) / off_rps), 1) if off_rps else None
 
-    res["telemetry"] = {"workload": "get-one, oha c=64, LOG_LEVEL=warn", "rps_off": runs["off"],
-                        "rps_on": runs["all"], "rps_on_sampled_10pct": runs["sampled_10pct"],
+    def cpu_us(name):
+        values = [v for v in cpu[name] if v is not None]
+        return round(statistics.mean(values), 1) if values else None
+
+    res["telemetry"] = {"workload": "get-one, oha c=64; LOG_LEVEL=warn unless named",
+                        "rps_off": runs["off"], "rps_on": runs["all"],
+                        "rps_on_sampled_10pct": runs["sampled_10pct"],
+                        "rps_logs_info": runs["logs_info"],
                         "cost_pct": cost("all"), "cost_pct_sampled_10pct": cost("sampled_10pct"),
+                        "cost_pct_logs_info": cost("logs_info"),
+                        "cpu_us_per_request": {name: cpu_us(name) for name, _ in variants},
                         "sink": sink.counts}
     log(f"  telemetry costs {cost('all')} % of get-one throughput tracing every request, "
-        f"{cost('sampled_10pct')} % sampling 10 %; sink got {sink.counts}")
+        f"{cost('sampled_10pct')} % sampling 10 %; logs at info cost {cost('logs_info')} %; "
+        f"service CPU µs/request {res['telemetry']['cpu_us_per_request']}; sink got {sink.counts}")
 
 
 def flood(svc, args, res):
@@ -627,7 +663,11 @@ def summary(res):
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "
                      f"every request traced {statistics.mean(t['rps_on']):.0f} rps (cost {t['cost_pct']} %); "
                      f"10 % sampled {statistics.mean(t['rps_on_sampled_10pct']):.0f} rps "
-                     f"(cost {t['cost_pct_sampled_10pct']} %); the receiver got "
+                     f"(cost {t['cost_pct_sampled_10pct']} %); no export but LOG_LEVEL=info "
+                     f"{statistics.mean(t['rps_logs_info']):.0f} rps (cost {t['cost_pct_logs_info']} %); "
+                     "service CPU per request "
+                     + ", ".join(f"{k} {v} µs" for k, v in t["cpu_us_per_request"].items())
+                     + "; the receiver got "
                      + ", ".join(f"{k} {v['requests']} requests / {v['bytes'] // 1024} KiB"
                                  for k, v in sorted(t["sink"].items())))
         lines.append("")

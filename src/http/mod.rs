@@ -27,9 +27,8 @@ use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::{DefaultOnFailure, TraceLayer},
+    trace::TraceLayer,
 };
-use tracing::Level;
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
@@ -215,7 +214,7 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
 /// The whole application: routes, docs, fallbacks and layers.
 pub fn router(state: AppState, config: &Config) -> Router {
     let ApiRoutes { data, ops, openapi } = api_routes();
-    let x_request_id = HeaderName::from_static("x-request-id");
+    let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
 
     // Rate limit, load shedding and the request timeout guard only the data routes; probes and
     // docs must answer even when clients are being refused (see resilience.rs).
@@ -242,13 +241,14 @@ pub fn router(state: AppState, config: &Config) -> Router {
                     TraceLayer::new_for_http()
                         .make_span_with(trace::request_span)
                         .on_response(trace::on_response)
-                        // Errors are logged once, where they happen (ApiError); the trace layer
-                        // only notes them.
-                        .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+                        // Errors are logged once, where they happen (ApiError), with the
+                        // request's identity; the span notes them in on_response.
+                        .on_failure(()),
                 )
-                // 3. The request's duration is recorded for the metrics, and the trace id goes
-                //    back to the client (x-trace-id), so a report can quote it.
-                .layer(axum::middleware::from_fn(trace::record_metrics))
+                // 3. The request's duration is recorded for the metrics, every log line written
+                //    while serving it names it (id, method, route), and the trace id goes back
+                //    to the client (x-trace-id), so a report can quote it.
+                .layer(axum::middleware::from_fn(trace::observe))
                 .layer(axum::middleware::map_response(trace::add_trace_id))
                 // 4. The request id is copied to the response (clients quote it when reporting
                 //    problems).
@@ -296,7 +296,7 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             header::CONTENT_TYPE,
             header::ACCEPT,
             header::AUTHORIZATION,
-            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static(trace::REQUEST_ID),
             HeaderName::from_static("idempotency-key"),
         ])
         .expose_headers([
@@ -304,7 +304,7 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             header::LOCATION,
             header::LINK,
             header::RETRY_AFTER,
-            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static(trace::REQUEST_ID),
         ])
         .max_age(Duration::from_secs(3600))
 }

@@ -19,7 +19,10 @@ use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProblemCode;
-use crate::telemetry::sampling;
+use crate::telemetry::{log_format, sampling};
+
+/// Set on every request (the client's, or a fresh one) before the span and kept on the response.
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Reads W3C trace context from request headers.
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -48,7 +51,7 @@ macro_rules! server_span {
             url.path = %$req.uri().path(),
             client.address = Empty,
             user_agent.original = $header(header::USER_AGENT.as_str()),
-            request_id = $header("x-request-id"),
+            request_id = $header(REQUEST_ID),
             http.response.status_code = Empty,
             otel.status_code = Empty,
             error.type = Empty,
@@ -107,7 +110,7 @@ pub fn request_span(req: &Request) -> Span {
     span
 }
 
-pub fn on_response(res: &Response, latency: Duration, span: &Span) {
+pub fn on_response(res: &Response, _latency: Duration, span: &Span) {
     let status = res.status();
     // As i64: tracing hands narrower integers to the OTel layer as strings, and SigNoz filters
     // on this attribute as a number.
@@ -121,16 +124,26 @@ pub fn on_response(res: &Response, latency: Duration, span: &Span) {
             span.record("todo.rejected_by", layer);
         }
     }
-    tracing::debug!(status = status.as_u16(), ?latency, "response");
 }
 
-/// Records `http.server.request.duration` (and rejections) for every request. Sits inside the
-/// router's layers so the matched route is known.
-pub async fn record_metrics(req: Request, next: Next) -> Response {
+/// Records `http.server.request.duration` (and rejections) for every request, and gives the log
+/// lines written while serving it the request's id, method and route (see
+/// `telemetry::log_format`). Sits inside the router's layers so the matched route is known.
+pub async fn observe(req: Request, next: Next) -> Response {
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let res = next.run(req).await;
+    let fields = log_format::RequestFields {
+        request_id: req.headers().get(REQUEST_ID).cloned(),
+        method: method.clone(),
+        route: route.clone(),
+    };
+    let res = log_format::in_request(fields, async {
+        let res = next.run(req).await;
+        tracing::debug!(status = res.status().as_u16(), latency = ?started.elapsed(), "response");
+        res
+    })
+    .await;
     let rejected = res
         .extensions()
         .get::<ProblemCode>()

@@ -1,23 +1,82 @@
-//! Puts the current trace and span ids on every log line written inside a traced request.
+//! What every log line says about where it was written: the request being served (its id,
+//! method and route) and, inside a traced request, the trace and span ids.
 //!
-//! tracing-subscriber's formatters only show the fields of spans the log layer itself sees, and
-//! `LOG_LEVEL=warn` hides the request span from it, so an error logged inside a request would lose
-//! what joins it to its trace. The ids come instead from the OpenTelemetry context, which
-//! `tracing-opentelemetry` activates on the thread whenever one of our spans is entered, whatever
-//! the log level. No maintained formatter does this from the active context (json-subscriber reads
-//! the span the layer can see, the same limit), hence this small wrapper around the stock ones.
+//! tracing-subscriber's formatters show the fields of the spans the log layer itself sees. Letting
+//! it see the request and database spans costs every request a live span (registry slot, enter
+//! and exit on every poll, every field formatted into a string when the span opens) even when no
+//! line is ever written in it: measured at ~15 µs of CPU per request, 15 % of the single-todo GET's
+//! throughput (loadtest/RESULTS.md). So the log layers see events only ([`events_only`]) and the
+//! request's identity travels in a task-local ([`in_request`]) set once per request by the HTTP
+//! layer, read only when a line is actually written. It is there whatever `LOG_LEVEL` hides,
+//! which a span-based prefix never was (at `warn` it vanished with the span). The ids come from
+//! the OpenTelemetry context, which `tracing-opentelemetry` activates on the thread whenever one
+//! of our exported spans is entered. No maintained formatter does either (json-subscriber reads
+//! the spans its layer can see, the same limit), hence this small wrapper around the stock ones.
 
-use std::fmt;
+use std::{fmt, future::Future};
 
+use axum::{extract::MatchedPath, http::HeaderValue, http::Method};
 use opentelemetry::trace::TraceContextExt as _;
-use tracing::{Event, Subscriber};
+use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
 use tracing_subscriber::{
     fmt::{
         FmtContext, FormatEvent, FormatFields,
         format::{self, Format, Full, Json, Writer},
     },
+    layer,
     registry::LookupSpan,
 };
+
+/// The request a line was written for.
+pub struct RequestFields {
+    /// `x-request-id` as the client sees it (theirs, or the one given to the request).
+    pub request_id: Option<HeaderValue>,
+    pub method: Method,
+    /// The matched route (`/todos/{id}`); none when no route matched.
+    pub route: Option<MatchedPath>,
+}
+
+tokio::task_local! {
+    static REQUEST: RequestFields;
+}
+
+/// Runs `future` (serving one request) with `fields` on every line it logs.
+pub async fn in_request<F: Future>(fields: RequestFields, future: F) -> F::Output {
+    REQUEST.scope(fields, future).await
+}
+
+/// A per-layer filter that passes events and no span: the log layers get their context from
+/// [`in_request`] and the OpenTelemetry context instead (see the module doc). Decided per
+/// callsite, so a span nothing else listens to is never created at all.
+pub struct EventsOnly;
+
+impl<S> layer::Filter<S> for EventsOnly {
+    fn enabled(&self, meta: &Metadata<'_>, _: &layer::Context<'_, S>) -> bool {
+        // Not `is_event`: `tracing::enabled!` asks with a hint, which must follow the level.
+        !meta.is_span()
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if meta.is_span() {
+            Interest::never()
+        } else {
+            // `sometimes`, not `always`: per-layer filters hand their decision to their layer
+            // through thread-local state that only a fresh `enabled` call rewrites, and an
+            // `always` callsite skips that call, reading whatever the previous query left. sqlx
+            // asks the `log` crate whether a level is on after every query; when all layers said
+            // no, the next always-on line (an error in a request!) was silently dropped
+            // (tokio-rs/tracing#2519, still open). One filter pass per written line is the price.
+            Interest::sometimes()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // "No hint" would lift the level the combined filter reports to TRACE (`And` keeps the
+        // lower of two hints, and `None` is lowest), so every disabled debug event in every
+        // library would be asked about at run time.
+        Some(LevelFilter::TRACE)
+    }
+}
 
 /// The active trace and span ids as hex, when a sampled-or-not valid span is current.
 pub fn current_ids() -> Option<(String, String)> {
@@ -28,7 +87,29 @@ pub fn current_ids() -> Option<(String, String)> {
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
-/// Text lines: ` trace_id=… span_id=…` appended to the line.
+/// The keys added to a line, in order; empty outside requests and traces.
+fn context() -> Vec<(&'static str, String)> {
+    let mut keys = Vec::new();
+    let _ = REQUEST.try_with(|r| {
+        if let Some(id) = &r.request_id {
+            keys.push((
+                "request_id",
+                String::from_utf8_lossy(id.as_bytes()).into_owned(),
+            ));
+        }
+        keys.push(("http.request.method", r.method.as_str().to_owned()));
+        if let Some(route) = &r.route {
+            keys.push(("http.route", route.as_str().to_owned()));
+        }
+    });
+    if let Some((trace_id, span_id)) = current_ids() {
+        keys.push(("trace_id", trace_id));
+        keys.push(("span_id", span_id));
+    }
+    keys
+}
+
+/// Text lines: ` request_id=… http.request.method=… http.route=… trace_id=… span_id=…` appended.
 pub struct Text {
     plain: Format<Full>,
     coloured: Format<Full>,
@@ -59,20 +140,30 @@ where
         } else {
             &self.plain
         };
-        let Some((trace_id, span_id)) = current_ids() else {
+        let keys = context();
+        if keys.is_empty() {
             return inner.format_event(ctx, writer, event);
-        };
-        // Formatted into a buffer first: the ids go at the end of the line, after the message,
-        // where they do not push the level and message out of a reader's view.
+        }
+        // Formatted into a buffer first: the context goes at the end of the line, after the
+        // message, where it does not push the level and message out of a reader's view.
         let mut line = String::with_capacity(256);
         inner.format_event(ctx, Writer::new(&mut line), event)?;
-        let body = line.strip_suffix('\n').unwrap_or(&line);
-        writeln!(writer, "{body} trace_id={trace_id} span_id={span_id}")
+        writer.write_str(line.strip_suffix('\n').unwrap_or(&line))?;
+        for (key, value) in keys {
+            // A client's request id may hold spaces or quotes: quoted then, so the line still
+            // splits into key=value pairs.
+            if value.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+                write!(writer, " {key}={value}")?;
+            } else {
+                write!(writer, " {key}={value:?}")?;
+            }
+        }
+        writeln!(writer)
     }
 }
 
-/// JSON lines: top-level `trace_id` and `span_id` keys, where log pipelines (and SigNoz's log
-/// parser) look for them.
+/// JSON lines: the same keys at top level, where log pipelines (and SigNoz's log parser) look for
+/// `trace_id` and `span_id`.
 pub struct JsonLine(pub Format<Json>);
 
 impl<S, N> FormatEvent<S, N> for JsonLine
@@ -86,31 +177,45 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let Some((trace_id, span_id)) = current_ids() else {
+        let keys = context();
+        if keys.is_empty() {
             return self.0.format_event(ctx, writer, event);
-        };
+        }
         let mut line = String::with_capacity(256);
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        match line.strip_prefix('{') {
-            // Hex ids need no escaping.
-            Some(rest) => write!(
-                writer,
-                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
-            ),
-            None => writer.write_str(&line),
+        let Some(rest) = line.strip_prefix('{') else {
+            return writer.write_str(&line);
+        };
+        writer.write_char('{')?;
+        for (key, value) in keys {
+            let value = serde_json::to_string(&value).map_err(|_| fmt::Error)?;
+            write!(writer, "\"{key}\":{value},")?;
         }
+        writer.write_str(rest)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::{Arc, Mutex};
 
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::trace::SdkTracerProvider;
-    use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _};
+    use tracing_subscriber::{
+        EnvFilter, Layer as _, filter::FilterExt as _, layer::SubscriberExt as _,
+    };
 
     use super::*;
+
+    /// Callsite interest is shared by every live subscriber in the process: one test's subscriber
+    /// wanting a span would make it "sometimes" for another's, so these tests take turns.
+    static ONE_SUBSCRIBER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    pub(in crate::telemetry) fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+        ONE_SUBSCRIBER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
 
     #[derive(Clone, Default)]
     struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -125,33 +230,46 @@ mod tests {
         }
     }
 
-    /// Logs at `warn` (which hides the info-level span from the log layer) inside a traced span,
-    /// and outside any span, in both formats.
+    /// Logs at `warn` outside any span, then inside a traced span while serving a request, in
+    /// both formats, through the filter the service uses (events only, then the level).
     fn lines(json: bool) -> (Vec<String>, String, String) {
+        let _turn = take_turn();
         let provider = SdkTracerProvider::builder().build();
         let out = Buffer::default();
         let writer = out.clone();
         let fmt = tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .with_writer(move || writer.clone());
+        let filter = EventsOnly.and(EnvFilter::new("info"));
         let fmt = if json {
             fmt.json()
                 .event_format(JsonLine(format::format().json()))
-                .with_filter(EnvFilter::new("warn"))
+                .with_filter(filter)
                 .boxed()
         } else {
             fmt.event_format(Text::default())
-                .with_filter(EnvFilter::new("warn"))
+                .with_filter(filter)
                 .boxed()
         };
         let subscriber = tracing_subscriber::registry()
             .with(fmt)
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let request = RequestFields {
+            request_id: Some(HeaderValue::from_static("my \"id\"")),
+            method: Method::PATCH,
+            route: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let ids = tracing::subscriber::with_default(subscriber, || {
             tracing::warn!("outside");
-            let span = tracing::info_span!("request");
+            let span = tracing::info_span!("request", url.path = "/secret");
             let _entered = span.enter();
-            tracing::warn!(answer = 42, "inside");
+            runtime.block_on(in_request(request, async {
+                tokio::task::yield_now().await;
+                tracing::warn!(answer = 42, "inside");
+            }));
             current_ids().expect("the span's context is active")
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
@@ -159,29 +277,81 @@ mod tests {
     }
 
     #[test]
-    fn json_lines_inside_a_span_carry_its_ids_at_top_level() {
+    fn json_lines_in_a_request_carry_its_identity_and_ids_at_top_level() {
         let (lines, trace_id, span_id) = lines(true);
         assert_eq!(lines.len(), 2, "{lines:?}");
         let outside: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
         assert!(outside.get("trace_id").is_none(), "{outside}");
+        assert!(outside.get("request_id").is_none(), "{outside}");
         let inside: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(inside["trace_id"], trace_id.as_str());
         assert_eq!(inside["span_id"], span_id.as_str());
+        assert_eq!(inside["request_id"], "my \"id\"");
+        assert_eq!(inside["http.request.method"], "PATCH");
+        assert!(inside.get("http.route").is_none(), "{inside}");
         assert_eq!(inside["fields"]["answer"], 42);
         assert_eq!(inside["level"], "WARN");
+        assert!(
+            inside.get("span").is_none(),
+            "the log layer sees no span: {inside}"
+        );
     }
 
     #[test]
-    fn text_lines_inside_a_span_end_with_its_ids() {
+    fn text_lines_in_a_request_end_with_its_identity_and_ids() {
         let (lines, trace_id, span_id) = lines(false);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(!lines[0].contains("trace_id"), "{}", lines[0]);
         assert!(
             lines[1].ends_with(&format!(
-                "inside answer=42 trace_id={trace_id} span_id={span_id}"
+                "inside answer=42 request_id=\"my \\\"id\\\"\" http.request.method=PATCH \
+                 trace_id={trace_id} span_id={span_id}"
             )),
             "{}",
             lines[1]
         );
+        assert!(
+            !lines[1].contains("/secret"),
+            "the log layer sees no span: {}",
+            lines[1]
+        );
+    }
+
+    /// tokio-rs/tracing#2519: a `log` query (as sqlx makes after every query) that every layer
+    /// declines must not swallow the next line. Two filtered layers, as in the service with
+    /// export on (stdout and the OTLP log bridge).
+    #[test]
+    fn a_declined_log_crate_query_does_not_swallow_the_next_line() {
+        let _turn = take_turn();
+        let _ = tracing_log::LogTracer::init();
+        let (a, b) = (Buffer::default(), Buffer::default());
+        let (wa, wb) = (a.clone(), b.clone());
+        let directives = "chatty_dependency=debug,info";
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || wa.clone())
+                    .with_filter(EventsOnly.and(EnvFilter::new(directives))),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || wb.clone())
+                    .with_filter(EventsOnly.and(EnvFilter::new(directives))),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("first");
+            let query = log::Metadata::builder()
+                .level(log::Level::Debug)
+                .target("sqlx::query")
+                .build();
+            // The answer is wrong too (`true`: with per-layer filters, "all declined" reads as
+            // enabled); only what it leaves behind matters here.
+            let _ = log::logger().enabled(&query);
+            tracing::error!("second");
+        });
+        for out in [a, b] {
+            let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            assert!(text.contains("first") && text.contains("second"), "{text}");
+        }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Logs go to stdout through `tracing`, filtered by `LOG_LEVEL`, as text for people or JSON for
 //! containers (`LOG_FORMAT`); libraries that log through the `log` crate (sqlx) are bridged in.
-//! Every line written inside a traced request carries its `trace_id` and `span_id` (see
-//! `log_format`).
+//! Every line written while serving a request carries its request id, method and route, and
+//! inside a traced request its `trace_id` and `span_id` (see `log_format`).
 //!
 //! When `OTEL_EXPORTER_OTLP_ENDPOINT` is set and `OTEL_SDK_DISABLED` is not, three signals go to an
 //! OTLP collector (SigNoz): the service's own spans (one per request, one per database call) through
@@ -37,7 +37,10 @@ use opentelemetry_sdk::{
 };
 use tracing::{Level, level_filters::LevelFilter};
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer, Registry,
+    filter::{FilterExt as _, Targets},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
 };
 use url::Url;
 
@@ -121,7 +124,30 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
         }
         _ => (None, None, None),
     };
-    let otel_layer = provider.as_ref().map(|p| {
+    tracing_subscriber::registry()
+        .with(layers(config, provider.as_ref(), logs.as_ref())?)
+        .try_init()?;
+    if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
+        tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces, metrics and logs over OTLP");
+    }
+    Ok(Telemetry {
+        provider,
+        meters,
+        logs,
+    })
+}
+
+/// The subscriber's layers: stdout, and span and log export when their providers exist. Every
+/// layer carries its own filter, and only the layers that exist are listed: an absent `Option`
+/// layer answers "always interested" for every callsite, which made each request's INFO span,
+/// wanted by no layer, a live span in the registry (~5 µs of CPU per request at
+/// `LOG_LEVEL=info`; loadtest/RESULTS.md).
+fn layers(
+    config: &Config,
+    provider: Option<&SdkTracerProvider>,
+    logs: Option<&SdkLoggerProvider>,
+) -> anyhow::Result<Vec<Box<dyn Layer<Registry> + Send + Sync>>> {
+    let otel_layer = provider.map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("todo-service"))
             // Source location, thread, target and busy/idle time are attributes no SigNoz view or
@@ -139,18 +165,22 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
             )
     });
     // Exported log records follow LOG_LEVEL like stdout, minus the exporters' internals.
-    let log_export_layer = match &logs {
+    let log_export_layer = match logs {
         Some(logs) => {
             let mut filter = EnvFilter::try_new(&config.log_level)?;
             for target in EXPORT_INTERNALS {
                 filter = filter.add_directive(format!("{target}=off").parse()?);
             }
-            Some(OpenTelemetryTracingBridge::new(logs).with_filter(filter))
+            Some(
+                OpenTelemetryTracingBridge::new(logs)
+                    .with_filter(log_format::EventsOnly.and(filter)),
+            )
         }
         None => None,
     };
-    // Events follow LOG_LEVEL (validated in config, so this cannot fail).
-    let filter = EnvFilter::try_new(&config.log_level)?;
+    // Events follow LOG_LEVEL (validated in config, so this cannot fail); spans are not the log
+    // layer's business (see log_format).
+    let filter = log_format::EventsOnly.and(EnvFilter::try_new(&config.log_level)?);
     let fmt_layer = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stdout().is_terminal())
@@ -162,25 +192,16 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
             .event_format(log_format::JsonLine(
                 tracing_subscriber::fmt::format()
                     .json()
-                    .with_current_span(true)
+                    .with_current_span(false)
                     .with_span_list(false),
             ))
             .with_filter(filter)
             .boxed(),
     };
-    tracing_subscriber::registry()
-        .with(fmt_layer)
-        .with(otel_layer)
-        .with(log_export_layer)
-        .try_init()?;
-    if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
-        tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces, metrics and logs over OTLP");
-    }
-    Ok(Telemetry {
-        provider,
-        meters,
-        logs,
-    })
+    let mut layers = vec![fmt_layer];
+    layers.extend(otel_layer.map(Layer::boxed));
+    layers.extend(log_export_layer.map(Layer::boxed));
+    Ok(layers)
 }
 
 /// The same resource on every signal, so SigNoz joins them by service.
@@ -341,5 +362,52 @@ async fn resolve_once(endpoint: &Url) -> Url {
             eprintln!("warning: OTLP collector host {host} did not resolve; using the name");
             endpoint.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+    use crate::telemetry::log_format::tests::take_turn;
+
+    fn config(log_level: &str) -> Config {
+        let vars = [
+            ("DATABASE_URL", "postgres://app@127.0.0.1:5432/todos"),
+            ("LOG_LEVEL", log_level),
+        ];
+        Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap()
+    }
+
+    /// With logs on at `info` and nothing exported, a request's span is never created (the log
+    /// layer takes events only); with export on, only traced requests' spans are.
+    #[test]
+    fn spans_exist_only_for_the_exporter() {
+        let _turn = take_turn();
+        let subscriber =
+            tracing_subscriber::registry().with(layers(&config("info"), None, None).unwrap());
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(
+                tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
+            );
+            assert!(tracing::enabled!(target: "todo_service::http::trace", Level::INFO));
+        });
+
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(layers(&config("info"), Some(&provider), None).unwrap());
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(
+                !tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
+            );
+            assert!(tracing::info_span!(target: sampling::UNTRACED, "request").is_disabled());
+        });
     }
 }

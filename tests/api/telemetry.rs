@@ -444,8 +444,8 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         failed[0].status.as_ref().map(|s| s.code),
         Some(STATUS_ERROR)
     );
-    // The error is logged once, inside the request, with the ids that join it to this trace —
-    // at LOG_LEVEL=warn, which hides the request span itself from the log layer.
+    // The error is logged once, inside the request, naming the request (id, method, route) and
+    // with the ids that join it to this trace — at LOG_LEVEL=warn, where no span is written.
     let error_lines: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -464,6 +464,14 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         "{}",
         error_lines[0]
     );
+    assert_eq!(
+        error_lines[0]["request_id"],
+        s(&failed[0].attributes, "request_id"),
+        "{}",
+        error_lines[0]
+    );
+    assert_eq!(error_lines[0]["http.request.method"], "GET");
+    assert_eq!(error_lines[0]["http.route"], "/todos/{id}");
     // The same record went to the collector, stamped with the same trace, under the same
     // resource; the exporters' own chatter never does.
     let batches = exported_logs.0.lock().unwrap().clone();
