@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Side-by-side CPU cost of services: builds, configurations, or the lean twin
+(examples/lean_service.rs) against the service.
+
+On a 2-core machine shared by the load generator, the service and PostgreSQL, throughput swings by
+a third over minutes; the service's own CPU per request (utime + stime from /proc/<pid>/stat,
+divided by the requests oha completed) is the steadier figure. So every variant runs at once on its
+own port, and `oha -c 64` is rotated over them ROUNDS times (drift hits all alike); medians are
+printed.
+
+    DATABASE_URL=postgres://…/todos loadtest/compare.py \\
+        service=target/release/todo-service \\
+        info=target/release/todo-service:LOG_LEVEL=info \\
+        lean=target/release/examples/lean_service
+
+Each argument is NAME=BINARY[:VAR=VALUE,...]. Every variant gets DATABASE_URL, LISTEN_ADDR, a
+rate limit out of reach (all load comes from one IP), LOG_LEVEL=warn and OTEL_SDK_DISABLED=true
+unless overridden. The database must be migrated and seeded (`loadtest/run.sh` leaves it so when
+given DATABASE_URL). Options: --rounds N (6), --seconds S per run (3), --path (GET one todo:
+/todos/[1-9][0-9]{0,2}, an oha --rand-regex-url pattern). Targets 127.0.0.1 only.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_until_answering(port, proc):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"a variant on port {port} exited during startup")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/todos/1", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit(f"a variant on port {port} did not answer within 30 s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="+", metavar="NAME=BINARY[:VAR=VALUE,...]")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=int, default=3)
+    p.add_argument("--path", default="/todos/[1-9][0-9]{0,2}")
+    args = p.parse_args()
+    database_url = os.environ.get("DATABASE_URL") or sys.exit("DATABASE_URL is not set")
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+
+    variants = {}
+    try:
+        for spec in args.variants:
+            name, _, rest = spec.partition("=")
+            binary, _, overrides = rest.partition(":")
+            if not name or not binary:
+                sys.exit(f"not NAME=BINARY[:VAR=VALUE,...]: {spec}")
+            port = free_port()
+            env = dict(os.environ, DATABASE_URL=database_url, LISTEN_ADDR=f"127.0.0.1:{port}",
+                       RATE_LIMIT_PER_SECOND="1000000", RATE_LIMIT_BURST="1000000",
+                       LOG_LEVEL="warn", OTEL_SDK_DISABLED="true")
+            for kv in filter(None, overrides.split(",")):
+                k, _, v = kv.partition("=")
+                env[k] = v
+            proc = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            variants[name] = (proc, port)
+            wait_until_answering(port, proc)
+
+        cpu = {name: [] for name in variants}
+        rps = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, (proc, port) in variants.items():
+                before = cpu_ticks(proc.pid)
+                out = subprocess.run(
+                    ["oha", "--no-tui", "--output-format", "json", "-z", f"{args.seconds}s",
+                     "-c", "64", "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{args.path}"],
+                    capture_output=True, text=True, timeout=args.seconds + 60, check=True).stdout
+                after = cpu_ticks(proc.pid)
+                result = json.loads(out)
+                statuses = result.get("statusCodeDistribution") or {}
+                done = sum(statuses.values())
+                if not done or any(not str(code).startswith("2") for code in statuses):
+                    sys.exit(f"{name}: not every answer was 2xx: {statuses}")
+                cpu[name].append((after - before) / ticks_per_s * 1e6 / done)
+                rps[name].append(result["summary"]["requestsPerSec"])
+        print(f"GET {args.path}, oha -c 64, {args.seconds} s × {args.rounds} rounds per variant, medians")
+        for name in variants:
+            print(f"{name:>16}: {statistics.median(cpu[name]):5.1f} µs service CPU per request "
+                  f"(runs {', '.join(f'{v:.0f}' for v in cpu[name])}), "
+                  f"{statistics.median(rps[name]):.0f} rps")
+    finally:
+        for proc, _ in variants.values():
+            proc.terminate()
+        for proc, _ in variants.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
