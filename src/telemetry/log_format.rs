@@ -13,10 +13,14 @@
 //! of our exported spans is entered. No maintained formatter does either (json-subscriber reads
 //! the spans its layer can see, the same limit), hence this small wrapper around the stock ones.
 
-use std::{fmt, future::Future};
+use std::{fmt, future::Future, time::Duration};
 
 use axum::{extract::MatchedPath, http::HeaderValue, http::Method};
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::{InstrumentationScope, logs::LogRecord as _, trace::TraceContextExt as _};
+use opentelemetry_sdk::{
+    error::OTelSdkResult,
+    logs::{LogProcessor, SdkLogRecord},
+};
 use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
 use tracing_subscriber::{
     fmt::{
@@ -87,9 +91,8 @@ pub fn current_ids() -> Option<(String, String)> {
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
-/// The keys added to a line, in order; empty outside requests and traces.
-fn context() -> Vec<(&'static str, String)> {
-    let mut keys = Vec::new();
+/// The request's keys, when serving one: `request_id`, `http.request.method`, `http.route`.
+fn request_keys(keys: &mut Vec<(&'static str, String)>) {
     let _ = REQUEST.try_with(|r| {
         if let Some(id) = &r.request_id {
             keys.push((
@@ -102,11 +105,43 @@ fn context() -> Vec<(&'static str, String)> {
             keys.push(("http.route", route.as_str().to_owned()));
         }
     });
+}
+
+/// The keys added to a line, in order; empty outside requests and traces.
+fn context() -> Vec<(&'static str, String)> {
+    let mut keys = Vec::new();
+    request_keys(&mut keys);
     if let Some((trace_id, span_id)) = current_ids() {
         keys.push(("trace_id", trace_id));
         keys.push(("span_id", span_id));
     }
     keys
+}
+
+/// Stamps log records exported over OTLP with the request they were written for, as stdout lines
+/// are: the bridge exports an event's own fields only, and a request that is not sampled has no
+/// trace id, so without this its exported error would join to nothing. Runs first in the
+/// provider's chain, on the thread that logs (inside the request's task), before the batch
+/// processor queues the record.
+#[derive(Debug)]
+pub struct RequestAttributes;
+
+impl LogProcessor for RequestAttributes {
+    fn emit(&self, record: &mut SdkLogRecord, _: &InstrumentationScope) {
+        let mut keys = Vec::new();
+        request_keys(&mut keys);
+        for (key, value) in keys {
+            record.add_attribute(key, value);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        Ok(())
+    }
 }
 
 /// Text lines: ` request_id=… http.request.method=… http.route=… trace_id=… span_id=…` appended.

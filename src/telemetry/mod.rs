@@ -326,6 +326,8 @@ fn logger_provider(
         .build();
     Ok(SdkLoggerProvider::builder()
         .with_resource(resource)
+        // First: processors run in order, and the batch one queues what it is given.
+        .with_log_processor(log_format::RequestAttributes)
         .with_log_processor(processor)
         .build())
 }

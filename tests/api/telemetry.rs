@@ -504,6 +504,14 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         "the event's fields are attributes: {:?}",
         exported[0].attributes
     );
+    // And the request it was written for, as on stdout: the only join key when a request is not
+    // sampled.
+    assert_eq!(
+        s(&exported[0].attributes, "request_id"),
+        s(&failed[0].attributes, "request_id")
+    );
+    assert_eq!(s(&exported[0].attributes, "http.request.method"), "GET");
+    assert_eq!(s(&exported[0].attributes, "http.route"), "/todos/{id}");
     assert!(
         records
             .iter()
