@@ -77,10 +77,6 @@ struct ClientIp {
 impl KeyExtractor for ClientIp {
     type Key = IpAddr;
 
-    fn name(&self) -> &'static str {
-        "client IP"
-    }
-
     fn extract<T>(&self, req: &Request<T>) -> Result<IpAddr, GovernorError> {
         if self.trust_forwarded_for {
             SmartIpKeyExtractor.extract(req)
@@ -133,6 +129,9 @@ fn rate_limit_response(err: GovernorError) -> Response<Body> {
         GovernorError::TooManyRequests { wait_time, headers } => {
             // governor reports whole seconds rounded down (0 for a wait under a second); one more
             // second is always enough, so a client that honours Retry-After is admitted.
+            // Debug, like a shed request: refusals are counted (metrics, spans), and a line each
+            // at a default level would let one abusive client flood the logs.
+            tracing::debug!(retry_after = wait_time + 1, "refused a request: rate limit");
             let mut res = ApiError::rate_limited(wait_time + 1).into_response();
             for (name, value) in headers.iter().flatten() {
                 if name != header::RETRY_AFTER {

@@ -168,6 +168,53 @@ fn spawn_service(
     KillOnDrop(cmd.spawn().unwrap())
 }
 
+/// A client over its rate limit is refused cheaply: at the default `LOG_LEVEL=info`, refusals
+/// write no log line each (they are counted in the metrics and marked on spans), so an abusive
+/// client cannot flood the logs.
+#[tokio::test]
+async fn rate_limit_refusals_are_not_logged_one_line_each() {
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    let mut child = spawn_service(
+        &db,
+        addr,
+        &[
+            ("LOG_LEVEL", "info"),
+            ("RATE_LIMIT_PER_SECOND", "1"),
+            ("RATE_LIMIT_BURST", "1"),
+        ],
+        true,
+    );
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    });
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let mut refused = 0;
+    for _ in 0..50 {
+        let r = client
+            .get(format!("http://{addr}/todos"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 45, "the limit must refuse: {refused} of 50");
+    terminate(child).await;
+    let logs = logs.join().unwrap();
+    let lines = logs.lines().count();
+    // Startup and shutdown write a handful of lines; none is about the refusals.
+    assert!(
+        lines < 15 && !logs.to_lowercase().contains("rate limit"),
+        "{refused} refusals, {lines} lines:\n{logs}"
+    );
+}
+
 async fn wait_ready(client: &reqwest::Client, addr: SocketAddr) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
