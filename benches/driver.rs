@@ -39,6 +39,22 @@ type Todo = (
     DateTime<Utc>,
 );
 
+/// A row into a [`Todo`]; a macro because the two drivers' row types share no trait.
+macro_rules! decode {
+    ($row:expr) => {{
+        let todo: Todo = (
+            $row.get(0),
+            $row.get(1),
+            $row.get(2),
+            $row.get(3),
+            $row.get(4),
+            $row.get(5),
+            $row.get(6),
+        );
+        todo
+    }};
+}
+
 /// The service's statement, from the pgbench script that mirrors it.
 fn statement() -> String {
     let script = include_str!("../loadtest/pgbench/get-one.sql");
@@ -161,16 +177,7 @@ async fn run_sqlx(url: &str, sql: &'static str, seconds: u64) -> Figures {
                 .await
                 .expect("sqlx query");
             let row = row.expect("a seeded id");
-            let todo: Todo = (
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-                row.get(5),
-                row.get(6),
-            );
-            std::hint::black_box(todo);
+            std::hint::black_box(decode!(row));
         }
     })
     .await
@@ -198,16 +205,7 @@ async fn run_tokio_postgres(url: &str, sql: &'static str, seconds: u64) -> Figur
                 .await
                 .expect("tokio-postgres query")
                 .expect("a seeded id");
-            let todo: Todo = (
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-                row.get(5),
-                row.get(6),
-            );
-            std::hint::black_box(todo);
+            std::hint::black_box(decode!(row));
         }
     })
     .await

@@ -185,12 +185,7 @@ async fn rate_limit_refusals_are_not_logged_one_line_each() {
         ],
         true,
     );
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let logs = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
-        text
-    });
+    let logs = drain_stdout(&mut child);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let mut refused = 0;
@@ -213,6 +208,17 @@ async fn rate_limit_refusals_are_not_logged_one_line_each() {
         lines < 15 && !logs.to_lowercase().contains("rate limit"),
         "{refused} refusals, {lines} lines:\n{logs}"
     );
+}
+
+/// Reads a service's piped stdout to its end on a thread (so a full pipe never blocks it);
+/// join the handle after the service has exited.
+fn drain_stdout(child: &mut KillOnDrop) -> std::thread::JoinHandle<String> {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    })
 }
 
 async fn wait_ready(client: &reqwest::Client, addr: SocketAddr) {
@@ -297,12 +303,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         ],
         true,
     );
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let logs = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
-        text
-    });
+    let logs = drain_stdout(&mut child);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let base = format!("http://{addr}");
