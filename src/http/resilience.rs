@@ -127,11 +127,11 @@ fn spawn_pruner(config: std::sync::Weak<Governor>) {
 fn rate_limit_response(err: GovernorError) -> Response<Body> {
     match err {
         GovernorError::TooManyRequests { wait_time, headers } => {
-            // governor reports whole seconds rounded down (0 for a wait under a second); one more
-            // second is always enough, so a client that honours Retry-After is admitted.
             // Debug, like a shed request: refusals are counted (metrics, spans), and a line each
             // at a default level would let one abusive client flood the logs.
-            tracing::debug!(retry_after = wait_time + 1, "refused a request: rate limit");
+            tracing::debug!(wait_s = wait_time, "refused a request: rate limit");
+            // governor reports whole seconds rounded down (0 for a wait under a second); one more
+            // second is always enough, so a client that honours Retry-After is admitted.
             let mut res = ApiError::rate_limited(wait_time + 1).into_response();
             for (name, value) in headers.iter().flatten() {
                 if name != header::RETRY_AFTER {
