@@ -72,12 +72,18 @@ def run(cmd, timeout, **kw):
 
 # --- the service and the database -----------------------------------------------------------
 
+SERVICE_BINARY = os.path.join(ROOT, "target", "release", "todo-service")
+LEAN_TWIN_BINARY = os.path.join(ROOT, "target", "release", "examples", "lean_service")
+
+
 class Service:
-    def __init__(self, url, database_url, extra_env=None):
+    def __init__(self, url, database_url, extra_env=None, binary=SERVICE_BINARY, ready_path="/ready"):
         self.url = url
         self.database_url = database_url
         self.proc = None
         self.extra_env = extra_env or {}
+        self.binary = binary
+        self.ready_path = ready_path
 
     def start(self):
         port = free_port()
@@ -94,13 +100,12 @@ class Service:
             "OTEL_SDK_DISABLED": "true",
         })
         env.update(self.extra_env)
-        binary = os.path.join(ROOT, "target", "release", "todo-service")
-        self.proc = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([self.binary], env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         STARTED.append(self.proc)
         deadline = time.time() + 30
         while time.time() < deadline:
-            if http("GET", self.url + "/ready")[0] == 200:
+            if http("GET", self.url + self.ready_path)[0] == 200:
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError("the service exited during startup")
@@ -328,6 +333,12 @@ def sustained(svc, args, res):
         log(f"  {name}: {http_r['rps']:.0f} rps (p99 {http_r['p99_ms']:.2f} ms, non-2xx "
             f"{http_r['non_2xx']}) vs pgbench {base['tps']:.0f} tps (p99 {base['p99_ms']:.2f} ms): "
             f"{ratio:.2f}x")
+        if name == "get-one":
+            twin = lean_twin(svc, extra, seconds)
+            if twin:
+                twin["ratio_to_pgbench"] = (twin["http"]["rps"] / base["tps"]) if base["tps"] else None
+                twin["pgbench"] = base
+                out["get-one, lean twin"] = twin
     # Mixed 80/20 read/write: two oha processes at once, 51 + 13 connections.
     seed(svc.database_url, args.rows)
     results = {}
@@ -347,6 +358,23 @@ def sustained(svc, args, res):
     log(f"  mixed 80/20: {read['rps'] + write['rps']:.0f} rps "
         f"(read p99 {read['p99_ms']:.2f} ms, write p99 {write['p99_ms']:.2f} ms)")
     res["sustained"] = {"concurrency": 64, "seconds": seconds, "workloads": out}
+
+
+def lean_twin(svc, extra, seconds):
+    """The same GET against examples/lean_service.rs (axum + deadpool + sqlx, no middleware), right
+    after the service's run: what the service's layers cost, in the same minute."""
+    if not svc.proc or not os.path.exists(LEAN_TWIN_BINARY):
+        log("  lean twin: skipped (needs a service this script starts and the built example)")
+        return None
+    twin = Service(None, svc.database_url, binary=LEAN_TWIN_BINARY, ready_path="/todos/1")
+    try:
+        twin.start()
+        r, cmd = oha(twin, extra, seconds, 64)
+    finally:
+        twin.stop()
+    log(f"  get-one, lean twin (no middleware): {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
+        f"non-2xx {r['non_2xx']})")
+    return {"http": r, "http_command": cmd}
 
 
 class OtlpSink:

@@ -56,7 +56,8 @@ if [ -z "${DATABASE_URL:-}" ] && [ "$url_given" = 0 ]; then
 fi
 
 if [ "$url_given" = 0 ]; then
-  cargo build --release --locked --quiet --bin todo-service
+  # The lean twin (no middleware) is measured beside the service on the single-todo GET.
+  cargo build --release --locked --quiet --bin todo-service --example lean_service
 fi
 # Not exec: the trap above must still stop PostgreSQL.
 python3 loadtest/run.py "$@"
