@@ -6,7 +6,7 @@
 //! saying what the client can do, and for validation failures an `errors` list naming each field.
 //! Internal details (SQL errors, panics) are logged inside the request span and never returned.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, convert::Infallible};
 
 use axum::{
     body::Body,
@@ -283,6 +283,16 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+/// [`ensure_problem`] in the shape tower's `then` layer takes (no clone of the stack beneath it
+/// per request, unlike `axum::middleware::map_response`).
+pub async fn ensure_problem_result(
+    res: Result<Response, Infallible>,
+) -> Result<Response, Infallible> {
+    match res {
+        Ok(res) => Ok(ensure_problem(res).await),
     }
 }
 

@@ -248,8 +248,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 // 3. The request's duration is recorded for the metrics, every log line written
                 //    while serving it names it (id, method, route), and the trace id goes back
                 //    to the client (x-trace-id), so a report can quote it.
-                .layer(axum::middleware::from_fn(trace::observe))
-                .layer(axum::middleware::map_response(trace::add_trace_id))
+                .layer(trace::ObserveLayer)
                 // 4. The request id is copied to the response (clients quote it when reporting
                 //    problems).
                 .layer(PropagateRequestIdLayer::new(x_request_id))
@@ -259,7 +258,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 .layer(cors_layer(&config.cors_allowed_origins))
                 // 6. Any error response that is not yet problem+json (a library's own) is
                 //    rewritten.
-                .layer(axum::middleware::map_response(error::ensure_problem))
+                .then(error::ensure_problem_result)
                 .map_response(from_catch_panic)
                 // 7. A panicking handler becomes a logged 500 problem instead of a dropped
                 //    connection.

@@ -13,17 +13,27 @@
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use axum::{
     BoxError, Router,
     body::Body,
-    error_handling::HandleErrorLayer,
     http::{Request, Response, StatusCode, header},
     response::IntoResponse,
 };
 use governor::middleware::StateInformationMiddleware;
-use tower::{ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer};
+use pin_project_lite::pin_project;
+use tower::{
+    Layer, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+};
 use tower_governor::{
     GovernorError, GovernorLayer,
     governor::{GovernorConfig, GovernorConfigBuilder},
@@ -45,7 +55,7 @@ pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
     // One `layer` call: each call boxes every route once more (a clone per request).
     let router = router.layer(
         ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(layer_error))
+            .layer(AnswerErrorsLayer)
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight))
             .layer(TimeoutLayer::with_status_code(
@@ -59,7 +69,100 @@ pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
     }
 }
 
-async fn layer_error(err: BoxError) -> axum::response::Response {
+/// Turns the shedder's refusal (and any other layer error) into a problem response, as the
+/// router needs services that cannot fail.
+///
+/// Written here rather than using `axum::error_handling::HandleErrorLayer`, which clones the whole
+/// stack beneath it on every request so that it can drive readiness itself; this one forwards
+/// `poll_ready` (the router drives it) and calls the inner service in place.
+#[derive(Clone, Copy, Debug)]
+struct AnswerErrorsLayer;
+
+impl<S> Layer<S> for AnswerErrorsLayer {
+    type Service = AnswerErrors<S>;
+
+    fn layer(&self, inner: S) -> AnswerErrors<S> {
+        AnswerErrors {
+            inner,
+            not_ready: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AnswerErrors<S> {
+    inner: S,
+    /// A readiness error, answered by the next call (the router always calls after readiness).
+    not_ready: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for AnswerErrors<S> {
+    fn clone(&self) -> Self {
+        AnswerErrors {
+            inner: self.inner.clone(),
+            not_ready: None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for AnswerErrors<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = AnswerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if let Err(err) = ready!(self.inner.poll_ready(cx)) {
+            self.not_ready = Some(err.into());
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        match self.not_ready.take() {
+            Some(error) => AnswerFuture::Failed { error: Some(error) },
+            None => AnswerFuture::Called {
+                inner: self.inner.call(req),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The inner service's future, its error answered as a response.
+    #[project = AnswerProj]
+    enum AnswerFuture<F> {
+        Failed { error: Option<BoxError> },
+        Called { #[pin] inner: F },
+    }
+}
+
+impl<F, E> Future for AnswerFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(match self.project() {
+            AnswerProj::Failed { error } => layer_error(
+                error
+                    .take()
+                    .expect("an AnswerFuture is polled after it completed"),
+            ),
+            AnswerProj::Called { inner } => match ready!(inner.poll(cx)) {
+                Ok(res) => res,
+                Err(err) => layer_error(err.into()),
+            },
+        }))
+    }
+}
+
+fn layer_error(err: BoxError) -> Response<Body> {
     if err.is::<tower::load_shed::error::Overloaded>() {
         tracing::debug!("shed a request: too many in flight");
         ApiError::overloaded().into_response()
@@ -162,6 +265,49 @@ fn rate_limit_response(err: GovernorError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::error::ProblemCode;
+
+    /// Fails readiness once, then serves.
+    struct NotReadyOnce(bool);
+
+    impl Service<Request<Body>> for NotReadyOnce {
+        type Response = Response<Body>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            let failed = std::mem::replace(&mut self.0, true);
+            Poll::Ready(if failed { Ok(()) } else { Err("broken".into()) })
+        }
+
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Body::empty())))
+        }
+    }
+
+    #[tokio::test]
+    async fn layer_errors_become_problems_and_a_shed_request_says_when_to_retry() {
+        use tower::ServiceExt as _;
+        let shed = AnswerErrorsLayer.layer(tower::service_fn(|_: Request<Body>| async {
+            Err::<Response<Body>, _>(tower::load_shed::error::Overloaded::new())
+        }));
+        let res = shed.oneshot(Request::new(Body::empty())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(res.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            res.extensions().get::<ProblemCode>().unwrap().0,
+            "overloaded"
+        );
+
+        let mut svc = AnswerErrorsLayer.layer(NotReadyOnce(false));
+        let res = (&mut svc)
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let res = svc.oneshot(Request::new(Body::empty())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "the error is answered once");
+    }
 
     #[test]
     fn retry_after_is_never_zero_and_keeps_the_rate_limit_headers() {
