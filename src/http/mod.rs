@@ -214,59 +214,80 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
 /// The whole application: routes, docs, fallbacks and layers.
 pub fn router(state: AppState, config: &Config) -> Router {
     let ApiRoutes { data, ops, openapi } = api_routes();
-    let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
-
     // Rate limit, load shedding and the request timeout guard only the data routes; probes and
     // docs must answer even when clients are being refused (see resilience.rs).
-    resilience::protect(data, config)
-        .merge(ops)
-        .with_state(state)
-        // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs works
-        // offline, with no CDN.
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
-        .fallback(route_not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        // One `layer` call with the whole stack: every `Router::layer` call boxes each route once
-        // more, and each box is cloned per request. Listed outermost first:
-        .layer(
-            ServiceBuilder::new()
-                // 1. Give every request an id (kept if the client sent one).
-                .layer(SetRequestIdLayer::new(
-                    x_request_id.clone(),
-                    MakeRequestUuid,
-                ))
-                // 2. One server span per request, named by the matched route (low cardinality),
-                //    a child of the caller's `traceparent` if any; see trace.rs.
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(trace::request_span)
-                        .on_response(trace::on_response)
-                        // Errors are logged once, where they happen (ApiError), with the
-                        // request's identity; the span notes them in on_response.
-                        .on_failure(()),
-                )
-                // 3. The request's duration is recorded for the metrics, every log line written
-                //    while serving it names it (id, method, route), and the trace id goes back
-                //    to the client (x-trace-id), so a report can quote it.
-                .layer(trace::ObserveLayer)
-                // 4. The request id is copied to the response (clients quote it when reporting
-                //    problems).
-                .layer(PropagateRequestIdLayer::new(x_request_id))
-                // 5. CORS outside everything that can answer, so errors carry the CORS headers
-                //    too and browsers can read them; preflights are answered here without
-                //    reaching a handler.
-                .layer(cors_layer(&config.cors_allowed_origins))
-                // 6. Any error response that is not yet problem+json (a library's own) is
-                //    rewritten.
-                .then(error::ensure_problem_result)
-                .map_response(from_catch_panic)
-                // 7. A panicking handler becomes a logged 500 problem instead of a dropped
-                //    connection.
-                .layer(CatchPanicLayer::custom(panic_response))
-                // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
-                //    (413), never buffered whole.
-                .layer(DefaultBodyLimit::max(config.max_body_bytes)),
-        )
+    let data = with_layers(
+        data.method_not_allowed_fallback(method_not_allowed),
+        config,
+        Some(resilience::layer(config)),
+    );
+    let open = with_layers(
+        ops
+            // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs
+            // works offline, with no CDN.
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+            .fallback(route_not_found)
+            .method_not_allowed_fallback(method_not_allowed),
+        config,
+        None,
+    );
+    data.merge(open).with_state(state)
+}
+
+/// Wraps every route of `router` in one stack of layers: the common ones, and `protect` innermost
+/// when given.
+///
+/// One `Router::layer` call per route, because each call boxes the route once more and each box
+/// is cloned, with everything beneath it, on every request: the data routes carry their
+/// protective layers in the same stack rather than in a `layer` call of their own (measured in
+/// loadtest/RESULTS.md).
+fn with_layers(
+    router: Router<AppState>,
+    config: &Config,
+    protect: Option<resilience::Protect>,
+) -> Router<AppState> {
+    let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
+    // Listed outermost first:
+    router.layer(
+        ServiceBuilder::new()
+            // 1. Give every request an id (kept if the client sent one).
+            .layer(SetRequestIdLayer::new(
+                x_request_id.clone(),
+                MakeRequestUuid,
+            ))
+            // 2. One server span per request, named by the matched route (low cardinality), a
+            //    child of the caller's `traceparent` if any; see trace.rs.
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(trace::request_span)
+                    .on_response(trace::on_response)
+                    // Errors are logged once, where they happen (ApiError), with the request's
+                    // identity; the span notes them in on_response.
+                    .on_failure(()),
+            )
+            // 3. The request's duration is recorded for the metrics, every log line written
+            //    while serving it names it (id, method, route), and the trace id goes back to the
+            //    client (x-trace-id), so a report can quote it.
+            .layer(trace::ObserveLayer)
+            // 4. The request id is copied to the response (clients quote it when reporting
+            //    problems).
+            .layer(PropagateRequestIdLayer::new(x_request_id))
+            // 5. CORS outside everything that can answer, so errors carry the CORS headers too
+            //    and browsers can read them; preflights are answered here without reaching a
+            //    handler.
+            .layer(cors_layer(&config.cors_allowed_origins))
+            // 6. Any error response that is not yet problem+json (a library's own) is rewritten.
+            .then(error::ensure_problem_result)
+            .map_response(from_catch_panic)
+            // 7. A panicking handler becomes a logged 500 problem instead of a dropped
+            //    connection.
+            .layer(CatchPanicLayer::custom(panic_response))
+            // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
+            //    (413), never buffered whole.
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            // 9. For the data routes: rate limit, load shedding, timeout (resilience.rs).
+            .option_layer(protect),
+    )
 }
 
 /// CatchPanic boxes every response body; the layers above it take axum's body type.

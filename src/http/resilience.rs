@@ -2,7 +2,7 @@
 //! global concurrency limit, and a request timeout. Probes and docs are deliberately outside them,
 //! so an operator can always see whether the service is alive and why it refuses work.
 //!
-//! From the outside in (see [`protect`]):
+//! From the outside in (see [`layer`]):
 //! 1. **Rate limit** (tower_governor, per client IP): the cheapest refusal, so a runaway client is
 //!    stopped before it takes an in-flight slot. 429 with `Retry-After`.
 //! 2. **Load shed + global concurrency limit** (tower): at most `MAX_IN_FLIGHT` requests run;
@@ -24,7 +24,7 @@ use std::{
 };
 
 use axum::{
-    BoxError, Router,
+    BoxError,
     body::Body,
     http::{Request, Response, StatusCode, header},
     response::IntoResponse,
@@ -32,7 +32,11 @@ use axum::{
 use governor::middleware::StateInformationMiddleware;
 use pin_project_lite::pin_project;
 use tower::{
-    Layer, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+    Layer, Service, ServiceBuilder,
+    layer::util::{Identity, Stack},
+    limit::GlobalConcurrencyLimitLayer,
+    load_shed::LoadShedLayer,
+    util::Either,
 };
 use tower_governor::{
     GovernorError, GovernorLayer,
@@ -41,32 +45,46 @@ use tower_governor::{
 };
 use tower_http::timeout::TimeoutLayer;
 
-use super::{AppState, error::ApiError};
+use super::error::ApiError;
 use crate::config::{Config, RateLimit};
 
 /// How often idle clients' rate-limit state is dropped, so memory stays bounded however many
 /// distinct IPs have called.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Wraps `router` (the data routes) in the layers described in the module doc.
-pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
-    // Router::layer wraps each route separately, so anything stateful must share its state
-    // across clones: the global limit shares one semaphore, the governor one limiter.
-    // One `layer` call: each call boxes every route once more (a clone per request).
-    let router = router.layer(
-        ServiceBuilder::new()
-            .layer(AnswerErrorsLayer)
-            .layer(LoadShedLayer::new())
-            .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight))
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                config.request_timeout,
-            )),
-    );
-    match config.rate_limit {
-        Some(limit) => router.layer(rate_limit_layer(limit)),
-        None => router,
-    }
+/// The layers described in the module doc, outermost first.
+pub type Protect = Stack<
+    TimeoutLayer,
+    Stack<
+        GlobalConcurrencyLimitLayer,
+        Stack<
+            LoadShedLayer,
+            Stack<Either<RateLimitLayer, Identity>, Stack<AnswerErrorsLayer, Identity>>,
+        >,
+    >,
+>;
+
+type RateLimitLayer = GovernorLayer<ClientIp, StateInformationMiddleware, Body>;
+
+/// The layers for the data routes, to sit innermost in the router's one layer stack (see
+/// `http::router`).
+///
+/// The rate limiter sits outside the shedder, so a refused client is answered before it can take
+/// an in-flight slot: the router drives readiness through the whole stack first, which takes a
+/// slot, but a refused request never calls further in, and its slot is released as soon as the
+/// decision is made (the stack's clone serving it is dropped). Anything stateful shares its state
+/// across the router's per-route clones: the global limit one semaphore, the governor one limiter.
+pub fn layer(config: &Config) -> Protect {
+    ServiceBuilder::new()
+        .layer(AnswerErrorsLayer)
+        .option_layer(config.rate_limit.map(rate_limit_layer))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            config.request_timeout,
+        ))
+        .into_inner()
 }
 
 /// Turns the shedder's refusal (and any other layer error) into a problem response, as the
@@ -76,7 +94,7 @@ pub fn protect(router: Router<AppState>, config: &Config) -> Router<AppState> {
 /// stack beneath it on every request so that it can drive readiness itself; this one forwards
 /// `poll_ready` (the router drives it) and calls the inner service in place.
 #[derive(Clone, Copy, Debug)]
-struct AnswerErrorsLayer;
+pub struct AnswerErrorsLayer;
 
 impl<S> Layer<S> for AnswerErrorsLayer {
     type Service = AnswerErrors<S>;
@@ -90,7 +108,7 @@ impl<S> Layer<S> for AnswerErrorsLayer {
 }
 
 #[derive(Debug)]
-struct AnswerErrors<S> {
+pub struct AnswerErrors<S> {
     inner: S,
     /// A readiness error, answered by the next call (the router always calls after readiness).
     not_ready: Option<BoxError>,
@@ -134,7 +152,7 @@ where
 pin_project! {
     /// The inner service's future, its error answered as a response.
     #[project = AnswerProj]
-    enum AnswerFuture<F> {
+    pub enum AnswerFuture<F> {
         Failed { error: Option<BoxError> },
         Called { #[pin] inner: F },
     }
@@ -173,7 +191,7 @@ fn layer_error(err: BoxError) -> Response<Body> {
 
 /// The rate-limit key: the TCP peer, or the forwarded client address when configured to trust it.
 #[derive(Debug, Clone, Copy)]
-struct ClientIp {
+pub struct ClientIp {
     trust_forwarded_for: bool,
 }
 
@@ -191,7 +209,7 @@ impl KeyExtractor for ClientIp {
 
 type Governor = GovernorConfig<ClientIp, StateInformationMiddleware>;
 
-fn rate_limit_layer(limit: RateLimit) -> GovernorLayer<ClientIp, StateInformationMiddleware, Body> {
+fn rate_limit_layer(limit: RateLimit) -> RateLimitLayer {
     let config: Arc<Governor> = Arc::new(
         GovernorConfigBuilder::default()
             .period(Duration::from_nanos(

@@ -7,9 +7,10 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -19,6 +20,8 @@ use axum::{
     response::Response,
 };
 use opentelemetry::trace::TraceContextExt as _;
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -160,11 +163,10 @@ pub struct Observe<S> {
 impl<S> Service<Request> for Observe<S>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -172,39 +174,61 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
-        let method = req.method().clone();
-        let route = req.extensions().get::<MatchedPath>().cloned();
         let fields = log_format::RequestFields {
             request_id: req.headers().get(REQUEST_ID).cloned(),
-            method: method.clone(),
-            route: route.clone(),
+            method: req.method().clone(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
         };
-        let future = self.inner.call(req);
-        Box::pin(async move {
-            let Ok(mut res) = log_format::in_request(fields, async {
-                let res = future.await;
-                if let Ok(res) = &res {
-                    tracing::debug!(status = res.status().as_u16(), latency = ?started.elapsed(), "response");
-                }
-                res
-            })
-            .await;
-            let rejected = res
-                .extensions()
-                .get::<ProblemCode>()
-                .and_then(|ProblemCode(code)| rejected_by(code));
-            crate::metrics::http().record(
-                &method,
-                route.as_ref().map(MatchedPath::as_str),
-                res.status(),
-                started.elapsed(),
-                rejected,
-            );
-            if sampling::exporting() {
-                add_trace_id(&mut res);
-            }
-            Ok(res)
-        })
+        // Built here and polled in place: an `async` block would move the inner future (the
+        // whole stack's, hundreds of bytes) from state to state on its first poll.
+        ObserveFuture {
+            inner: log_format::in_request(fields, self.inner.call(req)),
+            started,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Observe`].
+    pub struct ObserveFuture<F: Future> {
+        #[pin]
+        inner: TaskLocalFuture<log_format::RequestFields, F>,
+        started: tokio::time::Instant,
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let Ok(mut res) = ready!(this.inner.as_mut().poll(cx));
+        let latency = this.started.elapsed();
+        let fields = this
+            .inner
+            .take_value()
+            .expect("the request's fields are taken once, when it completes");
+        let rejected = res
+            .extensions()
+            .get::<ProblemCode>()
+            .and_then(|ProblemCode(code)| rejected_by(code));
+        crate::metrics::http().record(
+            &fields.method,
+            fields.route.as_ref().map(MatchedPath::as_str),
+            res.status(),
+            latency,
+            rejected,
+        );
+        log_format::with_request(fields, || {
+            tracing::debug!(status = res.status().as_u16(), ?latency, "response");
+        });
+        if sampling::exporting() {
+            add_trace_id(&mut res);
+        }
+        Poll::Ready(Ok(res))
     }
 }
 
@@ -229,5 +253,60 @@ fn add_trace_id(res: &mut Response) {
         && let Ok(v) = HeaderValue::from_str(&sc.trace_id().to_string())
     {
         res.headers_mut().insert("x-trace-id", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::StatusCode};
+    use tower::ServiceExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _};
+
+    use super::*;
+    use crate::telemetry::log_format::tests::{Buffer, take_turn};
+
+    /// The debug line written when a request completes names the request, though it is written
+    /// after the request's future (and its task-local) has finished.
+    #[test]
+    fn the_response_line_names_the_request() {
+        let _turn = take_turn();
+        let out = Buffer::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .event_format(log_format::Text::default())
+                .with_filter(EnvFilter::new("todo_service=debug")),
+        );
+        let service = ObserveLayer.layer(tower::service_fn(|_: Request| async {
+            tracing::debug!("handling");
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+        }));
+        let mut req = Request::new(Body::empty());
+        req.headers_mut()
+            .insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let res = tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(service.oneshot(req)).unwrap()
+        });
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("handling request_id=abc-123"), "{text}");
+        assert!(lines[1].contains(" response status=201 latency="), "{text}");
+        assert!(
+            lines[1].ends_with("request_id=abc-123 http.request.method=GET"),
+            "{text}"
+        );
     }
 }

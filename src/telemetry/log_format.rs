@@ -21,6 +21,7 @@ use opentelemetry_sdk::{
     error::OTelSdkResult,
     logs::{LogProcessor, SdkLogRecord},
 };
+use tokio::task::futures::TaskLocalFuture;
 use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
 use tracing_subscriber::{
     fmt::{
@@ -44,9 +45,18 @@ tokio::task_local! {
     static REQUEST: RequestFields;
 }
 
-/// Runs `future` (serving one request) with `fields` on every line it logs.
-pub async fn in_request<F: Future>(fields: RequestFields, future: F) -> F::Output {
-    REQUEST.scope(fields, future).await
+/// Runs `future` (serving one request) with `fields` on every line it logs. The fields can be
+/// taken back when it is done ([`TaskLocalFuture::take_value`]).
+pub fn in_request<F: Future>(
+    fields: RequestFields,
+    future: F,
+) -> TaskLocalFuture<RequestFields, F> {
+    REQUEST.scope(fields, future)
+}
+
+/// Runs `f` with `fields` on every line it logs, outside the request's future.
+pub fn with_request<R>(fields: RequestFields, f: impl FnOnce() -> R) -> R {
+    REQUEST.sync_scope(fields, f)
 }
 
 /// A per-layer filter that passes events and no span: the log layers get their context from
@@ -231,7 +241,7 @@ where
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use opentelemetry::trace::TracerProvider as _;
@@ -246,14 +256,15 @@ pub(super) mod tests {
     /// wanting a span would make it "sometimes" for another's, so these tests take turns.
     static ONE_SUBSCRIBER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-    pub(in crate::telemetry) fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    pub(crate) fn take_turn() -> std::sync::MutexGuard<'static, ()> {
         ONE_SUBSCRIBER_AT_A_TIME
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Collects what a test's subscriber writes.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Buffer(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Buffer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
