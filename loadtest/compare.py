@@ -18,15 +18,25 @@ rate limit out of reach (all load comes from one IP), LOG_LEVEL=warn and OTEL_SD
 unless overridden. The database must be migrated and seeded (`loadtest/run.sh` leaves it so when
 given DATABASE_URL). Options: --rounds N (6), --seconds S per run (3), --path (GET one todo:
 /todos/[1-9][0-9]{0,2}, an oha --rand-regex-url pattern). Targets 127.0.0.1 only.
+
+--instructions N counts instead of timing: each variant runs under valgrind's callgrind, is warmed
+up with 500 requests, then serves N (oha -c 8) while callgrind counts the user-space instructions
+it executes (its own code, libraries, allocator; not the kernel). On a noisy machine the CPU
+figures above move by ±15 % between runs; this count repeats within ~1 %, so it shows a change of
+a few hundred instructions per request that timing cannot. Needs valgrind (apt-get install -y
+valgrind); ~1 minute per variant.
 """
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -43,8 +53,8 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
-def wait_until_answering(port, proc):
-    deadline = time.time() + 30
+def wait_until_answering(port, proc, seconds=30):
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f"a variant on port {port} exited during startup")
@@ -56,32 +66,91 @@ def wait_until_answering(port, proc):
     sys.exit(f"a variant on port {port} did not answer within 30 s")
 
 
+def variant_env(database_url, port, overrides):
+    env = dict(os.environ, DATABASE_URL=database_url, LISTEN_ADDR=f"127.0.0.1:{port}",
+               RATE_LIMIT_PER_SECOND="1000000", RATE_LIMIT_BURST="1000000",
+               LOG_LEVEL="warn", OTEL_SDK_DISABLED="true")
+    for kv in filter(None, overrides.split(",")):
+        k, _, v = kv.partition("=")
+        env[k] = v
+    return env
+
+
+def parse_variant(spec):
+    name, _, rest = spec.partition("=")
+    binary, _, overrides = rest.partition(":")
+    if not name or not binary:
+        sys.exit(f"not NAME=BINARY[:VAR=VALUE,...]: {spec}")
+    return name, binary, overrides
+
+
+def oha(port, path, *limits):
+    return subprocess.run(
+        ["oha", "--no-tui", "--output-format", "json", *limits,
+         "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{path}"],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+
+
+def count_instructions(args, database_url):
+    print(f"GET {args.path}, {args.instructions} requests (oha -c 8) per variant under callgrind")
+    for spec in args.variants:
+        name, binary, overrides = parse_variant(spec)
+        port = free_port()
+        with tempfile.TemporaryDirectory() as out:
+            proc = subprocess.Popen(
+                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
+                 "--dump-instr=no", binary],
+                env=variant_env(database_url, port, overrides),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_until_answering(port, proc, 120)
+                oha(port, args.path, "-n", "500", "-c", "8")
+                # Startup and warm-up (connections, statement caches, allocator arenas) are
+                # dropped; only the requests below are counted.
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
+                               capture_output=True, timeout=60)
+                result = json.loads(oha(port, args.path, "-n", str(args.instructions), "-c", "8"))
+                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                               capture_output=True, timeout=60)
+            finally:
+                proc.kill()
+                proc.wait()
+            statuses = result.get("statusCodeDistribution") or {}
+            done = sum(statuses.values())
+            if not done or any(not str(code).startswith("2") for code in statuses):
+                sys.exit(f"{name}: not every answer was 2xx: {statuses}")
+            dumps = glob.glob(f"{out}/cg.*.1")
+            if not dumps:
+                sys.exit(f"{name}: callgrind wrote no dump")
+            with open(dumps[0]) as f:
+                total = next(int(line.split()[1]) for line in f
+                             if line.startswith(("summary:", "totals:")))
+        print(f"{name:>16}: {total / done:8.0f} instructions per request ({done} requests)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="+", metavar="NAME=BINARY[:VAR=VALUE,...]")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=int, default=3)
     p.add_argument("--path", default="/todos/[1-9][0-9]{0,2}")
+    p.add_argument("--instructions", type=int, metavar="N",
+                   help="count user-space instructions per request over N requests (callgrind)")
     args = p.parse_args()
+    if args.instructions and not shutil.which("valgrind"):
+        sys.exit("--instructions needs valgrind: apt-get install -y valgrind")
     database_url = os.environ.get("DATABASE_URL") or sys.exit("DATABASE_URL is not set")
     ticks_per_s = os.sysconf("SC_CLK_TCK")
 
+    if args.instructions:
+        return count_instructions(args, database_url)
     variants = {}
     try:
         for spec in args.variants:
-            name, _, rest = spec.partition("=")
-            binary, _, overrides = rest.partition(":")
-            if not name or not binary:
-                sys.exit(f"not NAME=BINARY[:VAR=VALUE,...]: {spec}")
+            name, binary, overrides = parse_variant(spec)
             port = free_port()
-            env = dict(os.environ, DATABASE_URL=database_url, LISTEN_ADDR=f"127.0.0.1:{port}",
-                       RATE_LIMIT_PER_SECOND="1000000", RATE_LIMIT_BURST="1000000",
-                       LOG_LEVEL="warn", OTEL_SDK_DISABLED="true")
-            for kv in filter(None, overrides.split(",")):
-                k, _, v = kv.partition("=")
-                env[k] = v
-            proc = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen([binary], env=variant_env(database_url, port, overrides),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             variants[name] = (proc, port)
             wait_until_answering(port, proc)
 
@@ -90,10 +159,7 @@ def main():
         for _ in range(args.rounds):
             for name, (proc, port) in variants.items():
                 before = cpu_ticks(proc.pid)
-                out = subprocess.run(
-                    ["oha", "--no-tui", "--output-format", "json", "-z", f"{args.seconds}s",
-                     "-c", "64", "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{args.path}"],
-                    capture_output=True, text=True, timeout=args.seconds + 60, check=True).stdout
+                out = oha(port, args.path, "-z", f"{args.seconds}s", "-c", "64")
                 after = cpu_ticks(proc.pid)
                 result = json.loads(out)
                 statuses = result.get("statusCodeDistribution") or {}

@@ -6,6 +6,8 @@
 //! plain JSON array (what TodoBackend clients expect), so the next page is announced in a
 //! `Link: <…>; rel="next"` header rather than in an envelope.
 
+use std::fmt::Write as _;
+
 use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
@@ -253,15 +255,17 @@ pub async fn list_todos(
     if rows.len() as i64 > params.limit {
         rows.truncate(params.limit as usize);
         let last = rows.last().expect("limit >= 1");
-        let mut next = format!(
-            "{}/todos?limit={}&cursor={}",
-            base.as_str(),
+        let mut next = base.join("/todos", 64);
+        write!(
+            next,
+            "?limit={}&cursor={}",
             params.limit,
             encode_cursor(Cursor {
                 sort_key: last.sort_key,
                 id: last.id
             })
-        );
+        )
+        .expect("writing to a String cannot fail");
         if let Some(c) = params.completed {
             next.push_str(if c {
                 "&completed=true"
