@@ -24,7 +24,7 @@ up with 500 requests, then serves N (oha -c 8) while callgrind counts the user-s
 it executes (its own code, libraries, allocator; not the kernel). On a noisy machine the CPU
 figures above move by ±15 % between runs; this count repeats within ~1 %, so it shows a change of
 a few hundred instructions per request that timing cannot. Needs valgrind (apt-get install -y
-valgrind); ~1 minute per variant.
+valgrind); ~1 minute per variant. --keep DIR keeps the dumps, for callgrind_annotate.
 """
 
 import argparse
@@ -122,6 +122,9 @@ def count_instructions(args, database_url):
             dumps = glob.glob(f"{out}/cg.*.1")
             if not dumps:
                 sys.exit(f"{name}: callgrind wrote no dump")
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                shutil.copy(dumps[0], os.path.join(args.keep, f"{name}.callgrind"))
             with open(dumps[0]) as f:
                 total = next(int(line.split()[1]) for line in f
                              if line.startswith(("summary:", "totals:")))
@@ -136,6 +139,8 @@ def main():
     p.add_argument("--path", default="/todos/[1-9][0-9]{0,2}")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="count user-space instructions per request over N requests (callgrind)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="with --instructions: keep each variant's dump as DIR/NAME.callgrind")
     args = p.parse_args()
     if args.instructions and not shutil.which("valgrind"):
         sys.exit("--instructions needs valgrind: apt-get install -y valgrind")
