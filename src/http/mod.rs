@@ -70,8 +70,8 @@ pub struct Shared {
 /// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
 ///
 /// Links are written straight into the string they end up in: every todo in a response carries
-/// one, and formatting a base string first, then each link from it, was ~1,800 instructions of a
-/// single-todo GET (`loadtest/compare.py --instructions`).
+/// one, and formatting a base string first, then each link from it, took ~550 instructions more
+/// per single-todo GET (`loadtest/compare.py --instructions`).
 pub struct BaseUrl(Base);
 
 enum Base {

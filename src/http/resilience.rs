@@ -4,7 +4,8 @@
 //!
 //! From the outside in (see [`layer`]):
 //! 1. **Rate limit** (tower_governor, per client IP): the cheapest refusal, so a runaway client is
-//!    stopped before it takes an in-flight slot. 429 with `Retry-After`.
+//!    stopped before any work is done for it (the in-flight slot that readiness reserved is
+//!    released as soon as the refusal is decided). 429 with `Retry-After`.
 //! 2. **Load shed + global concurrency limit** (tower): at most `MAX_IN_FLIGHT` requests run;
 //!    the next one is refused at once with 503 + `Retry-After` instead of queueing without bound.
 //! 3. **Request timeout** (tower-http): inside the shedder, so a request that times out frees its
@@ -52,7 +53,7 @@ use crate::config::{Config, RateLimit};
 /// distinct IPs have called.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// The layers described in the module doc, outermost first.
+/// The layers described in the module doc (tower's `Stack` names them innermost first).
 pub type Protect = Stack<
     TimeoutLayer,
     Stack<
@@ -248,9 +249,9 @@ fn spawn_pruner(config: std::sync::Weak<Governor>) {
 fn rate_limit_response(err: GovernorError) -> Response<Body> {
     match err {
         GovernorError::TooManyRequests { wait_time, headers } => {
-            // Debug, like a shed request: refusals are counted (metrics, spans), and a line each
-            // at a default level would let one abusive client flood the logs.
-            tracing::debug!(wait_s = wait_time, "refused a request: rate limit");
+            // Counted (metrics, spans) and logged at debug only, in the request's "response" line
+            // (`rejected_by`): a line each at a default level would let one abusive client flood
+            // the logs.
             // governor reports whole seconds rounded down (0 for a wait under a second); one more
             // second is always enough, so a client that honours Retry-After is admitted.
             let mut res = ApiError::rate_limited(wait_time + 1).into_response();

@@ -179,8 +179,10 @@ where
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
         };
-        // Built here and polled in place: an `async` block would move the inner future (the
-        // whole stack's, hundreds of bytes) from state to state on its first poll.
+        // Polled in place: an `async` block would move the inner future (the whole stack's,
+        // hundreds of bytes) from state to state on its first poll. The layers beneath log while
+        // polled, inside the scope; what they decide while called (a rate-limit refusal) is
+        // logged by the response line below.
         ObserveFuture {
             inner: log_format::in_request(fields, self.inner.call(req)),
             started,
@@ -223,7 +225,12 @@ where
             rejected,
         );
         log_format::with_request(fields, || {
-            tracing::debug!(status = res.status().as_u16(), ?latency, "response");
+            tracing::debug!(
+                status = res.status().as_u16(),
+                ?latency,
+                rejected_by = rejected,
+                "response"
+            );
         });
         if sampling::exporting() {
             add_trace_id(&mut res);
@@ -265,10 +272,11 @@ mod tests {
     use super::*;
     use crate::telemetry::log_format::tests::{Buffer, take_turn};
 
-    /// The debug line written when a request completes names the request, though it is written
-    /// after the request's future (and its task-local) has finished.
+    /// Lines written while the request runs name it, and so does the debug line written when it
+    /// completes (after its future and task-local have finished), which also says which
+    /// protective layer refused it.
     #[test]
-    fn the_response_line_names_the_request() {
+    fn every_line_of_a_request_names_it_and_the_last_says_who_refused_it() {
         let _turn = take_turn();
         let out = Buffer::default();
         let writer = out.clone();
@@ -281,12 +289,11 @@ mod tests {
         );
         let service = ObserveLayer.layer(tower::service_fn(|_: Request| async {
             tracing::debug!("handling");
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .status(StatusCode::CREATED)
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            let mut res = Response::new(Body::empty());
+            *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            res.extensions_mut()
+                .insert(ProblemCode("rate_limited".into()));
+            Ok::<_, Infallible>(res)
         }));
         let mut req = Request::new(Body::empty());
         req.headers_mut()
@@ -298,12 +305,13 @@ mod tests {
         let res = tracing::subscriber::with_default(subscriber, || {
             runtime.block_on(service.oneshot(req)).unwrap()
         });
-        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].contains("handling request_id=abc-123"), "{text}");
-        assert!(lines[1].contains(" response status=201 latency="), "{text}");
+        assert!(lines[1].contains(" response status=429 latency="), "{text}");
+        assert!(lines[1].contains(" rejected_by=\"rate_limit\" "), "{text}");
         assert!(
             lines[1].ends_with("request_id=abc-123 http.request.method=GET"),
             "{text}"
