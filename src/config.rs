@@ -74,6 +74,20 @@ pub const VARS: &[Var] = &[
         help: "PostgreSQL statement_timeout set on every connection (0 disables it).",
     },
     Var {
+        name: "DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        default: Some("5s"),
+        help: "PostgreSQL idle_in_transaction_session_timeout set on every connection (0 disables \
+               it): a backstop that ends any session left inside a transaction, so it cannot hold \
+               row locks. The service's own transactions never pause between statements.",
+    },
+    Var {
+        name: "DB_MAX_LIFETIME",
+        default: Some("30m"),
+        help: "Connections older than this (up to 10% less, spread so they do not all expire \
+               together) are closed when they next come back to the pool, so connections rebalance \
+               after a failover and no session state lives forever. 0 disables; otherwise 10s to 7d.",
+    },
+    Var {
         name: "DB_APPLICATION_NAME",
         default: Some("todo-service"),
         help: "application_name reported to PostgreSQL (visible in pg_stat_activity).",
@@ -237,6 +251,10 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     pub recycle_timeout: Duration,
     pub statement_timeout: Duration,
+    /// `Duration::ZERO`: off.
+    pub idle_in_transaction_timeout: Duration,
+    /// `None`: connections live until they break.
+    pub max_lifetime: Option<Duration>,
     pub application_name: String,
 }
 
@@ -263,6 +281,11 @@ impl fmt::Debug for DatabaseConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("recycle_timeout", &self.recycle_timeout)
             .field("statement_timeout", &self.statement_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
+            .field("max_lifetime", &self.max_lifetime)
             .field("application_name", &self.application_name)
             .finish()
     }
@@ -372,7 +395,11 @@ impl Config {
             max_in_flight,
             request_timeout,
             breaker,
-            idempotency_key_ttl: env.duration("IDEMPOTENCY_KEY_TTL")?,
+            idempotency_key_ttl: env.duration_within(
+                "IDEMPOTENCY_KEY_TTL",
+                Duration::from_secs(60)..=Duration::from_secs(30 * 24 * 3600),
+                "a duration from 1m to 30d, such as 24h",
+            )?,
             max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
             cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
@@ -430,6 +457,16 @@ fn database_config(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
         connect_timeout: env.duration("DB_CONNECT_TIMEOUT")?,
         recycle_timeout: env.duration("DB_RECYCLE_TIMEOUT")?,
         statement_timeout: env.duration("DB_STATEMENT_TIMEOUT")?,
+        idle_in_transaction_timeout: env.duration("DB_IDLE_IN_TRANSACTION_TIMEOUT")?,
+        max_lifetime: if env.duration("DB_MAX_LIFETIME")?.is_zero() {
+            None
+        } else {
+            Some(env.duration_within(
+                "DB_MAX_LIFETIME",
+                Duration::from_secs(10)..=Duration::from_secs(7 * 24 * 3600),
+                "0 (off) or a duration from 10s to 7d, such as 30m",
+            )?)
+        },
         application_name,
     })
 }
@@ -502,6 +539,23 @@ impl Env<'_> {
                 "a duration such as 500ms, 2s or 1m",
             )
         })
+    }
+}
+
+impl Env<'_> {
+    /// A duration inside `range`; `expected` names the range for the error.
+    fn duration_within(
+        &self,
+        name: &'static str,
+        range: std::ops::RangeInclusive<Duration>,
+        expected: &'static str,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(name)?;
+        if range.contains(&d) {
+            Ok(d)
+        } else {
+            Err(invalid(name, format!("{:?}", self.value(name)), expected))
+        }
     }
 }
 
@@ -750,6 +804,12 @@ mod tests {
             ("DB_POOL_MAX_SIZE", "many", "from 1 to 1000"),
             ("DB_POOL_WAIT_TIMEOUT", "2 parsecs", "duration"),
             ("DB_STATEMENT_TIMEOUT", "-1s", "duration"),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT", "soon", "duration"),
+            ("DB_MAX_LIFETIME", "5s", "from 10s to 7d"),
+            ("DB_MAX_LIFETIME", "30d", "from 10s to 7d"),
+            ("IDEMPOTENCY_KEY_TTL", "1s", "from 1m to 30d"),
+            ("IDEMPOTENCY_KEY_TTL", "365d", "from 1m to 30d"),
+            ("IDEMPOTENCY_KEY_TTL", "forever", "duration"),
             ("MAX_BODY_BYTES", "10", "from 1024"),
             ("PUBLIC_BASE_URL", "ftp://x", "http(s)"),
             ("PUBLIC_BASE_URL", "not a url", "http(s)"),

@@ -20,6 +20,7 @@
 pub mod breaker;
 pub mod pool;
 pub mod resolve;
+mod session;
 pub mod todos;
 
 use std::{
@@ -33,12 +34,13 @@ use std::{
 
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use sqlx::Connection;
-use tracing::{Instrument, Span, field::Empty};
+use tracing::{Span, field::Empty};
 
 use crate::{config::DatabaseConfig, telemetry::sampling};
-use breaker::{Breaker, BreakerConfig, BreakerState, Permit};
+use breaker::{Breaker, BreakerConfig, BreakerState};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
+use session::within;
 
 /// How much longer than `statement_timeout` a call may take before the client gives up on the
 /// connection: enough for Postgres' own cancellation to arrive over a healthy link.
@@ -145,12 +147,20 @@ impl Db {
     ) -> anyhow::Result<Db> {
         let address = PinnedAddress::resolve(&config.host, config.port, resolver).await;
         let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
+        let idle_in_transaction = format!("{}ms", config.idle_in_transaction_timeout.as_millis());
         let options = config
             .connect_options
             .clone()
             .application_name(&config.application_name)
-            .options([("statement_timeout", statement_timeout.as_str())]);
-        let pool = Pool::builder(PgManager::new(options, Arc::clone(&address)))
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                (
+                    "idle_in_transaction_session_timeout",
+                    idle_in_transaction.as_str(),
+                ),
+            ]);
+        let manager = PgManager::new(options, Arc::clone(&address), config.max_lifetime);
+        let pool = Pool::builder(manager)
             .max_size(config.pool_max_size)
             .wait_timeout(Some(config.pool_wait_timeout))
             .create_timeout(Some(config.connect_timeout))
@@ -249,69 +259,16 @@ impl Db {
         span
     }
 
-    /// A breaker permit and a pooled connection for one data call, under that call's span.
-    /// Rejected at once, without touching the pool, while the breaker is open.
-    async fn session(
-        &self,
-        operation: &'static str,
-        table: &'static str,
-        sql: &'static str,
-    ) -> Result<Session, DbError> {
-        let span = self.span(operation, table, sql);
-        if !self.migrations_applied() {
-            let err = DbError::Unavailable(
-                "the database schema is not ready yet (migrations pending)".into(),
-            );
-            record_error(&span, &err);
-            return Err(err);
-        }
-        self.session_unchecked(span).await
-    }
-
-    async fn session_unchecked(&self, span: Span) -> Result<Session, DbError> {
-        let permit = match self.inner.breaker.try_acquire() {
-            Ok(p) => p,
-            Err(r) => {
-                let err = DbError::CircuitOpen {
-                    retry_after: r.retry_after,
-                };
-                record_error(&span, &err);
-                return Err(err);
-            }
-        };
-        let waited = tokio::time::Instant::now();
-        let got = self.inner.pool.get().instrument(span.clone()).await;
-        let waited = waited.elapsed();
-        span.record(
-            "db.client.connection.wait_time_ms",
-            waited.as_secs_f64() * 1000.0,
-        );
-        crate::metrics::pool_wait(waited);
-        match got {
-            Ok(conn) => Ok(Session {
-                conn,
-                permit,
-                deadline: self.inner.query_deadline,
-                span,
-            }),
-            Err(e) => {
-                let err = pool_error(e);
-                record_error(&span, &err);
-                record(permit, &err);
-                Err(err)
-            }
-        }
-    }
-
     /// A cheap round trip for `/ready`, bounded by the pool wait timeout (at most 1 s).
     pub async fn check(&self) -> DbStatus {
         let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
         let outcome = tokio::time::timeout(limit, async {
-            let mut session = self
-                .session_unchecked(self.span("PING", "postgres", "-- connection check"))
-                .await?;
-            let r = within(session.deadline, session.conn.ping()).await;
-            session.finish(r)
+            let span = self.span("PING", "postgres", "-- connection check");
+            let (mut lease, permit) = self.lease(&span).await?;
+            let reused = lease.reused();
+            let r = within(self.inner.query_deadline, lease.ping()).await;
+            self.finish(Some(lease), reused, permit, r.and_then(|r| r))
+                .map_err(|f| f.recorded_on(&span))
         })
         .await
         .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))));
@@ -386,90 +343,6 @@ impl Db {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-    }
-}
-
-/// One data call's breaker permit, connection and span (which ends when the session does).
-struct Session {
-    conn: Conn,
-    permit: Permit,
-    deadline: Option<Duration>,
-    span: Span,
-}
-
-/// Marks a database span failed, with the failure's class.
-fn record_error(span: &Span, err: &DbError) {
-    span.record("otel.status_code", "ERROR");
-    span.record(
-        "error.type",
-        match err {
-            DbError::Unavailable(_) => "unavailable",
-            DbError::CircuitOpen { .. } => "circuit_open",
-            DbError::Timeout(_) => "statement_timeout",
-            DbError::Unexpected(_) => "unexpected",
-        },
-    );
-}
-
-/// Runs one database call under the client-side deadline; running out counts as a broken
-/// connection (it is discarded and its siblings checked), not as a slow query.
-async fn within<T>(
-    deadline: Option<Duration>,
-    call: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    match deadline {
-        None => call.await,
-        Some(d) => tokio::time::timeout(d, call).await.unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from the database connection within {d:?}"),
-            )))
-        }),
-    }
-}
-
-impl Session {
-    /// Maps a query result and tells the breaker.
-    ///
-    /// A connection that failed at the connection level is discarded rather than returned, and its
-    /// siblings are marked suspect so they are checked before reuse: after a mass disconnect only
-    /// the requests already in flight fail. Such a failure on a *reused* connection does not count
-    /// toward the breaker (it shows a stale socket, not that the database is down: if it is down,
-    /// opening the replacement fails and that counts); on a fresh connection it does.
-    fn finish<T>(self, result: Result<T, sqlx::Error>) -> Result<T, DbError> {
-        match result {
-            Ok(v) => {
-                self.permit.success();
-                Ok(v)
-            }
-            Err(e) => {
-                let err = classify(e);
-                record_error(&self.span, &err);
-                if matches!(err, DbError::Unavailable(_)) {
-                    let reused = Object::metrics(&self.conn).recycle_count > 0;
-                    if let Some(pool) = Object::pool(&self.conn) {
-                        pool.manager().mark_suspect();
-                    }
-                    drop(Object::take(self.conn));
-                    if reused {
-                        drop(self.permit);
-                        return Err(err);
-                    }
-                }
-                record(self.permit, &err);
-                Err(err)
-            }
-        }
-    }
-}
-
-/// Only outage-class failures count against the breaker; any other answer proves the database is
-/// there.
-fn record(permit: Permit, err: &DbError) {
-    match err {
-        DbError::Unavailable(_) => permit.failure(),
-        DbError::CircuitOpen { .. } => drop(permit),
-        DbError::Timeout(_) | DbError::Unexpected(_) => permit.success(),
     }
 }
 

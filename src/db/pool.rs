@@ -41,17 +41,40 @@ pub struct PgManager {
     /// Connections not checked since then are pinged before reuse: when one connection breaks
     /// (Postgres restarted, backends terminated, a proxy cut), its siblings usually broke too.
     suspect_mark: AtomicU64,
+    /// `DB_MAX_LIFETIME`.
+    max_lifetime: Option<Duration>,
 }
 
 impl PgManager {
     /// `options` come from `DATABASE_URL` plus per-connection settings; only the host is replaced.
-    pub fn new(options: PgConnectOptions, address: Arc<PinnedAddress>) -> Self {
+    pub fn new(
+        options: PgConnectOptions,
+        address: Arc<PinnedAddress>,
+        max_lifetime: Option<Duration>,
+    ) -> Self {
         PgManager {
             options,
             address,
             epoch: Instant::now(),
             suspect_mark: AtomicU64::new(0),
+            max_lifetime,
         }
+    }
+
+    /// Whether a connection has outlived `DB_MAX_LIFETIME`. Each connection's limit is up to 10 %
+    /// shorter, by an amount taken from its creation time, so connections opened together (at
+    /// startup, after a failover) are not all replaced in the same instant.
+    fn expired(&self, metrics: &Metrics) -> bool {
+        let Some(lifetime) = self.max_lifetime else {
+            return false;
+        };
+        let spread = metrics
+            .created
+            .saturating_duration_since(self.epoch)
+            .subsec_nanos()
+            % 1000;
+        let limit = lifetime - lifetime / 10 * spread / 1000;
+        metrics.age() >= limit
     }
 
     /// Marks every connection not checked since now as suspect: it is pinged (and replaced if
@@ -103,10 +126,14 @@ impl Manager for PgManager {
         metrics: &Metrics,
     ) -> RecycleResult<sqlx::Error> {
         if conn.is_in_transaction() {
-            // A transaction left open by a cancelled request: the connection's state is unknown.
+            // Calls that did not finish are discarded before they get here (`db::session`); this
+            // catches a transaction sqlx knows about that some future code path left open.
             return Err(RecycleError::message(
                 "connection was returned inside a transaction",
             ));
+        }
+        if self.expired(metrics) {
+            return Err(RecycleError::message("connection reached DB_MAX_LIFETIME"));
         }
         if self.must_ping(metrics) {
             conn.ping().await.map_err(RecycleError::Backend)?;

@@ -8,7 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, Row, postgres::PgRow};
 
-use super::{Db, DbError, within};
+use super::{
+    Db, DbError,
+    session::{Effect, Statement},
+};
 
 /// One row of `todos`.
 #[derive(Debug, Clone)]
@@ -135,6 +138,45 @@ const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
              WHERE id = $1 \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at";
 
+/// The span names and retry class of each call (see [`Effect`]).
+const LIST: Statement = read("SELECT", "todos", SQL_LIST_TODOS);
+const GET: Statement = read("SELECT", "todos", SQL_GET_TODO);
+const CREATE: Statement = write("INSERT", "todos", SQL_CREATE_TODO, Effect::Write);
+const CREATE_KEYED: Statement = write(
+    "INSERT",
+    "todos",
+    SQL_CLAIM_IDEMPOTENCY_KEY,
+    Effect::IdempotentWrite,
+);
+const UPDATE: Statement = write("UPDATE", "todos", SQL_UPDATE_TODO, Effect::Write);
+const DELETE: Statement = write("DELETE", "todos", SQL_DELETE_TODO, Effect::Write);
+const DELETE_ALL: Statement = write("DELETE", "todos", SQL_DELETE_ALL_TODOS, Effect::Write);
+const SWEEP_KEYS: Statement = write(
+    "DELETE",
+    "idempotency_keys",
+    SQL_DELETE_EXPIRED_KEYS,
+    // Deleting expired keys twice deletes nothing more.
+    Effect::IdempotentWrite,
+);
+
+const fn read(operation: &'static str, table: &'static str, sql: &'static str) -> Statement {
+    write(operation, table, sql, Effect::Read)
+}
+
+const fn write(
+    operation: &'static str,
+    table: &'static str,
+    sql: &'static str,
+    effect: Effect,
+) -> Statement {
+    Statement {
+        operation,
+        table,
+        sql,
+        effect,
+    }
+}
+
 impl Db {
     /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
     pub async fn list_todos(
@@ -143,44 +185,41 @@ impl Db {
         after: Cursor,
         limit: i64,
     ) -> Result<Vec<TodoRow>, DbError> {
-        let mut s = self.session("SELECT", "todos", SQL_LIST_TODOS).await?;
-        let r = within(
-            s.deadline,
-            sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
+        self.call(LIST, |mut c| async move {
+            let r = sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
                 .bind(completed)
                 .bind(after.sort_key)
                 .bind(after.id)
                 .bind(limit)
-                .fetch_all(&mut *s.conn),
-        )
-        .await;
-        s.finish(r)
+                .fetch_all(&mut *c)
+                .await;
+            (c, r)
+        })
+        .await
     }
 
     pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
-        let mut s = self.session("SELECT", "todos", SQL_GET_TODO).await?;
-        let r = within(
-            s.deadline,
-            sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
+        self.call(GET, |mut c| async move {
+            let r = sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
                 .bind(id)
-                .fetch_optional(&mut *s.conn),
-        )
-        .await;
-        s.finish(r)
+                .fetch_optional(&mut *c)
+                .await;
+            (c, r)
+        })
+        .await
     }
 
     pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
-        let mut s = self.session("INSERT", "todos", SQL_CREATE_TODO).await?;
-        let r = within(
-            s.deadline,
-            sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
+        self.call(CREATE, |mut c| async move {
+            let r = sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
                 .bind(&new.title)
                 .bind(new.completed)
                 .bind(new.position)
-                .fetch_one(&mut *s.conn),
-        )
-        .await;
-        s.finish(r)
+                .fetch_one(&mut *c)
+                .await;
+            (c, r)
+        })
+        .await
     }
 
     /// Applies `changes`; `None` when the todo does not exist. An empty change set reads the todo
@@ -193,43 +232,38 @@ impl Db {
         if changes.is_empty() {
             return self.get_todo(id).await;
         }
-        let mut s = self.session("UPDATE", "todos", SQL_UPDATE_TODO).await?;
-        let r = within(
-            s.deadline,
-            sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
+        self.call(UPDATE, |mut c| async move {
+            let r = sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
                 .bind(id)
                 .bind(changes.title.as_deref())
                 .bind(changes.completed)
                 .bind(changes.position.is_some())
                 .bind(changes.position.flatten())
-                .fetch_optional(&mut *s.conn),
-        )
-        .await;
-        s.finish(r)
+                .fetch_optional(&mut *c)
+                .await;
+            (c, r)
+        })
+        .await
     }
 
     /// `true` when a todo was deleted.
     pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
-        let mut s = self.session("DELETE", "todos", SQL_DELETE_TODO).await?;
-        let r = within(
-            s.deadline,
-            sqlx::query(SQL_DELETE_TODO).bind(id).execute(&mut *s.conn),
-        )
-        .await;
-        s.finish(r).map(|done| done.rows_affected() == 1)
+        self.call(DELETE, |mut c| async move {
+            let r = sqlx::query(SQL_DELETE_TODO).bind(id).execute(&mut *c).await;
+            (c, r)
+        })
+        .await
+        .map(|done| done.rows_affected() == 1)
     }
 
     /// Deletes every todo; returns how many there were.
     pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
-        let mut s = self
-            .session("DELETE", "todos", SQL_DELETE_ALL_TODOS)
-            .await?;
-        let r = within(
-            s.deadline,
-            sqlx::query(SQL_DELETE_ALL_TODOS).execute(&mut *s.conn),
-        )
-        .await;
-        s.finish(r).map(|done| done.rows_affected())
+        self.call(DELETE_ALL, |mut c| async move {
+            let r = sqlx::query(SQL_DELETE_ALL_TODOS).execute(&mut *c).await;
+            (c, r)
+        })
+        .await
+        .map(|done| done.rows_affected())
     }
 
     /// Creates a todo once per `key`: a retry with the same key and request replays the first
@@ -240,24 +274,21 @@ impl Db {
         new: &NewTodo,
         ttl: Duration,
     ) -> Result<Idempotent, DbError> {
-        let mut s = self
-            .session("INSERT", "todos", SQL_CLAIM_IDEMPOTENCY_KEY)
-            .await?;
-        let r = within(s.deadline, create_idempotent(&mut s.conn, key, new, ttl)).await;
-        s.finish(r)
+        self.call(CREATE_KEYED, |mut c| async move {
+            let r = create_idempotent(&mut c, key, new, ttl).await;
+            (c, r)
+        })
+        .await
     }
 
     /// Deletes expired idempotency keys; returns how many.
     pub async fn delete_expired_idempotency_keys(&self) -> Result<u64, DbError> {
-        let mut s = self
-            .session("DELETE", "idempotency_keys", SQL_DELETE_EXPIRED_KEYS)
-            .await?;
-        let r = within(
-            s.deadline,
-            sqlx::query(SQL_DELETE_EXPIRED_KEYS).execute(&mut *s.conn),
-        )
-        .await;
-        s.finish(r).map(|done| done.rows_affected())
+        self.call(SWEEP_KEYS, |mut c| async move {
+            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS).execute(&mut *c).await;
+            (c, r)
+        })
+        .await
+        .map(|done| done.rows_affected())
     }
 }
 

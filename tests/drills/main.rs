@@ -7,6 +7,9 @@
 #[allow(dead_code)]
 mod helpers;
 
+mod cancellation;
+mod fault_proxy;
+
 use std::{
     collections::BTreeMap,
     io,

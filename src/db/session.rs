@@ -1,0 +1,299 @@
+//! One database call from start to a known end: breaker permit, pooled connection, deadline,
+//! outcome, and what happens to the connection afterwards.
+//!
+//! Every data call goes through [`Db::call`], so this sequence is written once.
+//!
+//! **Cancellation.** Any future can be dropped at any await: the client went away,
+//! `REQUEST_TIMEOUT` fired, the service is shutting down. A connection whose call was dropped
+//! part-way is in a state nobody knows: a `BEGIN` may have run on the server without sqlx counting
+//! it (transact-rs/sqlx#4393, not fixed in sqlx 0.9.0), so the next borrower's statements would run
+//! inside a transaction that never commits; or a statement's reply may still be unread. Such a
+//! connection is **discarded**, never returned to the pool ([`Session`]'s `Drop`). Closing the
+//! socket makes Postgres roll back whatever transaction the session had open, so a write whose
+//! client went away is committed whole (its `COMMIT`, or its single autocommit statement, had
+//! already run) or not at all; and a write is acknowledged only after its commit returned.
+//!
+//! Discarding was chosen over driving the call to completion in a detached task: it needs no task
+//! and no owned copy of every parameter per call on the hot path, it leaves no work running for a
+//! client that is gone (which shutdown would otherwise have to wait for), and its cost, one
+//! reconnect of a few milliseconds per abandoned call, is bounded: the pool opens at most one
+//! connection per slot. `idle_in_transaction_session_timeout` on every connection (see
+//! [`super::Db::connect`]) is the backstop should a future bug leak an open transaction anyway.
+//!
+//! **Stale connections.** Postgres may end an idle pooled connection at any time (restart,
+//! `pg_terminate_backend`, a failover behind a pooler). A call that fails at the connection level
+//! on a *reused* connection is retried once on another one, which the pool pings first (the
+//! failure marks every connection not checked since as suspect), when the statement provably had
+//! no effect; see [`Effect`]. Anything else is a 503 with `Retry-After`, and a keyed `POST` is safe
+//! to retry.
+
+use std::time::Duration;
+
+use deadpool::managed::Object;
+use sqlx::PgConnection;
+use tracing::{Instrument, Span};
+
+use super::{Conn, Db, DbError, breaker::Permit, classify};
+
+/// What a call does to the data, which decides whether a failure on a stale connection may be
+/// retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    /// Reads change nothing: always safe to run again.
+    Read,
+    /// A write that is safe to run twice: a keyed `POST` replays the first attempt's answer when
+    /// that attempt committed after all.
+    IdempotentWrite,
+    /// Any other write. Retried only when the reply was the server's termination notice (SQLSTATE
+    /// 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now): a backend told to
+    /// end while idle in the pool exits without reading another message, and one told to end while
+    /// it runs a statement aborts that statement's transaction.
+    Write,
+}
+
+/// The span-naming parts of a call: `{operation} {table}` and the parameterised SQL.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Statement {
+    pub operation: &'static str,
+    pub table: &'static str,
+    pub sql: &'static str,
+    pub effect: Effect,
+}
+
+/// A pooled connection lent to one call. Dropped before [`Lease::release`] (the call's future
+/// was dropped, or its deadline fired), the connection is discarded: see the module doc.
+pub(super) struct Lease(Option<Conn>);
+
+impl Lease {
+    /// Whether the connection served calls before this one.
+    pub(super) fn reused(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|c| Object::metrics(c).recycle_count > 0)
+    }
+
+    /// Ends the lease with the connection in a known state.
+    fn release(mut self) -> Conn {
+        self.0
+            .take()
+            .expect("a lease holds its connection until released")
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.0
+            .as_ref()
+            .expect("a lease holds its connection until released")
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0
+            .as_mut()
+            .expect("a lease holds its connection until released")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            // Closing the socket is what makes the server roll back an open transaction.
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Db {
+    /// Runs `f` on a pooled connection under the breaker, the call's span and its deadline, and
+    /// retries it once on another connection when `stmt.effect` allows (see [`Effect`]).
+    ///
+    /// `f` owns the [`Lease`] while it runs and hands it back with its result, so a call dropped
+    /// part-way drops the lease with it, and the connection is discarded rather than reused.
+    pub(super) async fn call<T, Fut>(
+        &self,
+        stmt: Statement,
+        f: impl Fn(Lease) -> Fut,
+    ) -> Result<T, DbError>
+    where
+        Fut: Future<Output = (Lease, Result<T, sqlx::Error>)>,
+    {
+        let span = self.span(stmt.operation, stmt.table, stmt.sql);
+        if !self.migrations_applied() {
+            let err = DbError::Unavailable(
+                "the database schema is not ready yet (migrations pending)".into(),
+            );
+            record_error(&span, &err);
+            return Err(err);
+        }
+        let mut retried = false;
+        loop {
+            let (lease, permit) = self.lease(&span).await?;
+            let reused = lease.reused();
+            let (lease, result) = match within(self.inner.query_deadline, f(lease)).await {
+                Ok((lease, result)) => (Some(lease), result),
+                Err(elapsed) => (None, Err(elapsed)),
+            };
+            match self.finish(lease, reused, permit, result) {
+                Err(Failure::Stale(err, reply_was_termination))
+                    if !retried
+                        && match stmt.effect {
+                            Effect::Read | Effect::IdempotentWrite => true,
+                            Effect::Write => reply_was_termination,
+                        } =>
+                {
+                    tracing::debug!(error = %err, "stale pooled connection; retrying on another");
+                    retried = true;
+                }
+                Err(failure) => return Err(failure.recorded_on(&span)),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+
+    /// A breaker permit and a pooled connection, waited for under `span`. Refused at once,
+    /// without touching the pool, while the breaker is open.
+    pub(super) async fn lease(&self, span: &Span) -> Result<(Lease, Permit), DbError> {
+        let permit = match self.inner.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(r) => {
+                let err = DbError::CircuitOpen {
+                    retry_after: r.retry_after,
+                };
+                record_error(span, &err);
+                return Err(err);
+            }
+        };
+        let waited = tokio::time::Instant::now();
+        let got = self.inner.pool.get().instrument(span.clone()).await;
+        let waited = waited.elapsed();
+        span.record(
+            "db.client.connection.wait_time_ms",
+            waited.as_secs_f64() * 1000.0,
+        );
+        crate::metrics::pool_wait(waited);
+        match got {
+            Ok(conn) => Ok((Lease(Some(conn)), permit)),
+            Err(e) => {
+                let err = super::pool_error(e);
+                record_error(span, &err);
+                record(permit, &err);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// How a finished call failed.
+pub(super) enum Failure {
+    /// A connection-level failure on a connection that had served calls before: a stale socket,
+    /// not evidence that the database is down. `true` when the reply was the server's termination
+    /// notice.
+    Stale(DbError, bool),
+    Other(DbError),
+}
+
+impl Failure {
+    /// The error, marked on the call's span.
+    pub(super) fn recorded_on(self, span: &Span) -> DbError {
+        let (Failure::Stale(err, _) | Failure::Other(err)) = self;
+        record_error(span, &err);
+        err
+    }
+}
+
+impl Db {
+    /// Maps a call's result, tells the breaker, and decides the connection's fate. `lease` is
+    /// `None` when the call ran out of time (the lease was dropped with it: discarded); `reused`
+    /// says whether the connection had served calls before this one.
+    ///
+    /// The connection goes back to the pool only when the server answered (rows, or an error
+    /// reply: sqlx has then read everything up to the server's `ReadyForQuery`). After a
+    /// connection-level failure it is discarded, and its siblings are marked suspect so they are
+    /// pinged before reuse: after a mass disconnect, stale connections are found by pings, not by
+    /// requests. Such a failure on a reused connection does not count toward the breaker (if the
+    /// database is down, opening the replacement fails and that counts); on a fresh one it does.
+    pub(super) fn finish<T>(
+        &self,
+        lease: Option<Lease>,
+        reused: bool,
+        permit: Permit,
+        result: Result<T, sqlx::Error>,
+    ) -> Result<T, Failure> {
+        let e = match result {
+            Ok(v) => {
+                permit.success();
+                // Back to the pool.
+                drop(lease.map(Lease::release));
+                return Ok(v);
+            }
+            Err(e) => e,
+        };
+        let termination = is_termination_notice(&e);
+        let err = classify(e);
+        if !matches!(err, DbError::Unavailable(_)) {
+            drop(lease.map(Lease::release));
+            record(permit, &err);
+            return Err(Failure::Other(err));
+        }
+        self.inner.pool.manager().mark_suspect();
+        // Discarded, whatever it was doing.
+        drop(lease);
+        if reused {
+            drop(permit);
+            return Err(Failure::Stale(err, termination));
+        }
+        record(permit, &err);
+        Err(Failure::Other(err))
+    }
+}
+
+/// The server ended the session from its side (SQLSTATE class 57P: admin shutdown, crash
+/// shutdown, cannot connect now).
+fn is_termination_notice(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P")))
+}
+
+/// Marks a database span failed, with the failure's class.
+pub(super) fn record_error(span: &Span, err: &DbError) {
+    span.record("otel.status_code", "ERROR");
+    span.record(
+        "error.type",
+        match err {
+            DbError::Unavailable(_) => "unavailable",
+            DbError::CircuitOpen { .. } => "circuit_open",
+            DbError::Timeout(_) => "statement_timeout",
+            DbError::Unexpected(_) => "unexpected",
+        },
+    );
+}
+
+/// Only outage-class failures count against the breaker; any other answer proves the database is
+/// there.
+fn record(permit: Permit, err: &DbError) {
+    match err {
+        DbError::Unavailable(_) => permit.failure(),
+        DbError::CircuitOpen { .. } => drop(permit),
+        DbError::Timeout(_) | DbError::Unexpected(_) => permit.success(),
+    }
+}
+
+/// Runs one call under the client-side deadline; running out counts as a broken connection (it is
+/// discarded and its siblings checked), not as a slow query.
+pub(super) async fn within<T>(
+    deadline: Option<Duration>,
+    call: impl Future<Output = T>,
+) -> Result<T, sqlx::Error> {
+    match deadline {
+        None => Ok(call.await),
+        Some(d) => tokio::time::timeout(d, call).await.map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the database connection within {d:?}"),
+            ))
+        }),
+    }
+}

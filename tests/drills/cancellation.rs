@@ -1,0 +1,339 @@
+//! Drill 11: requests cancelled half-way never cost a write. A fault proxy holds Postgres' traffic
+//! at each await point of each write path, the request is cancelled there (the client hangs up,
+//! or `REQUEST_TIMEOUT` fires), and the drill checks that the service threw that connection away,
+//! that no session is left inside a transaction, that the cancelled write happened whole or not
+//! at all, and that every write acknowledged afterwards is visible to other connections and
+//! survives the service's restart.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use super::{
+    fault_proxy::{Direction, FaultProxy},
+    helpers::{AppOptions, TestApp, server_addr, spawn_app_with},
+    serial,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Post,
+    KeyedPost,
+    Patch,
+    Delete,
+}
+
+/// An await point: the request, and the protocol message at which traffic is held.
+struct Point {
+    write: Write,
+    what: &'static str,
+    direction: Direction,
+    pattern: &'static [u8],
+}
+
+const fn point(
+    write: Write,
+    what: &'static str,
+    direction: Direction,
+    pattern: &'static [u8],
+) -> Point {
+    Point {
+        write,
+        what,
+        direction,
+        pattern,
+    }
+}
+
+/// Every await point of every write path. A `CommandComplete` tag held on its way back means
+/// "the statement ran, its answer has not arrived"; a statement held on its way out means "it
+/// never reached the server".
+const POINTS: &[Point] = &[
+    point(
+        Write::Post,
+        "INSERT ran",
+        Direction::ToClient,
+        b"INSERT 0 1\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "BEGIN ran",
+        Direction::ToClient,
+        b"BEGIN\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "expired-key DELETE ran",
+        Direction::ToClient,
+        b"DELETE 0\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "key claim ran",
+        Direction::ToClient,
+        b"INSERT 0 1\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "todo INSERT ran",
+        Direction::ToClient,
+        b"UPDATE 1\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "COMMIT not yet sent on",
+        Direction::ToServer,
+        b"COMMIT\0",
+    ),
+    point(
+        Write::KeyedPost,
+        "COMMIT ran",
+        Direction::ToClient,
+        b"COMMIT\0",
+    ),
+    point(
+        Write::Patch,
+        "UPDATE ran",
+        Direction::ToClient,
+        b"UPDATE 1\0",
+    ),
+    point(
+        Write::Delete,
+        "DELETE ran",
+        Direction::ToClient,
+        b"DELETE 1\0",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancel {
+    ClientGone,
+    RequestTimeout,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_11a_a_client_that_hangs_up_mid_write_costs_nothing() {
+    let _turn = serial().await;
+    cancel_at_every_point(Cancel::ClientGone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_11b_a_request_timeout_mid_write_costs_nothing() {
+    let _turn = serial().await;
+    cancel_at_every_point(Cancel::RequestTimeout).await;
+}
+
+async fn cancel_at_every_point(cancel: Cancel) {
+    let proxy = FaultProxy::start(server_addr()).await;
+    let mut env = HashMap::from([
+        // One connection, so a connection left in a bad state would serve the next request.
+        ("DB_POOL_MAX_SIZE".to_string(), "1".to_string()),
+        ("RATE_LIMIT_PER_SECOND".into(), "0".into()),
+    ]);
+    if cancel == Cancel::RequestTimeout {
+        env.insert("REQUEST_TIMEOUT".into(), "1s".into());
+    }
+    let app = spawn_app_with(AppOptions {
+        env,
+        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
+        ..AppOptions::default()
+    })
+    .await;
+    let mut direct = app.test_db.connect().await;
+    // Every write the service acknowledged: todo id -> title it answered with (None: deleted).
+    let mut acknowledged: BTreeMap<i64, Option<String>> = BTreeMap::new();
+    let mut figures = Vec::new();
+
+    for (n, p) in POINTS.iter().enumerate() {
+        let label = format!("{:?} / {} / {cancel:?}", p.write, p.what);
+        let title = format!("cancelled {n}");
+        let key = format!("key-{n}");
+        let (method, path, body) = match p.write {
+            Write::Post | Write::KeyedPost => {
+                ("POST", "/todos".to_string(), json!({"title": title}))
+            }
+            Write::Patch | Write::Delete => {
+                let target = app.create(json!({"title": format!("target {n}")})).await;
+                let id = target["id"].as_i64().unwrap();
+                acknowledged.insert(id, Some(format!("target {n}")));
+                let path = format!("/todos/{id}");
+                let body = json!({"title": title, "completed": true});
+                (
+                    if p.write == Write::Patch {
+                        "PATCH"
+                    } else {
+                        "DELETE"
+                    },
+                    path,
+                    body,
+                )
+            }
+        };
+        proxy.hold_at(p.direction, p.pattern);
+        let mut request = app
+            .client
+            .request(method.parse().unwrap(), app.url(&path))
+            .json(&body);
+        if p.write == Write::KeyedPost {
+            request = request.header("Idempotency-Key", &key);
+        }
+        let sent = Instant::now();
+        let in_flight = tokio::spawn(request.send());
+        assert!(
+            proxy.wait_holding(Duration::from_secs(5)).await,
+            "{label}: the request never reached the await point"
+        );
+        match cancel {
+            // Dropping the client's future closes its connection.
+            Cancel::ClientGone => in_flight.abort(),
+            Cancel::RequestTimeout => {
+                let r = in_flight.await.unwrap().expect("an answer");
+                assert_eq!(r.status(), 504, "{label}");
+            }
+        }
+        let closed = proxy
+            .wait_held_connection_closed(Duration::from_secs(3))
+            .await;
+        let cancelled_after = sent.elapsed();
+        proxy.release();
+        assert!(
+            closed,
+            "{label}: the service kept a connection whose call was cancelled mid-way"
+        );
+        let settled = no_session_in_transaction(&mut direct, &app, Duration::from_secs(3)).await;
+        assert!(
+            settled.is_some(),
+            "{label}: a session stayed idle in transaction"
+        );
+
+        // The cancelled write happened whole or not at all.
+        match p.write {
+            Write::Post => {}
+            Write::KeyedPost => {
+                let (todos, answered_keys, keys): (i64, i64, i64) = sqlx::query_as(
+                    "SELECT (SELECT count(*) FROM todos WHERE title = $1), \
+                            (SELECT count(*) FROM idempotency_keys WHERE key = $2 AND response IS NOT NULL), \
+                            (SELECT count(*) FROM idempotency_keys WHERE key = $2)",
+                )
+                .bind(&title)
+                .bind(&key)
+                .fetch_one(&mut direct)
+                .await
+                .unwrap();
+                assert!(
+                    todos <= 1 && todos == answered_keys && keys == answered_keys,
+                    "{label}: half a keyed create: {todos} todos, {keys} keys ({answered_keys} answered)"
+                );
+                // And the client's retry with the same key creates exactly one todo.
+                let r = app
+                    .client
+                    .post(app.url("/todos"))
+                    .header("Idempotency-Key", &key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201, "{label}: retry with the same key");
+                let todo: Value = r.json().await.unwrap();
+                acknowledged.insert(todo["id"].as_i64().unwrap(), Some(title.clone()));
+                assert_eq!(count_titled(&mut direct, &title).await, 1, "{label}");
+            }
+            Write::Patch => {
+                let id: i64 = path.rsplit('/').next().unwrap().parse().unwrap();
+                let (t, completed): (String, bool) =
+                    sqlx::query_as("SELECT title, completed FROM todos WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut direct)
+                        .await
+                        .unwrap();
+                assert!(
+                    (t == title && completed) || (t == format!("target {n}") && !completed),
+                    "{label}: half a PATCH: {t:?}, completed {completed}"
+                );
+                acknowledged.remove(&id);
+            }
+            Write::Delete => {
+                let id: i64 = path.rsplit('/').next().unwrap().parse().unwrap();
+                acknowledged.remove(&id);
+            }
+        }
+
+        // The next acknowledged write is committed: another connection sees it at once.
+        let next = app.create(json!({"title": format!("after {n}")})).await;
+        let id = next["id"].as_i64().unwrap();
+        let seen: Option<String> = sqlx::query_scalar("SELECT title FROM todos WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut direct)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.as_deref(),
+            Some(format!("after {n}").as_str()),
+            "{label}: an acknowledged write is invisible to other connections"
+        );
+        acknowledged.insert(id, Some(format!("after {n}")));
+        figures.push(format!(
+            "{label}: discarded after {cancelled_after:?}, settled in {:?}",
+            settled.unwrap()
+        ));
+    }
+    for f in &figures {
+        eprintln!("{f}");
+    }
+
+    // Every acknowledged write survives the service's restart (a leaked transaction would be
+    // rolled back when its connection closes).
+    let test_db = std::sync::Arc::clone(&app.test_db);
+    app.stop().await.unwrap();
+    let mut after_restart = test_db.connect().await;
+    for (id, title) in &acknowledged {
+        let seen: Option<String> = sqlx::query_scalar("SELECT title FROM todos WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut after_restart)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.as_ref(),
+            title.as_ref(),
+            "todo {id} after the service stopped"
+        );
+    }
+}
+
+async fn count_titled(conn: &mut PgConnection, title: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM todos WHERE title = $1")
+        .bind(title)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Waits until no session on the app's database is inside a transaction; how long that took.
+async fn no_session_in_transaction(
+    conn: &mut PgConnection,
+    app: &TestApp,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+        )
+        .bind(&app.test_db.name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if open == 0 {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
