@@ -127,10 +127,14 @@ fn spawn_idempotency_sweeper(db: &Db) {
         loop {
             tick.tick().await;
             let Some(db) = db.upgrade() else { return };
-            match db.delete_expired_idempotency_keys().await {
+            match db.sweep_expired_idempotency_keys().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "swept expired idempotency keys"),
-                Err(e) => tracing::debug!(error = %e, "idempotency key sweep skipped"),
+                // Every ten minutes at most, and a table that keeps growing deserves a look.
+                Err((e, deleted)) => tracing::warn!(
+                    error = %e, deleted,
+                    "idempotency key sweep failed; expired keys stay until the next sweep"
+                ),
             }
         }
     });

@@ -121,7 +121,13 @@ const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, requ
 const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at";
 const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
-const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE expires_at < now()";
+// SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
+const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
+             (SELECT key FROM idempotency_keys WHERE expires_at < now() \
+              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)";
+
+/// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
+pub const SWEEP_BATCH: i64 = 1000;
 const SQL_DELETE_TODO: &str = "DELETE FROM todos WHERE id = $1";
 const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
              FROM todos WHERE id = $1";
@@ -281,14 +287,31 @@ impl Db {
         .await
     }
 
-    /// Deletes expired idempotency keys; returns how many.
-    pub async fn delete_expired_idempotency_keys(&self) -> Result<u64, DbError> {
+    /// Deletes up to `batch` expired idempotency keys, oldest first; returns how many.
+    pub async fn delete_expired_idempotency_keys(&self, batch: i64) -> Result<u64, DbError> {
         self.call(SWEEP_KEYS, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS).execute(&mut *c).await;
+            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS)
+                .bind(batch)
+                .execute(&mut *c)
+                .await;
             (c, r)
         })
         .await
         .map(|done| done.rows_affected())
+    }
+
+    /// Deletes every expired idempotency key, [`SWEEP_BATCH`] per statement, so the sweep makes
+    /// progress whatever the backlog and never holds a long transaction. On failure: the error,
+    /// and how many were deleted before it.
+    pub async fn sweep_expired_idempotency_keys(&self) -> Result<u64, (DbError, u64)> {
+        let mut deleted = 0;
+        loop {
+            match self.delete_expired_idempotency_keys(SWEEP_BATCH).await {
+                Ok(n) if n < SWEEP_BATCH as u64 => return Ok(deleted + n),
+                Ok(n) => deleted += n,
+                Err(e) => return Err((e, deleted)),
+            }
+        }
     }
 }
 

@@ -328,21 +328,57 @@ async fn an_invalid_idempotency_key_is_400() {
 
 #[tokio::test]
 async fn an_expired_idempotency_key_creates_a_new_todo() {
-    let mut opts = crate::helpers::AppOptions::default();
-    opts.env.insert("IDEMPOTENCY_KEY_TTL".into(), "1s".into());
-    let app = crate::helpers::spawn_app_with(opts).await;
+    let app = spawn_app().await;
     let first: Value = post_with_key(&app, "k", json!({"title": "a"}))
         .await
         .json()
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    expire_keys(&app).await;
     let r = post_with_key(&app, "k", json!({"title": "a"})).await;
     assert_eq!(r.status(), 201);
     assert!(r.headers().get("idempotent-replayed").is_none());
     let second: Value = r.json().await.unwrap();
     assert_ne!(second["id"], first["id"]);
-    // The sweep removes expired keys.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    assert_eq!(app.db.delete_expired_idempotency_keys().await.unwrap(), 1);
+    expire_keys(&app).await;
+    assert_eq!(app.db.sweep_expired_idempotency_keys().await.unwrap(), 1);
+}
+
+/// Ages every stored idempotency key past its expiry.
+async fn expire_keys(app: &crate::helpers::TestApp) {
+    let mut conn = app.test_db.connect().await;
+    sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_key_sweep_deletes_a_large_backlog_in_bounded_batches_and_keeps_live_keys() {
+    let app = spawn_app().await;
+    let mut conn = app.test_db.connect().await;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (key, request, expires_at) \
+         SELECT 'old-' || g, '{}'::jsonb, now() - interval '1 hour' FROM generate_series(1, 2500) g \
+         UNION ALL SELECT 'live-' || g, '{}'::jsonb, now() + interval '1 hour' FROM generate_series(1, 10) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let batch = todo_service::db::todos::SWEEP_BATCH;
+    assert_eq!(
+        app.db.delete_expired_idempotency_keys(batch).await.unwrap(),
+        batch as u64,
+        "one statement deletes one batch"
+    );
+    assert_eq!(
+        app.db.sweep_expired_idempotency_keys().await.unwrap(),
+        2500 - batch as u64
+    );
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency_keys ORDER BY key")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 10, "{left:?}");
+    assert!(left.iter().all(|k| k.starts_with("live-")));
 }
