@@ -7,6 +7,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
@@ -90,8 +91,11 @@ impl Application {
         let addr = self.local_addr();
         tracing::info!(%addr, "listening");
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        // `tap_io` does nothing to the socket: axum provides the peer address (`ConnectInfo`) for
+        // its own listener and for a tapped one, not for another listener type.
+        let listener = http::linger::Listener(self.listener).tap_io(|_| {});
         let server = axum::serve(
-            self.listener,
+            listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )

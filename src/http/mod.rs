@@ -7,6 +7,7 @@
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod linger;
 pub mod resilience;
 pub mod todos;
 pub(crate) mod trace;
