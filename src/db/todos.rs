@@ -23,6 +23,8 @@ pub struct TodoRow {
     pub sort_key: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Incremented by every update: the ETag.
+    pub version: i64,
 }
 
 /// Where a page starts: strictly after this `(sort_key, id)`.
@@ -48,6 +50,16 @@ pub struct NewTodo {
     pub position: Option<i64>,
 }
 
+/// What a write conditional on the todo's version (`If-Match`) did.
+#[derive(Debug)]
+pub enum Conditional<T> {
+    Done(T),
+    /// No such todo (whatever the condition).
+    NotFound,
+    /// The todo exists at a version the condition did not name; nothing changed.
+    VersionMismatch,
+}
+
 /// What an idempotent create did.
 #[derive(Debug)]
 pub enum Idempotent {
@@ -69,7 +81,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for TodoRow {
 }
 
 impl TodoRow {
-    /// The todo's seven columns, starting at column `first`.
+    /// The todo's eight columns, starting at column `first`.
     fn from_columns(row: &PgRow, first: usize) -> Result<Self, sqlx::Error> {
         Ok(TodoRow {
             id: row.try_get(first)?,
@@ -79,6 +91,7 @@ impl TodoRow {
             sort_key: row.try_get(first + 4)?,
             created_at: row.try_get(first + 5)?,
             updated_at: row.try_get(first + 6)?,
+            version: row.try_get(first + 7)?,
         })
     }
 }
@@ -119,7 +132,7 @@ const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, requ
                  now() + make_interval(secs => $5::float8)) \
          ON CONFLICT (key) DO NOTHING";
 const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
 const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
 // SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
 const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
@@ -128,10 +141,12 @@ const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN
 
 /// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
 pub const SWEEP_BATCH: i64 = 1000;
-const SQL_DELETE_TODO: &str = "DELETE FROM todos WHERE id = $1";
-const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+const SQL_DELETE_TODO: &str =
+    "DELETE FROM todos WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2))";
+const SQL_GET_VERSION: &str = "SELECT version FROM todos WHERE id = $1";
+const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
              FROM todos WHERE id = $1";
-const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at \
+const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
              FROM todos \
              WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
              ORDER BY sort_key, id \
@@ -140,13 +155,15 @@ const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
                title = COALESCE($2, title), \
                completed = COALESCE($3, completed), \
                position = CASE WHEN $4 THEN $5 ELSE position END, \
-               updated_at = now() \
-             WHERE id = $1 \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at";
+               updated_at = now(), \
+               version = version + 1 \
+             WHERE id = $1 AND ($6::bigint[] IS NULL OR version = ANY($6)) \
+             RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
 
 /// The span names and retry class of each call (see [`Effect`]).
 const LIST: Statement = read("SELECT", "todos", SQL_LIST_TODOS);
 const GET: Statement = read("SELECT", "todos", SQL_GET_TODO);
+const GET_VERSION: Statement = read("SELECT", "todos", SQL_GET_VERSION);
 const CREATE: Statement = write("INSERT", "todos", SQL_CREATE_TODO, Effect::Write);
 const CREATE_KEYED: Statement = write(
     "INSERT",
@@ -228,38 +245,90 @@ impl Db {
         .await
     }
 
-    /// Applies `changes`; `None` when the todo does not exist. An empty change set reads the todo
-    /// without touching `updated_at`.
+    /// Applies `changes` if the todo's version is one of `if_match` (any version when `None`).
+    /// An empty change set reads the todo without touching `updated_at` or the version.
     pub async fn update_todo(
         &self,
         id: i64,
         changes: &TodoChanges,
-    ) -> Result<Option<TodoRow>, DbError> {
+        if_match: Option<&[i64]>,
+    ) -> Result<Conditional<TodoRow>, DbError> {
         if changes.is_empty() {
-            return self.get_todo(id).await;
+            return Ok(match self.get_todo(id).await? {
+                None => Conditional::NotFound,
+                Some(row) if if_match.is_some_and(|v| !v.contains(&row.version)) => {
+                    Conditional::VersionMismatch
+                }
+                Some(row) => Conditional::Done(row),
+            });
         }
-        self.call(UPDATE, |mut c| async move {
-            let r = sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
-                .bind(id)
-                .bind(changes.title.as_deref())
-                .bind(changes.completed)
-                .bind(changes.position.is_some())
-                .bind(changes.position.flatten())
-                .fetch_optional(&mut *c)
-                .await;
-            (c, r)
-        })
-        .await
+        let updated = self
+            .call(UPDATE, |mut c| async move {
+                let r = sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
+                    .bind(id)
+                    .bind(changes.title.as_deref())
+                    .bind(changes.completed)
+                    .bind(changes.position.is_some())
+                    .bind(changes.position.flatten())
+                    .bind(if_match)
+                    .fetch_optional(&mut *c)
+                    .await;
+                (c, r)
+            })
+            .await?;
+        match updated {
+            Some(row) => Ok(Conditional::Done(row)),
+            None => self.why_unchanged(id, if_match).await,
+        }
     }
 
-    /// `true` when a todo was deleted.
-    pub async fn delete_todo(&self, id: i64) -> Result<bool, DbError> {
-        self.call(DELETE, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_TODO).bind(id).execute(&mut *c).await;
-            (c, r)
+    /// Deletes the todo if its version is one of `if_match` (any version when `None`).
+    pub async fn delete_todo(
+        &self,
+        id: i64,
+        if_match: Option<&[i64]>,
+    ) -> Result<Conditional<()>, DbError> {
+        let deleted = self
+            .call(DELETE, |mut c| async move {
+                let r = sqlx::query(SQL_DELETE_TODO)
+                    .bind(id)
+                    .bind(if_match)
+                    .execute(&mut *c)
+                    .await;
+                (c, r)
+            })
+            .await?
+            .rows_affected();
+        if deleted == 1 {
+            Ok(Conditional::Done(()))
+        } else {
+            self.why_unchanged(id, if_match).await
+        }
+    }
+
+    /// After a conditional write changed no row: was the todo missing, or at another version?
+    /// Read after the write, so a todo deleted in between reads as missing, as it now is.
+    async fn why_unchanged<T>(
+        &self,
+        id: i64,
+        if_match: Option<&[i64]>,
+    ) -> Result<Conditional<T>, DbError> {
+        if if_match.is_none() {
+            return Ok(Conditional::NotFound);
+        }
+        let version = self
+            .call(GET_VERSION, |mut c| async move {
+                let r = sqlx::query_scalar::<_, i64>(SQL_GET_VERSION)
+                    .bind(id)
+                    .fetch_optional(&mut *c)
+                    .await;
+                (c, r)
+            })
+            .await?;
+        Ok(match version {
+            None => Conditional::NotFound,
+            Some(_) => Conditional::VersionMismatch,
         })
-        .await
-        .map(|done| done.rows_affected() == 1)
     }
 
     /// Deletes every todo; returns how many there were.
@@ -341,7 +410,7 @@ async fn create_idempotent(
         let row = sqlx::query_as::<_, TodoRow>(
             "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
              UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
-             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at",
+             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, t.version",
         )
         .bind(key)
         .bind(&new.title)
@@ -354,7 +423,8 @@ async fn create_idempotent(
         let replay = sqlx::query_as::<_, Replay>(
             "SELECT k.request = jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint) \
                     AS same_request, \
-                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at \
+                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, \
+                    COALESCE(t.version, 1) \
              FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
              WHERE k.key = $1",
         )
@@ -411,7 +481,14 @@ mod tests {
                 include_str!("../../loadtest/pgbench/patch.sql"),
                 as_pgbench(
                     SQL_UPDATE_TODO,
-                    &[":id", "NULL::text", "true", "false", "NULL::bigint"],
+                    &[
+                        ":id",
+                        "NULL::text",
+                        "true",
+                        "false",
+                        "NULL::bigint",
+                        "NULL::bigint[]",
+                    ],
                 ),
             ),
         ];

@@ -155,6 +155,17 @@ impl ApiError {
         .with_hint("List the existing todos with GET /todos.")
     }
 
+    /// A write's `If-Match` named a version the todo is no longer at.
+    pub fn precondition_failed(id: i64) -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            "Precondition failed",
+            format!("todo {id} changed since the version named in If-Match; nothing was changed"),
+        )
+        .with_hint("GET the todo again, and send your change with its new ETag in If-Match.")
+    }
+
     pub fn route_not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -19,10 +19,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{
     AppState, BaseUrl,
+    conditional::{Condition, etag},
     error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
 };
-use crate::db::todos::{Cursor, Idempotent, NewTodo, TodoChanges, TodoRow};
+use crate::db::todos::{Conditional, Cursor, Idempotent, NewTodo, TodoChanges, TodoRow};
 
 /// The request header that makes `POST /todos` safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -294,6 +295,7 @@ pub async fn list_todos(
     responses(
         (status = 201, description = "Created, or replayed for a repeated Idempotency-Key", body = Todo,
          headers(("location" = String, description = "URL of the new todo"),
+                 ("etag" = String, description = "The todo's version, for If-Match and If-None-Match"),
                  ("idempotent-replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key"))),
     )
 )]
@@ -339,9 +341,15 @@ pub async fn create_todo(
             }
         },
     };
+    let version = row.version;
     let todo = Todo::from_row(row, &base);
     let location = HeaderValue::from_str(&todo.url).ok();
-    let mut res = (StatusCode::CREATED, axum::Json(todo)).into_response();
+    let mut res = (
+        StatusCode::CREATED,
+        [(header::ETAG, etag(version))],
+        axum::Json(todo),
+    )
+        .into_response();
     if let Some(location) = location {
         res.headers_mut().insert(header::LOCATION, location);
     }
@@ -387,40 +395,59 @@ pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCod
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Fetch one todo.
+/// Fetch one todo. Its `ETag` is its version: send it back in `If-None-Match` to get `304` while
+/// it is unchanged, or in `If-Match` to make a `PATCH` or `DELETE` conditional.
 #[utoipa::path(
     get, path = "/todos/{id}", tag = "todos",
-    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    params(("id" = i64, Path, description = "Todo id", minimum = 1),
+           ("If-None-Match" = Option<String>, Header,
+            description = "ETags of copies the client holds (or `*`): when one is current, the answer is 304 without a body")),
     responses(
-        (status = 200, description = "The todo", body = Todo),
+        (status = 200, description = "The todo", body = Todo,
+         headers(("etag" = String, description = "The todo's version, e.g. `\"3\"`"))),
+        (status = 304, description = "The client's copy (named in If-None-Match) is current",
+         headers(("etag" = String, description = "The todo's version"))),
     )
 )]
 pub async fn get_todo(
     State(state): State<AppState>,
     base: BaseUrl,
     TodoId(id): TodoId,
-) -> Result<axum::Json<Todo>, ApiError> {
-    match state.db.get_todo(id).await? {
-        Some(row) => Ok(axum::Json(Todo::from_row(row, &base))),
-        None => Err(ApiError::todo_not_found(id)),
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some(row) = state.db.get_todo(id).await? else {
+        return Err(ApiError::todo_not_found(id));
+    };
+    let tag = [(header::ETAG, etag(row.version))];
+    if Condition::if_none_match(&headers, row.version)? {
+        return Ok((StatusCode::NOT_MODIFIED, tag).into_response());
     }
+    Ok((tag, axum::Json(Todo::from_row(row, &base))).into_response())
 }
 
-/// Change any of `title`, `completed` and `order`; other fields are rejected.
+/// Change any of `title`, `completed` and `order`; other fields are rejected. With `If-Match` the
+/// change is made only while the todo is still at a version the client names.
 #[utoipa::path(
     patch, path = "/todos/{id}", tag = "todos",
-    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    params(("id" = i64, Path, description = "Todo id", minimum = 1),
+           ("If-Match" = Option<String>, Header,
+            description = "ETags of the versions this write may change (from GET, POST or an earlier PATCH), or `*`; at another version the answer is 412 and nothing changes")),
     request_body = UpdateTodo,
     responses(
-        (status = 200, description = "The updated todo", body = Todo),
+        (status = 200, description = "The updated todo", body = Todo,
+         headers(("etag" = String, description = "The todo's new version"))),
+        (status = 412, description = "The todo is no longer at a version named in If-Match; nothing changed",
+         body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update_todo(
     State(state): State<AppState>,
     base: BaseUrl,
     TodoId(id): TodoId,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<UpdateTodo>,
-) -> Result<axum::Json<Todo>, ApiError> {
+) -> Result<Response, ApiError> {
+    let if_match = Condition::if_match(&headers)?;
     let mut errors = Vec::new();
     let title = match body.title {
         None => None,
@@ -449,28 +476,43 @@ pub async fn update_todo(
         completed,
         position: body.order,
     };
-    match state.db.update_todo(id, &changes).await? {
-        Some(row) => Ok(axum::Json(Todo::from_row(row, &base))),
-        None => Err(ApiError::todo_not_found(id)),
+    match state
+        .db
+        .update_todo(id, &changes, if_match.as_deref())
+        .await?
+    {
+        Conditional::Done(row) => Ok((
+            [(header::ETAG, etag(row.version))],
+            axum::Json(Todo::from_row(row, &base)),
+        )
+            .into_response()),
+        Conditional::NotFound => Err(ApiError::todo_not_found(id)),
+        Conditional::VersionMismatch => Err(ApiError::precondition_failed(id)),
     }
 }
 
-/// Delete one todo.
+/// Delete one todo; with `If-Match`, only while it is still at a version the client names.
 #[utoipa::path(
     delete, path = "/todos/{id}", tag = "todos",
-    params(("id" = i64, Path, description = "Todo id", minimum = 1)),
+    params(("id" = i64, Path, description = "Todo id", minimum = 1),
+           ("If-Match" = Option<String>, Header,
+            description = "ETags of the versions this write may change (from GET, POST or an earlier PATCH), or `*`; at another version the answer is 412 and nothing changes")),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 412, description = "The todo is no longer at a version named in If-Match; nothing changed",
+         body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete_todo(
     State(state): State<AppState>,
     TodoId(id): TodoId,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    if state.db.delete_todo(id).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::todo_not_found(id))
+    let if_match = Condition::if_match(&headers)?;
+    match state.db.delete_todo(id, if_match.as_deref()).await? {
+        Conditional::Done(()) => Ok(StatusCode::NO_CONTENT),
+        Conditional::NotFound => Err(ApiError::todo_not_found(id)),
+        Conditional::VersionMismatch => Err(ApiError::precondition_failed(id)),
     }
 }
 

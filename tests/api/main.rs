@@ -3,6 +3,7 @@
 
 mod cli;
 mod compose;
+mod conditional;
 mod errors;
 // Shared with the drills binary, which uses parts this one does not.
 #[allow(dead_code)]

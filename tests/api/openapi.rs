@@ -151,6 +151,37 @@ async fn the_documented_schemas_match_real_responses() {
     assert!(keys.is_subset(&props("DbStatus")), "{keys:?}");
 }
 
+/// Conditional requests are part of the contract: a generated client must learn about ETags,
+/// If-Match, If-None-Match, 304 and 412 from the document.
+#[tokio::test]
+async fn the_document_describes_etags_and_conditional_requests() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let op = |method: &str| &doc["paths"]["/todos/{id}"][method];
+    let params = |method: &str| -> Vec<String> {
+        op(method)["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    p["in"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert!(params("get").contains(&"header If-None-Match".to_string()));
+    assert!(params("patch").contains(&"header If-Match".to_string()));
+    assert!(params("delete").contains(&"header If-Match".to_string()));
+    assert!(op("get")["responses"]["304"].is_object());
+    assert!(op("get")["responses"]["200"]["headers"]["etag"].is_object());
+    assert!(op("patch")["responses"]["200"]["headers"]["etag"].is_object());
+    assert!(op("patch")["responses"]["412"].is_object());
+    assert!(op("delete")["responses"]["412"].is_object());
+}
+
 #[tokio::test]
 async fn the_interactive_docs_are_served_from_the_binary() {
     let app = spawn_app().await;

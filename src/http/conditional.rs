@@ -1,0 +1,179 @@
+//! Conditional requests (RFC 9110 §13): a todo's `ETag` is its version; `If-None-Match` on `GET`
+//! answers `304`, `If-Match` on `PATCH` and `DELETE` makes the write happen only while the todo is
+//! still at a version the client names (`412` otherwise, and nothing changes).
+//!
+//! The entity-tag lists are parsed here rather than with the `headers` crate: its `IfMatch`
+//! answers only "does this one tag pass", and the check has to travel to the database as the list
+//! of acceptable versions, so that the comparison and the write are one statement and a
+//! concurrent write cannot slip in between.
+
+use axum::http::{HeaderMap, HeaderValue, header};
+
+use super::error::ApiError;
+
+/// The `ETag` of a todo at `version`: a strong tag, `"<version>"`.
+pub fn etag(version: i64) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(version);
+    let mut tag = String::with_capacity(digits.len() + 2);
+    tag.push('"');
+    tag.push_str(digits);
+    tag.push('"');
+    HeaderValue::from_str(&tag).expect("digits and quotes are a valid header value")
+}
+
+/// A parsed `If-Match` or `If-None-Match`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `*`: any current version.
+    Any,
+    /// The listed tags; `weak` ones never satisfy `If-Match` (strong comparison). Tags that are
+    /// not one of our versions are kept as `None`: they match nothing.
+    Tags(Vec<(bool, Option<i64>)>),
+}
+
+impl Condition {
+    /// `If-Match` for a write: `None` (no header, or `*`) means unconditional, otherwise the
+    /// versions the write may change. `*` is unconditional because a missing todo is a 404 either
+    /// way: RFC 9110 §13.2.1 has preconditions ignored when the answer would not be 2xx or 412.
+    pub fn if_match(headers: &HeaderMap) -> Result<Option<Vec<i64>>, ApiError> {
+        Ok(match parse(headers, header::IF_MATCH)? {
+            None | Some(Condition::Any) => None,
+            Some(Condition::Tags(tags)) => Some(
+                tags.into_iter()
+                    .filter(|(weak, _)| !weak)
+                    .filter_map(|(_, v)| v)
+                    .collect(),
+            ),
+        })
+    }
+
+    /// `If-None-Match` for a read: whether the client's copy at `version` is current (weak
+    /// comparison), so the answer is `304 Not Modified`.
+    pub fn if_none_match(headers: &HeaderMap, version: i64) -> Result<bool, ApiError> {
+        Ok(match parse(headers, header::IF_NONE_MATCH)? {
+            None => false,
+            Some(Condition::Any) => true,
+            Some(Condition::Tags(tags)) => tags.iter().any(|(_, v)| *v == Some(version)),
+        })
+    }
+}
+
+/// Every field line of `name`, combined as one list.
+fn parse(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<Condition>, ApiError> {
+    let mut tags = Vec::new();
+    let mut any = false;
+    let mut present = false;
+    for value in headers.get_all(&name) {
+        present = true;
+        let text = value.to_str().map_err(|_| invalid(&name))?;
+        if text.trim() == "*" {
+            any = true;
+            continue;
+        }
+        parse_list(text, &mut tags).ok_or_else(|| invalid(&name))?;
+    }
+    Ok(match (present, any) {
+        (false, _) => None,
+        (true, true) if tags.is_empty() => Some(Condition::Any),
+        // `*` mixed with tags is malformed.
+        (true, true) => return Err(invalid(&name)),
+        (true, false) => Some(Condition::Tags(tags)),
+    })
+}
+
+/// `#entity-tag`: comma-separated `[W/]"<etagc>*"`, empty elements allowed (RFC 9110 §5.6.1).
+fn parse_list(text: &str, out: &mut Vec<(bool, Option<i64>)>) -> Option<()> {
+    let mut rest = text.trim_start_matches([' ', '\t']);
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            return Some(());
+        }
+        let weak = rest.starts_with("W/");
+        if weak {
+            rest = &rest[2..];
+        }
+        rest = rest.strip_prefix('"')?;
+        let end = rest.find('"')?;
+        let opaque = &rest[..end];
+        // etagc: %x21 / %x23-7E / obs-text; the header value is already visible ASCII.
+        if opaque.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return None;
+        }
+        out.push((weak, version_of(opaque)));
+        rest = rest[end + 1..].trim_start_matches([' ', '\t']);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return None;
+        }
+    }
+}
+
+/// Our tags are plain decimal versions; anything else names no version of ours.
+fn version_of(opaque: &str) -> Option<i64> {
+    if opaque.is_empty() || !opaque.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    opaque.parse().ok()
+}
+
+fn invalid(name: &header::HeaderName) -> ApiError {
+    ApiError::bad_request(
+        "invalid_precondition",
+        format!("{name} must be * or a comma-separated list of entity tags such as \"3\""),
+    )
+    .with_hint("Send back the ETag value of the todo exactly as you received it.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: header::HeaderName, values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(name.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn etags_are_quoted_versions() {
+        assert_eq!(etag(7), "\"7\"");
+        assert_eq!(etag(i64::MAX), format!("\"{}\"", i64::MAX));
+    }
+
+    #[test]
+    fn if_match_lists_only_strong_tags_of_our_versions() {
+        let m = |v: &[&str]| Condition::if_match(&headers(header::IF_MATCH, v)).unwrap();
+        assert_eq!(m(&[]), None);
+        assert_eq!(m(&["*"]), None);
+        assert_eq!(m(&["\"3\""]), Some(vec![3]));
+        assert_eq!(m(&["\"3\", W/\"4\" ,\"x\",,\"5\""]), Some(vec![3, 5]));
+        assert_eq!(m(&["\"3\"", "\"9\""]), Some(vec![3, 9]));
+        // A tag that is not ours names no version: the write can only be refused.
+        assert_eq!(m(&["\"abc\""]), Some(vec![]));
+        assert_eq!(m(&["\"99999999999999999999\""]), Some(vec![]));
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let n = |v: &[&str], version| {
+            Condition::if_none_match(&headers(header::IF_NONE_MATCH, v), version).unwrap()
+        };
+        assert!(!n(&[], 1));
+        assert!(n(&["*"], 1));
+        assert!(n(&["W/\"2\""], 2));
+        assert!(n(&["\"1\", \"2\""], 2));
+        assert!(!n(&["\"1\""], 2));
+    }
+
+    #[test]
+    fn malformed_lists_are_a_400_problem() {
+        for bad in ["3", "\"3", "\"3\" \"4\"", "W/3", "*, \"3\"", "\"a b\""] {
+            let err = Condition::if_match(&headers(header::IF_MATCH, &[bad])).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad}");
+            assert_eq!(err.problem().code, "invalid_precondition", "{bad}");
+        }
+    }
+}
