@@ -337,3 +337,147 @@ async fn no_session_in_transaction(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// What one stress write's client saw.
+enum Seen {
+    /// 201 with this id.
+    Acknowledged(i64),
+    /// An error answer: nothing may have been written.
+    Refused(u16),
+    /// The client gave up first (its timeout): written whole or not at all.
+    Abandoned,
+}
+
+/// Drill 11c: writers with very short client timeouts (1-30 ms) under concurrent load, keyed and
+/// unkeyed. Afterwards, and after the service stopped: every acknowledged write is in the table
+/// with the acknowledged id and content; nothing exists that was never acknowledged except
+/// writes whose client went away, each at most once; and retrying an abandoned keyed write with
+/// its key yields exactly one todo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() {
+    let _turn = serial().await;
+    let app = spawn_app_with(AppOptions {
+        env: HashMap::from([
+            ("DB_POOL_MAX_SIZE".to_string(), "4".to_string()),
+            ("RATE_LIMIT_PER_SECOND".into(), "0".into()),
+        ]),
+        ..AppOptions::default()
+    })
+    .await;
+    const WRITERS: usize = 16;
+    let run_for = Duration::from_secs(3);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let url = app.url("/todos");
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                let mut seen = Vec::new();
+                let mut n: u64 = 0;
+                while started.elapsed() < run_for {
+                    n += 1;
+                    // A cheap, well-spread pseudo-random timeout per request.
+                    let mix = (n.wrapping_mul(2_654_435_761) ^ w as u64 * 40_503) % 30;
+                    let keyed = n % 2 == 0;
+                    let title = format!("s{w}-{n}");
+                    let mut request = client
+                        .post(&url)
+                        .timeout(Duration::from_millis(1 + mix))
+                        .json(&json!({"title": title}));
+                    if keyed {
+                        request = request.header("Idempotency-Key", format!("k-{title}"));
+                    }
+                    let outcome = match request.send().await {
+                        Ok(r) if r.status() == 201 => match r.json::<Value>().await {
+                            Ok(v) => Seen::Acknowledged(v["id"].as_i64().unwrap()),
+                            Err(_) => Seen::Abandoned,
+                        },
+                        Ok(r) => Seen::Refused(r.status().as_u16()),
+                        Err(_) => Seen::Abandoned,
+                    };
+                    seen.push((title, keyed, outcome));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for w in writers {
+        seen.extend(w.await.unwrap());
+    }
+
+    // Retry every abandoned keyed write with its key, as a client would.
+    let mut retried = 0;
+    for (title, keyed, outcome) in &mut seen {
+        if *keyed && matches!(outcome, Seen::Abandoned) {
+            let r = app
+                .client
+                .post(app.url("/todos"))
+                .header("Idempotency-Key", format!("k-{title}"))
+                .json(&json!({"title": title}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "retry of {title}");
+            let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+            *outcome = Seen::Acknowledged(id);
+            retried += 1;
+        }
+    }
+    let test_db = std::sync::Arc::clone(&app.test_db);
+    let mut direct = test_db.connect().await;
+    assert!(
+        no_session_in_transaction(&mut direct, &app, Duration::from_secs(3))
+            .await
+            .is_some(),
+        "a session stayed idle in transaction"
+    );
+    app.stop().await.unwrap();
+
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, title FROM todos")
+        .fetch_all(&mut direct)
+        .await
+        .unwrap();
+    let mut by_title: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (id, title) in &rows {
+        by_title.entry(title.as_str()).or_default().push(*id);
+    }
+    let (mut acked, mut refused, mut abandoned, mut abandoned_written) = (0, 0, 0, 0);
+    for (title, _, outcome) in &seen {
+        let ids = by_title.remove(title.as_str()).unwrap_or_default();
+        match outcome {
+            Seen::Acknowledged(id) => {
+                acked += 1;
+                assert_eq!(ids, [*id], "{title}: acknowledged as {id}");
+            }
+            Seen::Refused(status) => {
+                refused += 1;
+                assert!(
+                    ids.is_empty(),
+                    "{title}: answered {status}, yet written as {ids:?}"
+                );
+            }
+            Seen::Abandoned => {
+                abandoned += 1;
+                abandoned_written += ids.len();
+                assert!(ids.len() <= 1, "{title}: written {} times", ids.len());
+            }
+        }
+    }
+    assert!(
+        by_title.is_empty(),
+        "rows nobody asked for: {:?}",
+        by_title.keys().take(5).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{} writes in {run_for:?} by {WRITERS} writers: {acked} acknowledged ({retried} of them \
+         by a keyed retry), {abandoned} abandoned ({abandoned_written} of those written), \
+         {refused} refused",
+        seen.len()
+    );
+    assert!(
+        abandoned + retried > 0,
+        "the drill must abandon some writes mid-way"
+    );
+    assert!(acked > retried, "the drill must complete some writes");
+}
