@@ -377,8 +377,8 @@ async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() 
                 while started.elapsed() < run_for {
                     n += 1;
                     // A cheap, well-spread pseudo-random timeout per request.
-                    let mix = (n.wrapping_mul(2_654_435_761) ^ w as u64 * 40_503) % 30;
-                    let keyed = n % 2 == 0;
+                    let mix = (n.wrapping_mul(2_654_435_761) ^ (w as u64 * 40_503)) % 30;
+                    let keyed = n.is_multiple_of(2);
                     let title = format!("s{w}-{n}");
                     let mut request = client
                         .post(&url)
