@@ -17,7 +17,8 @@ Each argument is NAME=BINARY[:VAR=VALUE,...]. Every variant gets DATABASE_URL, L
 rate limit out of reach (all load comes from one IP), LOG_LEVEL=warn and OTEL_SDK_DISABLED=true
 unless overridden. The database must be migrated and seeded (`loadtest/run.sh` leaves it so when
 given DATABASE_URL). Options: --rounds N (6), --seconds S per run (3), --path (GET one todo:
-/todos/[1-9][0-9]{0,2}, an oha --rand-regex-url pattern). Targets 127.0.0.1 only.
+/todos/[1-9][0-9]{0,2}, an oha --rand-regex-url pattern), --post (POST /todos with a one-field
+body instead of the GET; each request adds a row). Targets 127.0.0.1 only.
 
 --instructions N counts instead of timing: each variant runs under valgrind's callgrind, is warmed
 up with 500 requests, then serves N (oha -c 8) while callgrind counts the user-space instructions
@@ -84,15 +85,25 @@ def parse_variant(spec):
     return name, binary, overrides
 
 
-def oha(port, path, *limits):
+POST_ARGS = ["-m", "POST", "-H", "content-type: application/json", "-d", '{"title": "load test"}']
+
+
+def oha(port, args, *limits):
+    """One oha run of the workload `args` selects (--path GET, or --post)."""
+    request = POST_ARGS if args.post else []
+    path = "/todos" if args.post else args.path
     return subprocess.run(
-        ["oha", "--no-tui", "--output-format", "json", *limits,
+        ["oha", "--no-tui", "--output-format", "json", *request, *limits,
          "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{path}"],
         capture_output=True, text=True, timeout=600, check=True).stdout
 
 
+def workload(args):
+    return "POST /todos" if args.post else f"GET {args.path}"
+
+
 def count_instructions(args, database_url):
-    print(f"GET {args.path}, {args.instructions} requests (oha -c 8) per variant under callgrind")
+    print(f"{workload(args)}, {args.instructions} requests (oha -c 8) per variant under callgrind")
     for spec in args.variants:
         name, binary, overrides = parse_variant(spec)
         port = free_port()
@@ -104,12 +115,12 @@ def count_instructions(args, database_url):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_until_answering(port, proc, 120)
-                oha(port, args.path, "-n", "500", "-c", "8")
+                oha(port, args, "-n", "500", "-c", "8")
                 # Startup and warm-up (connections, statement caches, allocator arenas) are
                 # dropped; only the requests below are counted.
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
                                capture_output=True, timeout=60)
-                result = json.loads(oha(port, args.path, "-n", str(args.instructions), "-c", "8"))
+                result = json.loads(oha(port, args, "-n", str(args.instructions), "-c", "8"))
                 subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                                capture_output=True, timeout=60)
             finally:
@@ -137,6 +148,7 @@ def main():
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=int, default=3)
     p.add_argument("--path", default="/todos/[1-9][0-9]{0,2}")
+    p.add_argument("--post", action="store_true", help="POST /todos instead of the GET")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="count user-space instructions per request over N requests (callgrind)")
     p.add_argument("--keep", metavar="DIR",
@@ -164,7 +176,7 @@ def main():
         for _ in range(args.rounds):
             for name, (proc, port) in variants.items():
                 before = cpu_ticks(proc.pid)
-                out = oha(port, args.path, "-z", f"{args.seconds}s", "-c", "64")
+                out = oha(port, args, "-z", f"{args.seconds}s", "-c", "64")
                 after = cpu_ticks(proc.pid)
                 result = json.loads(out)
                 statuses = result.get("statusCodeDistribution") or {}
@@ -173,7 +185,7 @@ def main():
                     sys.exit(f"{name}: not every answer was 2xx: {statuses}")
                 cpu[name].append((after - before) / ticks_per_s * 1e6 / done)
                 rps[name].append(result["summary"]["requestsPerSec"])
-        print(f"GET {args.path}, oha -c 64, {args.seconds} s × {args.rounds} rounds per variant, medians")
+        print(f"{workload(args)}, oha -c 64, {args.seconds} s × {args.rounds} rounds per variant, medians")
         for name in variants:
             print(f"{name:>16}: {statistics.median(cpu[name]):5.1f} µs service CPU per request "
                   f"(runs {', '.join(f'{v:.0f}' for v in cpu[name])}), "

@@ -12,7 +12,9 @@
 //! - [`http`]: the router and all middleware in one place; handlers per resource
 //!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
-//!   manager for sqlx connections ([`db::pool`]), migrations, and the queries ([`db::todos`]).
+//!   manager for sqlx connections ([`db::pool`]), every call's life from breaker permit to a
+//!   connection in a known state, cancelled or not (`db::session`), migrations, and the queries
+//!   ([`db::todos`]).
 //! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
 //!   logs (the request span itself is in `http`).
 //! - [`metrics`]: request, pool, breaker and DNS metrics, exported with the traces.

@@ -7,10 +7,11 @@
 //! exist" errors. Migrations take sqlx's advisory lock, so several replicas starting together apply
 //! them once.
 //!
-//! Every data call goes through a [`Session`]: a breaker permit plus a pooled connection. The
-//! circuit breaker ([`breaker`]) lives here, around the database, rather than around the router:
-//! it sees exactly the failures that mean "database unavailable", and `/health` and the docs never
-//! depend on it.
+//! Every data call goes through `Db::call` (in `session`): a breaker permit plus a pooled
+//! connection, a deadline, and a connection that ends in a known state even when the call's
+//! future is dropped half-way. The circuit breaker ([`breaker`]) lives here, around the database,
+//! rather than around the router: it sees exactly the failures that mean "database unavailable",
+//! and `/health` and the docs never depend on it.
 //!
 //! Queries are runtime-checked (`sqlx::query_as` with string SQL), not the `query!` macros: the
 //! macros would make a fresh build depend on a live database or on a committed `.sqlx/` cache that
