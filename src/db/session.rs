@@ -138,14 +138,8 @@ impl Db {
                 Err(elapsed) => (None, Err(elapsed)),
             };
             match self.finish(lease, reused, permit, result) {
-                Err(Failure::Stale(err, reply_was_termination))
-                    if !retried
-                        && match stmt.effect {
-                            Effect::Read | Effect::IdempotentWrite => true,
-                            Effect::Write => reply_was_termination,
-                        } =>
-                {
-                    tracing::debug!(error = %err, "stale pooled connection; retrying on another");
+                Err(failure) if !retried && failure.retryable(stmt.effect) => {
+                    tracing::debug!("stale pooled connection; retrying the call on another");
                     retried = true;
                 }
                 Err(failure) => return Err(failure.recorded_on(&span)),
@@ -189,17 +183,36 @@ impl Db {
 
 /// How a finished call failed.
 pub(super) enum Failure {
-    /// A connection-level failure on a connection that had served calls before: a stale socket,
-    /// not evidence that the database is down. `true` when the reply was the server's termination
-    /// notice.
-    Stale(DbError, bool),
+    /// The server answered, or the call failed in a way a retry would not mend (a fresh
+    /// connection failing, the deadline running out on a connection that hangs).
     Other(DbError),
+    /// A reused connection turned out to be dead: a stale socket, not evidence that the database
+    /// is down, so another connection may succeed.
+    Stale {
+        err: DbError,
+        /// The reply was the server's termination notice (see [`Effect::Write`]).
+        termination_notice: bool,
+    },
 }
 
 impl Failure {
+    /// Whether a call with `effect` may run again on another connection after this failure.
+    fn retryable(&self, effect: Effect) -> bool {
+        match (self, effect) {
+            (Failure::Other(_), _) => false,
+            (Failure::Stale { .. }, Effect::Read | Effect::IdempotentWrite) => true,
+            (
+                Failure::Stale {
+                    termination_notice, ..
+                },
+                Effect::Write,
+            ) => *termination_notice,
+        }
+    }
+
     /// The error, marked on the call's span.
     pub(super) fn recorded_on(self, span: &Span) -> DbError {
-        let (Failure::Stale(err, _) | Failure::Other(err)) = self;
+        let (Failure::Other(err) | Failure::Stale { err, .. }) = self;
         record_error(span, &err);
         err
     }
@@ -240,14 +253,24 @@ impl Db {
             return Err(Failure::Other(err));
         }
         self.inner.pool.manager().mark_suspect();
+        // A connection that answered with a failure is stale; one that did not answer in time
+        // (no lease: dropped with the call) hangs, and a retry would only wait as long again.
+        let stale = reused && lease.is_some();
         // Discarded, whatever it was doing.
         drop(lease);
         if reused {
             drop(permit);
-            return Err(Failure::Stale(err, termination));
+        } else {
+            record(permit, &err);
         }
-        record(permit, &err);
-        Err(Failure::Other(err))
+        Err(if stale {
+            Failure::Stale {
+                err,
+                termination_notice: termination,
+            }
+        } else {
+            Failure::Other(err)
+        })
     }
 }
 
