@@ -68,11 +68,9 @@ impl PgManager {
         let Some(lifetime) = self.max_lifetime else {
             return false;
         };
-        let spread = metrics
-            .created
-            .saturating_duration_since(self.epoch)
-            .subsec_nanos()
-            % 1000;
+        let since_epoch = (metrics.created.checked_duration_since(self.epoch))
+            .unwrap_or_else(|| self.epoch - metrics.created);
+        let spread = since_epoch.subsec_nanos() % 1000;
         let limit = lifetime - lifetime / 10 * spread / 1000;
         metrics.age() >= limit
     }
@@ -139,5 +137,46 @@ impl Manager for PgManager {
             conn.ping().await.map_err(RecycleError::Backend)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::resolve::SystemResolver;
+
+    async fn manager(max_lifetime: Option<Duration>) -> PgManager {
+        // An IP literal: resolving it does no lookup.
+        let address = PinnedAddress::resolve("127.0.0.1", 5432, Arc::new(SystemResolver)).await;
+        PgManager::new(PgConnectOptions::new(), address, max_lifetime)
+    }
+
+    fn aged(age: Duration, nanos: u32) -> Metrics {
+        // The nanoseconds decide where in the last 10 % a connection expires.
+        let created = Instant::now() - age - Duration::from_nanos(u64::from(nanos));
+        Metrics {
+            created,
+            recycled: None,
+            recycle_count: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_expire_within_the_last_tenth_of_their_lifetime() {
+        let m = manager(Some(Duration::from_secs(100))).await;
+        let nanos = (0..50).map(|i| i * 19_999_981);
+        for n in nanos.clone() {
+            assert!(!m.expired(&aged(Duration::from_secs(89), n)), "before 90 %");
+            assert!(m.expired(&aged(Duration::from_secs(101), n)), "after 100 %");
+        }
+        let at_95: Vec<bool> = nanos
+            .map(|n| m.expired(&aged(Duration::from_secs(95), n)))
+            .collect();
+        assert!(
+            at_95.contains(&true) && at_95.contains(&false),
+            "connections opened together expire at different moments: {at_95:?}"
+        );
+        let forever = manager(None).await;
+        assert!(!forever.expired(&aged(Duration::from_secs(10 * 24 * 3600), 0)));
     }
 }
