@@ -302,15 +302,7 @@ async fn drill_4_connections_killed_under_load_fail_no_read() {
     let path = format!("/todos/{}", todo["id"]);
     // Fill the pool well beyond the number of clients, so stale connections outnumber in-flight
     // requests: without the sibling check, each stale one would fail a later request.
-    let warm: Vec<_> = (0..64)
-        .map(|_| {
-            let (client, url) = (app.client.clone(), app.url(&path));
-            tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
-        })
-        .collect();
-    for w in warm {
-        assert_eq!(w.await.unwrap(), 200);
-    }
+    warm_pool(&app, &path).await;
     let pooled = app.db.pool().status().size;
     assert!(pooled >= 12, "pool warmed to {pooled}");
     const CLIENTS: usize = 4;
@@ -369,15 +361,7 @@ async fn drill_12_connections_ended_while_idle_fail_no_request() {
     let mut statuses = BTreeMap::new();
     for round in 1..=5 {
         // Fill the pool, so every pooled connection is one the spike may pick.
-        let warm: Vec<_> = (0..64)
-            .map(|_| {
-                let (client, url) = (app.client.clone(), app.url("/todos"));
-                tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
-            })
-            .collect();
-        for w in warm {
-            assert_eq!(w.await.unwrap(), 200);
-        }
+        warm_pool(&app, "/todos").await;
         let pooled = app.db.pool().status().size;
         let killed = terminate_app_connections(&app).await;
         let gone = wait_for_async(Duration::from_secs(3), || async {
@@ -418,15 +402,7 @@ async fn drill_12_connections_ended_while_idle_fail_no_request() {
 
     // Writes too, when the reply shows the statement never ran: a backend ended while idle sends
     // its termination notice (57P01) before it goes, and that notice is the write's reply.
-    let warm: Vec<_> = (0..64)
-        .map(|_| {
-            let (client, url) = (app.client.clone(), app.url("/todos"));
-            tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
-        })
-        .collect();
-    for w in warm {
-        assert_eq!(w.await.unwrap(), 200);
-    }
+    warm_pool(&app, "/todos").await;
     terminate_app_connections(&app).await;
     wait_for_async(Duration::from_secs(3), || async {
         app_connections(&app).await == 0
@@ -465,6 +441,19 @@ async fn drill_12_connections_ended_while_idle_fail_no_request() {
         0,
         "idle connections ending is not an outage"
     );
+}
+
+/// 64 simultaneous `GET path`, each 200: grows the pool towards its maximum.
+async fn warm_pool(app: &TestApp, path: &str) {
+    let warm: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url(path));
+            tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
+        })
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap(), 200);
+    }
 }
 
 async fn app_connections(app: &TestApp) -> i64 {
