@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{
     AppState, BaseUrl,
-    conditional::{Condition, etag},
+    conditional::{IfMatch, IfNoneMatch, etag},
     error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
 };
@@ -302,10 +302,9 @@ pub async fn list_todos(
 pub async fn create_todo(
     State(state): State<AppState>,
     base: BaseUrl,
-    headers: HeaderMap,
+    key: IdempotencyKey,
     JsonBody(body): JsonBody<CreateTodo>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
     let mut errors = Vec::new();
     match &body.title {
         Some(t) => validate_title(t, &mut errors),
@@ -319,7 +318,7 @@ pub async fn create_todo(
         completed: body.completed.unwrap_or(false),
         position: body.order,
     };
-    let (row, replayed) = match key {
+    let (row, replayed) = match key.as_str() {
         None => (state.db.create_todo(&new).await?, false),
         Some(key) => match state
             .db
@@ -360,25 +359,41 @@ pub async fn create_todo(
     Ok(res)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    match raw.to_str() {
-        Ok(k)
-            if !k.is_empty()
-                && k.len() <= MAX_IDEMPOTENCY_KEY_LEN
-                && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+/// The `Idempotency-Key` header, validated. An extractor that reads the one header, rather than
+/// taking a copy of the whole `HeaderMap`.
+pub struct IdempotencyKey(Option<HeaderValue>);
+
+impl IdempotencyKey {
+    fn as_str(&self) -> Option<&str> {
+        // Checked to be visible ASCII when extracted.
+        self.0.as_ref().and_then(|k| k.to_str().ok())
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let Some(raw) = parts.headers.get(IDEMPOTENCY_KEY) else {
+            return Ok(IdempotencyKey(None));
+        };
+        let k = raw.as_bytes();
+        if !k.is_empty()
+            && k.len() <= MAX_IDEMPOTENCY_KEY_LEN
+            && k.iter().all(|&b| b.is_ascii_graphic() || b == b' ')
         {
-            Ok(Some(k))
+            return Ok(IdempotencyKey(Some(raw.clone())));
         }
-        _ => Err(ApiError::bad_request(
+        Err(ApiError::bad_request(
             "invalid_idempotency_key",
             format!(
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
             ),
         )
-        .with_hint("Send a UUID, for example.")),
+        .with_hint("Send a UUID, for example."))
     }
 }
 
@@ -413,13 +428,13 @@ pub async fn get_todo(
     State(state): State<AppState>,
     base: BaseUrl,
     TodoId(id): TodoId,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let Some(row) = state.db.get_todo(id).await? else {
         return Err(ApiError::todo_not_found(id));
     };
     let tag = [(header::ETAG, etag(row.version))];
-    if Condition::if_none_match(&headers, row.version)? {
+    if if_none_match.is_current(row.version) {
         return Ok((StatusCode::NOT_MODIFIED, tag).into_response());
     }
     Ok((tag, axum::Json(Todo::from_row(row, &base))).into_response())
@@ -444,10 +459,9 @@ pub async fn update_todo(
     State(state): State<AppState>,
     base: BaseUrl,
     TodoId(id): TodoId,
-    headers: HeaderMap,
+    IfMatch(if_match): IfMatch,
     JsonBody(body): JsonBody<UpdateTodo>,
 ) -> Result<Response, ApiError> {
-    let if_match = Condition::if_match(&headers)?;
     let mut errors = Vec::new();
     let title = match body.title {
         None => None,
@@ -506,9 +520,8 @@ pub async fn update_todo(
 pub async fn delete_todo(
     State(state): State<AppState>,
     TodoId(id): TodoId,
-    headers: HeaderMap,
+    IfMatch(if_match): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    let if_match = Condition::if_match(&headers)?;
     match state.db.delete_todo(id, if_match.as_deref()).await? {
         Conditional::Done(()) => Ok(StatusCode::NO_CONTENT),
         Conditional::NotFound => Err(ApiError::todo_not_found(id)),
