@@ -923,6 +923,46 @@ async fn drill_10_a_moved_database_is_found_again_without_a_restart() {
     assert_eq!(app.get(&path).await.status(), 200);
 }
 
+/// Drill 13: a client that sends a 4 MiB body without `Expect: 100-continue` (like Python's
+/// urllib: the whole body first, then read) reads the 413 problem, from a plain socket, within a
+/// second: the service refuses the body from its `Content-Length`, then drains the rest before
+/// closing (lingering close) instead of resetting the connection under its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_13_an_oversized_body_sent_without_waiting_still_reads_its_413() {
+    let _turn = serial().await;
+    let app = spawn_app_with(opts(&[])).await;
+    const SIZE: usize = 4 * 1024 * 1024;
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /todos HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {SIZE}\r\n\r\n",
+        app.addr
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    for sent in (0..SIZE).step_by(chunk.len()) {
+        s.write_all(&chunk)
+            .await
+            .unwrap_or_else(|e| panic!("the service hung up after {sent} body bytes: {e}"));
+    }
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .await
+        .expect("the answer is readable, not reset");
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    eprintln!(
+        "4 MiB body without Expect: {} in {took:?}",
+        text.lines().next().unwrap_or("")
+    );
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    assert!(text.contains(r#""code":"payload_too_large""#), "{text}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(app.row_count().await, 0);
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
