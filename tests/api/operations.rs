@@ -143,12 +143,14 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
 }
 
 #[tokio::test]
-async fn connections_carry_the_configured_application_name_and_statement_timeout() {
+async fn connections_carry_the_configured_application_name_and_timeouts() {
     let mut opts = AppOptions::default();
     opts.env
         .insert("DB_APPLICATION_NAME".into(), "todo-test-app".into());
     opts.env
         .insert("DB_STATEMENT_TIMEOUT".into(), "1500ms".into());
+    opts.env
+        .insert("DB_IDLE_IN_TRANSACTION_TIMEOUT".into(), "2500ms".into());
     let app = spawn_app_with(opts).await;
     assert_eq!(app.get("/todos").await.status(), 200);
     let mut conn = app.test_db.connect().await;
@@ -170,6 +172,11 @@ async fn connections_carry_the_configured_application_name_and_statement_timeout
         .await
         .unwrap();
     assert_eq!(timeout, "1500ms");
+    let backstop: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(&mut *pooled)
+        .await
+        .unwrap();
+    assert_eq!(backstop, "2500ms");
 }
 
 #[tokio::test]
