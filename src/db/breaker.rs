@@ -26,13 +26,7 @@ use std::{
 
 use tokio::time::Instant;
 
-/// Breaker settings.
-#[derive(Debug, Clone, Copy)]
-pub struct BreakerConfig {
-    pub failure_threshold: u32,
-    pub open_for: Duration,
-    pub half_open_probes: u32,
-}
+use crate::config::BreakerConfig;
 
 /// The externally visible state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]

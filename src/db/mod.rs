@@ -37,8 +37,11 @@ use deadpool::managed::{Object, PoolError, TimeoutType};
 use sqlx::Connection;
 use tracing::{Span, field::Empty};
 
-use crate::{config::DatabaseConfig, telemetry::sampling};
-use breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::{
+    config::{BreakerConfig, DatabaseConfig},
+    telemetry::sampling,
+};
+use breaker::{Breaker, BreakerState};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
 use session::within;

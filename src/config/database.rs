@@ -1,0 +1,190 @@
+//! The database's settings: the URL (whose password never leaves this module unredacted), the
+//! pool's sizes and timeouts, and what every connection is told at login.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+use url::Url;
+
+use super::{
+    Var,
+    env::{ConfigError, Env, invalid},
+};
+
+pub const VARS: &[Var] = &[
+    Var {
+        name: "DATABASE_URL",
+        default: None,
+        help: "Required. PostgreSQL URL, e.g. postgres://user:pass@postgres:5432/todos. The host is \
+               resolved once at startup; its password is never logged.",
+    },
+    Var {
+        name: "DB_POOL_MAX_SIZE",
+        default: Some("16"),
+        help: "Maximum number of pooled PostgreSQL connections (1-1000). Keep the sum over all \
+               replicas below the server's max_connections.",
+    },
+    Var {
+        name: "DB_POOL_WAIT_TIMEOUT",
+        default: Some("2s"),
+        help: "How long a request waits for a free pooled connection before it gets 503.",
+    },
+    Var {
+        name: "DB_CONNECT_TIMEOUT",
+        default: Some("3s"),
+        help: "Time limit for opening one new PostgreSQL connection (TCP + login).",
+    },
+    Var {
+        name: "DB_RECYCLE_TIMEOUT",
+        default: Some("1s"),
+        help: "Time limit for the health check of an idle connection taken from the pool.",
+    },
+    Var {
+        name: "DB_STATEMENT_TIMEOUT",
+        default: Some("5s"),
+        help: "PostgreSQL statement_timeout set on every connection (0 disables it).",
+    },
+    Var {
+        name: "DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        default: Some("5s"),
+        help: "PostgreSQL idle_in_transaction_session_timeout set on every connection (0 disables \
+               it): a backstop that ends any session left inside a transaction, so it cannot hold \
+               row locks. The service's own transactions never pause between statements.",
+    },
+    Var {
+        name: "DB_MAX_LIFETIME",
+        default: Some("30m"),
+        help: "Connections older than this (up to 10% less, spread so they do not all expire \
+               together) are closed when they next come back to the pool, so connections rebalance \
+               after a failover and no session state lives forever. 0 disables; otherwise 10s to 7d.",
+    },
+    Var {
+        name: "DB_APPLICATION_NAME",
+        default: Some("todo-service"),
+        help: "application_name reported to PostgreSQL (visible in pg_stat_activity).",
+    },
+];
+
+/// Database settings; the URL stays secret and is only exposed to build connect options.
+pub struct DatabaseConfig {
+    url: SecretString,
+    /// Connect options parsed from the URL, with the host still as written (resolution is separate).
+    pub connect_options: PgConnectOptions,
+    /// Host name from the URL, resolved once at startup by `db::resolve`.
+    pub host: String,
+    pub port: u16,
+    pub pool_max_size: usize,
+    pub pool_wait_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub recycle_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// `Duration::ZERO`: off.
+    pub idle_in_transaction_timeout: Duration,
+    /// `None`: connections live until they break.
+    pub max_lifetime: Option<Duration>,
+    pub application_name: String,
+}
+
+impl DatabaseConfig {
+    /// The raw URL, for the rare places that need it (never log it).
+    pub fn url(&self) -> &str {
+        self.url.expose_secret()
+    }
+
+    /// The URL with any password replaced, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.redacted_url())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("pool_max_size", &self.pool_max_size)
+            .field("pool_wait_timeout", &self.pool_wait_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("recycle_timeout", &self.recycle_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
+            .field("max_lifetime", &self.max_lifetime)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
+    const FORM: &str = "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+    let url = env
+        .optional("DATABASE_URL")
+        .ok_or_else(|| invalid("DATABASE_URL", "it is not set".into(), FORM))?;
+    let parsed = Url::parse(&url).map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(
+            "DATABASE_URL",
+            format!("scheme {:?} is not postgres", parsed.scheme()),
+            FORM,
+        ));
+    }
+    let connect_options = PgConnectOptions::from_str(&url)
+        // sqlx's message does not echo the URL, so the password cannot leak through it.
+        .map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+    if connect_options.get_socket().is_some() {
+        return Err(invalid(
+            "DATABASE_URL",
+            "Unix-socket hosts are not supported (the host is resolved and pinned to an IP)".into(),
+            FORM,
+        ));
+    }
+    let host = connect_options.get_host().to_owned();
+    let port = connect_options.get_port();
+    let application_name = env.value("DB_APPLICATION_NAME");
+    if application_name.len() > 63 || !application_name.is_ascii() {
+        return Err(invalid(
+            "DB_APPLICATION_NAME",
+            format!("{application_name:?}"),
+            "at most 63 ASCII characters",
+        ));
+    }
+    Ok(DatabaseConfig {
+        url: SecretString::from(url),
+        connect_options,
+        host,
+        port,
+        pool_max_size: env.bounded("DB_POOL_MAX_SIZE", 1, 1000)?,
+        pool_wait_timeout: env.duration("DB_POOL_WAIT_TIMEOUT")?,
+        connect_timeout: env.duration("DB_CONNECT_TIMEOUT")?,
+        recycle_timeout: env.duration("DB_RECYCLE_TIMEOUT")?,
+        statement_timeout: env.duration("DB_STATEMENT_TIMEOUT")?,
+        idle_in_transaction_timeout: env.duration("DB_IDLE_IN_TRANSACTION_TIMEOUT")?,
+        max_lifetime: if env.duration("DB_MAX_LIFETIME")?.is_zero() {
+            None
+        } else {
+            Some(env.duration_within(
+                "DB_MAX_LIFETIME",
+                Duration::from_secs(10)..=Duration::from_secs(7 * 24 * 3600),
+                "0 (off) or a duration from 10s to 7d, such as 30m",
+            )?)
+        },
+        application_name,
+    })
+}
+
+/// Replaces the password in a URL with `***`; unparsable input is hidden entirely.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL hidden>".to_owned(),
+    }
+}

@@ -1,0 +1,181 @@
+//! OpenTelemetry export settings: the standard `OTEL_*` variables, validated here rather than left
+//! to the SDK, which falls back to defaults with only a warning on a bad value.
+
+use std::time::Duration;
+
+use url::Url;
+
+use super::{
+    Var,
+    env::{ConfigError, Env, invalid},
+};
+
+pub const VARS: &[Var] = &[
+    Var {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: None,
+        help: "OTLP collector URL, e.g. http://otel-collector:4317 (gRPC) or :4318 \
+               (http/protobuf). Unset: no export, logs only. Its host is resolved once at startup.",
+    },
+    Var {
+        name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default: Some("grpc"),
+        help: "`grpc` or `http/protobuf`.",
+    },
+    Var {
+        name: "OTEL_SERVICE_NAME",
+        default: Some("todo-service"),
+        help: "service.name of the exported telemetry (what SigNoz lists under Services).",
+    },
+    Var {
+        name: "OTEL_RESOURCE_ATTRIBUTES",
+        default: None,
+        help: "Extra resource attributes as key=value,key=value, e.g. \
+               deployment.environment=production (default deployment.environment=development).",
+    },
+    Var {
+        name: "OTEL_METRIC_EXPORT_INTERVAL",
+        default: Some("60000"),
+        help: "Milliseconds between metric exports (the OpenTelemetry standard variable).",
+    },
+    Var {
+        name: "OTEL_TRACES_SAMPLER",
+        default: Some("parentbased_always_on"),
+        help: "Which requests are traced: always_on, always_off, traceidratio, or parentbased_* \
+               of those (follow the caller's traceparent decision, else the named sampler).",
+    },
+    Var {
+        name: "OTEL_TRACES_SAMPLER_ARG",
+        default: Some("1.0"),
+        help: "Fraction of traces kept by the *traceidratio samplers, from 0 to 1, e.g. 0.1. \
+               At thousands of requests per second a fraction keeps export cheap (see \
+               loadtest/RESULTS.md); metrics and logs are never sampled.",
+    },
+    Var {
+        name: "OTEL_SDK_DISABLED",
+        default: Some("false"),
+        help: "true turns telemetry export off even when an endpoint is set.",
+    },
+];
+
+/// How traces are sent to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// OpenTelemetry export settings (the standard `OTEL_*` variables).
+#[derive(Debug, Clone)]
+pub struct OtelConfig {
+    pub endpoint: Option<Url>,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    pub resource_attributes: Vec<(String, String)>,
+    pub disabled: bool,
+    pub metric_interval: std::time::Duration,
+    pub sampler: TraceSampler,
+}
+
+/// The head sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Parsed here rather than
+/// left to the SDK, which falls back to always-on with only a warning on a bad value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampler {
+    /// Follow the sampled flag of an incoming `traceparent` when there is one.
+    pub parent_based: bool,
+    /// Fraction of new traces kept, 0.0 to 1.0 (always_off is 0, always_on is 1).
+    pub ratio: f64,
+}
+
+pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
+    const URL_FORM: &str = "an http(s) URL such as http://otel-collector:4317";
+    let endpoint = env
+        .optional("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .map(|raw| match Url::parse(raw.trim()) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(u),
+            _ => Err(invalid(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("{raw:?}"),
+                URL_FORM,
+            )),
+        })
+        .transpose()?;
+    let protocol = match env.value("OTEL_EXPORTER_OTLP_PROTOCOL").trim() {
+        "grpc" => OtlpProtocol::Grpc,
+        "http/protobuf" => OtlpProtocol::HttpProtobuf,
+        other => {
+            return Err(invalid(
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                format!("{other:?}"),
+                "grpc or http/protobuf",
+            ));
+        }
+    };
+    let resource_attributes = env
+        .optional("OTEL_RESOURCE_ATTRIBUTES")
+        .map(|raw| {
+            raw.split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, v)) if !k.trim().is_empty() => {
+                        Ok((k.trim().to_owned(), v.trim().to_owned()))
+                    }
+                    _ => Err(invalid(
+                        "OTEL_RESOURCE_ATTRIBUTES",
+                        format!("{pair:?}"),
+                        "key=value pairs separated by commas",
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(OtelConfig {
+        endpoint,
+        protocol,
+        service_name: env.value("OTEL_SERVICE_NAME").trim().to_owned(),
+        resource_attributes,
+        disabled: env.boolean("OTEL_SDK_DISABLED")?,
+        metric_interval: Duration::from_millis(env.bounded(
+            "OTEL_METRIC_EXPORT_INTERVAL",
+            100,
+            3_600_000,
+        )? as u64),
+        sampler: trace_sampler(env)?,
+    })
+}
+
+fn trace_sampler(env: &Env<'_>) -> Result<TraceSampler, ConfigError> {
+    const NAMES: &str = "always_on, always_off, traceidratio, parentbased_always_on, \
+                         parentbased_always_off or parentbased_traceidratio";
+    let raw = env.value("OTEL_TRACES_SAMPLER");
+    let name = raw.trim();
+    let (parent_based, rule) = match name.strip_prefix("parentbased_") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let ratio = match rule {
+        "always_on" => 1.0,
+        "always_off" => 0.0,
+        "traceidratio" => {
+            let arg = env.value("OTEL_TRACES_SAMPLER_ARG");
+            match arg.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => r,
+                _ => {
+                    return Err(invalid(
+                        "OTEL_TRACES_SAMPLER_ARG",
+                        format!("{arg:?}"),
+                        "a fraction from 0 to 1, e.g. 0.1",
+                    ));
+                }
+            }
+        }
+        _ => {
+            return Err(invalid("OTEL_TRACES_SAMPLER", format!("{name:?}"), NAMES));
+        }
+    };
+    Ok(TraceSampler {
+        parent_based,
+        ratio,
+    })
+}

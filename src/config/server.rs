@@ -1,0 +1,120 @@
+//! The HTTP server's settings: where it listens, the links it writes, what it accepts, and how
+//! it shuts down.
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::http::HeaderValue;
+use url::Url;
+
+use super::{
+    Var,
+    env::{ConfigError, Env, invalid},
+};
+
+pub const VARS: &[Var] = &[
+    Var {
+        name: "LISTEN_ADDR",
+        default: Some("0.0.0.0:8080"),
+        help: "Address and port the HTTP server binds, as IP:PORT (port 0 picks a free one).",
+    },
+    Var {
+        name: "PUBLIC_BASE_URL",
+        default: None,
+        help: "Absolute base URL used in each todo's `url` and in Location/Link headers, e.g. \
+               https://todos.example.com. Unset: built from the request's Host header.",
+    },
+    Var {
+        name: "IDEMPOTENCY_KEY_TTL",
+        default: Some("24h"),
+        help: "How long an Idempotency-Key on POST /todos is remembered; a retry within it \
+               returns the original 201 instead of creating a second todo.",
+    },
+    Var {
+        name: "MAX_BODY_BYTES",
+        default: Some("65536"),
+        help: "Largest accepted request body in bytes; larger bodies get 413.",
+    },
+    Var {
+        name: "CORS_ALLOWED_ORIGINS",
+        default: Some("*"),
+        help: "`*` or a comma-separated list of origins allowed by CORS, e.g. \
+               https://a.example,https://b.example.",
+    },
+    Var {
+        name: "SHUTDOWN_TIMEOUT",
+        default: Some("10s"),
+        help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.",
+    },
+];
+
+/// The server's settings, moved into [`super::Config`]'s fields.
+pub(super) struct Server {
+    pub listen_addr: SocketAddr,
+    pub public_base_url: Option<Url>,
+    pub idempotency_key_ttl: Duration,
+    pub max_body_bytes: usize,
+    pub cors_allowed_origins: CorsOrigins,
+    pub shutdown_timeout: Duration,
+}
+
+pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
+    Ok(Server {
+        listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
+        public_base_url: env
+            .optional("PUBLIC_BASE_URL")
+            .map(parse_base_url)
+            .transpose()?,
+        idempotency_key_ttl: env.duration_within(
+            "IDEMPOTENCY_KEY_TTL",
+            Duration::from_secs(60)..=Duration::from_secs(30 * 24 * 3600),
+            "a duration from 1m to 30d, such as 24h",
+        )?,
+        max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
+        cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
+        shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
+    })
+}
+
+/// Which origins CORS admits.
+#[derive(Debug, Clone)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<HeaderValue>),
+}
+
+fn parse_base_url(raw: String) -> Result<Url, ConfigError> {
+    const FORM: &str = "an absolute http(s) URL without query, e.g. https://todos.example.com";
+    let url = Url::parse(raw.trim())
+        .map_err(|e| invalid("PUBLIC_BASE_URL", format!("{raw:?}: {e}"), FORM))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() || url.cannot_be_a_base()
+    {
+        return Err(invalid("PUBLIC_BASE_URL", format!("{raw:?}"), FORM));
+    }
+    Ok(url)
+}
+
+fn parse_cors(raw: &str) -> Result<CorsOrigins, ConfigError> {
+    const FORM: &str = "* or a comma-separated list of origins like https://app.example";
+    if raw.trim() == "*" {
+        return Ok(CorsOrigins::Any);
+    }
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|origin| {
+            let ok = Url::parse(origin)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/")
+                .unwrap_or(false);
+            if !ok || origin.ends_with('/') {
+                return Err(invalid(
+                    "CORS_ALLOWED_ORIGINS",
+                    format!("{origin:?} is not an origin"),
+                    FORM,
+                ));
+            }
+            HeaderValue::from_str(origin)
+                .map_err(|e| invalid("CORS_ALLOWED_ORIGINS", e.to_string(), FORM))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(CorsOrigins::List)
+}

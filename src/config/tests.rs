@@ -1,0 +1,242 @@
+//! Settings as a whole: defaults, errors naming variables, secrets, and the documents that list
+//! every variable (`.env.example`, the README, `--help`).
+
+use std::collections::HashMap;
+
+use super::*;
+
+fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_lookup(|k| map.get(k).cloned())
+}
+
+const URL: (&str, &str) = ("DATABASE_URL", "postgres://app:s3cret@postgres:5432/todos");
+
+#[test]
+fn defaults_apply_when_only_the_database_url_is_set() {
+    let c = config(&[URL]).unwrap();
+    assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.database.host, "postgres");
+    assert_eq!(c.database.port, 5432);
+    assert_eq!(c.database.pool_max_size, 16);
+    assert_eq!(c.database.pool_wait_timeout, Duration::from_secs(2));
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert!(matches!(c.cors_allowed_origins, CorsOrigins::Any));
+    let rl = c.rate_limit.expect("rate limit on by default");
+    assert!(
+        rl.burst >= 5 * 120,
+        "five of the post-mortem's spikes must fit the burst"
+    );
+    assert!(!rl.trust_forwarded_for);
+    assert_eq!(c.max_in_flight, 16 * 16, "derived from the pool size");
+    assert_eq!(c.breaker.failure_threshold, 5);
+}
+
+#[test]
+fn a_zero_rate_disables_the_limit_and_max_in_flight_follows_the_pool() {
+    let c = config(&[
+        URL,
+        ("RATE_LIMIT_PER_SECOND", "0"),
+        ("DB_POOL_MAX_SIZE", "4"),
+    ])
+    .unwrap();
+    assert!(c.rate_limit.is_none());
+    assert_eq!(c.max_in_flight, 64);
+    let c = config(&[URL, ("MAX_IN_FLIGHT", "7")]).unwrap();
+    assert_eq!(c.max_in_flight, 7);
+}
+
+#[test]
+fn a_missing_database_url_is_an_error_naming_it() {
+    let err = config(&[]).unwrap_err();
+    assert_eq!(err.var, "DATABASE_URL");
+    assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_variable_and_the_expected_form() {
+    let cases = [
+        ("LISTEN_ADDR", "localhost", "IP:PORT"),
+        ("DB_POOL_MAX_SIZE", "0", "from 1 to 1000"),
+        ("DB_POOL_MAX_SIZE", "many", "from 1 to 1000"),
+        ("DB_POOL_WAIT_TIMEOUT", "2 parsecs", "duration"),
+        ("DB_STATEMENT_TIMEOUT", "-1s", "duration"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT", "soon", "duration"),
+        ("DB_MAX_LIFETIME", "5s", "from 10s to 7d"),
+        ("DB_MAX_LIFETIME", "30d", "from 10s to 7d"),
+        ("IDEMPOTENCY_KEY_TTL", "1s", "from 1m to 30d"),
+        ("IDEMPOTENCY_KEY_TTL", "365d", "from 1m to 30d"),
+        ("IDEMPOTENCY_KEY_TTL", "forever", "duration"),
+        ("MAX_BODY_BYTES", "10", "from 1024"),
+        ("PUBLIC_BASE_URL", "ftp://x", "http(s)"),
+        ("PUBLIC_BASE_URL", "not a url", "http(s)"),
+        ("CORS_ALLOWED_ORIGINS", "https://a.example/path", "origins"),
+        ("LOG_FORMAT", "xml", "text or json"),
+        ("RATE_LIMIT_BURST", "0", "from 1"),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "collector:4317",
+            "http(s) URL",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "http/json",
+            "grpc or http/protobuf",
+        ),
+        ("OTEL_RESOURCE_ATTRIBUTES", "novalue", "key=value"),
+        ("OTEL_SDK_DISABLED", "perhaps", "true or false"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1m", "from 100"),
+        (
+            "OTEL_TRACES_SAMPLER",
+            "sometimes",
+            "parentbased_traceidratio",
+        ),
+        ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
+        ("MAX_IN_FLIGHT", "0", "from 1"),
+        ("REQUEST_TIMEOUT", "0s", "positive duration"),
+        ("BREAKER_FAILURE_THRESHOLD", "0", "from 1"),
+        ("BREAKER_OPEN_DURATION", "soon", "duration"),
+        ("LOG_LEVEL", "info,[", "EnvFilter"),
+        ("DATABASE_URL", "mysql://x@y/z", "postgres://"),
+        (
+            "DATABASE_URL",
+            "postgres://app@db:notaport/todos",
+            "postgres://",
+        ),
+        ("DATABASE_URL", "not a url", "postgres://"),
+    ];
+    for (var, value, form) in cases {
+        let err = if var == "DATABASE_URL" {
+            config(&[(var, value)])
+        } else {
+            config(&[URL, (var, value)])
+        }
+        .expect_err(var);
+        let msg = err.to_string();
+        assert_eq!(err.var, var, "{var}={value}: {msg}");
+        assert!(
+            msg.contains(var) && msg.contains(form),
+            "{var}={value}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn trace_samplers_follow_the_otel_names() {
+    let sampler = |pairs: &[(&str, &str)]| {
+        let mut all = vec![URL];
+        all.extend_from_slice(pairs);
+        config(&all).map(|c| c.otel.sampler)
+    };
+    let s = |parent_based, ratio| TraceSampler {
+        parent_based,
+        ratio,
+    };
+    assert_eq!(sampler(&[]).unwrap(), s(true, 1.0));
+    assert_eq!(
+        sampler(&[("OTEL_TRACES_SAMPLER", "always_off")]).unwrap(),
+        s(false, 0.0)
+    );
+    assert_eq!(
+        sampler(&[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ])
+        .unwrap(),
+        s(true, 0.25)
+    );
+    // A ratio sampler without its argument keeps everything, as the OTel spec says.
+    assert_eq!(
+        sampler(&[("OTEL_TRACES_SAMPLER", "traceidratio")]).unwrap(),
+        s(false, 1.0)
+    );
+    for bad in ["1.5", "-0.1", "half", "NaN"] {
+        let err = sampler(&[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", bad),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "OTEL_TRACES_SAMPLER_ARG", "{bad}: {err}");
+        assert!(err.to_string().contains("from 0 to 1"), "{err}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output_or_errors() {
+    let c = config(&[URL]).unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("s3cret"), "{debug}");
+    assert!(debug.contains("app:***@postgres"), "{debug}");
+    let err = config(&[("DATABASE_URL", "mysql://app:s3cret@x/db")]).unwrap_err();
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+}
+
+#[test]
+fn empty_values_fall_back_to_defaults() {
+    let c = config(&[URL, ("LISTEN_ADDR", ""), ("LOG_FORMAT", " ")]).unwrap();
+    assert_eq!(c.listen_addr.port(), 8080);
+    assert_eq!(c.log_format, LogFormat::Text);
+}
+
+#[test]
+fn cors_origin_lists_are_parsed() {
+    let c = config(&[
+        URL,
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "https://a.example, http://b.example:3000",
+        ),
+    ])
+    .unwrap();
+    match c.cors_allowed_origins {
+        CorsOrigins::List(v) => assert_eq!(v.len(), 2),
+        CorsOrigins::Any => panic!("expected a list"),
+    }
+}
+
+#[test]
+fn env_example_documents_exactly_the_variables_read() {
+    let example = include_str!("../../.env.example");
+    let listed: Vec<&str> = example
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    for var in VARS {
+        assert!(
+            listed.contains(&var.name),
+            ".env.example lacks {}",
+            var.name
+        );
+    }
+    for name in listed {
+        assert!(
+            VARS.iter().any(|v| v.name == name),
+            ".env.example lists {name}, which the service does not read"
+        );
+    }
+}
+
+#[test]
+fn the_readme_configuration_table_lists_every_variable() {
+    let readme = include_str!("../../README.md");
+    for var in VARS {
+        assert!(
+            readme.contains(&format!("| `{}` |", var.name)),
+            "README.md's configuration table lacks {}",
+            var.name
+        );
+    }
+}
+
+#[test]
+fn help_lists_every_variable() {
+    let help = help_text();
+    for var in VARS {
+        assert!(help.contains(var.name), "--help lacks {}", var.name);
+    }
+}
