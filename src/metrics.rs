@@ -110,7 +110,7 @@ fn method_name(method: &Method) -> &'static str {
 
 /// Records how long a database call waited for a pooled connection
 /// (`db.client.connection.wait_time`, seconds).
-pub fn pool_wait(waited: Duration) {
+fn pool_wait(waited: Duration) {
     static WAIT: OnceLock<Histogram<f64>> = OnceLock::new();
     WAIT.get_or_init(|| {
         meter()
@@ -125,9 +125,11 @@ pub fn pool_wait(waited: Duration) {
     .record(waited.as_secs_f64(), &[]);
 }
 
-/// Registers the pool, breaker and DNS instruments, read from `db` at each export. They hold the
+/// Registers the pool, breaker and DNS instruments, read from `db` at each export, and has `db`
+/// report each pool wait into the wait-time histogram. The instruments hold the
 /// database weakly, so they report nothing once the application is gone.
 pub fn register_db(db: &Db) {
+    db.on_pool_wait(pool_wait);
     let meter = meter();
     let weak = db.downgrade();
     let _ = meter

@@ -29,8 +29,7 @@ use tokio::time::Instant;
 use crate::config::BreakerConfig;
 
 /// The externally visible state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     Closed,
     Open,

@@ -27,7 +27,7 @@ pub mod todos;
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -95,6 +95,8 @@ struct Inner {
     query_deadline: Option<Duration>,
     /// Database name, for the spans' `db.namespace`.
     db_name: String,
+    /// Told how long each call waited for a pooled connection (see [`Db::on_pool_wait`]).
+    pool_wait_observer: OnceLock<fn(Duration)>,
 }
 
 /// See [`Db::downgrade`].
@@ -106,39 +108,23 @@ impl WeakDb {
     }
 }
 
-/// What `/ready` reports about the database.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+/// The database as this replica sees it, for readiness checks (`/ready` words it for clients).
+#[derive(Debug)]
 pub struct DbStatus {
-    /// `ok` or `fail`.
-    pub status: &'static str,
+    /// What is wrong; `None` when a round trip succeeded and the schema is migrated.
+    pub error: Option<String>,
     /// Host name from `DATABASE_URL`.
     pub host: String,
-    /// The address the host was resolved to at startup, `null` until it resolves.
-    pub address: Option<String>,
-    /// DNS lookups performed for the database host since startup (1 in a healthy run, 0 for an IP).
+    /// The pinned address, until the host first resolves `None`.
+    pub address: Option<SocketAddr>,
+    /// DNS lookups of the database host since startup (1 in a healthy run, 0 for an IP).
     pub dns_lookups: u64,
     pub migrations_applied: bool,
-    pub pool: PoolStatus,
-    pub circuit: CircuitStatus,
-    /// What is wrong, when `status` is `fail`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct CircuitStatus {
-    pub state: BreakerState,
+    pub pool: deadpool::Status,
+    pub breaker: BreakerState,
     pub consecutive_failures: u32,
     /// Times the breaker opened since startup.
-    pub opened_total: u64,
-}
-
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct PoolStatus {
-    pub max_size: usize,
-    pub size: usize,
-    pub available: usize,
-    pub waiting: usize,
+    pub breaker_opened_total: u64,
 }
 
 impl Db {
@@ -186,6 +172,7 @@ impl Db {
                     .get_database()
                     .unwrap_or(config.connect_options.get_username())
                     .to_owned(),
+                pool_wait_observer: OnceLock::new(),
             }),
         };
         tokio::spawn(db.clone().migrate_until_applied());
@@ -193,6 +180,12 @@ impl Db {
             spawn_re_resolver(db.downgrade());
         }
         Ok(db)
+    }
+
+    /// Has `observer` told how long each call waits for a pooled connection: the metrics record
+    /// it, and `db` need not know about them. Only the first observer set is kept.
+    pub fn on_pool_wait(&self, observer: fn(Duration)) {
+        let _ = self.inner.pool_wait_observer.set(observer);
     }
 
     /// A handle that does not keep the database alive (for background tasks).
@@ -289,25 +282,16 @@ impl Db {
             ),
             (Ok(()), true) => None,
         };
-        let s = self.inner.pool.status();
         DbStatus {
-            status: if error.is_none() { "ok" } else { "fail" },
+            error,
             host: self.inner.address.host().to_owned(),
-            address: self.inner.address.get().map(|a: SocketAddr| a.to_string()),
+            address: self.inner.address.get(),
             dns_lookups: self.inner.address.lookups(),
             migrations_applied: migrated,
-            pool: PoolStatus {
-                max_size: s.max_size,
-                size: s.size,
-                available: s.available,
-                waiting: s.waiting,
-            },
-            circuit: CircuitStatus {
-                state: self.inner.breaker.state(),
-                consecutive_failures: self.inner.breaker.consecutive_failures(),
-                opened_total: self.inner.breaker.opened_total(),
-            },
-            error,
+            pool: self.inner.pool.status(),
+            breaker: self.inner.breaker.state(),
+            consecutive_failures: self.inner.breaker.consecutive_failures(),
+            breaker_opened_total: self.inner.breaker.opened_total(),
         }
     }
 

@@ -168,7 +168,9 @@ impl Db {
             "db.client.connection.wait_time_ms",
             waited.as_secs_f64() * 1000.0,
         );
-        crate::metrics::pool_wait(waited);
+        if let Some(observe) = self.inner.pool_wait_observer.get() {
+            observe(waited);
+        }
         match got {
             Ok(conn) => Ok((Lease(Some(conn)), permit)),
             Err(e) => {

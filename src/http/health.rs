@@ -17,7 +17,7 @@ use super::{
     AppState,
     error::{ApiError, Problem},
 };
-use crate::db::DbStatus;
+use crate::db::{DbStatus, breaker::BreakerState};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -35,7 +35,82 @@ pub struct Ready {
 
 #[derive(Serialize, ToSchema)]
 pub struct Checks {
-    pub database: DbStatus,
+    pub database: DatabaseCheck,
+}
+
+/// What `/ready` reports about the database.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DbStatus)]
+pub struct DatabaseCheck {
+    /// `ok` or `fail`.
+    pub status: &'static str,
+    /// Host name from `DATABASE_URL`.
+    pub host: String,
+    /// The address the host was resolved to at startup, `null` until it resolves.
+    pub address: Option<String>,
+    /// DNS lookups performed for the database host since startup (1 in a healthy run, 0 for an IP).
+    pub dns_lookups: u64,
+    pub migrations_applied: bool,
+    pub pool: PoolCheck,
+    pub circuit: CircuitCheck,
+    /// What is wrong, when `status` is `fail`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = PoolStatus)]
+pub struct PoolCheck {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = CircuitStatus)]
+pub struct CircuitCheck {
+    pub state: CircuitState,
+    pub consecutive_failures: u32,
+    /// Times the breaker opened since startup.
+    pub opened_total: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = BreakerState)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl From<DbStatus> for DatabaseCheck {
+    fn from(s: DbStatus) -> Self {
+        DatabaseCheck {
+            status: if s.error.is_none() { "ok" } else { "fail" },
+            host: s.host,
+            address: s.address.map(|a| a.to_string()),
+            dns_lookups: s.dns_lookups,
+            migrations_applied: s.migrations_applied,
+            pool: PoolCheck {
+                max_size: s.pool.max_size,
+                size: s.pool.size,
+                available: s.pool.available,
+                waiting: s.pool.waiting,
+            },
+            circuit: CircuitCheck {
+                state: match s.breaker {
+                    BreakerState::Closed => CircuitState::Closed,
+                    BreakerState::Open => CircuitState::Open,
+                    BreakerState::HalfOpen => CircuitState::HalfOpen,
+                },
+                consecutive_failures: s.consecutive_failures,
+                opened_total: s.breaker_opened_total,
+            },
+            error: s.error,
+        }
+    }
 }
 
 /// Liveness: answers as long as the process serves HTTP. Never touches the database.
@@ -60,8 +135,8 @@ pub async fn health() -> axum::Json<Health> {
     )
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let database = state.db.check().await;
-    if database.status == "ok" {
+    let database = DatabaseCheck::from(state.db.check().await);
+    if database.error.is_none() {
         return (
             StatusCode::OK,
             axum::Json(Ready {

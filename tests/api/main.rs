@@ -8,6 +8,7 @@ mod errors;
 // Shared with the drills binary, which uses parts this one does not.
 #[allow(dead_code)]
 mod helpers;
+mod layout;
 mod migrations;
 mod openapi;
 mod operations;
