@@ -19,10 +19,16 @@
 //! integration tests against a real PostgreSQL, which catches the same mistakes.
 
 pub mod breaker;
+mod error;
+mod migrate;
 pub mod pool;
+mod re_resolve;
 pub mod resolve;
 mod session;
 pub mod todos;
+
+pub use error::{DbError, classify};
+pub use migrate::{MIGRATOR, run_migrations};
 
 use std::{
     net::SocketAddr,
@@ -33,14 +39,10 @@ use std::{
     time::Duration,
 };
 
-use deadpool::managed::{Object, PoolError, TimeoutType};
+use deadpool::managed::Object;
 use sqlx::Connection;
-use tracing::{Span, field::Empty};
 
-use crate::{
-    config::{BreakerConfig, DatabaseConfig},
-    telemetry::sampling,
-};
+use crate::config::{BreakerConfig, DatabaseConfig};
 use breaker::{Breaker, BreakerState};
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
@@ -50,30 +52,8 @@ use session::within;
 /// connection: enough for Postgres' own cancellation to arrive over a healthy link.
 const QUERY_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
-/// The migrations in `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
 pub type Pool = deadpool::managed::Pool<PgManager>;
 type Conn = Object<PgManager>;
-
-/// Why a database call failed, in the terms the HTTP layer needs.
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    /// The database cannot be used right now (down, unreachable, pool exhausted, not migrated).
-    /// Retrying later may succeed.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// The circuit breaker is open: the database was not touched.
-    #[error("database circuit open; next probe in {retry_after:?}")]
-    CircuitOpen { retry_after: Duration },
-    /// The database answered but a statement ran past `statement_timeout`. Retrying may succeed;
-    /// it does not count toward the breaker (the database is up, just slow for this query).
-    #[error("database statement timed out: {0}")]
-    Timeout(String),
-    /// Anything else: a bug or a schema mismatch. Details are logged, not shown to clients.
-    #[error(transparent)]
-    Unexpected(#[from] sqlx::Error),
-}
 
 /// Shared handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -177,7 +157,7 @@ impl Db {
         };
         tokio::spawn(db.clone().migrate_until_applied());
         if db.inner.address.is_name() {
-            spawn_re_resolver(db.downgrade());
+            re_resolve::spawn(db.downgrade());
         }
         Ok(db)
     }
@@ -213,47 +193,6 @@ impl Db {
 
     pub fn breaker(&self) -> &Breaker {
         &self.inner.breaker
-    }
-
-    /// The client span of one database call. Named `{operation} {table}` as SigNoz's DB views
-    /// expect, with the older `db.system` attribute SigNoz still counts, the parameterised SQL
-    /// (never values), the host as configured and the pinned address actually used.
-    fn span(&self, operation: &'static str, table: &'static str, sql: &'static str) -> Span {
-        // Two callsites because a callsite's target is fixed: spans of untraced requests (see
-        // `telemetry::sampling`) go under the target the exporter ignores.
-        macro_rules! db_span {
-            ($target:expr) => {
-                tracing::info_span!(
-                    target: $target,
-                    "db",
-                    otel.name = %format_args!("{operation} {table}"),
-                    otel.kind = "client",
-                    db.system = "postgresql",
-                    db.system.name = "postgresql",
-                    db.namespace = %self.inner.db_name,
-                    db.operation.name = operation,
-                    db.collection.name = table,
-                    db.query.text = sql,
-                    server.address = %self.inner.address.host(),
-                    server.port = i64::from(self.inner.address.port()),
-                    network.peer.address = Empty,
-                    db.client.connection.wait_time_ms = Empty,
-                    otel.status_code = Empty,
-                    error.type = Empty,
-                )
-            };
-        }
-        let span = if sampling::in_traced_request() {
-            db_span!("todo_service::db")
-        } else {
-            db_span!(sampling::UNTRACED)
-        };
-        if !span.is_disabled()
-            && let Some(addr) = self.inner.address.get()
-        {
-            span.record("network.peer.address", addr.ip().to_string());
-        }
-        span
     }
 
     /// A cheap round trip for `/ready`, bounded by the pool wait timeout (at most 1 s).
@@ -293,141 +232,5 @@ impl Db {
             consecutive_failures: self.inner.breaker.consecutive_failures(),
             breaker_opened_total: self.inner.breaker.opened_total(),
         }
-    }
-
-    async fn migrate_until_applied(self) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let attempt = async {
-                let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
-                let r = run_migrations(&mut conn)
-                    .await
-                    .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
-                if r.is_err() {
-                    drop(Object::take(conn));
-                }
-                r
-            };
-            match attempt.await {
-                Ok(()) => {
-                    self.inner.migrated.store(true, Ordering::Release);
-                    *self
-                        .inner
-                        .migration_error
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = None;
-                    tracing::info!("database migrations applied");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "database not ready; will retry migrations");
-                    *self
-                        .inner
-                        .migration_error
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                }
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
-    }
-}
-
-/// `Migrator::run` inside a spawned task fails to compile ("implementation of `Acquire` is not
-/// general enough", a known sqlx limitation); `run_direct` is sqlx's public, doc-hidden entry point
-/// for exactly this case. It takes the same advisory lock as `run` when locking is on (the default).
-pub async fn run_migrations(
-    conn: &mut sqlx::PgConnection,
-) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run_direct(None, conn, false).await
-}
-
-/// While the breaker is open (the pinned address keeps failing), looks the host up again in the
-/// background: at once when it opens, then with doubling delays up to a minute, until it closes.
-/// One lookup per outage in the common case; never a lookup storm, never on a request.
-fn spawn_re_resolver(db: WeakDb) {
-    tokio::spawn(async move {
-        loop {
-            let Some(breaker) = db.upgrade().map(|d| Arc::clone(&d.inner.breaker)) else {
-                return;
-            };
-            breaker.opened().await;
-            let mut delay = Duration::from_secs(2);
-            loop {
-                let Some(d) = db.upgrade() else { return };
-                if d.breaker().state() == BreakerState::Closed {
-                    break;
-                }
-                let address = d.address();
-                match address.re_resolve().await {
-                    resolve::ReResolved::Switched { from, to } => {
-                        tracing::warn!(
-                            db.host = address.host(), ?from, %to,
-                            "database address changed: switched to an address that answers"
-                        );
-                        // The breaker's next probe tries the new address; if that fails too, the
-                        // breaker reopens and this starts over.
-                        break;
-                    }
-                    outcome => tracing::info!(
-                        db.host = address.host(), ?outcome, retry_in = ?delay,
-                        "re-resolved the database host during an outage; keeping the address"
-                    ),
-                }
-                drop(d);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-        }
-    });
-}
-
-fn pool_error(e: PoolError<sqlx::Error>) -> DbError {
-    match e {
-        PoolError::Timeout(TimeoutType::Wait) => {
-            DbError::Unavailable("no pooled connection became free in time".into())
-        }
-        PoolError::Timeout(TimeoutType::Create) => {
-            DbError::Unavailable("connecting to the database timed out".into())
-        }
-        PoolError::Timeout(TimeoutType::Recycle) => {
-            DbError::Unavailable("checking a pooled connection timed out".into())
-        }
-        PoolError::Backend(e) => match classify(e) {
-            // Any failure to open a connection means the database is not usable right now.
-            DbError::Unexpected(e) => DbError::Unavailable(format!("cannot connect: {e}")),
-            unavailable => unavailable,
-        },
-        PoolError::Closed => DbError::Unavailable("the service is shutting down".into()),
-        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
-            DbError::Unavailable(format!("pool misconfigured: {e}"))
-        }
-    }
-}
-
-/// Splits sqlx errors into "the database is unavailable" (retry later: 503) and the rest (500).
-pub fn classify(e: sqlx::Error) -> DbError {
-    let unavailable = match &e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
-            return DbError::Timeout(db.message().to_owned());
-        }
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // 08: connection exception; 53: insufficient resources (too many connections, disk
-            // full); 57P0x: admin/crash shutdown, cannot connect now.
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
-        }),
-        _ => false,
-    };
-    if unavailable {
-        DbError::Unavailable(e.to_string())
-    } else {
-        DbError::Unexpected(e)
     }
 }
