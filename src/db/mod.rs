@@ -20,6 +20,7 @@
 
 pub mod breaker;
 mod error;
+pub mod idempotency;
 mod migrate;
 pub mod pool;
 mod re_resolve;

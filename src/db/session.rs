@@ -62,6 +62,30 @@ pub(super) struct Statement {
     pub effect: Effect,
 }
 
+impl Statement {
+    pub(super) const fn read(
+        operation: &'static str,
+        table: &'static str,
+        sql: &'static str,
+    ) -> Statement {
+        Statement::write(operation, table, sql, Effect::Read)
+    }
+
+    pub(super) const fn write(
+        operation: &'static str,
+        table: &'static str,
+        sql: &'static str,
+        effect: Effect,
+    ) -> Statement {
+        Statement {
+            operation,
+            table,
+            sql,
+            effect,
+        }
+    }
+}
+
 /// A pooled connection lent to one call. Dropped before [`Lease::release`] (the call's future
 /// was dropped, or its deadline fired), the connection is discarded: see the module doc.
 pub(super) struct Lease(Option<Conn>);

@@ -1,12 +1,11 @@
-//! The todo queries. Each takes a pooled connection for one statement and gives it back.
+//! The todo queries, one statement each through `Db::call` (see `session`): a pooled connection
+//! lent for the statement, discarded if the call is dropped half-way.
 //!
 //! Lists are keyset-paged on `(sort_key, id)` (see the migration), so a page costs an index range
 //! scan whatever its depth, and rows inserted while a client pages cannot shift later pages.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, Row, postgres::PgRow};
+use sqlx::{Row, postgres::PgRow};
 
 use super::{
     Db, DbError,
@@ -60,17 +59,6 @@ pub enum Conditional<T> {
     VersionMismatch,
 }
 
-/// What an idempotent create did.
-#[derive(Debug)]
-pub enum Idempotent {
-    /// First use of the key: the todo was created.
-    Created(TodoRow),
-    /// The key was used before with the same request: the todo created then, as returned then.
-    Replayed(TodoRow),
-    /// The key was used before with a different request; nothing was created.
-    KeyReused,
-}
-
 // Rows are read by column position, in the order every query's RETURNING/SELECT list gives:
 // sqlx's derived `FromRow` looks each column up by name, a hash per column per row, which was a
 // visible share of a 20-row page's cost in the profile.
@@ -82,7 +70,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for TodoRow {
 
 impl TodoRow {
     /// The todo's eight columns, starting at column `first`.
-    fn from_columns(row: &PgRow, first: usize) -> Result<Self, sqlx::Error> {
+    pub(super) fn from_columns(row: &PgRow, first: usize) -> Result<Self, sqlx::Error> {
         Ok(TodoRow {
             id: row.try_get(first)?,
             title: row.try_get(first + 1)?,
@@ -92,21 +80,6 @@ impl TodoRow {
             created_at: row.try_get(first + 5)?,
             updated_at: row.try_get(first + 6)?,
             version: row.try_get(first + 7)?,
-        })
-    }
-}
-
-/// `same_request` first, then the todo's columns.
-struct Replay {
-    same_request: bool,
-    todo: TodoRow,
-}
-
-impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
-    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
-        Ok(Replay {
-            same_request: row.try_get(0)?,
-            todo: TodoRow::from_columns(row, 1)?,
         })
     }
 }
@@ -127,20 +100,9 @@ impl TodoChanges {
 
 // Statements are named so their text can go on the database spans (parameterised: never values),
 // and so loadtest/pgbench can run the very same text (a test compares them).
-const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
-         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
-                 now() + make_interval(secs => $5::float8)) \
-         ON CONFLICT (key) DO NOTHING";
 const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
 const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
-// SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
-const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
-             (SELECT key FROM idempotency_keys WHERE expires_at < now() \
-              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)";
-
-/// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
-pub const SWEEP_BATCH: i64 = 1000;
 const SQL_DELETE_TODO: &str =
     "DELETE FROM todos WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2))";
 const SQL_GET_VERSION: &str = "SELECT version FROM todos WHERE id = $1";
@@ -161,45 +123,14 @@ const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
 
 /// The span names and retry class of each call (see [`Effect`]).
-const LIST: Statement = read("SELECT", "todos", SQL_LIST_TODOS);
-const GET: Statement = read("SELECT", "todos", SQL_GET_TODO);
-const GET_VERSION: Statement = read("SELECT", "todos", SQL_GET_VERSION);
-const CREATE: Statement = write("INSERT", "todos", SQL_CREATE_TODO, Effect::Write);
-const CREATE_KEYED: Statement = write(
-    "INSERT",
-    "todos",
-    SQL_CLAIM_IDEMPOTENCY_KEY,
-    Effect::IdempotentWrite,
-);
-const UPDATE: Statement = write("UPDATE", "todos", SQL_UPDATE_TODO, Effect::Write);
-const DELETE: Statement = write("DELETE", "todos", SQL_DELETE_TODO, Effect::Write);
-const DELETE_ALL: Statement = write("DELETE", "todos", SQL_DELETE_ALL_TODOS, Effect::Write);
-const SWEEP_KEYS: Statement = write(
-    "DELETE",
-    "idempotency_keys",
-    SQL_DELETE_EXPIRED_KEYS,
-    // Deleting expired keys twice deletes nothing more.
-    Effect::IdempotentWrite,
-);
-
-const fn read(operation: &'static str, table: &'static str, sql: &'static str) -> Statement {
-    write(operation, table, sql, Effect::Read)
-}
-
-const fn write(
-    operation: &'static str,
-    table: &'static str,
-    sql: &'static str,
-    effect: Effect,
-) -> Statement {
-    Statement {
-        operation,
-        table,
-        sql,
-        effect,
-    }
-}
-
+const LIST: Statement = Statement::read("SELECT", "todos", SQL_LIST_TODOS);
+const GET: Statement = Statement::read("SELECT", "todos", SQL_GET_TODO);
+const GET_VERSION: Statement = Statement::read("SELECT", "todos", SQL_GET_VERSION);
+const CREATE: Statement = Statement::write("INSERT", "todos", SQL_CREATE_TODO, Effect::Write);
+const UPDATE: Statement = Statement::write("UPDATE", "todos", SQL_UPDATE_TODO, Effect::Write);
+const DELETE: Statement = Statement::write("DELETE", "todos", SQL_DELETE_TODO, Effect::Write);
+const DELETE_ALL: Statement =
+    Statement::write("DELETE", "todos", SQL_DELETE_ALL_TODOS, Effect::Write);
 impl Db {
     /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
     pub async fn list_todos(
@@ -340,108 +271,6 @@ impl Db {
         .await
         .map(|done| done.rows_affected())
     }
-
-    /// Creates a todo once per `key`: a retry with the same key and request replays the first
-    /// response; the same key with another request is refused. Keys live for `ttl`.
-    pub async fn create_todo_idempotent(
-        &self,
-        key: &str,
-        new: &NewTodo,
-        ttl: Duration,
-    ) -> Result<Idempotent, DbError> {
-        self.call(CREATE_KEYED, |mut c| async move {
-            let r = create_idempotent(&mut c, key, new, ttl).await;
-            (c, r)
-        })
-        .await
-    }
-
-    /// Deletes up to `batch` expired idempotency keys, oldest first; returns how many.
-    pub async fn delete_expired_idempotency_keys(&self, batch: i64) -> Result<u64, DbError> {
-        self.call(SWEEP_KEYS, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS)
-                .bind(batch)
-                .execute(&mut *c)
-                .await;
-            (c, r)
-        })
-        .await
-        .map(|done| done.rows_affected())
-    }
-
-    /// Deletes every expired idempotency key, [`SWEEP_BATCH`] per statement, so the sweep makes
-    /// progress whatever the backlog and never holds a long transaction. On failure: the error,
-    /// and how many were deleted before it.
-    pub async fn sweep_expired_idempotency_keys(&self) -> Result<u64, (DbError, u64)> {
-        let mut deleted = 0;
-        loop {
-            match self.delete_expired_idempotency_keys(SWEEP_BATCH).await {
-                Ok(n) if n < SWEEP_BATCH as u64 => return Ok(deleted + n),
-                Ok(n) => deleted += n,
-                Err(e) => return Err((e, deleted)),
-            }
-        }
-    }
-}
-
-async fn create_idempotent(
-    conn: &mut PgConnection,
-    key: &str,
-    new: &NewTodo,
-    ttl: Duration,
-) -> Result<Idempotent, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND expires_at < now()")
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
-    // A concurrent claim of the same key makes this wait until that transaction ends.
-    let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
-        .bind(key)
-        .bind(&new.title)
-        .bind(new.completed)
-        .bind(new.position)
-        .bind(ttl.as_secs_f64())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-        == 1;
-    let outcome = if claimed {
-        let row = sqlx::query_as::<_, TodoRow>(
-            "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
-             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
-             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, t.version",
-        )
-        .bind(key)
-        .bind(&new.title)
-        .bind(new.completed)
-        .bind(new.position)
-        .fetch_one(&mut *tx)
-        .await?;
-        Idempotent::Created(row)
-    } else {
-        let replay = sqlx::query_as::<_, Replay>(
-            "SELECT k.request = jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint) \
-                    AS same_request, \
-                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, \
-                    COALESCE(t.version, 1) \
-             FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
-             WHERE k.key = $1",
-        )
-        .bind(key)
-        .bind(&new.title)
-        .bind(new.completed)
-        .bind(new.position)
-        .fetch_one(&mut *tx)
-        .await?;
-        if replay.same_request {
-            Idempotent::Replayed(replay.todo)
-        } else {
-            Idempotent::KeyReused
-        }
-    };
-    tx.commit().await?;
-    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -23,7 +23,10 @@ use super::{
     error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
 };
-use crate::db::todos::{Conditional, Cursor, Idempotent, NewTodo, TodoChanges, TodoRow};
+use crate::db::{
+    idempotency::Idempotent,
+    todos::{Conditional, Cursor, NewTodo, TodoChanges, TodoRow},
+};
 
 /// The request header that makes `POST /todos` safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";

@@ -365,7 +365,7 @@ async fn the_key_sweep_deletes_a_large_backlog_in_bounded_batches_and_keeps_live
     .execute(&mut conn)
     .await
     .unwrap();
-    let batch = todo_service::db::todos::SWEEP_BATCH;
+    let batch = todo_service::db::idempotency::SWEEP_BATCH;
     assert_eq!(
         app.db.delete_expired_idempotency_keys(batch).await.unwrap(),
         batch as u64,

@@ -1,0 +1,172 @@
+//! Idempotent creates: a `POST /todos` with an `Idempotency-Key` creates its todo once, however
+//! often it is retried, and the keys expire and are swept in bounded batches.
+//!
+//! The claim of the key, the todo and the stored answer commit in one transaction: a concurrent
+//! retry waits on the key's row until the first commits, then replays its answer.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, Row, postgres::PgRow};
+
+use super::{
+    Db, DbError,
+    session::{Effect, Statement},
+    todos::{NewTodo, TodoRow},
+};
+
+/// What an idempotent create did.
+#[derive(Debug)]
+pub enum Idempotent {
+    /// First use of the key: the todo was created.
+    Created(TodoRow),
+    /// The key was used before with the same request: the todo created then, as returned then.
+    Replayed(TodoRow),
+    /// The key was used before with a different request; nothing was created.
+    KeyReused,
+}
+
+/// `same_request` first, then the todo's columns.
+struct Replay {
+    same_request: bool,
+    todo: TodoRow,
+}
+
+impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Replay {
+            same_request: row.try_get(0)?,
+            todo: TodoRow::from_columns(row, 1)?,
+        })
+    }
+}
+
+// Named so their text can go on the database spans (parameterised: never values).
+const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
+         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
+                 now() + make_interval(secs => $5::float8)) \
+         ON CONFLICT (key) DO NOTHING";
+// SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
+const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
+             (SELECT key FROM idempotency_keys WHERE expires_at < now() \
+              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)";
+
+/// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
+pub const SWEEP_BATCH: i64 = 1000;
+/// The span names and retry class of each call (see [`Effect`]).
+const CREATE_KEYED: Statement = Statement::write(
+    "INSERT",
+    "todos",
+    SQL_CLAIM_IDEMPOTENCY_KEY,
+    Effect::IdempotentWrite,
+);
+const SWEEP_KEYS: Statement = Statement::write(
+    "DELETE",
+    "idempotency_keys",
+    SQL_DELETE_EXPIRED_KEYS,
+    // Deleting expired keys twice deletes nothing more.
+    Effect::IdempotentWrite,
+);
+
+impl Db {
+    /// Creates a todo once per `key`: a retry with the same key and request replays the first
+    /// response; the same key with another request is refused. Keys live for `ttl`.
+    pub async fn create_todo_idempotent(
+        &self,
+        key: &str,
+        new: &NewTodo,
+        ttl: Duration,
+    ) -> Result<Idempotent, DbError> {
+        self.call(CREATE_KEYED, |mut c| async move {
+            let r = create_idempotent(&mut c, key, new, ttl).await;
+            (c, r)
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` expired idempotency keys, oldest first; returns how many.
+    pub async fn delete_expired_idempotency_keys(&self, batch: i64) -> Result<u64, DbError> {
+        self.call(SWEEP_KEYS, |mut c| async move {
+            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS)
+                .bind(batch)
+                .execute(&mut *c)
+                .await;
+            (c, r)
+        })
+        .await
+        .map(|done| done.rows_affected())
+    }
+
+    /// Deletes every expired idempotency key, [`SWEEP_BATCH`] per statement, so the sweep makes
+    /// progress whatever the backlog and never holds a long transaction. On failure: the error,
+    /// and how many were deleted before it.
+    pub async fn sweep_expired_idempotency_keys(&self) -> Result<u64, (DbError, u64)> {
+        let mut deleted = 0;
+        loop {
+            match self.delete_expired_idempotency_keys(SWEEP_BATCH).await {
+                Ok(n) if n < SWEEP_BATCH as u64 => return Ok(deleted + n),
+                Ok(n) => deleted += n,
+                Err(e) => return Err((e, deleted)),
+            }
+        }
+    }
+}
+
+async fn create_idempotent(
+    conn: &mut PgConnection,
+    key: &str,
+    new: &NewTodo,
+    ttl: Duration,
+) -> Result<Idempotent, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND expires_at < now()")
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    // A concurrent claim of the same key makes this wait until that transaction ends.
+    let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    let outcome = if claimed {
+        let row = sqlx::query_as::<_, TodoRow>(
+            "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
+             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
+             RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, t.version",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        Idempotent::Created(row)
+    } else {
+        let replay = sqlx::query_as::<_, Replay>(
+            "SELECT k.request = jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint) \
+                    AS same_request, \
+                    t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, \
+                    COALESCE(t.version, 1) \
+             FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
+             WHERE k.key = $1",
+        )
+        .bind(key)
+        .bind(&new.title)
+        .bind(new.completed)
+        .bind(new.position)
+        .fetch_one(&mut *tx)
+        .await?;
+        if replay.same_request {
+            Idempotent::Replayed(replay.todo)
+        } else {
+            Idempotent::KeyReused
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
