@@ -201,6 +201,11 @@ impl ApiError {
     /// 500; `error` is logged here (inside the request span) and not returned.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %error, source = ?error.source(), "unexpected error while handling request");
+        Self::unexpected()
+    }
+
+    /// The 500 problem, once its cause has been logged: nothing internal in it.
+    pub fn unexpected() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",

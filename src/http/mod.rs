@@ -4,11 +4,13 @@
 //! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
 //! the layers, whose order is commented there.
 
+pub mod base_url;
 pub mod conditional;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod linger;
+pub mod openapi;
 pub mod resilience;
 pub mod todos;
 pub(crate) mod trace;
@@ -18,8 +20,8 @@ use std::{any::Any, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::Body,
-    extract::{DefaultBodyLimit, FromRequestParts},
-    http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header, request::Parts},
+    extract::DefaultBodyLimit,
+    http::{HeaderName, HeaderValue, Method, Uri, header},
     response::{IntoResponse, Response},
 };
 use tower::ServiceBuilder;
@@ -29,15 +31,15 @@ use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
-use utoipa::OpenApi;
-use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
     config::{Config, CorsOrigins},
     db::Db,
 };
+pub use base_url::BaseUrl;
 use error::ApiError;
+use openapi::{ApiRoutes, api_routes};
 
 /// What every handler can reach. One `Arc`: axum clones the state for every request, and one
 /// shared counter is cheaper than one per field when both cores touch it.
@@ -67,185 +69,6 @@ pub struct Shared {
     pub fallback_base_url: Arc<str>,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_key_ttl: Duration,
-}
-
-/// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
-///
-/// Links are written straight into the string they end up in: every todo in a response carries
-/// one, and formatting a base string first, then each link from it, took ~550 instructions more
-/// per single-todo GET (`loadtest/compare.py --instructions`).
-pub struct BaseUrl(Base);
-
-enum Base {
-    /// `PUBLIC_BASE_URL`, or the fallback: a whole base URL.
-    Url(Arc<str>),
-    /// The request's validated Host header (a cheap reference-counted clone).
-    Host(HeaderValue),
-}
-
-impl BaseUrl {
-    /// `<base><path>`, with room for `extra` more bytes.
-    pub fn join(&self, path: &str, extra: usize) -> String {
-        let (scheme, base) = match &self.0 {
-            Base::Url(url) => ("", url.as_ref()),
-            // Validated as ASCII when extracted.
-            Base::Host(host) => ("http://", host.to_str().unwrap_or_default()),
-        };
-        let mut url = String::with_capacity(scheme.len() + base.len() + path.len() + extra);
-        url.push_str(scheme);
-        url.push_str(base);
-        url.push_str(path);
-        url
-    }
-
-    pub fn todo_url(&self, id: i64) -> String {
-        let mut digits = itoa::Buffer::new();
-        let id = digits.format(id);
-        let mut url = self.join("/todos/", id.len());
-        url.push_str(id);
-        url
-    }
-}
-
-impl FromRequestParts<AppState> for BaseUrl {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        if let Some(base) = &state.public_base_url {
-            return Ok(BaseUrl(Base::Url(Arc::clone(base))));
-        }
-        let host = match parts.headers.get(header::HOST) {
-            Some(host) => Some(host.clone()),
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
-        Ok(BaseUrl(
-            match host.filter(|h| is_plain_authority(h.as_bytes())) {
-                Some(host) => Base::Host(host),
-                None => Base::Url(Arc::clone(&state.fallback_base_url)),
-            },
-        ))
-    }
-}
-
-/// Whether `host` is a plain `host[:port]` (a name, IPv4, or bracketed IPv6): only such a Host
-/// header is echoed back, so a hostile one cannot inject a path, credentials or markup into the
-/// URLs we return. Stricter than RFC 3986's authority (no user info, percent-encoding or
-/// sub-delimiters), which no client needs here.
-fn is_plain_authority(host: &[u8]) -> bool {
-    !host.is_empty()
-        && host.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-        })
-}
-
-/// The OpenAPI document's root; paths are added by `routes!` in [`router`].
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "todo-service",
-        description = "A resilient, Postgres-backed todo REST API, compatible with the TodoBackend specification. \
-                       Every error is an RFC 9457 problem (application/problem+json) with a machine-readable `code`."
-    ),
-    tags(
-        (name = "todos", description = "The todo collection and its items"),
-        (name = "operations", description = "Liveness and readiness probes")
-    ),
-    components(schemas(error::Problem, error::FieldError))
-)]
-pub struct ApiDoc;
-
-/// The routes, before state and layers: `data` (everything that needs the database, to be
-/// protected by the resilience layers) and `ops` (probes, never limited), plus the OpenAPI
-/// document describing both.
-pub struct ApiRoutes {
-    pub data: Router<AppState>,
-    pub ops: Router<AppState>,
-    pub openapi: utoipa::openapi::OpenApi,
-}
-
-pub fn api_routes() -> ApiRoutes {
-    let (data, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(
-            todos::list_todos,
-            todos::create_todo,
-            todos::delete_all_todos
-        ))
-        .routes(routes!(
-            todos::get_todo,
-            todos::update_todo,
-            todos::delete_todo
-        ))
-        .split_for_parts();
-    let (ops, ops_doc) = OpenApiRouter::new()
-        .routes(routes!(health::health))
-        .routes(routes!(health::ready))
-        .split_for_parts();
-    openapi.merge(ops_doc);
-    add_common_problems(&mut openapi);
-    ApiRoutes { data, ops, openapi }
-}
-
-/// Adds the problem responses that whole classes of operations share, once, instead of repeating
-/// them in every handler annotation (so no route can forget them). An annotation's own entry for
-/// the same status wins.
-fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, response::Response};
-    let problem = |description: &str| -> RefOr<Response> {
-        ResponseBuilder::new()
-            .description(description)
-            .content(
-                error::PROBLEM_JSON,
-                Content::new(Some(Ref::from_schema_name("Problem"))),
-            )
-            .build()
-            .into()
-    };
-    for (path, item) in api.paths.paths.iter_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.post,
-            &mut item.patch,
-            &mut item.delete,
-        ];
-        for op in operations.into_iter().flatten() {
-            let has_body = op.request_body.is_some();
-            let r = &mut op.responses.responses;
-            if path.contains("{id}") {
-                r.entry("400".into()).or_insert_with(|| {
-                    problem("Malformed JSON body, or the id is not a positive integer")
-                });
-                r.entry("404".into())
-                    .or_insert_with(|| problem("No such todo"));
-            }
-            if has_body {
-                r.entry("400".into())
-                    .or_insert_with(|| problem("Malformed JSON body"));
-                r.entry("413".into())
-                    .or_insert_with(|| problem("Body larger than MAX_BODY_BYTES"));
-                r.entry("415".into())
-                    .or_insert_with(|| problem("Body sent without Content-Type: application/json"));
-                r.entry("422".into()).or_insert_with(|| {
-                    problem("A field is invalid or unknown; `errors` names each")
-                });
-            }
-            if path.starts_with("/todos") {
-                r.entry("429".into()).or_insert_with(|| {
-                    problem("Over this client's rate limit; retry after Retry-After seconds")
-                });
-                r.entry("503".into()).or_insert_with(|| {
-                    problem("Overloaded, or the database is unavailable (`code` says which); retry after Retry-After")
-                });
-                r.entry("504".into())
-                    .or_insert_with(|| problem("The request took longer than REQUEST_TIMEOUT"));
-            }
-        }
-    }
 }
 
 /// The whole application: routes, docs, fallbacks and layers.
@@ -354,12 +177,15 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             header::ACCEPT,
             header::AUTHORIZATION,
             HeaderName::from_static(trace::REQUEST_ID),
-            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static(todos::IDEMPOTENCY_KEY),
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
         ])
         .expose_headers([
             HeaderName::from_static("idempotent-replayed"),
             header::LOCATION,
             header::LINK,
+            header::ETAG,
             header::RETRY_AFTER,
             HeaderName::from_static(trace::REQUEST_ID),
         ])
@@ -381,48 +207,8 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into());
     tracing::error!(panic = %message, "handler panicked");
-    let mut res = ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "Internal server error",
-        "the service hit an unexpected error; it has been logged",
-    )
-    .into_response();
+    let mut res = ApiError::unexpected().into_response();
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_plain_host_and_port_is_echoed_into_links() {
-        for ok in [
-            "todo.test",
-            "todo.test:9000",
-            "127.0.0.1:8080",
-            "[::1]:80",
-            "todo_service",
-        ] {
-            assert!(is_plain_authority(ok.as_bytes()), "{ok}");
-        }
-        for bad in [
-            "",
-            "evil.test/<script>",
-            "user@evil.test",
-            "evil.test?x",
-            "evil.test#x",
-            "a b",
-            "evil.test\"",
-        ] {
-            assert!(!is_plain_authority(bad.as_bytes()), "{bad}");
-        }
-        let base = BaseUrl(Base::Host(HeaderValue::from_static("todo.test:9000")));
-        assert_eq!(base.todo_url(42), "http://todo.test:9000/todos/42");
-        let base = BaseUrl(Base::Url(Arc::from("https://api.example/v1")));
-        assert_eq!(base.todo_url(-1), "https://api.example/v1/todos/-1");
-        assert_eq!(base.join("/todos", 0), "https://api.example/v1/todos");
-    }
 }

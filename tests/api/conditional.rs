@@ -167,3 +167,40 @@ async fn conditional_writes_on_missing_todos_and_bad_headers_change_nothing() {
     assert_problem(r, 412, "precondition_failed").await;
     assert_eq!(app.snapshot().await, before);
 }
+
+/// A browser client can only use ETags if CORS lets it read `ETag` and send `If-Match` and
+/// `If-None-Match`.
+#[tokio::test]
+async fn browsers_may_read_etags_and_send_preconditions() {
+    let app = spawn_app().await;
+    let (id, _) = create(&app, "a").await;
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url(&format!("/todos/{id}")))
+        .header("origin", "http://todobackend.com")
+        .header("access-control-request-method", "PATCH")
+        .header("access-control-request-headers", "if-match,if-none-match")
+        .send()
+        .await
+        .unwrap();
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        allowed.contains("if-match") && allowed.contains("if-none-match"),
+        "{allowed}"
+    );
+    let r = app
+        .client
+        .get(app.url(&format!("/todos/{id}")))
+        .header("origin", "http://todobackend.com")
+        .send()
+        .await
+        .unwrap();
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(exposed.contains("etag"), "{exposed}");
+}
