@@ -152,11 +152,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
     };
     let conn = match (addr, reached) {
         (Some(addr), true) => {
-            let options = db
-                .connect_options
-                .clone()
-                .host(&addr.ip().to_string())
-                .port(addr.port())
+            let options = crate::db::pool::aimed_at(&db.connect_options, addr)
                 .application_name("todo-service-doctor");
             match tokio::time::timeout(STEP_TIMEOUT, PgConnection::connect_with(&options)).await {
                 Ok(Ok(conn)) => {
@@ -209,7 +205,7 @@ async fn resolve(
     port: u16,
     resolver: &dyn Resolver,
 ) -> Result<(SocketAddr, Check), Check> {
-    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+    if let Some(ip) = crate::net::ip_literal(host) {
         let addr = SocketAddr::new(ip, port);
         return Ok((
             addr,
@@ -221,32 +217,36 @@ async fn resolve(
         ));
     }
     let started = Instant::now();
-    match tokio::time::timeout(STEP_TIMEOUT, resolver.lookup(host, port)).await {
-        Ok(Ok(addrs)) if !addrs.is_empty() => {
-            let addr = addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]);
-            let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
-            Ok((
-                *addr,
-                Check::new(
-                    "DNS",
-                    Status::Pass,
-                    format!(
-                        "{host} -> {} in {:?}; the service would pin {}",
-                        list.join(", "),
-                        started.elapsed(),
-                        addr.ip()
-                    ),
-                ),
-            ))
-        }
-        Ok(Ok(_)) => Err(Check::new("DNS", Status::Fail, format!("{host} resolved to no addresses"))),
-        Ok(Err(e)) => Err(Check::new("DNS", Status::Fail, format!("cannot resolve {host:?}: {e}")).hint(
+    let addrs = match tokio::time::timeout(STEP_TIMEOUT, resolver.lookup(host, port)).await {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(e)) => return Err(Check::new("DNS", Status::Fail, format!("cannot resolve {host:?}: {e}")).hint(
             "Check the host name in DATABASE_URL; in Docker Compose it is the database service's name, \
              and both services must share a network. The service itself starts anyway and retries.",
         )),
-        Err(_) => Err(Check::new("DNS", Status::Fail, format!("no answer for {host:?} within {STEP_TIMEOUT:?}"))
+        Err(_) => return Err(Check::new("DNS", Status::Fail, format!("no answer for {host:?} within {STEP_TIMEOUT:?}"))
             .hint("The resolver is slow or overloaded (the post-mortem's failure); check /etc/resolv.conf.")),
-    }
+    };
+    let Some(addr) = crate::net::preferred(&addrs) else {
+        return Err(Check::new(
+            "DNS",
+            Status::Fail,
+            format!("{host} resolved to no addresses"),
+        ));
+    };
+    let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    Ok((
+        addr,
+        Check::new(
+            "DNS",
+            Status::Pass,
+            format!(
+                "{host} -> {} in {:?}; the service would pin {}",
+                list.join(", "),
+                started.elapsed(),
+                addr.ip()
+            ),
+        ),
+    ))
 }
 
 async fn tcp(addr: SocketAddr) -> Check {

@@ -8,6 +8,7 @@
 //! # Layout
 //! Read in this order:
 //! - [`config`]: every environment variable, parsed and validated once; the source of `--help`.
+//! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
 //! - [`startup`]: binds the listener, builds the database handle and router, runs until shutdown.
 //! - [`http`]: the router and all middleware in one place; handlers per resource
 //!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
@@ -25,6 +26,7 @@ pub mod db;
 pub mod doctor;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod startup;
 pub mod telemetry;
 

@@ -10,6 +10,7 @@
 //! opening connections never touches DNS.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -96,6 +97,14 @@ impl PgManager {
     }
 }
 
+/// `options` with the host replaced by the pinned address: no connection ever looks a name up.
+pub fn aimed_at(options: &PgConnectOptions, addr: SocketAddr) -> PgConnectOptions {
+    options
+        .clone()
+        .host(&addr.ip().to_string())
+        .port(addr.port())
+}
+
 impl Manager for PgManager {
     type Type = PgConnection;
     type Error = sqlx::Error;
@@ -110,12 +119,7 @@ impl Manager for PgManager {
                 ),
             ))
         })?;
-        let options = self
-            .options
-            .clone()
-            .host(&addr.ip().to_string())
-            .port(addr.port());
-        PgConnection::connect_with(&options).await
+        PgConnection::connect_with(&aimed_at(&self.options, addr)).await
     }
 
     async fn recycle(

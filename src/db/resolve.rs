@@ -107,7 +107,7 @@ impl PinnedAddress {
     }
 
     fn literal(&self) -> Option<IpAddr> {
-        self.host.trim_matches(['[', ']']).parse().ok()
+        crate::net::ip_literal(&self.host)
     }
 
     /// Whether the host is a name (so re-resolving can change anything).
@@ -171,12 +171,7 @@ impl PinnedAddress {
     async fn lookup_once(&self, resolver: &dyn Resolver) -> io::Result<SocketAddr> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let addrs = resolver.lookup(&self.host, self.port).await?;
-        // Prefer IPv4: container networks and the default Postgres listen_addresses are IPv4 first.
-        let addr = addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or_else(|| addrs.first())
-            .copied()
+        let addr = crate::net::preferred(&addrs)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no addresses returned"))?;
         self.pin(addr);
         tracing::info!(db.host = %self.host, db.address = %addr, "resolved database host once; connections use this address until restart");

@@ -339,11 +339,7 @@ async fn resolve_once(endpoint: &Url) -> Url {
     let Some(host) = endpoint.host_str() else {
         return endpoint.clone();
     };
-    if host
-        .trim_matches(['[', ']'])
-        .parse::<std::net::IpAddr>()
-        .is_ok()
-    {
+    if crate::net::ip_literal(host).is_some() {
         return endpoint.clone();
     }
     let port = endpoint.port_or_known_default().unwrap_or(4317);

@@ -129,7 +129,7 @@ fn the_module_graph_has_no_cycles() {
 }
 
 #[test]
-fn config_is_the_bottom_and_db_knows_neither_http_nor_metrics() {
+fn config_and_net_are_the_bottom_and_db_knows_neither_http_nor_metrics() {
     let edges = graph();
     assert_eq!(
         edges["config"],

@@ -1,0 +1,45 @@
+//! Host names and addresses, as every part of the service that resolves something reads them: the
+//! database host (`db::resolve`), the OTLP collector (`telemetry`) and `doctor`. At the bottom of
+//! the module graph beside `config`: it imports nothing of the crate.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The address a host names by itself (`10.0.0.5`, `::1` or `[::1]` as URLs write it): no
+/// lookup needed.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    host.trim_matches(['[', ']']).parse().ok()
+}
+
+/// The address to use of those a lookup returned: the first IPv4 one, else the first. Container
+/// networks and PostgreSQL's default `listen_addresses` are IPv4 first.
+pub fn preferred(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_recognised_with_or_without_brackets() {
+        assert_eq!(ip_literal("10.0.0.5"), Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(ip_literal("[::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(ip_literal("::1"), Some("::1".parse().unwrap()));
+        assert_eq!(ip_literal("postgres"), None);
+        assert_eq!(ip_literal("10.0.0.5.example"), None);
+    }
+
+    #[test]
+    fn ipv4_is_preferred_and_otherwise_the_first_is_kept() {
+        let v6: SocketAddr = "[::1]:5432".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let v6b: SocketAddr = "[::2]:5432".parse().unwrap();
+        assert_eq!(preferred(&[v6, v4]), Some(v4));
+        assert_eq!(preferred(&[v6, v6b]), Some(v6));
+        assert_eq!(preferred(&[]), None);
+    }
+}
