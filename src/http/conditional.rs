@@ -12,7 +12,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, header, request::Parts},
 };
 
-use super::error::ApiError;
+use super::{code::Code, error::ApiError};
 
 /// The `ETag` of a todo at `version`: a strong tag, `"<version>"`.
 pub fn etag(version: i64) -> HeaderValue {
@@ -142,7 +142,7 @@ fn version_of(opaque: &str) -> Option<i64> {
 
 fn invalid(name: &header::HeaderName) -> ApiError {
     ApiError::bad_request(
-        "invalid_precondition",
+        Code::InvalidPrecondition,
         format!("{name} must be * or a comma-separated list of entity tags such as \"3\""),
     )
     .with_hint("Send back the ETag value of the todo exactly as you received it.")
@@ -221,7 +221,7 @@ mod tests {
         for bad in ["3", "\"3", "\"3\" \"4\"", "W/3", "*, \"3\"", "\"a b\""] {
             let err = if_match(&[bad]).expect_err(bad);
             assert_eq!(err.status(), 400, "{bad}");
-            assert_eq!(err.problem().code, "invalid_precondition", "{bad}");
+            assert_eq!(err.problem().code, Code::InvalidPrecondition, "{bad}");
         }
     }
 }

@@ -15,6 +15,7 @@ use axum::{
 };
 use serde::Serialize;
 
+use super::code::Code;
 use crate::db::DbError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -24,8 +25,8 @@ pub const DB_RETRY_AFTER_SECS: u64 = 1;
 
 /// Response extension carrying the problem's `code`, so the request span can record what went
 /// wrong (and which protective layer answered) without reading the body.
-#[derive(Debug, Clone)]
-pub struct ProblemCode(pub Cow<'static, str>);
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemCode(pub Code);
 
 /// A problem details body. Also the OpenAPI schema for every error response.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -39,8 +40,9 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong with this request.
     pub detail: String,
-    /// Stable machine-readable code, e.g. `validation_failed`, `not_found`.
-    pub code: Cow<'static, str>,
+    /// Stable machine-readable code, e.g. `validation_failed`, `todo_not_found`.
+    #[schema(value_type = String)]
+    pub code: Code,
     /// What the client can do about it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<Cow<'static, str>>,
@@ -71,18 +73,18 @@ pub struct ApiError {
 impl ApiError {
     pub fn new(
         status: StatusCode,
-        code: &'static str,
+        code: Code,
         title: &'static str,
         detail: impl Into<String>,
     ) -> Self {
         ApiError {
             status,
             problem: Box::new(Problem {
-                type_uri: format!("urn:todo-service:problem:{code}"),
+                type_uri: format!("urn:todo-service:problem:{}", code.as_str()),
                 title: Cow::Borrowed(title),
                 status: status.as_u16(),
                 detail: detail.into(),
-                code: Cow::Borrowed(code),
+                code,
                 hint: None,
                 errors: Vec::new(),
             }),
@@ -132,7 +134,7 @@ impl ApiError {
             .join("; ");
         let mut e = Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
+            Code::ValidationFailed,
             "Request validation failed",
             detail,
         )
@@ -141,14 +143,14 @@ impl ApiError {
         e
     }
 
-    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn bad_request(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, "Bad request", detail)
     }
 
     pub fn todo_not_found(id: i64) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
-            "todo_not_found",
+            Code::TodoNotFound,
             "Todo not found",
             format!("there is no todo with id {id}"),
         )
@@ -159,7 +161,7 @@ impl ApiError {
     pub fn precondition_failed(id: i64) -> Self {
         Self::new(
             StatusCode::PRECONDITION_FAILED,
-            "precondition_failed",
+            Code::PreconditionFailed,
             "Precondition failed",
             format!("todo {id} changed since the version named in If-Match; nothing was changed"),
         )
@@ -169,7 +171,7 @@ impl ApiError {
     pub fn route_not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
-            "route_not_found",
+            Code::RouteNotFound,
             "Not found",
             format!("no route matches {path}"),
         )
@@ -179,7 +181,7 @@ impl ApiError {
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "Method not allowed",
             format!("{method} is not supported on {path}"),
         )
@@ -190,7 +192,7 @@ impl ApiError {
     pub fn database_unavailable(reason: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
+            Code::DatabaseUnavailable,
             "Database unavailable",
             reason,
         )
@@ -208,7 +210,7 @@ impl ApiError {
     pub fn unexpected() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
+            Code::InternalError,
             "Internal server error",
             "the service hit an unexpected error; it has been logged",
         )
@@ -219,7 +221,7 @@ impl ApiError {
     pub fn overloaded() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            Code::Overloaded,
             "Service overloaded",
             "too many requests are in flight; this one was not started",
         )
@@ -231,7 +233,7 @@ impl ApiError {
     pub fn rate_limited(retry_after_secs: u64) -> Self {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            Code::RateLimited,
             "Too many requests",
             format!("this client is over its request quota; retry in {retry_after_secs} s"),
         )
@@ -251,7 +253,7 @@ impl From<DbError> for ApiError {
             }
             DbError::CircuitOpen { retry_after } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "circuit_open",
+                Code::CircuitOpen,
                 "Database unavailable",
                 "the database has been failing, so requests are refused until it is probed again",
             )
@@ -264,7 +266,7 @@ impl From<DbError> for ApiError {
                 tracing::warn!(%reason, "database statement timed out");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "database_timeout",
+                    Code::DatabaseTimeout,
                     "Database timeout",
                     "the database did not finish the query in time",
                 )
@@ -291,8 +293,7 @@ impl IntoResponse for ApiError {
         }
         .unwrap_or_else(|_| br#"{"title":"Internal server error","status":500}"#.to_vec());
         let mut res = (self.status, body).into_response();
-        res.extensions_mut()
-            .insert(ProblemCode(self.problem.code.clone()));
+        res.extensions_mut().insert(ProblemCode(self.problem.code));
         let headers = res.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(secs) = self.retry_after {
@@ -338,28 +339,11 @@ pub async fn ensure_problem(res: Response) -> Response {
         });
     let title = status.canonical_reason().unwrap_or("Error");
     let detail = text.unwrap_or_else(|| title.to_lowercase());
-    let problem = ApiError::new(status, generic_code(status), title, detail);
+    let problem = ApiError::new(status, Code::for_status(status.as_u16()), title, detail);
     let new = problem.into_response();
     parts.headers.remove(header::CONTENT_LENGTH);
     for (name, value) in new.headers() {
         parts.headers.insert(name.clone(), value.clone());
     }
     Response::from_parts(parts, Body::new(new.into_body()))
-}
-
-fn generic_code(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 => "bad_request",
-        404 => "route_not_found",
-        405 => "method_not_allowed",
-        408 => "request_timeout",
-        413 => "payload_too_large",
-        415 => "unsupported_media_type",
-        422 => "validation_failed",
-        429 => "rate_limited",
-        503 => "service_unavailable",
-        504 => "gateway_timeout",
-        s if s >= 500 => "internal_error",
-        _ => "client_error",
-    }
 }

@@ -14,7 +14,7 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::{code::Code, error::ApiError};
 
 /// A JSON request body of type `T`.
 pub struct JsonBody<T>(pub T);
@@ -26,7 +26,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if !is_json(req.headers().get(header::CONTENT_TYPE)) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "Unsupported media type",
                 "the request body must be JSON",
             )
@@ -36,13 +36,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    Code::PayloadTooLarge,
                     "Payload too large",
                     "the request body is larger than the service accepts",
                 )
                 .with_hint("Send a smaller body (see MAX_BODY_BYTES).")
             } else {
-                ApiError::bad_request("unreadable_body", e.body_text())
+                ApiError::bad_request(Code::UnreadableBody, e.body_text())
             }
         })?;
         parse_json(&bytes).map(JsonBody)
@@ -96,8 +96,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 fn malformed(e: &serde_json::Error) -> ApiError {
-    ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
-        .with_hint("Send a JSON object, e.g. {\"title\": \"buy milk\"}.")
+    ApiError::bad_request(
+        Code::MalformedJson,
+        format!("the body is not valid JSON: {e}"),
+    )
+    .with_hint("Send a JSON object, e.g. {\"title\": \"buy milk\"}.")
 }
 
 /// serde reports missing and unknown fields at the object's own path; the name is in backticks.
@@ -116,7 +119,7 @@ pub struct Query<T>(pub T);
 
 impl From<QueryRejection> for ApiError {
     fn from(e: QueryRejection) -> Self {
-        ApiError::bad_request("invalid_query", e.body_text())
+        ApiError::bad_request(Code::InvalidQuery, e.body_text())
             .with_hint("Each query parameter may appear once; see /openapi.json.")
     }
 }
@@ -131,11 +134,13 @@ impl<S: Send + Sync> FromRequestParts<S> for TodoId {
         let axum::extract::Path(raw) =
             axum::extract::Path::<String>::from_request_parts(parts, state)
                 .await
-                .map_err(|e: PathRejection| ApiError::bad_request("invalid_path", e.body_text()))?;
+                .map_err(|e: PathRejection| {
+                    ApiError::bad_request(Code::InvalidPath, e.body_text())
+                })?;
         match raw.parse::<i64>() {
             Ok(id) if id > 0 => Ok(TodoId(id)),
             _ => Err(ApiError::bad_request(
-                "invalid_id",
+                Code::InvalidId,
                 format!("{raw:?} is not a todo id; ids are positive integers"),
             )
             .with_hint("Use the `url` or `id` returned when the todo was created.")),
@@ -185,10 +190,10 @@ mod tests {
             assert_eq!(err.status(), *status, "{body}");
             let problem = err.problem();
             if status == &StatusCode::UNPROCESSABLE_ENTITY {
-                assert_eq!(problem.code, "validation_failed", "{body}");
+                assert_eq!(problem.code, Code::ValidationFailed, "{body}");
                 assert_eq!(problem.errors[0].field, *field, "{body}: {problem:?}");
             } else {
-                assert_eq!(problem.code, "malformed_json", "{body}");
+                assert_eq!(problem.code, Code::MalformedJson, "{body}");
             }
         }
     }

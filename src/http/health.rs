@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 
 use super::{
     AppState,
+    code::Code,
     error::{ApiError, Problem},
 };
 use crate::db::{DbStatus, breaker::BreakerState};
@@ -153,7 +154,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     let checks = serde_json::json!({ "checks": { "database": database } });
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "not_ready",
+        Code::NotReady,
         "Not ready",
         detail,
     )

@@ -5,6 +5,7 @@
 //! the layers, whose order is commented there.
 
 pub mod base_url;
+pub mod code;
 pub mod conditional;
 pub mod error;
 pub mod extract;

@@ -46,7 +46,7 @@ use tower_governor::{
 };
 use tower_http::timeout::TimeoutLayer;
 
-use super::error::ApiError;
+use super::{code::Code, error::ApiError};
 use crate::config::{Config, RateLimit};
 
 /// How often idle clients' rate-limit state is dropped, so memory stays bounded however many
@@ -268,7 +268,7 @@ fn rate_limit_response(err: GovernorError) -> Response<Body> {
         GovernorError::Other { code, msg, headers } => {
             let mut res = ApiError::new(
                 code,
-                "rate_limit_error",
+                Code::for_status(code.as_u16()),
                 "Rate limiter error",
                 msg.unwrap_or_default(),
             )
@@ -315,7 +315,7 @@ mod tests {
         assert!(res.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(
             res.extensions().get::<ProblemCode>().unwrap().0,
-            "overloaded"
+            Code::Overloaded
         );
 
         let mut svc = AnswerErrorsLayer.layer(NotReadyOnce(false));

@@ -19,6 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{
     AppState, BaseUrl,
+    code::Code,
     conditional::{IfMatch, IfNoneMatch, etag},
     error::{ApiError, FieldError},
     extract::{JsonBody, Query, TodoId},
@@ -333,7 +334,7 @@ pub async fn create_todo(
             Idempotent::KeyReused => {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
+                    Code::IdempotencyKeyReused,
                     "Idempotency key reused",
                     "this Idempotency-Key was already used for a different request body",
                 )
@@ -391,7 +392,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
             return Ok(IdempotencyKey(Some(raw.clone())));
         }
         Err(ApiError::bad_request(
-            "invalid_idempotency_key",
+            Code::InvalidIdempotencyKey,
             format!(
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
             ),

@@ -126,9 +126,9 @@ pub fn on_response(res: &Response, _latency: Duration, span: &Span) {
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    if let Some(ProblemCode(code)) = res.extensions().get::<ProblemCode>() {
-        span.record("error.type", code.as_ref());
-        if let Some(layer) = rejected_by(code) {
+    if let Some(&ProblemCode(code)) = res.extensions().get::<ProblemCode>() {
+        span.record("error.type", code.as_str());
+        if let Some(layer) = code.rejected_by() {
             span.record("todo.rejected_by", layer);
         }
     }
@@ -216,7 +216,7 @@ where
         let rejected = res
             .extensions()
             .get::<ProblemCode>()
-            .and_then(|ProblemCode(code)| rejected_by(code));
+            .and_then(|ProblemCode(code)| code.rejected_by());
         crate::metrics::http().record(
             &fields.method,
             fields.route.as_ref().map(MatchedPath::as_str),
@@ -236,17 +236,6 @@ where
             add_trace_id(&mut res);
         }
         Poll::Ready(Ok(res))
-    }
-}
-
-/// Which protective layer a problem code comes from, if any.
-fn rejected_by(code: &str) -> Option<&'static str> {
-    match code {
-        "rate_limited" => Some("rate_limit"),
-        "overloaded" => Some("load_shed"),
-        "circuit_open" => Some("circuit_breaker"),
-        "gateway_timeout" => Some("timeout"),
-        _ => None,
     }
 }
 
@@ -292,7 +281,7 @@ mod tests {
             let mut res = Response::new(Body::empty());
             *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
             res.extensions_mut()
-                .insert(ProblemCode("rate_limited".into()));
+                .insert(ProblemCode(crate::http::code::Code::RateLimited));
             Ok::<_, Infallible>(res)
         }));
         let mut req = Request::new(Body::empty());
