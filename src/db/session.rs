@@ -8,7 +8,7 @@
 //! part-way is in a state nobody knows: a `BEGIN` may have run on the server without sqlx counting
 //! it (transact-rs/sqlx#4393, not fixed in sqlx 0.9.0), so the next borrower's statements would run
 //! inside a transaction that never commits; or a statement's reply may still be unread. Such a
-//! connection is **discarded**, never returned to the pool ([`Session`]'s `Drop`). Closing the
+//! connection is **discarded**, never returned to the pool ([`Lease`]'s `Drop`). Closing the
 //! socket makes Postgres roll back whatever transaction the session had open, so a write whose
 //! client went away is committed whole (its `COMMIT`, or its single autocommit statement, had
 //! already run) or not at all; and a write is acknowledged only after its commit returned.

@@ -13,8 +13,8 @@ use super::AppState;
 /// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
 ///
 /// Links are written straight into the string they end up in: every todo in a response carries
-/// one, and formatting a base string first, then each link from it, took ~550 instructions more
-/// per single-todo GET (`loadtest/compare.py --instructions`).
+/// one, and formatting a base string first, then each link from it, costs a measurable share of a
+/// single-todo GET (loadtest/RESULTS.md, counted with `loadtest/compare.py --instructions`).
 pub struct BaseUrl(Base);
 
 enum Base {

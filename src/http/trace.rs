@@ -30,7 +30,7 @@ use super::error::ProblemCode;
 use crate::telemetry::{log_format, sampling};
 
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
-pub const REQUEST_ID: &str = "x-request-id";
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Reads W3C trace context from request headers.
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -68,7 +68,7 @@ macro_rules! server_span {
     };
 }
 
-pub fn request_span(req: &Request) -> Span {
+pub(crate) fn request_span(req: &Request) -> Span {
     let method = req.method();
     let header = |name: &str| {
         req.headers()
@@ -118,7 +118,7 @@ pub fn request_span(req: &Request) -> Span {
     span
 }
 
-pub fn on_response(res: &Response, _latency: Duration, span: &Span) {
+pub(crate) fn on_response(res: &Response, _latency: Duration, span: &Span) {
     let status = res.status();
     // As i64: tracing hands narrower integers to the OTel layer as strings, and SigNoz filters
     // on this attribute as a number.
@@ -141,10 +141,10 @@ pub fn on_response(res: &Response, _latency: Duration, span: &Span) {
 ///
 /// A tower layer of our own rather than `axum::middleware::from_fn`: that clones (and boxes) the
 /// whole stack beneath it on every request, since `Next` owns its service; here the inner service
-/// is called in place. Measured: the clones and drops of layer stacks were ~8 % of the service's
-/// CPU on a single-todo GET (loadtest/RESULTS.md).
+/// is called in place: clones and drops of layer stacks were a visible share of the service's CPU
+/// (loadtest/RESULTS.md, "Clones, boxes and moves").
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+pub(crate) struct ObserveLayer;
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
@@ -156,7 +156,7 @@ impl<S> Layer<S> for ObserveLayer {
 
 /// The service of [`ObserveLayer`].
 #[derive(Clone, Debug)]
-pub struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
 }
 

@@ -29,13 +29,13 @@ fn lost() -> &'static Counter<u64> {
 }
 
 /// An exporter whose failed batches are counted under `signal`.
-pub struct Counted<E> {
+pub(super) struct Counted<E> {
     inner: E,
     signal: &'static str,
 }
 
 impl<E> Counted<E> {
-    pub fn new(inner: E, signal: &'static str) -> Self {
+    pub(super) fn new(inner: E, signal: &'static str) -> Self {
         Self { inner, signal }
     }
 

@@ -4,8 +4,8 @@
 //! tracing-subscriber's formatters show the fields of the spans the log layer itself sees. Letting
 //! it see the request and database spans costs every request a live span (registry slot, enter
 //! and exit on every poll, every field formatted into a string when the span opens) even when no
-//! line is ever written in it: measured at ~15 µs of CPU per request, 15 % of the single-todo GET's
-//! throughput (loadtest/RESULTS.md). So the log layers see events only ([`events_only`]) and the
+//! line is ever written in it, a large share of a single-todo GET's cost (loadtest/RESULTS.md, "Logs
+//! at the default level"). So the log layers see events only ([`EventsOnly`]) and the
 //! request's identity travels in a task-local ([`in_request`]) set once per request by the HTTP
 //! layer, read only when a line is actually written. It is there whatever `LOG_LEVEL` hides,
 //! which a span-based prefix never was (at `warn` it vanished with the span). The ids come from

@@ -140,8 +140,8 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
 /// The subscriber's layers: stdout, and span and log export when their providers exist. Every
 /// layer carries its own filter, and only the layers that exist are listed: an absent `Option`
 /// layer answers "always interested" for every callsite, which made each request's INFO span,
-/// wanted by no layer, a live span in the registry (~5 µs of CPU per request at
-/// `LOG_LEVEL=info`; loadtest/RESULTS.md).
+/// wanted by no layer, a live span in the registry at `LOG_LEVEL=info` (its price is in
+/// loadtest/RESULTS.md).
 fn layers(
     config: &Config,
     provider: Option<&SdkTracerProvider>,

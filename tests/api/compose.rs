@@ -166,11 +166,11 @@ fn compose_brings_up_postgres_the_service_and_signoz_wired_together() {
 #[test]
 fn the_image_is_multi_stage_non_root_and_healthchecked() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
-    let froms = dockerfile
+    let from_lines = dockerfile
         .lines()
         .filter(|l| l.starts_with("FROM "))
         .count();
-    assert!(froms >= 2, "multi-stage: {froms} FROM lines");
+    assert!(from_lines >= 2, "multi-stage: {from_lines} FROM lines");
     let user = dockerfile
         .lines()
         .rfind(|l| l.starts_with("USER "))

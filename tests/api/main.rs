@@ -1,6 +1,10 @@
 //! Integration tests: the app on port 0 against a fresh PostgreSQL database per test, over HTTP.
 //! Run them with `scripts/test.sh` (it provides the PostgreSQL server).
 
+// Test code may unwrap: a panic is the failure message (the library may not; see Cargo.toml).
+// Its `pub` items are shared between the test binaries (helpers.rs), not a public API.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 mod cli;
 mod compose;
 mod conditional;

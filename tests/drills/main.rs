@@ -3,6 +3,10 @@
 //! turns (`serial`), so the bounds are not measured while other tests compete for the CPU.
 //! Run with `scripts/test.sh --test drills`; add `-- --nocapture` to see the figures.
 
+// Test code may unwrap: a panic is the failure message (the library may not; see Cargo.toml).
+// Its `pub` items are shared between the test binaries (helpers.rs), not a public API.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
