@@ -10,7 +10,7 @@ use axum::{
         FromRequest, FromRequestParts, Request,
         rejection::{PathRejection, QueryRejection},
     },
-    http::{StatusCode, header, request::Parts},
+    http::{HeaderValue, StatusCode, header, request::Parts},
 };
 use serde::de::DeserializeOwned;
 
@@ -145,6 +145,45 @@ impl<S: Send + Sync> FromRequestParts<S> for TodoId {
             )
             .with_hint("Use the `url` or `id` returned when the todo was created.")),
         }
+    }
+}
+
+/// The request header that makes `POST /todos` safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The `Idempotency-Key` header, validated. An extractor that reads the one header, rather than
+/// taking a copy of the whole `HeaderMap`.
+pub struct IdempotencyKey(Option<HeaderValue>);
+
+impl IdempotencyKey {
+    pub fn as_str(&self) -> Option<&str> {
+        // Checked to be visible ASCII when extracted.
+        self.0.as_ref().and_then(|k| k.to_str().ok())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(raw) = parts.headers.get(IDEMPOTENCY_KEY) else {
+            return Ok(IdempotencyKey(None));
+        };
+        let k = raw.as_bytes();
+        if !k.is_empty()
+            && k.len() <= MAX_IDEMPOTENCY_KEY_LEN
+            && k.iter().all(|&b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Ok(IdempotencyKey(Some(raw.clone())));
+        }
+        Err(ApiError::bad_request(
+            Code::InvalidIdempotencyKey,
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+            ),
+        )
+        .with_hint("Send a UUID, for example."))
     }
 }
 

@@ -178,7 +178,7 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             header::ACCEPT,
             header::AUTHORIZATION,
             HeaderName::from_static(trace::REQUEST_ID),
-            HeaderName::from_static(todos::IDEMPOTENCY_KEY),
+            HeaderName::from_static(extract::IDEMPOTENCY_KEY),
             header::IF_MATCH,
             header::IF_NONE_MATCH,
         ])

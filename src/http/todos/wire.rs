@@ -1,0 +1,324 @@
+//! The todos' wire format: what the API returns and accepts, and the validation that turns a
+//! request body or query into what the database layer takes (or a 422 naming each bad field).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::{
+    db::todos::{Cursor, NewTodo, TodoChanges, TodoRow},
+    http::{
+        BaseUrl,
+        error::{ApiError, FieldError},
+    },
+};
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 500;
+pub const MAX_TITLE_CHARS: usize = 1000;
+
+/// A todo as the API returns it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Todo {
+    pub id: i64,
+    /// Absolute URL of this todo.
+    pub url: String,
+    pub title: String,
+    pub completed: bool,
+    /// Optional position; lists sort by it (todos without one come last), then by id.
+    pub order: Option<i64>,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub updated_at: DateTime<Utc>,
+}
+
+/// RFC 3339 in UTC with exactly six fractional digits (`2026-11-23T10:00:00.123456Z`): one fixed
+/// form, which every ISO 8601 parser takes (Python's `fromisoformat` before 3.11 refuses other
+/// fraction lengths). Written digit by digit: chrono's `Display` goes through the `fmt`
+/// machinery and was most of a 20-row page's serialisation cost in the profile.
+fn rfc3339_micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    use chrono::{Datelike, Timelike};
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return s.collect_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    }
+    fn put(b: &mut [u8], at: usize, width: usize, mut v: u32) {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    put(&mut b, 0, 4, year as u32);
+    put(&mut b, 5, 2, t.month());
+    put(&mut b, 8, 2, t.day());
+    put(&mut b, 11, 2, t.hour());
+    put(&mut b, 14, 2, t.minute());
+    put(&mut b, 17, 2, t.second());
+    // A leap second shows as nanoseconds past 1e9 on second 59.
+    put(&mut b, 20, 6, (t.nanosecond() / 1000).min(999_999));
+    s.serialize_str(std::str::from_utf8(&b).expect("ASCII digits"))
+}
+
+impl Todo {
+    pub(super) fn from_row(row: TodoRow, base: &BaseUrl) -> Todo {
+        Todo {
+            url: base.todo_url(row.id),
+            id: row.id,
+            title: row.title,
+            completed: row.completed,
+            order: row.position,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+/// Body of `POST /todos`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTodo {
+    /// Required; 1 to 1000 characters, not blank.
+    #[schema(required = true)]
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Defaults to `false`.
+    #[serde(default)]
+    pub completed: Option<bool>,
+    #[serde(default)]
+    pub order: Option<i64>,
+}
+
+/// Body of `PATCH /todos/{id}`: any subset of the fields; `"order": null` clears the order.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTodo {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<bool>)]
+    pub completed: Option<Option<bool>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    pub order: Option<Option<i64>>,
+}
+
+/// Tells "absent" (outer `None`, via `default`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Query of `GET /todos`. Values are parsed by hand so a bad one gets a 422 naming it.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only todos with this `completed` value.
+    #[param(value_type = Option<bool>)]
+    pub completed: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
+    /// Opaque position to continue from, taken from the previous page's `Link: rel="next"` URL.
+    pub cursor: Option<String>,
+}
+
+pub(super) struct ListParams {
+    pub(super) completed: Option<bool>,
+    pub(super) limit: i64,
+    pub(super) after: Cursor,
+}
+
+impl ListQuery {
+    pub(super) fn validate(self) -> Result<ListParams, ApiError> {
+        let mut errors = Vec::new();
+        let completed = match self.completed.as_deref() {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => {
+                errors.push(field(
+                    "completed",
+                    format!("{other:?} is not true or false"),
+                ));
+                None
+            }
+        };
+        let limit = match self.limit.as_deref().map(str::parse::<i64>) {
+            None => DEFAULT_LIMIT,
+            Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+            Some(_) => {
+                errors.push(field(
+                    "limit",
+                    format!("must be an integer from 1 to {MAX_LIMIT}"),
+                ));
+                DEFAULT_LIMIT
+            }
+        };
+        let after = match self.cursor.as_deref() {
+            None => Cursor::START,
+            Some(raw) => decode_cursor(raw).unwrap_or_else(|| {
+                errors.push(field(
+                    "cursor",
+                    "is not a cursor from this service; take it from a Link header".into(),
+                ));
+                Cursor::START
+            }),
+        };
+        if errors.is_empty() {
+            Ok(ListParams {
+                completed,
+                limit,
+                after,
+            })
+        } else {
+            Err(ApiError::validation_many(errors))
+        }
+    }
+}
+
+fn field(name: &str, message: String) -> FieldError {
+    FieldError {
+        field: name.to_owned(),
+        message,
+    }
+}
+
+/// The cursor is `<sort_key>_<id>` of the last row of the previous page. Clients treat it as
+/// opaque; it is readable only to make debugging easy.
+pub(super) fn encode_cursor(c: Cursor) -> String {
+    format!("{}_{}", c.sort_key, c.id)
+}
+
+fn decode_cursor(raw: &str) -> Option<Cursor> {
+    let (sort_key, id) = raw.rsplit_once('_')?;
+    Some(Cursor {
+        sort_key: sort_key.parse().ok()?,
+        id: id.parse().ok()?,
+    })
+}
+
+fn validate_title(title: &str, errors: &mut Vec<FieldError>) {
+    if title.trim().is_empty() {
+        errors.push(field("title", "must not be empty or blank".into()));
+    } else if title.chars().count() > MAX_TITLE_CHARS {
+        errors.push(field(
+            "title",
+            format!("must be at most {MAX_TITLE_CHARS} characters"),
+        ));
+    } else if title.contains('\0') {
+        // PostgreSQL text cannot hold NUL; without this check it would be a 500.
+        errors.push(field("title", "must not contain NUL characters".into()));
+    }
+}
+
+impl CreateTodo {
+    /// The new todo, or a 422 naming every invalid field.
+    pub fn validate(self) -> Result<NewTodo, ApiError> {
+        let mut errors = Vec::new();
+        match &self.title {
+            Some(t) => validate_title(t, &mut errors),
+            None => errors.push(field("title", "is required".into())),
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::validation_many(errors));
+        }
+        Ok(NewTodo {
+            title: self.title.unwrap_or_default(),
+            completed: self.completed.unwrap_or(false),
+            position: self.order,
+        })
+    }
+}
+
+impl UpdateTodo {
+    /// The changes, or a 422 naming every invalid field.
+    pub fn validate(self) -> Result<TodoChanges, ApiError> {
+        let mut errors = Vec::new();
+        let title = match self.title {
+            None => None,
+            Some(None) => {
+                errors.push(field("title", "must be a string, not null".into()));
+                None
+            }
+            Some(Some(t)) => {
+                validate_title(&t, &mut errors);
+                Some(t)
+            }
+        };
+        let completed = match self.completed {
+            None => None,
+            Some(None) => {
+                errors.push(field("completed", "must be true or false, not null".into()));
+                None
+            }
+            Some(c) => c,
+        };
+        if !errors.is_empty() {
+            return Err(ApiError::validation_many(errors));
+        }
+        Ok(TodoChanges {
+            title,
+            completed,
+            position: self.order,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_including_negative_and_max_sort_keys() {
+        for c in [
+            Cursor {
+                sort_key: -5,
+                id: 10,
+            },
+            Cursor {
+                sort_key: i64::MAX,
+                id: 1,
+            },
+            Cursor::START,
+        ] {
+            assert_eq!(decode_cursor(&encode_cursor(c)), Some(c));
+        }
+        for bad in ["", "5", "a_b", "1_", "_1", "1_2_x"] {
+            assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_have_one_fixed_form_that_matches_chrono() {
+        use chrono::{SecondsFormat, TimeZone};
+        let cases = [
+            Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap(),
+            Utc.timestamp_opt(1_795_000_000, 123_456_000).unwrap(),
+            Utc.timestamp_opt(1_795_000_000, 7_000).unwrap(),
+            Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+        ];
+        for t in cases {
+            let mut out = Vec::new();
+            rfc3339_micros(&t, &mut serde_json::Serializer::new(&mut out)).unwrap();
+            let expected = format!("\"{}\"", t.to_rfc3339_opts(SecondsFormat::Micros, true));
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn titles_are_checked_in_characters_not_bytes() {
+        let mut errors = Vec::new();
+        validate_title(&"é".repeat(MAX_TITLE_CHARS), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        validate_title(&"é".repeat(MAX_TITLE_CHARS + 1), &mut errors);
+        validate_title("  \t", &mut errors);
+        validate_title("a\0b", &mut errors);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+}
