@@ -6,19 +6,21 @@
 //! pooled, and the service keeps answering (503 with `Retry-After`) while the database is away.
 //!
 //! # Layout
-//! Read in this order:
-//! - [`config`]: every environment variable, parsed and validated once; the source of `--help`.
+//! Read in this order. Imports point down this list, never up (`tests/api/layout.rs` checks):
+//! - [`config`]: every environment variable, parsed and validated once, one file per concern;
+//!   the source of `--help`. Imports nothing of the crate.
 //! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
-//! - [`startup`]: binds the listener, builds the database handle and router, runs until shutdown.
-//! - [`http`]: the router and all middleware in one place; handlers per resource
-//!   ([`http::todos`], [`http::health`]); the problem+json error type ([`http::error`]).
+//! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
+//!   logs (the request span itself is in `http`).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
 //!   manager for sqlx connections ([`db::pool`]), every call's life from breaker permit to a
 //!   connection in a known state, cancelled or not (`db::session`), migrations, and the queries
-//!   ([`db::todos`]).
-//! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
-//!   logs (the request span itself is in `http`).
-//! - [`metrics`]: request, pool, breaker and DNS metrics, exported with the traces.
+//!   ([`db::todos`], [`db::idempotency`]). Knows nothing of HTTP, OpenAPI or the metrics.
+//! - [`metrics`]: request, pool, breaker and DNS metrics, read from `db`, exported with the traces.
+//! - [`http`]: the router and all middleware in one place; handlers per resource
+//!   ([`http::todos`], [`http::health`]); the problem codes and error type ([`http::code`],
+//!   [`http::error`]).
+//! - [`startup`]: binds the listener, builds the database handle and router, runs until shutdown.
 //! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 
 pub mod config;
