@@ -6,7 +6,11 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use deadpool::managed::Object;
 
-use super::{Db, DbError, error::pool_error};
+use super::{
+    Db, DbError,
+    backoff::{Attempt, Backoff},
+    error::pool_error,
+};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -21,42 +25,44 @@ pub async fn run_migrations(
 }
 
 impl Db {
-    /// Applies the migrations, retrying with backoff until they are applied.
-    pub(super) async fn migrate_until_applied(self) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let attempt = async {
-                let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
-                let r = run_migrations(&mut conn)
-                    .await
-                    .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
-                if r.is_err() {
-                    drop(Object::take(conn));
-                }
-                r
-            };
-            match attempt.await {
-                Ok(()) => {
-                    self.inner.migrated.store(true, Ordering::Release);
-                    *self
-                        .inner
-                        .migration_error
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = None;
-                    tracing::info!("database migrations applied");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "database not ready; will retry migrations");
-                    *self
-                        .inner
-                        .migration_error
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                }
+    /// Applies the migrations in the background, retrying until they are applied; ends early if
+    /// the application is dropped first.
+    pub(super) fn spawn_migrations(&self) {
+        let db = self.downgrade();
+        tokio::spawn(async move {
+            let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+            db.retry(backoff, |db| async move { db.migrate_once().await })
+                .await;
+        });
+    }
+
+    async fn migrate_once(&self) -> Attempt {
+        let attempt = async {
+            let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+            let r = run_migrations(&mut conn)
+                .await
+                .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
+            if r.is_err() {
+                drop(Object::take(conn));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            r
+        };
+        let outcome = attempt.await;
+        *self
+            .inner
+            .migration_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = outcome.as_ref().err().map(|e| e.to_string());
+        match outcome {
+            Ok(()) => {
+                self.inner.migrated.store(true, Ordering::Release);
+                tracing::info!("database migrations applied");
+                Attempt::Done
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "database not ready; will retry migrations");
+                Attempt::Again
+            }
         }
     }
 }

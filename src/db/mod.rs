@@ -18,6 +18,7 @@
 //! can go stale without sqlx-cli in CI. Instead every query in [`todos`] is exercised by the
 //! integration tests against a real PostgreSQL, which catches the same mistakes.
 
+mod backoff;
 pub mod breaker;
 mod error;
 pub mod idempotency;
@@ -156,7 +157,7 @@ impl Db {
                 pool_wait_observer: OnceLock::new(),
             }),
         };
-        tokio::spawn(db.clone().migrate_until_applied());
+        db.spawn_migrations();
         if db.inner.address.is_name() {
             re_resolve::spawn(db.downgrade());
         }

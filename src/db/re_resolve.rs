@@ -3,7 +3,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{WeakDb, breaker::BreakerState, resolve};
+use super::{
+    Db, WeakDb,
+    backoff::{Attempt, Backoff},
+    breaker::BreakerState,
+    resolve,
+};
 
 /// While the breaker is open (the pinned address keeps failing), looks the host up again in the
 /// background: at once when it opens, then with doubling delays up to a minute, until it closes.
@@ -15,32 +20,36 @@ pub(super) fn spawn(db: WeakDb) {
                 return;
             };
             breaker.opened().await;
-            let mut delay = Duration::from_secs(2);
-            loop {
-                let Some(d) = db.upgrade() else { return };
-                if d.breaker().state() == BreakerState::Closed {
-                    break;
-                }
-                let address = d.address();
-                match address.re_resolve().await {
-                    resolve::ReResolved::Switched { from, to } => {
-                        tracing::warn!(
-                            db.host = address.host(), ?from, %to,
-                            "database address changed: switched to an address that answers"
-                        );
-                        // The breaker's next probe tries the new address; if that fails too, the
-                        // breaker reopens and this starts over.
-                        break;
-                    }
-                    outcome => tracing::info!(
-                        db.host = address.host(), ?outcome, retry_in = ?delay,
-                        "re-resolved the database host during an outage; keeping the address"
-                    ),
-                }
-                drop(d);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
+            let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+            db.retry(backoff, |d| async move { re_resolve_once(&d).await })
+                .await;
         }
     });
+}
+
+/// One lookup during an outage: done when the breaker closed or the address switched.
+async fn re_resolve_once(db: &Db) -> Attempt {
+    if db.breaker().state() == BreakerState::Closed {
+        return Attempt::Done;
+    }
+    let address = db.address();
+    match address.re_resolve().await {
+        resolve::ReResolved::Switched { from, to } => {
+            tracing::warn!(
+                db.host = address.host(), ?from, %to,
+                "database address changed: switched to an address that answers"
+            );
+            // The breaker's next probe tries the new address; if that fails too, the breaker
+            // reopens and this starts over.
+            Attempt::Done
+        }
+        outcome => {
+            tracing::info!(
+                db.host = address.host(),
+                ?outcome,
+                "re-resolved the database host during an outage; keeping the address"
+            );
+            Attempt::Again
+        }
+    }
 }

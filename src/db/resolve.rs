@@ -23,11 +23,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc, RwLock,
+        Arc, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use super::backoff::Backoff;
 
 /// A boxed lookup future; boxed so [`Resolver`] stays object-safe.
 pub type LookupFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
@@ -100,8 +102,8 @@ impl PinnedAddress {
         }
         if let Err(error) = pinned.lookup_once(resolver.as_ref()).await {
             tracing::warn!(db.host = host, %error, "database host did not resolve at startup; retrying in the background");
-            let retry = Arc::clone(&pinned);
-            tokio::spawn(async move { retry.retry_until_resolved(resolver).await });
+            let retry = Arc::downgrade(&pinned);
+            tokio::spawn(PinnedAddress::retry_until_resolved(retry, resolver));
         }
         pinned
     }
@@ -178,16 +180,21 @@ impl PinnedAddress {
         Ok(addr)
     }
 
-    async fn retry_until_resolved(&self, resolver: Arc<dyn Resolver>) {
-        let mut delay = Duration::from_millis(250);
+    /// Retries the startup lookup until it succeeds; ends early if the address is dropped (the
+    /// application went away), since it holds the address only weakly.
+    async fn retry_until_resolved(pinned: Weak<Self>, resolver: Arc<dyn Resolver>) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
         loop {
-            tokio::time::sleep(delay).await;
-            match self.lookup_once(resolver.as_ref()).await {
+            backoff.wait().await;
+            let Some(pinned) = pinned.upgrade() else {
+                return;
+            };
+            match pinned.lookup_once(resolver.as_ref()).await {
                 Ok(_) => return,
-                Err(error) => {
-                    tracing::warn!(db.host = %self.host, %error, retry_in = ?delay, "database host still does not resolve");
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
+                Err(error) => tracing::warn!(
+                    db.host = %pinned.host, %error, retry_in = ?backoff.next_delay(),
+                    "database host still does not resolve"
+                ),
             }
         }
     }
