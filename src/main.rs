@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 
 /// Logging and trace export first, then the service; the last spans are flushed after it drains.
 async fn serve(config: Config) -> ExitCode {
-    let telemetry = match telemetry::init(&config).await {
+    let telemetry = match telemetry::init(&config, todo_service::http::log_context).await {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: cannot start logging/telemetry: {e:#}");

@@ -41,6 +41,7 @@ use crate::{
 pub use base_url::BaseUrl;
 use error::ApiError;
 use openapi::{ApiRoutes, api_routes};
+pub use trace::log_context;
 
 /// What every handler can reach. One `Arc`: axum clones the state for every request, and one
 /// shared counter is cheaper than one per field when both cores touch it.

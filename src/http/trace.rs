@@ -16,7 +16,7 @@ use std::{
 
 use axum::{
     extract::{ConnectInfo, MatchedPath, Request},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue, Method, header},
     response::Response,
 };
 use opentelemetry::trace::TraceContextExt as _;
@@ -27,10 +27,40 @@ use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProblemCode;
-use crate::telemetry::{log_format, sampling};
+use crate::telemetry::sampling;
 
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
+
+/// The request a log line is written for: cheap clones of what the request already holds.
+pub(crate) struct RequestFields {
+    /// `x-request-id` as the client sees it (theirs, or the one given to the request).
+    request_id: Option<HeaderValue>,
+    method: Method,
+    /// The matched route (`/todos/{id}`); none when no route matched.
+    route: Option<MatchedPath>,
+}
+
+tokio::task_local! {
+    static REQUEST: RequestFields;
+}
+
+/// The log lines' [`crate::telemetry::log_format::RequestContext`]: the keys of the request being
+/// served, read from the task-local the observing layer sets for each request.
+pub fn log_context(keys: &mut Vec<(&'static str, String)>) {
+    let _ = REQUEST.try_with(|r| {
+        if let Some(id) = &r.request_id {
+            keys.push((
+                "request_id",
+                String::from_utf8_lossy(id.as_bytes()).into_owned(),
+            ));
+        }
+        keys.push(("http.request.method", r.method.as_str().to_owned()));
+        if let Some(route) = &r.route {
+            keys.push(("http.route", route.as_str().to_owned()));
+        }
+    });
+}
 
 /// Reads W3C trace context from request headers.
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -174,7 +204,7 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
-        let fields = log_format::RequestFields {
+        let fields = RequestFields {
             request_id: req.headers().get(REQUEST_ID).cloned(),
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
@@ -184,7 +214,7 @@ where
         // polled, inside the scope; what they decide while called (a rate-limit refusal) is
         // logged by the response line below.
         ObserveFuture {
-            inner: log_format::in_request(fields, self.inner.call(req)),
+            inner: REQUEST.scope(fields, self.inner.call(req)),
             started,
         }
     }
@@ -194,7 +224,7 @@ pin_project! {
     /// The future of [`Observe`].
     pub struct ObserveFuture<F: Future> {
         #[pin]
-        inner: TaskLocalFuture<log_format::RequestFields, F>,
+        inner: TaskLocalFuture<RequestFields, F>,
         started: tokio::time::Instant,
     }
 }
@@ -224,7 +254,7 @@ where
             latency,
             rejected,
         );
-        log_format::with_request(fields, || {
+        REQUEST.sync_scope(fields, || {
             tracing::debug!(
                 status = res.status().as_u16(),
                 ?latency,
@@ -273,7 +303,7 @@ mod tests {
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_writer(move || writer.clone())
-                .event_format(log_format::Text::default())
+                .event_format(crate::telemetry::log_format::Text::new(log_context))
                 .with_filter(EnvFilter::new("todo_service=debug")),
         );
         let service = ObserveLayer.layer(tower::service_fn(|_: Request| async {

@@ -4,24 +4,23 @@
 //! tracing-subscriber's formatters show the fields of the spans the log layer itself sees. Letting
 //! it see the request and database spans costs every request a live span (registry slot, enter
 //! and exit on every poll, every field formatted into a string when the span opens) even when no
-//! line is ever written in it, a large share of a single-todo GET's cost (loadtest/RESULTS.md, "Logs
-//! at the default level"). So the log layers see events only ([`EventsOnly`]) and the
-//! request's identity travels in a task-local ([`in_request`]) set once per request by the HTTP
-//! layer, read only when a line is actually written. It is there whatever `LOG_LEVEL` hides,
-//! which a span-based prefix never was (at `warn` it vanished with the span). The ids come from
-//! the OpenTelemetry context, which `tracing-opentelemetry` activates on the thread whenever one
-//! of our exported spans is entered. No maintained formatter does either (json-subscriber reads
-//! the spans its layer can see, the same limit), hence this small wrapper around the stock ones.
+//! line is ever written in it, a large share of a single-todo GET's cost (loadtest/RESULTS.md,
+//! "Logs at the default level"). So the log layers see events only ([`EventsOnly`]) and the
+//! request's identity comes from a [`RequestContext`] the formatters are built with: the HTTP
+//! layer, which knows what a request is, keeps it in a task-local set once per request, read only
+//! when a line is actually written. It is there whatever `LOG_LEVEL` hides, which a span-based
+//! prefix never was (at `warn` it vanished with the span). The ids come from the OpenTelemetry
+//! context, which `tracing-opentelemetry` activates on the thread whenever one of our exported
+//! spans is entered. No maintained formatter does either (json-subscriber reads the spans its
+//! layer can see, the same limit), hence this small wrapper around the stock ones.
 
-use std::{fmt, future::Future, time::Duration};
+use std::{fmt, time::Duration};
 
-use axum::{extract::MatchedPath, http::HeaderValue, http::Method};
 use opentelemetry::{InstrumentationScope, logs::LogRecord as _, trace::TraceContextExt as _};
 use opentelemetry_sdk::{
     error::OTelSdkResult,
     logs::{LogProcessor, SdkLogRecord},
 };
-use tokio::task::futures::TaskLocalFuture;
 use tracing::{Event, Metadata, Subscriber, level_filters::LevelFilter, subscriber::Interest};
 use tracing_subscriber::{
     fmt::{
@@ -32,35 +31,16 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-/// The request a line was written for.
-pub struct RequestFields {
-    /// `x-request-id` as the client sees it (theirs, or the one given to the request).
-    pub request_id: Option<HeaderValue>,
-    pub method: Method,
-    /// The matched route (`/todos/{id}`); none when no route matched.
-    pub route: Option<MatchedPath>,
-}
+/// Adds the keys of the request a line is written for (`request_id`, `http.request.method`,
+/// `http.route`), when one is being served. Supplied by the HTTP layer (`http::log_context`), so
+/// that telemetry knows nothing of HTTP; [`no_request`] where there is none.
+pub type RequestContext = fn(&mut Vec<(&'static str, String)>);
 
-tokio::task_local! {
-    static REQUEST: RequestFields;
-}
-
-/// Runs `future` (serving one request) with `fields` on every line it logs. The fields can be
-/// taken back when it is done ([`TaskLocalFuture::take_value`]).
-pub fn in_request<F: Future>(
-    fields: RequestFields,
-    future: F,
-) -> TaskLocalFuture<RequestFields, F> {
-    REQUEST.scope(fields, future)
-}
-
-/// Runs `f` with `fields` on every line it logs, outside the request's future.
-pub fn with_request<R>(fields: RequestFields, f: impl FnOnce() -> R) -> R {
-    REQUEST.sync_scope(fields, f)
-}
+/// A [`RequestContext`] that adds nothing.
+pub fn no_request(_: &mut Vec<(&'static str, String)>) {}
 
 /// A per-layer filter that passes events and no span: the log layers get their context from
-/// [`in_request`] and the OpenTelemetry context instead (see the module doc). Decided per
+/// a [`RequestContext`] and the OpenTelemetry context instead (see the module doc). Decided per
 /// callsite, so a span nothing else listens to is never created at all.
 pub struct EventsOnly;
 
@@ -101,26 +81,10 @@ pub fn current_ids() -> Option<(String, String)> {
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
-/// The request's keys, when serving one: `request_id`, `http.request.method`, `http.route`.
-fn request_keys(keys: &mut Vec<(&'static str, String)>) {
-    let _ = REQUEST.try_with(|r| {
-        if let Some(id) = &r.request_id {
-            keys.push((
-                "request_id",
-                String::from_utf8_lossy(id.as_bytes()).into_owned(),
-            ));
-        }
-        keys.push(("http.request.method", r.method.as_str().to_owned()));
-        if let Some(route) = &r.route {
-            keys.push(("http.route", route.as_str().to_owned()));
-        }
-    });
-}
-
 /// The keys added to a line, in order; empty outside requests and traces.
-fn context() -> Vec<(&'static str, String)> {
+fn context(request: RequestContext) -> Vec<(&'static str, String)> {
     let mut keys = Vec::new();
-    request_keys(&mut keys);
+    request(&mut keys);
     if let Some((trace_id, span_id)) = current_ids() {
         keys.push(("trace_id", trace_id));
         keys.push(("span_id", span_id));
@@ -134,12 +98,12 @@ fn context() -> Vec<(&'static str, String)> {
 /// provider's chain, on the thread that logs (inside the request's task), before the batch
 /// processor queues the record.
 #[derive(Debug)]
-pub struct RequestAttributes;
+pub struct RequestAttributes(pub RequestContext);
 
 impl LogProcessor for RequestAttributes {
     fn emit(&self, record: &mut SdkLogRecord, _: &InstrumentationScope) {
         let mut keys = Vec::new();
-        request_keys(&mut keys);
+        (self.0)(&mut keys);
         for (key, value) in keys {
             record.add_attribute(key, value);
         }
@@ -158,13 +122,15 @@ impl LogProcessor for RequestAttributes {
 pub struct Text {
     plain: Format<Full>,
     coloured: Format<Full>,
+    request: RequestContext,
 }
 
-impl Default for Text {
-    fn default() -> Self {
+impl Text {
+    pub fn new(request: RequestContext) -> Self {
         Self {
             plain: format::format().with_ansi(false),
             coloured: format::format().with_ansi(true),
+            request,
         }
     }
 }
@@ -185,7 +151,7 @@ where
         } else {
             &self.plain
         };
-        let keys = context();
+        let keys = context(self.request);
         if keys.is_empty() {
             return inner.format_event(ctx, writer, event);
         }
@@ -209,7 +175,7 @@ where
 
 /// JSON lines: the same keys at top level, where log pipelines (and SigNoz's log parser) look for
 /// `trace_id` and `span_id`.
-pub struct JsonLine(pub Format<Json>);
+pub struct JsonLine(pub Format<Json>, pub RequestContext);
 
 impl<S, N> FormatEvent<S, N> for JsonLine
 where
@@ -222,7 +188,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let keys = context();
+        let keys = context(self.1);
         if keys.is_empty() {
             return self.0.format_event(ctx, writer, event);
         }
@@ -276,6 +242,18 @@ pub(crate) mod tests {
         }
     }
 
+    thread_local! {
+        static IN_REQUEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// What the HTTP layer's context adds while a request is served, here as a fixed request.
+    fn fake_request(keys: &mut Vec<(&'static str, String)>) {
+        if IN_REQUEST.get() {
+            keys.push(("request_id", "my \"id\"".to_owned()));
+            keys.push(("http.request.method", "PATCH".to_owned()));
+        }
+    }
+
     /// Logs at `warn` outside any span, then inside a traced span while serving a request, in
     /// both formats, through the filter the service uses (events only, then the level).
     fn lines(json: bool) -> (Vec<String>, String, String) {
@@ -289,33 +267,24 @@ pub(crate) mod tests {
         let filter = EventsOnly.and(EnvFilter::new("info"));
         let fmt = if json {
             fmt.json()
-                .event_format(JsonLine(format::format().json()))
+                .event_format(JsonLine(format::format().json(), fake_request))
                 .with_filter(filter)
                 .boxed()
         } else {
-            fmt.event_format(Text::default())
+            fmt.event_format(Text::new(fake_request))
                 .with_filter(filter)
                 .boxed()
         };
         let subscriber = tracing_subscriber::registry()
             .with(fmt)
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let request = RequestFields {
-            request_id: Some(HeaderValue::from_static("my \"id\"")),
-            method: Method::PATCH,
-            route: None,
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
         let ids = tracing::subscriber::with_default(subscriber, || {
             tracing::warn!("outside");
             let span = tracing::info_span!("request", url.path = "/secret");
             let _entered = span.enter();
-            runtime.block_on(in_request(request, async {
-                tokio::task::yield_now().await;
-                tracing::warn!(answer = 42, "inside");
-            }));
+            IN_REQUEST.set(true);
+            tracing::warn!(answer = 42, "inside");
+            IN_REQUEST.set(false);
             current_ids().expect("the span's context is active")
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

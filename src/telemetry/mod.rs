@@ -46,6 +46,7 @@ use url::Url;
 
 use crate::config::{Config, LogFormat, OtelConfig, OtlpProtocol, TraceSampler};
 use counted::Counted;
+use log_format::RequestContext;
 
 /// Spans waiting for export; beyond this they are dropped rather than held in memory.
 const MAX_QUEUED_SPANS: usize = 4096;
@@ -107,7 +108,10 @@ impl Telemetry {
 
 /// Installs the global subscriber and, when configured, the OTLP exporters. Must run inside the
 /// Tokio runtime.
-pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
+///
+/// `request` names the request a log line is written for; telemetry does not know what a request
+/// is (the HTTP layer passes its own, `http::log_context`).
+pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
@@ -119,13 +123,13 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
             (
                 Some(tracer_provider(&config.otel, &endpoint, resource.clone())?),
                 Some(meters),
-                Some(logger_provider(&config.otel, &endpoint, resource)?),
+                Some(logger_provider(&config.otel, &endpoint, resource, request)?),
             )
         }
         _ => (None, None, None),
     };
     tracing_subscriber::registry()
-        .with(layers(config, provider.as_ref(), logs.as_ref())?)
+        .with(layers(config, request, provider.as_ref(), logs.as_ref())?)
         .try_init()?;
     if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
         tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces, metrics and logs over OTLP");
@@ -144,6 +148,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Telemetry> {
 /// loadtest/RESULTS.md).
 fn layers(
     config: &Config,
+    request: RequestContext,
     provider: Option<&SdkTracerProvider>,
     logs: Option<&SdkLoggerProvider>,
 ) -> anyhow::Result<Vec<Box<dyn Layer<Registry> + Send + Sync>>> {
@@ -184,7 +189,7 @@ fn layers(
     let fmt_layer = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stdout().is_terminal())
-            .event_format(log_format::Text::default())
+            .event_format(log_format::Text::new(request))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -194,6 +199,7 @@ fn layers(
                     .json()
                     .with_current_span(false)
                     .with_span_list(false),
+                request,
             ))
             .with_filter(filter)
             .boxed(),
@@ -310,6 +316,7 @@ fn logger_provider(
     otel: &OtelConfig,
     endpoint: &Url,
     resource: Resource,
+    request: RequestContext,
 ) -> anyhow::Result<SdkLoggerProvider> {
     let exporter = exporter!(
         opentelemetry_otlp::LogExporter::builder(),
@@ -327,7 +334,7 @@ fn logger_provider(
     Ok(SdkLoggerProvider::builder()
         .with_resource(resource)
         // First: processors run in order, and the batch one queues what it is given.
-        .with_log_processor(log_format::RequestAttributes)
+        .with_log_processor(log_format::RequestAttributes(request))
         .with_log_processor(processor)
         .build())
 }
@@ -389,8 +396,8 @@ mod tests {
     #[test]
     fn spans_exist_only_for_the_exporter() {
         let _turn = take_turn();
-        let subscriber =
-            tracing_subscriber::registry().with(layers(&config("info"), None, None).unwrap());
+        let subscriber = tracing_subscriber::registry()
+            .with(layers(&config("info"), log_format::no_request, None, None).unwrap());
         tracing::subscriber::with_default(subscriber, || {
             assert!(
                 tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
@@ -399,8 +406,15 @@ mod tests {
         });
 
         let provider = SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(layers(&config("info"), Some(&provider), None).unwrap());
+        let subscriber = tracing_subscriber::registry().with(
+            layers(
+                &config("info"),
+                log_format::no_request,
+                Some(&provider),
+                None,
+            )
+            .unwrap(),
+        );
         tracing::subscriber::with_default(subscriber, || {
             assert!(
                 !tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
