@@ -189,12 +189,14 @@ impl ApiError {
     }
 
     /// 503: the database cannot be used right now.
-    pub fn database_unavailable(reason: impl Into<String>) -> Self {
+    /// 503 when the database cannot be used right now. The driver's own words stay in the log
+    /// (with the request id): they name addresses and internals a client has no use for.
+    pub fn database_unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Code::DatabaseUnavailable,
             "Database unavailable",
-            reason,
+            "the database cannot be used right now",
         )
         .with_hint("The service recovers by itself when the database is back; retry after the Retry-After delay.")
         .with_retry_after(DB_RETRY_AFTER_SECS)
@@ -249,7 +251,7 @@ impl From<DbError> for ApiError {
             // the outage once per state change and /ready reports it.
             DbError::Unavailable(reason) => {
                 tracing::debug!(%reason, "database unavailable");
-                ApiError::database_unavailable(reason)
+                ApiError::database_unavailable()
             }
             DbError::CircuitOpen { retry_after } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

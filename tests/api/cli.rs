@@ -57,12 +57,19 @@ fn a_bad_setting_stops_startup_with_an_error_naming_the_variable() {
 
 #[test]
 fn the_database_password_never_appears_in_the_logs() {
+    // In the user info, and as libpq's query parameter.
+    for url in [
+        "postgres://app:hunter2-secret@127.0.0.1:1/todos",
+        "postgres://app@127.0.0.1:1/todos?password=hunter2-secret",
+    ] {
+        password_stays_out_of_the_logs(url);
+    }
+}
+
+fn password_stays_out_of_the_logs(url: &str) {
     // A database that is not there: the service logs its connection attempts and failures.
     let mut child = service()
-        .env(
-            "DATABASE_URL",
-            "postgres://app:hunter2-secret@127.0.0.1:1/todos",
-        )
+        .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", "127.0.0.1:0")
         .env("LOG_LEVEL", "trace")
         .stdout(Stdio::piped())
@@ -149,6 +156,11 @@ fn doctor_names_the_failing_step_and_what_to_do() {
     assert!(report.contains("next: Is PostgreSQL running"), "{report}");
     assert!(line(&report, "login").contains("[skip]"), "{report}");
     assert!(!report.contains("pw@"), "password printed:\n{report}");
+    let (_, report) = doctor(&[(
+        "DATABASE_URL",
+        "postgres://app@127.0.0.1:1/todos?password=hunter2-secret",
+    )]);
+    assert!(!report.contains("hunter2"), "password printed:\n{report}");
 
     let (code, report) = doctor(&[
         ("DATABASE_URL", "postgres://app@127.0.0.1:1/todos"),

@@ -266,3 +266,30 @@ async fn errors_from_library_routes_are_problems_too() {
         "problems keep CORS headers"
     );
 }
+
+/// A 503 says what class of trouble it is and what to do; the driver's words (addresses, OS
+/// errors) stay in the service's log.
+#[tokio::test]
+async fn a_database_outage_is_a_503_without_the_drivers_internals() {
+    let mut proxy = crate::helpers::TcpProxy::reserve().await;
+    proxy.start().await;
+    let app = spawn_app_with(AppOptions {
+        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
+        ..AppOptions::default()
+    })
+    .await;
+    proxy.cut();
+    let r = app.get("/todos").await;
+    let retry_after = r.headers().get("retry-after").cloned();
+    let p = assert_problem(r, 503, "database_unavailable").await;
+    assert!(retry_after.is_some(), "{p}");
+    let text = p.to_string();
+    for internal in [
+        "os error",
+        "refused",
+        &proxy.addr.port().to_string(),
+        "sqlx",
+    ] {
+        assert!(!text.contains(internal), "{internal:?} in {text}");
+    }
+}
