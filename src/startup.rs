@@ -7,7 +7,6 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
@@ -30,6 +29,7 @@ pub struct Application {
     router: axum::Router,
     db: Db,
     shutdown_timeout: Duration,
+    limits: http::serve::Limits,
 }
 
 impl Application {
@@ -69,6 +69,10 @@ impl Application {
             router,
             db,
             shutdown_timeout: config.shutdown_timeout,
+            limits: http::serve::Limits {
+                header_read_timeout: config.header_read_timeout,
+                max_connections: config.max_connections,
+            },
         })
     }
 
@@ -91,17 +95,8 @@ impl Application {
         let addr = self.local_addr();
         tracing::info!(%addr, "listening");
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-        // `tap_io` does nothing to the socket: axum provides the peer address (`ConnectInfo`) for
-        // its own listener and for a tapped one, not for another listener type.
-        let listener = http::linger::Listener(self.listener).tap_io(|_| {});
-        let server = axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+        let server = http::serve::serve(self.listener, self.router, self.limits, async move {
             shutdown.await;
-            tracing::info!("shutdown requested; draining in-flight requests");
             let _ = signalled_tx.send(());
         });
         let deadline = self.shutdown_timeout;
@@ -113,7 +108,7 @@ impl Application {
             }
         };
         tokio::select! {
-            r = server => r.context("HTTP server failed")?,
+            () = server => {}
             () = drain_limit => tracing::warn!(?deadline, "in-flight requests did not finish before SHUTDOWN_TIMEOUT; exiting anyway"),
         }
         self.db.close();

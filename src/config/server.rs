@@ -41,6 +41,19 @@ pub const VARS: &[Var] = &[
                https://a.example,https://b.example.",
     },
     Var {
+        name: "HTTP_HEADER_READ_TIMEOUT",
+        default: Some("10s"),
+        help: "A connection must send a whole request head (request line and headers) within \
+               this, or it is closed: slow-header clients cannot hold connections (1s to 5m).",
+    },
+    Var {
+        name: "MAX_CONNECTIONS",
+        default: Some("10000"),
+        help: "Open client connections at most; more wait in the kernel's listen backlog. Keep it \
+               below the process's open-files limit (ulimit -n) so accepting never fails \
+               (100 to 1000000).",
+    },
+    Var {
         name: "SHUTDOWN_TIMEOUT",
         default: Some("10s"),
         help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.",
@@ -55,6 +68,8 @@ pub(super) struct Server {
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
 }
 
 pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
@@ -72,6 +87,12 @@ pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
         max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
         cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
         shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
+        header_read_timeout: env.duration_within(
+            "HTTP_HEADER_READ_TIMEOUT",
+            Duration::from_secs(1)..=Duration::from_secs(300),
+            "a duration from 1s to 5m, such as 10s",
+        )?,
+        max_connections: env.bounded("MAX_CONNECTIONS", 100, 1_000_000)?,
     })
 }
 

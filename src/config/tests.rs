@@ -71,6 +71,8 @@ fn bad_values_name_the_variable_and_the_expected_form() {
         ("IDEMPOTENCY_KEY_TTL", "365d", "from 1m to 30d"),
         ("IDEMPOTENCY_KEY_TTL", "forever", "duration"),
         ("MAX_BODY_BYTES", "10", "from 1024"),
+        ("HTTP_HEADER_READ_TIMEOUT", "0s", "from 1s to 5m"),
+        ("MAX_CONNECTIONS", "5", "from 100"),
         ("PUBLIC_BASE_URL", "ftp://x", "http(s)"),
         ("PUBLIC_BASE_URL", "not a url", "http(s)"),
         ("CORS_ALLOWED_ORIGINS", "https://a.example/path", "origins"),

@@ -13,6 +13,7 @@ pub mod health;
 pub mod linger;
 pub mod openapi;
 pub mod resilience;
+pub mod serve;
 pub mod todos;
 pub(crate) mod trace;
 

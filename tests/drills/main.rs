@@ -967,6 +967,140 @@ async fn drill_13_an_oversized_body_sent_without_waiting_still_reads_its_413() {
     assert_eq!(app.row_count().await, 0);
 }
 
+/// Drill 14: 2000 connections trickle a request head, one header line every 500 ms, and never
+/// finish it. The service closes each after `HTTP_HEADER_READ_TIMEOUT` (2 s here), and meanwhile a
+/// normal client is served as usual: `/health` always, and its `GET /todos` with p99 under 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_14_slow_header_clients_are_cut_and_nobody_else_waits() {
+    let _turn = serial().await;
+    require_fds(5000);
+    let app = spawn_app_with(opts(&[
+        ("HTTP_HEADER_READ_TIMEOUT", "2s"),
+        ("RATE_LIMIT_PER_SECOND", "0"),
+    ]))
+    .await;
+    app.create(json!({"title": "served"})).await;
+    const SLOW: usize = 2000;
+    let started = Instant::now();
+    let slow: Vec<_> = (0..SLOW)
+        .map(|_| {
+            let addr = app.addr;
+            tokio::spawn(async move {
+                // Ok(time until the service closed it), or why it was not closed.
+                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                    return Err("not connected");
+                };
+                let opened = Instant::now();
+                if s.write_all(b"GET /todos HTTP/1.1\r\nHost: slow\r\n")
+                    .await
+                    .is_err()
+                {
+                    return Ok(opened.elapsed());
+                }
+                let mut buf = [0u8; 1024];
+                while opened.elapsed() < Duration::from_secs(10) {
+                    tokio::select! {
+                        r = s.read(&mut buf) => match r {
+                            Ok(0) | Err(_) => return Ok(opened.elapsed()),
+                            Ok(_) => {}
+                        },
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {
+                            if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                                return Ok(opened.elapsed());
+                            }
+                        }
+                    }
+                }
+                Err("still open after 10 s")
+            })
+        })
+        .collect();
+    // A normal client meanwhile, on its own connection pool.
+    let mut health = Vec::new();
+    let mut gets = Vec::new();
+    while started.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let h = app.client.get(app.url("/health")).send().await;
+        health.push(h.map(|r| r.status().as_u16()).unwrap_or(0));
+        let g = app.client.get(app.url("/todos?limit=1")).send().await;
+        gets.push((g.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut closed_after = Vec::new();
+    for task in slow {
+        closed_after.push(task.await.unwrap());
+    }
+    let closed = closed_after.iter().filter(|c| c.is_ok()).count();
+    let slowest = closed_after
+        .iter()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    let not_connected = closed_after
+        .iter()
+        .filter(|c| **c == Err("not connected"))
+        .count();
+    let still_open = closed_after
+        .iter()
+        .filter(|c| **c == Err("still open after 10 s"))
+        .count();
+    let mut latencies: Vec<Duration> = gets.iter().map(|(_, l)| *l).collect();
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    let ok = gets.iter().filter(|(s, _)| *s == 200).count();
+    eprintln!(
+        "slow headers: {closed} of {SLOW} closed by the service, the last {slowest:?} after \
+         opening ({still_open} still open after 10 s, {not_connected} not connected); normal \
+         client: {ok}/{} GET 200, \
+         p99 {p99:?}, /health {}/{} 200",
+        gets.len(),
+        health.iter().filter(|s| **s == 200).count(),
+        health.len()
+    );
+    assert_eq!(not_connected, 0, "every slow client connects");
+    assert_eq!(still_open, 0, "slow-header connections left open");
+    assert_eq!(closed, SLOW);
+    assert!(
+        slowest < Duration::from_millis(3500),
+        "a slow-header connection stayed {slowest:?} (timeout 2 s)"
+    );
+    assert!(health.iter().all(|s| *s == 200), "/health: {health:?}");
+    assert!(ok * 100 >= gets.len() * 99, "{ok}/{} GETs 200", gets.len());
+    assert!(p99 < Duration::from_millis(200), "p99 {p99:?}");
+}
+
+/// Drill 15: `MAX_CONNECTIONS` holds. 100 silent connections fill a cap of 100; the next client
+/// waits in the listen backlog (it is not refused) until the header-read timeout frees a slot,
+/// then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_15_the_connection_cap_holds_and_the_next_client_waits_its_turn() {
+    let _turn = serial().await;
+    let app = spawn_app_with(opts(&[
+        ("MAX_CONNECTIONS", "100"),
+        ("HTTP_HEADER_READ_TIMEOUT", "2s"),
+    ]))
+    .await;
+    // The app's own client may hold pooled connections from startup; they count too.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = Instant::now();
+    let r = fresh.get(app.url("/health")).send().await.unwrap();
+    let waited = started.elapsed();
+    eprintln!("connection cap 100 full: the next client was served after {waited:?}");
+    assert_eq!(r.status(), 200);
+    assert!(
+        waited > Duration::from_millis(1000),
+        "served at once ({waited:?}): the cap did not hold"
+    );
+    assert!(waited < Duration::from_secs(4), "waited {waited:?}");
+    drop(silent);
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
