@@ -7,9 +7,10 @@
 //! it goes **half-open** and lets `half_open_probes` requests through; one success **closes** it,
 //! a failure reopens it for another `open_for`.
 //!
-//! Only outage-class failures count (connect refused, broken connection, pool wait timeout; see
-//! `db::DbError::Unavailable`). A 404, a validation error, a statement timeout or a request the
-//! client abandoned (its [`Permit`] is dropped unrecorded) never trips it.
+//! Only outage-class failures count (connect refused or timed out, a fresh connection breaking;
+//! see `db::DbError::Unavailable`). A 404, a validation error, a statement timeout, a wait for a
+//! busy pool or a request the client abandoned (its [`Permit`] is dropped unrecorded) never trips
+//! it.
 //!
 //! Written here rather than taken from a crate: the one maintained tower breaker counts every call
 //! since its last state change (its window never forgets), is a router-level layer (it would also

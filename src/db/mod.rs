@@ -36,7 +36,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -79,7 +79,19 @@ struct Inner {
     db_name: String,
     /// Told how long each call waited for a pooled connection (see [`Db::on_pool_wait`]).
     pool_wait_observer: OnceLock<fn(Duration)>,
+    /// The last readiness round trip; its lock makes probes single-flight.
+    probe: tokio::sync::Mutex<Option<Probe>>,
+    probes: AtomicU64,
 }
+
+/// A readiness round trip's outcome and when it finished.
+struct Probe {
+    at: tokio::time::Instant,
+    outcome: Result<(), String>,
+}
+
+/// How long a readiness probe's outcome is served before another round trip.
+const PROBE_FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// See [`Db::downgrade`].
 pub struct WeakDb(std::sync::Weak<Inner>);
@@ -155,6 +167,8 @@ impl Db {
                     .unwrap_or(config.connect_options.get_username())
                     .to_owned(),
                 pool_wait_observer: OnceLock::new(),
+                probe: tokio::sync::Mutex::new(None),
+                probes: AtomicU64::new(0),
             }),
         };
         db.spawn_migrations();
@@ -197,10 +211,34 @@ impl Db {
         &self.inner.breaker
     }
 
-    /// A cheap round trip for `/ready`, bounded by the pool wait timeout (at most 1 s).
-    pub async fn check(&self) -> DbStatus {
+    /// Readiness round trips performed since startup (however many callers asked).
+    pub fn readiness_probes(&self) -> u64 {
+        self.inner.probes.load(Ordering::Relaxed)
+    }
+
+    /// The outcome of a round trip at most [`PROBE_FRESH_FOR`] old. One probe at a time: callers
+    /// that arrive meanwhile wait for it and share its outcome, so any number of `/ready` callers
+    /// cost at most one query a second and never crowd the data requests out of the pool.
+    async fn recent_probe(&self) -> Result<(), String> {
+        let mut last = self.inner.probe.lock().await;
+        if let Some(p) = last.as_ref()
+            && p.at.elapsed() < PROBE_FRESH_FOR
+        {
+            return p.outcome.clone();
+        }
+        let outcome = self.probe().await.map_err(|e| e.to_string());
+        self.inner.probes.fetch_add(1, Ordering::Relaxed);
+        *last = Some(Probe {
+            at: tokio::time::Instant::now(),
+            outcome: outcome.clone(),
+        });
+        outcome
+    }
+
+    /// One round trip, bounded by the pool wait timeout (at most 1 s).
+    async fn probe(&self) -> Result<(), DbError> {
         let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
-        let outcome = tokio::time::timeout(limit, async {
+        tokio::time::timeout(limit, async {
             let span = self.span("PING", "postgres", "-- connection check");
             let (mut lease, permit) = self.lease(&span).await?;
             let reused = lease.reused();
@@ -209,10 +247,16 @@ impl Db {
                 .map_err(|f| f.recorded_on(&span))
         })
         .await
-        .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))));
+        .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))))
+    }
+
+    /// The database's state for `/ready`: the outcome of a recent round trip (see
+    /// `Db::recent_probe`) and what this replica knows without asking.
+    pub async fn check(&self) -> DbStatus {
+        let outcome = self.recent_probe().await;
         let migrated = self.migrations_applied();
         let error = match (&outcome, migrated) {
-            (Err(e), _) => Some(e.to_string()),
+            (Err(e), _) => Some(e.clone()),
             (Ok(()), false) => Some(
                 self.inner
                     .migration_error

@@ -29,7 +29,7 @@
 
 use std::time::Duration;
 
-use deadpool::managed::Object;
+use deadpool::managed::{Object, PoolError, TimeoutType};
 use sqlx::PgConnection;
 use tracing::{Instrument, Span, field::Empty};
 
@@ -246,9 +246,17 @@ impl Db {
         match got {
             Ok(conn) => Ok((Lease(Some(conn)), permit)),
             Err(e) => {
+                // Waiting too long for a pooled connection says this service is busy (a flood, a
+                // slow query holding connections), not that the database cannot be reached: it
+                // must not open the breaker while the database answers.
+                let busy = matches!(e, PoolError::Timeout(TimeoutType::Wait));
                 let err = super::error::pool_error(e);
                 record_error(span, &err);
-                record(permit, &err);
+                if busy {
+                    drop(permit);
+                } else {
+                    record(permit, &err);
+                }
                 Err(err)
             }
         }

@@ -477,6 +477,12 @@ impl Load {
         Load { start, stop, tasks }
     }
 
+    /// Runs for `duration`, then stops; every outcome.
+    pub async fn run_for(self, duration: Duration) -> Vec<Outcome> {
+        tokio::time::sleep(duration).await;
+        self.finish().await.into_iter().flatten().collect()
+    }
+
     /// Stops the clients and returns every outcome, sorted by send time, per client.
     pub async fn finish(self) -> Vec<Vec<Outcome>> {
         self.stop.store(true, Ordering::Relaxed);

@@ -1101,6 +1101,125 @@ async fn drill_15_the_connection_cap_holds_and_the_next_client_waits_its_turn() 
     drop(silent);
 }
 
+/// Drill 16: 2000 simultaneous `/ready` callers beside a normal data client. Readiness is answered
+/// from a recent probe, so the callers cost about one query a second, the data client keeps its
+/// pool, the breaker stays closed, and the host is still looked up once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_16_a_readiness_flood_costs_one_query_a_second() {
+    let _turn = serial().await;
+    require_fds(5000);
+    let resolver = Arc::new(CountingResolver::default());
+    let app = spawn_app_with(AppOptions {
+        db_via: Some(("postgres.test".into(), server_addr().port())),
+        resolver: resolver.clone(),
+        ..opts(&[("RATE_LIMIT_PER_SECOND", "0")])
+    })
+    .await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    let latency_of = |outcomes: &[Outcome]| {
+        let mut l: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+        l.sort();
+        l[(l.len() * 99 / 100).min(l.len() - 1)]
+    };
+    let quiet: Vec<Outcome> = Load::start(app.url(&path), 2)
+        .run_for(Duration::from_millis(800))
+        .await;
+    let probes_before = app.db.readiness_probes();
+    let started = Instant::now();
+    let load = Load::start(app.url(&path), 2);
+    let ready: Vec<_> = (0..2000)
+        .map(|_| tokio::spawn(raw_get(app.addr, "/ready")))
+        .collect();
+    let mut ready_statuses = BTreeMap::new();
+    for r in ready {
+        let status = r.await.unwrap().map(|(s, _)| s).unwrap_or(0);
+        *ready_statuses.entry(status).or_insert(0usize) += 1;
+    }
+    let took = started.elapsed();
+    let busy: Vec<Outcome> = load.finish().await.into_iter().flatten().collect();
+    let probes = app.db.readiness_probes() - probes_before;
+    let (quiet_p99, busy_p99) = (latency_of(&quiet), latency_of(&busy));
+    eprintln!(
+        "2000 /ready callers in {took:?}: {ready_statuses:?}, {probes} database probes; data \
+         client p99 {quiet_p99:?} quiet, {busy_p99:?} during ({} requests, {:?})",
+        busy.len(),
+        summary(&busy.iter().collect::<Vec<_>>())
+    );
+    assert_eq!(ready_statuses.get(&200), Some(&2000), "{ready_statuses:?}");
+    assert!(
+        probes <= took.as_secs() + 2,
+        "{probes} probes in {took:?}: readiness must share its probe"
+    );
+    assert!(
+        busy.iter().all(|o| o.status == Some(200)),
+        "data requests failed"
+    );
+    assert!(busy_p99 < Duration::from_secs(1), "data p99 {busy_p99:?}");
+    assert_eq!(
+        app.db.breaker().opened_total(),
+        0,
+        "the breaker stays closed"
+    );
+    assert_eq!(
+        resolver.calls.load(Ordering::SeqCst),
+        1,
+        "one lookup in all"
+    );
+}
+
+/// Drill 17: pool contention is not an outage. With one pooled connection held by a slow call
+/// (its reply held by a fault proxy), 20 more requests wait past `DB_POOL_WAIT_TIMEOUT` and get a
+/// quick 503; the breaker stays closed (it opens on evidence the database cannot be reached, not
+/// on this service being busy), and the held call then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_17_waiting_for_a_busy_pool_does_not_open_the_breaker() {
+    use fault_proxy::{Direction, FaultProxy};
+    let _turn = serial().await;
+    let proxy = FaultProxy::start(server_addr()).await;
+    let app = spawn_app_with(AppOptions {
+        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
+        ..opts(&[
+            ("DB_POOL_MAX_SIZE", "1"),
+            ("DB_POOL_WAIT_TIMEOUT", "100ms"),
+            ("RATE_LIMIT_PER_SECOND", "0"),
+        ])
+    })
+    .await;
+    let todo = app.create(json!({"title": "x"})).await;
+    let path = format!("/todos/{}", todo["id"]);
+    proxy.hold_at(Direction::ToClient, b"SELECT 1\0");
+    let held = tokio::spawn({
+        let (client, url) = (app.client.clone(), app.url(&path));
+        async move { client.get(&url).send().await.map(|r| r.status().as_u16()) }
+    });
+    assert!(
+        proxy.wait_holding(Duration::from_secs(5)).await,
+        "the slow call started"
+    );
+    let mut waited = BTreeMap::new();
+    for _ in 0..20 {
+        let r = app.get(&path).await;
+        let status = r.status().as_u16();
+        let p: serde_json::Value = r.json().await.unwrap_or_default();
+        *waited
+            .entry(format!("{status} {}", p["code"].as_str().unwrap_or("")))
+            .or_insert(0usize) += 1;
+    }
+    let state = app.db.breaker().state();
+    proxy.release();
+    let held = held.await.unwrap().unwrap();
+    eprintln!("busy pool: 20 requests -> {waited:?}; breaker {state:?}; the held call -> {held}");
+    assert_eq!(
+        waited.get("503 database_unavailable"),
+        Some(&20),
+        "{waited:?}"
+    );
+    assert_eq!(state, BreakerState::Closed);
+    assert_eq!(app.db.breaker().opened_total(), 0);
+    assert_eq!(held, 200);
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
