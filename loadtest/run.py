@@ -30,7 +30,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "outage", "soak"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 
@@ -528,6 +528,98 @@ def flood(svc, args, res):
     res["flood"] = r
 
 
+def oha_json(url_args, flags, timeout):
+    """oha with the success/failure breakdown; returns its JSON, parsed, and the command shown."""
+    cmd = ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
+    text, shown = run(cmd, timeout=timeout)
+    return json.loads(text), shown
+
+
+def goodput(j):
+    """200s per second of the run, the p99 of the 200s, and the refusals' shape."""
+    statuses = {str(k): v for k, v in (j.get("statusCodeDistribution") or {}).items()}
+    total_s = j["summary"]["total"] or 1e-9
+    ok = statuses.get("200", 0)
+    p99 = (j.get("latencyPercentilesSuccessful") or {}).get("p99")
+    return {"goodput_rps": round(ok / total_s), "wall_s": round(total_s, 2), "statuses": statuses,
+            "errors": j.get("errorDistribution") or {},
+            "p99_ok_ms": None if p99 is None else round(p99 * 1000, 1)}
+
+
+def get_one_url(target):
+    extra = WORKLOADS["get-one"][0]
+    base = target.url.replace(".", "[.]")
+    return [a.format(base=base) for a in extra]
+
+
+def overload(svc, args, res):
+    """Goodput when more is asked than the service can do, beside the lean twin in the same run
+    (get-one, release build, rate limit out of reach):
+    - closed loop: oha -c 2000 -n 20000, each connection sending again as soon as it is answered;
+    - open loop: oha -q at twice the service's measured capacity, with latency correction;
+    - what a refusal costs: the service's CPU per 200 at c=64, then per 503 in a run where
+      MAX_IN_FLIGHT=1 and MAX_QUEUE_WAIT=0 refuse most requests (solved from the two runs)."""
+    if not svc.proc or not os.path.exists(LEAN_TWIN_BINARY):
+        res["overload"] = {"skipped": "needs a service this script starts and the built lean twin"}
+        log("  overload: skipped (needs a service this script starts and the built lean twin)")
+        return
+    n = 4000 if args.quick else 20000
+    seconds = 3 if args.quick else 10
+    out = {"requests": n}
+    closed_flags = ["-n", str(n), "-c", "2000", "-t", "10s"]
+    j, cmd = oha_json(get_one_url(svc), closed_flags, timeout=180)
+    out["closed_service"] = dict(goodput(j), command=cmd)
+    twin = Service(None, svc.database_url, binary=LEAN_TWIN_BINARY, ready_path="/todos/1")
+    try:
+        twin.start()
+        j, cmd = oha_json(get_one_url(twin), closed_flags, timeout=180)
+        out["closed_twin"] = dict(goodput(j), command=cmd)
+    finally:
+        twin.stop()
+    c, t = out["closed_service"], out["closed_twin"]
+    out["closed_ratio"] = round(c["goodput_rps"] / t["goodput_rps"], 2) if t["goodput_rps"] else None
+    log(f"  closed loop c=2000: service {c['goodput_rps']} × 200/s (p99 of 200s {c['p99_ok_ms']} ms, "
+        f"{c['statuses']}, errors {c['errors']}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
+        f"{t['p99_ok_ms']} ms, {t['statuses']}, errors {t['errors']}): {out['closed_ratio']}x")
+
+    # Capacity: a short c=64 run, nothing refused.
+    j, _ = oha_json(get_one_url(svc), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60)
+    capacity = goodput(j)["goodput_rps"]
+    rate = 2 * capacity
+    j, cmd = oha_json(get_one_url(svc), ["-z", f"{seconds}s", "-c", "2000", "-q", str(rate),
+                                         "--latency-correction"], timeout=seconds + 60)
+    o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate)
+    o["ratio_to_capacity"] = round(o["goodput_rps"] / capacity, 2) if capacity else None
+    out["open"] = o
+    log(f"  open loop at {rate}/s (2 × capacity {capacity}/s): {o['goodput_rps']} × 200/s "
+        f"({o['ratio_to_capacity']}x capacity), p99 of 200s {o['p99_ok_ms']} ms, {o['statuses']}, "
+        f"errors {o['errors']}")
+
+    # CPU per answer and per refusal, from two runs of the same length.
+    def cpu_run(target):
+        before = target.cpu_ticks()
+        j, cmd = oha_json(get_one_url(target), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60)
+        ticks = target.cpu_ticks() - before
+        st = {str(k): v for k, v in (j.get("statusCodeDistribution") or {}).items()}
+        return ticks * 1e6 / os.sysconf("SC_CLK_TCK"), st.get("200", 0), st.get("503", 0), cmd
+
+    cpu_ok, ok, _, _ = cpu_run(svc)
+    per_ok = cpu_ok / ok if ok else None
+    shedding = Service(None, svc.database_url, extra_env={"MAX_IN_FLIGHT": "1", "MAX_QUEUE_WAIT": "0"})
+    try:
+        shedding.start()
+        cpu_mix, ok2, refused, cmd = cpu_run(shedding)
+    finally:
+        shedding.stop()
+    per_refusal = ((cpu_mix - ok2 * per_ok) / refused) if (refused and per_ok) else None
+    out["cpu_us"] = {"per_200": None if per_ok is None else round(per_ok, 1),
+                     "per_503": None if per_refusal is None else round(per_refusal, 1),
+                     "refusals_in_run": refused, "command": cmd}
+    log(f"  CPU: {out['cpu_us']['per_200']} µs per 200, {out['cpu_us']['per_503']} µs per 503 "
+        f"({refused} refusals)")
+    res["overload"] = out
+
+
 def outage(svc, args, res):
     """Steady load while PostgreSQL is stopped for 10 s, then started: a per-second timeline."""
     pg = Postgres()
@@ -706,6 +798,17 @@ def summary(res):
                      f"{fl['healthy_after_s']} s after, peak RSS {fl['peak_rss_mib']} MiB, "
                      f"Retry-After missing on {fl['retry_after']['missing']} of "
                      f"{fl['retry_after']['checked']} refusals")
+        lines.append("")
+    if "overload" in res and "skipped" not in res["overload"]:
+        o = res["overload"]
+        c, t, op, cpu = o["closed_service"], o["closed_twin"], o["open"], o["cpu_us"]
+        lines.append(f"Overload, get-one: closed loop (oha -c 2000 -n {o['requests']}) service "
+                     f"{c['goodput_rps']} × 200/s (p99 of the 200s {c['p99_ok_ms']} ms, {c['statuses']}, "
+                     f"errors {c['errors'] or 0}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
+                     f"{t['p99_ok_ms']} ms): {o['closed_ratio']}x; open loop at {op['offered_rps']}/s "
+                     f"(2 × capacity {op['capacity_rps']}/s): {op['goodput_rps']} × 200/s "
+                     f"({op['ratio_to_capacity']}x capacity), p99 of the 200s {op['p99_ok_ms']} ms, "
+                     f"{op['statuses']}; CPU {cpu['per_200']} µs per 200, {cpu['per_503']} µs per 503")
         lines.append("")
     if "soak" in res and "rss_mib_max" in res["soak"]:
         k = res["soak"]

@@ -30,8 +30,16 @@ pub const VARS: &[Var] = &[
     Var {
         name: "MAX_IN_FLIGHT",
         default: None,
-        help: "Requests to /todos handled at once; beyond it they get an immediate 503 with \
-               Retry-After instead of queueing. Default: 16 × DB_POOL_MAX_SIZE.",
+        help: "Requests to /todos worked on at once; the next ones wait their turn (see \
+               MAX_QUEUE_WAIT). Default: 4 × DB_POOL_MAX_SIZE.",
+    },
+    Var {
+        name: "MAX_QUEUE_WAIT",
+        default: Some("500ms"),
+        help: "Longest a /todos request waits for one of the MAX_IN_FLIGHT slots (0-60s). One \
+               that cannot start within it gets 503 overloaded with a jittered Retry-After, at \
+               once when the queue is already too long to start in time; 0 refuses whenever \
+               every slot is busy.",
     },
     Var {
         name: "REQUEST_TIMEOUT",
@@ -75,6 +83,7 @@ pub struct BreakerConfig {
 pub(super) struct Resilience {
     pub rate_limit: Option<RateLimit>,
     pub max_in_flight: usize,
+    pub max_queue_wait: Duration,
     pub request_timeout: Duration,
     pub breaker: BreakerConfig,
 }
@@ -93,8 +102,16 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
         .transpose()?;
     let max_in_flight = match env.optional("MAX_IN_FLIGHT") {
         Some(_) => env.bounded("MAX_IN_FLIGHT", 1, 1_000_000)?,
-        None => pool_max_size * 16,
+        None => pool_max_size * 4,
     };
+    let max_queue_wait = env.duration("MAX_QUEUE_WAIT")?;
+    if max_queue_wait > Duration::from_secs(60) {
+        return Err(invalid(
+            "MAX_QUEUE_WAIT",
+            format!("{max_queue_wait:?}"),
+            "a duration from 0 to 60s, such as 500ms",
+        ));
+    }
     let request_timeout = env.duration("REQUEST_TIMEOUT")?;
     if request_timeout.is_zero() {
         return Err(invalid(
@@ -111,6 +128,7 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
     Ok(Resilience {
         rate_limit,
         max_in_flight,
+        max_queue_wait,
         request_timeout,
         breaker,
     })

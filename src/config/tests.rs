@@ -31,7 +31,8 @@ fn defaults_apply_when_only_the_database_url_is_set() {
         "five of the post-mortem's spikes must fit the burst"
     );
     assert!(!rl.trust_forwarded_for);
-    assert_eq!(c.max_in_flight, 16 * 16, "derived from the pool size");
+    assert_eq!(c.max_in_flight, 4 * 16, "derived from the pool size");
+    assert_eq!(c.max_queue_wait, Duration::from_millis(500));
     assert_eq!(c.breaker.failure_threshold, 5);
 }
 
@@ -44,7 +45,7 @@ fn a_zero_rate_disables_the_limit_and_max_in_flight_follows_the_pool() {
     ])
     .unwrap();
     assert!(c.rate_limit.is_none());
-    assert_eq!(c.max_in_flight, 64);
+    assert_eq!(c.max_in_flight, 16);
     let c = config(&[URL, ("MAX_IN_FLIGHT", "7")]).unwrap();
     assert_eq!(c.max_in_flight, 7);
 }
@@ -98,6 +99,8 @@ fn bad_values_name_the_variable_and_the_expected_form() {
         ),
         ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
         ("MAX_IN_FLIGHT", "0", "from 1"),
+        ("MAX_QUEUE_WAIT", "61s", "from 0 to 60s"),
+        ("MAX_QUEUE_WAIT", "soon", "duration"),
         ("REQUEST_TIMEOUT", "0s", "positive duration"),
         ("BREAKER_FAILURE_THRESHOLD", "0", "from 1"),
         ("BREAKER_OPEN_DURATION", "soon", "duration"),

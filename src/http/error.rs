@@ -6,7 +6,7 @@
 //! saying what the client can do, and for validation failures an `errors` list naming each field.
 //! Internal details (SQL errors, panics) are logged inside the request span and never returned.
 
-use std::{borrow::Cow, convert::Infallible};
+use std::{borrow::Cow, convert::Infallible, time::Duration};
 
 use axum::{
     body::Body,
@@ -219,16 +219,20 @@ impl ApiError {
         .with_hint("Retry later; quote the x-request-id header when reporting this.")
     }
 
-    /// 503 from the load shedder: too many requests in flight.
-    pub fn overloaded() -> Self {
+    /// 503 from admission control: the request could not start within `max_wait`.
+    pub fn overloaded(max_wait: Duration, retry_after_secs: u64) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Code::Overloaded,
             "Service overloaded",
-            "too many requests are in flight; this one was not started",
+            format!(
+                "the service is at capacity and this request could not start within {} ms; \
+                 it was not started",
+                max_wait.as_millis()
+            ),
         )
-        .with_hint("Retry after the Retry-After delay, ideally with jitter.")
-        .with_retry_after(1)
+        .with_hint("Retry after the Retry-After delay (already jittered).")
+        .with_retry_after(retry_after_secs)
     }
 
     /// 429 from the rate limiter.

@@ -1,42 +1,31 @@
-//! The protective layers in front of the data routes (`/todos…`): rate limit, load shedding with a
-//! global concurrency limit, and a request timeout. Probes and docs are deliberately outside them,
+//! The protective layers in front of the data routes (`/todos…`): rate limit, admission control
+//! and a request timeout. Probes and docs are deliberately outside them,
 //! so an operator can always see whether the service is alive and why it refuses work.
 //!
 //! From the outside in (see [`layer`]):
 //! 1. **Rate limit** (tower_governor, per client IP): the cheapest refusal, so a runaway client is
-//!    stopped before any work is done for it (the in-flight slot that readiness reserved is
-//!    released as soon as the refusal is decided). 429 with `Retry-After`.
-//! 2. **Load shed + global concurrency limit** (tower): at most `MAX_IN_FLIGHT` requests run;
-//!    the next one is refused at once with 503 + `Retry-After` instead of queueing without bound.
-//! 3. **Request timeout** (tower-http): inside the shedder, so a request that times out frees its
+//!    stopped before any work is done for it and never takes a place in the queue. 429 with
+//!    `Retry-After`.
+//! 2. **Admission** ([`super::admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
+//!    next ones wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that
+//!    is refused with 503 + a jittered `Retry-After`.
+//! 3. **Request timeout** (tower-http): inside admission, so a request that times out frees its
 //!    slot; answered 504 (turned into a problem by `error::ensure_problem`).
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
 
-use std::{
-    convert::Infallible,
-    future::Future,
-    net::IpAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
-    time::Duration,
-};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
-    BoxError,
     body::Body,
     http::{Request, Response, StatusCode, header},
     response::IntoResponse,
 };
 use governor::middleware::StateInformationMiddleware;
-use pin_project_lite::pin_project;
 use tower::{
-    Layer, Service, ServiceBuilder,
+    ServiceBuilder,
     layer::util::{Identity, Stack},
-    limit::GlobalConcurrencyLimitLayer,
-    load_shed::LoadShedLayer,
     util::Either,
 };
 use tower_governor::{
@@ -46,7 +35,11 @@ use tower_governor::{
 };
 use tower_http::timeout::TimeoutLayer;
 
-use super::{code::Code, error::ApiError};
+use super::{
+    admission::{self, AdmissionLayer},
+    code::Code,
+    error::ApiError,
+};
 use crate::config::{Config, RateLimit};
 
 /// How often idle clients' rate-limit state is dropped, so memory stays bounded however many
@@ -57,11 +50,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub type Protect = Stack<
     TimeoutLayer,
     Stack<
-        GlobalConcurrencyLimitLayer,
-        Stack<
-            LoadShedLayer,
-            Stack<Either<RateLimitLayer, Identity>, Stack<AnswerErrorsLayer, Identity>>,
-        >,
+        AdmissionLayer,
+        Stack<Either<RateLimitLayer, Identity>, Identity>,
     >,
 >;
 
@@ -70,124 +60,22 @@ type RateLimitLayer = GovernorLayer<ClientIp, StateInformationMiddleware, Body>;
 /// The layers for the data routes, to sit innermost in the router's one layer stack (see
 /// `http::router`).
 ///
-/// The rate limiter sits outside the shedder, so a refused client is answered before it can take
-/// an in-flight slot: the router drives readiness through the whole stack first, which takes a
-/// slot, but a refused request never calls further in, and its slot is released as soon as the
-/// decision is made (the stack's clone serving it is dropped). Anything stateful shares its state
-/// across the router's per-route clones: the global limit one semaphore, the governor one limiter.
+/// The rate limiter sits outside admission, so a refused client is answered before it can take a
+/// place in the queue or a slot (admission takes its slot when called, never in `poll_ready`).
+/// Anything stateful shares its state across the router's per-route clones: admission one gate,
+/// the governor one limiter.
 pub fn layer(config: &Config) -> Protect {
     ServiceBuilder::new()
-        .layer(AnswerErrorsLayer)
         .option_layer(config.rate_limit.map(rate_limit_layer))
-        .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(config.max_in_flight))
+        .layer(AdmissionLayer::new(admission::Limits {
+            max_in_flight: config.max_in_flight,
+            max_queue_wait: config.max_queue_wait,
+        }))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             config.request_timeout,
         ))
         .into_inner()
-}
-
-/// Turns the shedder's refusal (and any other layer error) into a problem response, as the
-/// router needs services that cannot fail.
-///
-/// Written here rather than using `axum::error_handling::HandleErrorLayer`, which clones the whole
-/// stack beneath it on every request so that it can drive readiness itself; this one forwards
-/// `poll_ready` (the router drives it) and calls the inner service in place.
-#[derive(Clone, Copy, Debug)]
-pub struct AnswerErrorsLayer;
-
-impl<S> Layer<S> for AnswerErrorsLayer {
-    type Service = AnswerErrors<S>;
-
-    fn layer(&self, inner: S) -> AnswerErrors<S> {
-        AnswerErrors {
-            inner,
-            not_ready: None,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct AnswerErrors<S> {
-    inner: S,
-    /// A readiness error, answered by the next call (the router always calls after readiness).
-    not_ready: Option<BoxError>,
-}
-
-impl<S: Clone> Clone for AnswerErrors<S> {
-    fn clone(&self) -> Self {
-        AnswerErrors {
-            inner: self.inner.clone(),
-            not_ready: None,
-        }
-    }
-}
-
-impl<S, B> Service<Request<B>> for AnswerErrors<S>
-where
-    S: Service<Request<B>, Response = Response<Body>>,
-    S::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = AnswerFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        if let Err(err) = ready!(self.inner.poll_ready(cx)) {
-            self.not_ready = Some(err.into());
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        match self.not_ready.take() {
-            Some(error) => AnswerFuture::Failed { error: Some(error) },
-            None => AnswerFuture::Called {
-                inner: self.inner.call(req),
-            },
-        }
-    }
-}
-
-pin_project! {
-    /// The inner service's future, its error answered as a response.
-    #[project = AnswerProj]
-    pub enum AnswerFuture<F> {
-        Failed { error: Option<BoxError> },
-        Called { #[pin] inner: F },
-    }
-}
-
-impl<F, E> Future for AnswerFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<Response<Body>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(match self.project() {
-            AnswerProj::Failed { error } => layer_error(
-                error
-                    .take()
-                    .expect("an AnswerFuture is polled after it completed"),
-            ),
-            AnswerProj::Called { inner } => match ready!(inner.poll(cx)) {
-                Ok(res) => res,
-                Err(err) => layer_error(err.into()),
-            },
-        }))
-    }
-}
-
-fn layer_error(err: BoxError) -> Response<Body> {
-    if err.is::<tower::load_shed::error::Overloaded>() {
-        tracing::debug!("shed a request: too many in flight");
-        ApiError::overloaded().into_response()
-    } else {
-        ApiError::internal(err.as_ref()).into_response()
-    }
 }
 
 /// The rate-limit key: the TCP peer, or the forwarded client address when configured to trust it.
@@ -284,49 +172,6 @@ fn rate_limit_response(err: GovernorError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::error::ProblemCode;
-
-    /// Fails readiness once, then serves.
-    struct NotReadyOnce(bool);
-
-    impl Service<Request<Body>> for NotReadyOnce {
-        type Response = Response<Body>;
-        type Error = BoxError;
-        type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            let failed = std::mem::replace(&mut self.0, true);
-            Poll::Ready(if failed { Ok(()) } else { Err("broken".into()) })
-        }
-
-        fn call(&mut self, _: Request<Body>) -> Self::Future {
-            std::future::ready(Ok(Response::new(Body::empty())))
-        }
-    }
-
-    #[tokio::test]
-    async fn layer_errors_become_problems_and_a_shed_request_says_when_to_retry() {
-        use tower::ServiceExt as _;
-        let shed = AnswerErrorsLayer.layer(tower::service_fn(|_: Request<Body>| async {
-            Err::<Response<Body>, _>(tower::load_shed::error::Overloaded::new())
-        }));
-        let res = shed.oneshot(Request::new(Body::empty())).await.unwrap();
-        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(res.headers().contains_key(header::RETRY_AFTER));
-        assert_eq!(
-            res.extensions().get::<ProblemCode>().unwrap().0,
-            Code::Overloaded
-        );
-
-        let mut svc = AnswerErrorsLayer.layer(NotReadyOnce(false));
-        let res = (&mut svc)
-            .oneshot(Request::new(Body::empty()))
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let res = svc.oneshot(Request::new(Body::empty())).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK, "the error is answered once");
-    }
 
     #[test]
     fn retry_after_is_never_zero_and_keeps_the_rate_limit_headers() {
