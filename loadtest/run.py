@@ -77,7 +77,9 @@ LEAN_TWIN_BINARY = os.path.join(ROOT, "target", "release", "examples", "lean_ser
 
 
 class Service:
-    def __init__(self, url, database_url, extra_env=None, binary=SERVICE_BINARY, ready_path="/ready"):
+    def __init__(self, url, database_url, extra_env=None, binary=SERVICE_BINARY, ready_path="/ready",
+                 cpus=None):
+        self.cpus = cpus
         self.url = url
         self.database_url = database_url
         self.proc = None
@@ -100,7 +102,8 @@ class Service:
             "OTEL_SDK_DISABLED": "true",
         })
         env.update(self.extra_env)
-        self.proc = subprocess.Popen([self.binary], env=env, stdout=subprocess.DEVNULL,
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self.proc = subprocess.Popen(pin + [self.binary], env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         STARTED.append(self.proc)
         deadline = time.time() + 30
@@ -528,9 +531,10 @@ def flood(svc, args, res):
     res["flood"] = r
 
 
-def oha_json(url_args, flags, timeout):
+def oha_json(url_args, flags, timeout, cpus=None):
     """oha with the success/failure breakdown; returns its JSON, parsed, and the command shown."""
-    cmd = ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
+    pin = ["taskset", "-c", cpus] if cpus else []
+    cmd = pin + ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
     text, shown = run(cmd, timeout=timeout)
     return json.loads(text), shown
 
@@ -582,18 +586,38 @@ def overload(svc, args, res):
         f"{c['statuses']}, errors {c['errors']}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
         f"{t['p99_ok_ms']} ms, {t['statuses']}, errors {t['errors']}): {out['closed_ratio']}x")
 
-    # Capacity: a short c=64 run, nothing refused.
-    j, _ = oha_json(get_one_url(svc), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60)
-    capacity = goodput(j)["goodput_rps"]
-    rate = 2 * capacity
-    j, cmd = oha_json(get_one_url(svc), ["-z", f"{seconds}s", "-c", "2000", "-q", str(rate),
-                                         "--latency-correction"], timeout=seconds + 60)
-    o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate)
+    # Open loop. oha keeps at most -c requests outstanding; beyond that the overload would pile
+    # up in oha's own backlog (counted by --latency-correction), never reaching the service. So
+    # this run uses a 50 ms queue bound and enough connections for Little's law: the offered
+    # rate times the longest a request can stay (queue bound plus service time), with margin.
+    # On two cores, oha sending twice as fast would also take the service's CPU, and the figure
+    # would measure the machine: the service runs on CPU 0 and oha on CPU 1, for the capacity
+    # run and the overload run alike (PostgreSQL runs where the scheduler puts it).
+    queue_wait_s = 0.05
+    pinned = (os.cpu_count() or 1) >= 2
+    svc_cpus, oha_cpus = ("0", "1") if pinned else (None, None)
+    open_svc = Service(None, svc.database_url, extra_env={"MAX_QUEUE_WAIT": "50ms"}, cpus=svc_cpus)
+    try:
+        open_svc.start()
+        j, _ = oha_json(get_one_url(open_svc), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60,
+                        cpus=oha_cpus)
+        capacity = goodput(j)["goodput_rps"]
+        rate = 2 * capacity
+        conc = min(8000, int(rate * (queue_wait_s + 0.03)) + 500)
+        j, cmd = oha_json(get_one_url(open_svc), ["-z", f"{seconds}s", "-c", str(conc), "-q", str(rate),
+                                                  "--latency-correction"], timeout=seconds + 60,
+                          cpus=oha_cpus)
+    finally:
+        open_svc.stop()
+    sent = sum((j.get("statusCodeDistribution") or {}).values()) + sum((j.get("errorDistribution") or {}).values())
+    o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate, pinned=pinned,
+             sent_rps=round(sent / (j["summary"]["total"] or 1e-9)),
+             max_queue_wait_ms=int(queue_wait_s * 1000), connections=conc)
     o["ratio_to_capacity"] = round(o["goodput_rps"] / capacity, 2) if capacity else None
     out["open"] = o
-    log(f"  open loop at {rate}/s (2 × capacity {capacity}/s): {o['goodput_rps']} × 200/s "
-        f"({o['ratio_to_capacity']}x capacity), p99 of 200s {o['p99_ok_ms']} ms, {o['statuses']}, "
-        f"errors {o['errors']}")
+    log(f"  open loop at {rate}/s (2 × capacity {capacity}/s, MAX_QUEUE_WAIT=50ms, {conc} connections): "
+        f"{o['goodput_rps']} × 200/s ({o['ratio_to_capacity']}x capacity), p99 of 200s {o['p99_ok_ms']} ms, "
+        f"{o['statuses']}, errors {o['errors']}")
 
     # CPU per answer and per refusal, from two runs of the same length.
     def cpu_run(target):
@@ -806,7 +830,8 @@ def summary(res):
                      f"{c['goodput_rps']} × 200/s (p99 of the 200s {c['p99_ok_ms']} ms, {c['statuses']}, "
                      f"errors {c['errors'] or 0}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
                      f"{t['p99_ok_ms']} ms): {o['closed_ratio']}x; open loop at {op['offered_rps']}/s "
-                     f"(2 × capacity {op['capacity_rps']}/s): {op['goodput_rps']} × 200/s "
+                     f"(2 × capacity {op['capacity_rps']}/s, MAX_QUEUE_WAIT={op['max_queue_wait_ms']}ms, "
+                     f"{op['connections']} connections): {op['goodput_rps']} × 200/s "
                      f"({op['ratio_to_capacity']}x capacity), p99 of the 200s {op['p99_ok_ms']} ms, "
                      f"{op['statuses']}; CPU {cpu['per_200']} µs per 200, {cpu['per_503']} µs per 503")
         lines.append("")

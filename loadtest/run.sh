@@ -60,4 +60,6 @@ if [ "$url_given" = 0 ]; then
   cargo build --release --locked --quiet --bin todo-service --example lean_service
 fi
 # Not exec: the trap above must still stop PostgreSQL.
+# The flood and the open-loop overload hold thousands of sockets at once, on both ends.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 python3 loadtest/run.py "$@"

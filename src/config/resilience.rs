@@ -1,7 +1,9 @@
 //! The protective layers' settings: the per-client rate limit, the in-flight limit, the request
 //! timeout and the database's circuit breaker.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
 
 use super::{
     Var,
@@ -22,10 +24,25 @@ pub const VARS: &[Var] = &[
                lets five 120-request spikes from one client through back to back.",
     },
     Var {
-        name: "RATE_LIMIT_TRUST_FORWARDED_FOR",
-        default: Some("false"),
-        help: "true: key the rate limit on X-Forwarded-For / X-Real-IP / Forwarded (only behind a \
-               proxy that sets them). false: key on the TCP peer address.",
+        name: "TRUSTED_PROXIES",
+        default: None,
+        help: "Comma-separated addresses or CIDR blocks of the proxies in front of the service, \
+               e.g. 10.0.0.0/8,::1. When the TCP peer is one of them, the client (the rate-limit \
+               key) is the rightmost X-Forwarded-For address that is not; Forwarded and X-Real-IP \
+               are ignored. Unset: the TCP peer is the client and X-Forwarded-For is ignored.",
+    },
+    Var {
+        name: "RATE_LIMIT_IPV6_PREFIX",
+        default: Some("64"),
+        help: "IPv6 clients share a rate limit per network of this prefix length (32-128): a host \
+               usually holds a whole /64 and could pick a new address per request.",
+    },
+    Var {
+        name: "RATE_LIMIT_MAX_CLIENTS",
+        default: Some("100000"),
+        help: "Clients whose rate-limit state is kept (1000-10000000). Above it, every client \
+               whose quota is whole again is forgotten within a second; clients still being \
+               limited are kept, so flooding the table frees nobody from their limit.",
     },
     Var {
         name: "MAX_IN_FLIGHT",
@@ -44,7 +61,8 @@ pub const VARS: &[Var] = &[
     Var {
         name: "REQUEST_TIMEOUT",
         default: Some("10s"),
-        help: "Longest a /todos request may take, body included, before it is answered 504.",
+        help: "Longest a /todos request may be worked on once admitted (its body is already read, \
+               see HTTP_BODY_READ_TIMEOUT) before it is answered 504.",
     },
     Var {
         name: "BREAKER_FAILURE_THRESHOLD",
@@ -64,12 +82,22 @@ pub const VARS: &[Var] = &[
 ];
 
 /// Per-client rate limit; `None` in [`super::Config::rate_limit`] when disabled.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RateLimit {
     pub per_second: u32,
     pub burst: u32,
-    pub trust_forwarded_for: bool,
+    /// `TRUSTED_PROXIES`; empty when unset.
+    pub trusted_proxies: Vec<IpNet>,
+    pub ipv6_prefix: u8,
+    pub max_clients: usize,
 }
+
+/// Settings that no longer exist, and what replaced them: naming them in an error beats
+/// ignoring them, which would silently change who the service takes for the client.
+const REMOVED: &[(&str, &str)] = &[(
+    "RATE_LIMIT_TRUST_FORWARDED_FOR",
+    "unset; replaced by TRUSTED_PROXIES, the list of the proxies' addresses (CIDR)",
+)];
 
 /// Circuit breaker settings (`BREAKER_*`); the breaker itself is `db::breaker`.
 #[derive(Debug, Clone, Copy)]
@@ -90,13 +118,20 @@ pub(super) struct Resilience {
 
 /// `pool_max_size` sets `MAX_IN_FLIGHT`'s default.
 pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, ConfigError> {
+    for (name, instead) in REMOVED {
+        if let Some(value) = (env.lookup)(name) {
+            return Err(invalid(name, format!("{value:?}"), instead));
+        }
+    }
     let per_second = env.bounded("RATE_LIMIT_PER_SECOND", 0, 1_000_000)? as u32;
     let rate_limit = (per_second > 0)
         .then(|| -> Result<RateLimit, ConfigError> {
             Ok(RateLimit {
                 per_second,
                 burst: env.bounded("RATE_LIMIT_BURST", 1, 1_000_000)? as u32,
-                trust_forwarded_for: env.boolean("RATE_LIMIT_TRUST_FORWARDED_FOR")?,
+                trusted_proxies: trusted_proxies(env)?,
+                ipv6_prefix: env.bounded("RATE_LIMIT_IPV6_PREFIX", 32, 128)? as u8,
+                max_clients: env.bounded("RATE_LIMIT_MAX_CLIENTS", 1000, 10_000_000)?,
             })
         })
         .transpose()?;
@@ -104,14 +139,11 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
         Some(_) => env.bounded("MAX_IN_FLIGHT", 1, 1_000_000)?,
         None => pool_max_size * 4,
     };
-    let max_queue_wait = env.duration("MAX_QUEUE_WAIT")?;
-    if max_queue_wait > Duration::from_secs(60) {
-        return Err(invalid(
-            "MAX_QUEUE_WAIT",
-            format!("{max_queue_wait:?}"),
-            "a duration from 0 to 60s, such as 500ms",
-        ));
-    }
+    let max_queue_wait = env.duration_within(
+        "MAX_QUEUE_WAIT",
+        Duration::ZERO..=Duration::from_secs(60),
+        "a duration from 0 to 60s, such as 500ms",
+    )?;
     let request_timeout = env.duration("REQUEST_TIMEOUT")?;
     if request_timeout.is_zero() {
         return Err(invalid(
@@ -132,4 +164,21 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
         request_timeout,
         breaker,
     })
+}
+
+/// `TRUSTED_PROXIES`: addresses (a host) or CIDR blocks, comma-separated.
+fn trusted_proxies(env: &Env<'_>) -> Result<Vec<IpNet>, ConfigError> {
+    const EXPECTED: &str = "comma-separated addresses or CIDR blocks, e.g. 10.0.0.0/8,::1";
+    let Some(raw) = env.optional("TRUSTED_PROXIES") else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| invalid("TRUSTED_PROXIES", format!("{s:?}"), EXPECTED))
+        })
+        .collect()
 }

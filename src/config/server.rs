@@ -47,6 +47,13 @@ pub const VARS: &[Var] = &[
                this, or it is closed: slow-header clients cannot hold connections (1s to 5m).",
     },
     Var {
+        name: "HTTP_BODY_READ_TIMEOUT",
+        default: Some("10s"),
+        help: "A /todos request's whole body must arrive within this, or the client gets 408 and \
+               the connection is closed (1s to 5m). The body is read before the request takes \
+               one of the MAX_IN_FLIGHT slots, so slow senders cannot hold them.",
+    },
+    Var {
         name: "MAX_CONNECTIONS",
         default: Some("10000"),
         help: "Open client connections at most; more wait in the kernel's listen backlog. Keep it \
@@ -69,6 +76,7 @@ pub(super) struct Server {
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -89,6 +97,11 @@ pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
         shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
         header_read_timeout: env.duration_within(
             "HTTP_HEADER_READ_TIMEOUT",
+            Duration::from_secs(1)..=Duration::from_secs(300),
+            "a duration from 1s to 5m, such as 10s",
+        )?,
+        body_read_timeout: env.duration_within(
+            "HTTP_BODY_READ_TIMEOUT",
             Duration::from_secs(1)..=Duration::from_secs(300),
             "a duration from 1s to 5m, such as 10s",
         )?,

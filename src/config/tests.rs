@@ -30,7 +30,12 @@ fn defaults_apply_when_only_the_database_url_is_set() {
         rl.burst >= 5 * 120,
         "five of the post-mortem's spikes must fit the burst"
     );
-    assert!(!rl.trust_forwarded_for);
+    assert!(
+        rl.trusted_proxies.is_empty(),
+        "no proxy is trusted unless named"
+    );
+    assert_eq!(rl.ipv6_prefix, 64);
+    assert_eq!(rl.max_clients, 100_000);
     assert_eq!(c.max_in_flight, 4 * 16, "derived from the pool size");
     assert_eq!(c.max_queue_wait, Duration::from_millis(500));
     assert_eq!(c.breaker.failure_threshold, 5);
@@ -97,7 +102,15 @@ fn bad_values_name_the_variable_and_the_expected_form() {
             "sometimes",
             "parentbased_traceidratio",
         ),
-        ("RATE_LIMIT_TRUST_FORWARDED_FOR", "maybe", "true or false"),
+        (
+            "RATE_LIMIT_TRUST_FORWARDED_FOR",
+            "true",
+            "replaced by TRUSTED_PROXIES",
+        ),
+        ("TRUSTED_PROXIES", "10.0.0.0/8, proxy.local", "CIDR"),
+        ("TRUSTED_PROXIES", "10.0.0.0/33", "CIDR"),
+        ("RATE_LIMIT_IPV6_PREFIX", "16", "from 32 to 128"),
+        ("RATE_LIMIT_MAX_CLIENTS", "10", "from 1000"),
         ("MAX_IN_FLIGHT", "0", "from 1"),
         ("MAX_QUEUE_WAIT", "61s", "from 0 to 60s"),
         ("MAX_QUEUE_WAIT", "soon", "duration"),
@@ -220,7 +233,11 @@ fn env_example_documents_exactly_the_variables_read() {
         .lines()
         .map(|l| l.trim_start_matches('#').trim())
         .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
-        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
         .collect();
     for var in VARS {
         assert!(
@@ -255,4 +272,21 @@ fn help_lists_every_variable() {
     for var in VARS {
         assert!(help.contains(var.name), "--help lacks {}", var.name);
     }
+}
+
+#[test]
+fn trusted_proxies_take_addresses_and_cidr_blocks() {
+    let c = config(&[
+        URL,
+        ("TRUSTED_PROXIES", " 10.0.0.0/8, 127.0.0.1 ,::1,fd00::/8"),
+    ])
+    .unwrap();
+    let nets: Vec<String> = c
+        .rate_limit
+        .unwrap()
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128", "fd00::/8"]);
 }

@@ -236,7 +236,9 @@ mod tests {
     use tokio::sync::Notify;
 
     /// A service whose requests all wait for `release`.
-    fn held(release: Arc<Notify>) -> impl Service<
+    fn held(
+        release: Arc<Notify>,
+    ) -> impl Service<
         Request<Body>,
         Response = Response<Body>,
         Error = Infallible,
@@ -283,7 +285,11 @@ mod tests {
         let _stuck = tokio::spawn(svc.clone().oneshot(Request::new(Body::empty())));
         tokio::task::yield_now().await;
         let started = tokio::time::Instant::now();
-        let refused = svc.clone().oneshot(Request::new(Body::empty())).await.unwrap();
+        let refused = svc
+            .clone()
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap();
         assert_eq!(started.elapsed(), Duration::from_millis(300));
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(

@@ -235,6 +235,36 @@ impl ApiError {
         .with_retry_after(retry_after_secs)
     }
 
+    /// 413: the body is over `MAX_BODY_BYTES`.
+    pub fn payload_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::PayloadTooLarge,
+            "Payload too large",
+            "the request body is larger than the service accepts",
+        )
+        .with_hint("Send a smaller body (see MAX_BODY_BYTES).")
+    }
+
+    /// 400: the body could not be read (the client broke off, or bad chunked encoding).
+    pub fn unreadable_body(why: &str) -> Self {
+        Self::bad_request(Code::UnreadableBody, why)
+    }
+
+    /// 408: the body did not arrive whole within `HTTP_BODY_READ_TIMEOUT`.
+    pub fn body_too_slow(deadline: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            Code::RequestTimeout,
+            "Request timeout",
+            format!(
+                "the request body did not arrive whole within {} s",
+                deadline.as_secs_f64()
+            ),
+        )
+        .with_hint("Send the whole body promptly; the connection is closed.")
+    }
+
     /// 429 from the rate limiter.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
         Self::new(

@@ -34,15 +34,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Code::PayloadTooLarge,
-                    "Payload too large",
-                    "the request body is larger than the service accepts",
-                )
-                .with_hint("Send a smaller body (see MAX_BODY_BYTES).")
+                ApiError::payload_too_large()
             } else {
-                ApiError::bad_request(Code::UnreadableBody, e.body_text())
+                ApiError::unreadable_body(&e.body_text())
             }
         })?;
         parse_json(&bytes).map(JsonBody)

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod base_url;
+pub mod client_ip;
 pub mod code;
 pub mod conditional;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod extract;
 pub mod health;
 pub mod linger;
 pub mod openapi;
+pub mod read_body;
 pub mod resilience;
 pub mod serve;
 pub mod todos;

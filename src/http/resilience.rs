@@ -6,19 +6,27 @@
 //! 1. **Rate limit** (tower_governor, per client IP): the cheapest refusal, so a runaway client is
 //!    stopped before any work is done for it and never takes a place in the queue. 429 with
 //!    `Retry-After`.
-//! 2. **Admission** ([`super::admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
+//! 2. **Body read** ([`super::read_body`]): the whole body, under `HTTP_BODY_READ_TIMEOUT` and
+//!    `MAX_BODY_BYTES`, before the request may take a slot: slow senders hold a connection, not
+//!    a slot. 408 / 413.
+//! 3. **Admission** ([`super::admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
 //!    next ones wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that
 //!    is refused with 503 + a jittered `Retry-After`.
-//! 3. **Request timeout** (tower-http): inside admission, so a request that times out frees its
+//! 4. **Request timeout** (tower-http): inside admission, so a request that times out frees its
 //!    slot; answered 504 (turned into a problem by `error::ensure_problem`).
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     body::Body,
+    extract::ConnectInfo,
     http::{Request, Response, StatusCode, header},
     response::IntoResponse,
 };
@@ -31,14 +39,16 @@ use tower::{
 use tower_governor::{
     GovernorError, GovernorLayer,
     governor::{GovernorConfig, GovernorConfigBuilder},
-    key_extractor::{KeyExtractor, PeerIpKeyExtractor, SmartIpKeyExtractor},
+    key_extractor::KeyExtractor,
 };
 use tower_http::timeout::TimeoutLayer;
 
 use super::{
     admission::{self, AdmissionLayer},
+    client_ip::ClientAddr,
     code::Code,
     error::ApiError,
+    read_body::{self, ReadBodyLayer},
 };
 use crate::config::{Config, RateLimit};
 
@@ -46,16 +56,16 @@ use crate::config::{Config, RateLimit};
 /// distinct IPs have called.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// How often the number of tracked clients is checked against `RATE_LIMIT_MAX_CLIENTS`.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// The layers described in the module doc (tower's `Stack` names them innermost first).
 pub type Protect = Stack<
     TimeoutLayer,
-    Stack<
-        AdmissionLayer,
-        Stack<Either<RateLimitLayer, Identity>, Identity>,
-    >,
+    Stack<AdmissionLayer, Stack<ReadBodyLayer, Stack<Either<RateLimitLayer, Identity>, Identity>>>,
 >;
 
-type RateLimitLayer = GovernorLayer<ClientIp, StateInformationMiddleware, Body>;
+type RateLimitLayer = GovernorLayer<ClientKey, StateInformationMiddleware, Body>;
 
 /// The layers for the data routes, to sit innermost in the router's one layer stack (see
 /// `http::router`).
@@ -66,7 +76,11 @@ type RateLimitLayer = GovernorLayer<ClientIp, StateInformationMiddleware, Body>;
 /// the governor one limiter.
 pub fn layer(config: &Config) -> Protect {
     ServiceBuilder::new()
-        .option_layer(config.rate_limit.map(rate_limit_layer))
+        .option_layer(config.rate_limit.clone().map(rate_limit_layer))
+        .layer(ReadBodyLayer(read_body::Limits {
+            max_bytes: config.max_body_bytes,
+            deadline: config.body_read_timeout,
+        }))
         .layer(AdmissionLayer::new(admission::Limits {
             max_in_flight: config.max_in_flight,
             max_queue_wait: config.max_queue_wait,
@@ -78,60 +92,87 @@ pub fn layer(config: &Config) -> Protect {
         .into_inner()
 }
 
-/// The rate-limit key: the TCP peer, or the forwarded client address when configured to trust it.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientIp {
-    trust_forwarded_for: bool,
-}
+/// The rate-limit key: the client's address as [`ClientAddr`] finds it (the TCP peer, or behind
+/// `TRUSTED_PROXIES` the rightmost untrusted `X-Forwarded-For` entry), IPv6 cut to its prefix.
+#[derive(Debug, Clone)]
+pub struct ClientKey(ClientAddr);
 
-impl KeyExtractor for ClientIp {
+impl KeyExtractor for ClientKey {
     type Key = IpAddr;
 
     fn extract<T>(&self, req: &Request<T>) -> Result<IpAddr, GovernorError> {
-        if self.trust_forwarded_for {
-            SmartIpKeyExtractor.extract(req)
-        } else {
-            PeerIpKeyExtractor.extract(req)
-        }
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .ok_or(GovernorError::UnableToExtractKey)?
+            .0
+            .ip();
+        Ok(self.0.key(self.0.client(peer, req.headers())))
     }
 }
 
-type Governor = GovernorConfig<ClientIp, StateInformationMiddleware>;
+type Governor = GovernorConfig<ClientKey, StateInformationMiddleware>;
 
 fn rate_limit_layer(limit: RateLimit) -> RateLimitLayer {
-    let config: Arc<Governor> = Arc::new(
+    let config = governor(&limit);
+    spawn_pruner(Arc::downgrade(&config), limit.max_clients);
+    GovernorLayer::new(config).error_handler(rate_limit_response)
+}
+
+fn governor(limit: &RateLimit) -> Arc<Governor> {
+    Arc::new(
         GovernorConfigBuilder::default()
             .period(Duration::from_nanos(
                 1_000_000_000 / u64::from(limit.per_second),
             ))
             .burst_size(limit.burst)
-            .key_extractor(ClientIp {
-                trust_forwarded_for: limit.trust_forwarded_for,
-            })
+            .key_extractor(ClientKey(ClientAddr::new(
+                &limit.trusted_proxies,
+                limit.ipv6_prefix,
+            )))
             .use_headers()
             .finish()
             .expect("per_second and burst are validated non-zero"),
-    );
-    spawn_pruner(Arc::downgrade(&config));
-    GovernorLayer::new(config).error_handler(rate_limit_response)
+    )
 }
 
-/// Drops idle clients' state periodically; ends when the app (and so the config) is dropped.
-fn spawn_pruner(config: std::sync::Weak<Governor>) {
+/// Forgets clients whose quota is whole again (their state says nothing a fresh one would not):
+/// every `PRUNE_EVERY`, and within a second whenever more than `max_clients` are tracked. Clients
+/// still being limited are kept, so rotating addresses to fill the table frees nobody from a
+/// limit; the table holds at most `max_clients` plus the new clients of one second. Ends when the
+/// app (and so the config) is dropped.
+fn spawn_pruner(config: std::sync::Weak<Governor>, max_clients: usize) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PRUNE_EVERY);
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        let mut last_prune = tokio::time::Instant::now();
         tick.tick().await;
         loop {
             tick.tick().await;
             let Some(config) = config.upgrade() else {
                 return;
             };
-            let limiter = config.limiter();
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-            tracing::debug!(clients = limiter.len(), "pruned rate-limit state");
+            if prune(&config, max_clients, last_prune.elapsed() >= PRUNE_EVERY) {
+                last_prune = tokio::time::Instant::now();
+            }
         }
     });
+}
+
+/// Prunes when `due` or when over `max_clients`; says whether it did.
+fn prune(config: &Governor, max_clients: usize, due: bool) -> bool {
+    let limiter = config.limiter();
+    let tracked = limiter.len();
+    if tracked <= max_clients && !due {
+        return false;
+    }
+    limiter.retain_recent();
+    limiter.shrink_to_fit();
+    tracing::debug!(
+        before = tracked,
+        after = limiter.len(),
+        "pruned rate-limit state"
+    );
+    true
 }
 
 fn rate_limit_response(err: GovernorError) -> Response<Body> {
@@ -172,6 +213,40 @@ fn rate_limit_response(err: GovernorError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_the_bound_clients_with_a_whole_quota_are_forgotten_and_limited_ones_kept() {
+        // A request every 100 ms, bursts of 50.
+        let config = governor(&RateLimit {
+            per_second: 10,
+            burst: 50,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: 64,
+            max_clients: 1000,
+        });
+        let limiter = config.limiter();
+        let limited: IpAddr = "192.0.2.1".parse().unwrap();
+        while limiter.check_key(&limited).is_ok() {}
+        for i in 0..5000u32 {
+            let _ = limiter.check_key(&IpAddr::V4((0x0a00_0000 + i).into()));
+        }
+        assert_eq!(limiter.len(), 5001);
+        assert!(
+            !prune(&config, 10_000, false),
+            "under the bound and not due"
+        );
+        // The one-shot clients' quotas are whole again 100 ms after their request; the limited
+        // client's is 5 s away.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(prune(&config, 1000, false));
+        assert_eq!(limiter.len(), 1, "only the limited client is remembered");
+        // Remembered, so it has only the few requests 300 ms refilled, not a fresh burst of 50.
+        let mut admitted = 0;
+        while limiter.check_key(&limited).is_ok() {
+            admitted += 1;
+        }
+        assert!(admitted < 10, "a forgotten client would get 50; got {admitted}");
+    }
 
     #[test]
     fn retry_after_is_never_zero_and_keeps_the_rate_limit_headers() {

@@ -13,6 +13,7 @@ mod errors;
 #[allow(dead_code)]
 mod helpers;
 mod layout;
+mod limits;
 mod migrations;
 mod openapi;
 mod operations;

@@ -1220,6 +1220,155 @@ async fn drill_17_waiting_for_a_busy_pool_does_not_open_the_breaker() {
     assert_eq!(held, 200);
 }
 
+/// What one hostile connection saw: how long until the service ended it, and its status line's
+/// code if it got one.
+type Cut = Result<(Duration, Option<u16>), &'static str>;
+
+/// One connection that sends `head`, then `drip` every 500 ms, never finishing; the service's
+/// answer (if any) and how long until it closed the connection.
+async fn trickle(addr: SocketAddr, head: &'static [u8], drip: &'static [u8]) -> Cut {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return Err("not connected");
+    };
+    let opened = Instant::now();
+    if s.write_all(head).await.is_err() {
+        return Ok((opened.elapsed(), None));
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while opened.elapsed() < Duration::from_secs(10) {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    let status = std::str::from_utf8(&got)
+                        .ok()
+                        .and_then(|t| t.split_whitespace().nth(1))
+                        .and_then(|c| c.parse().ok());
+                    return Ok((opened.elapsed(), status));
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            },
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                // A write may fail once the service has closed; the read then reports it.
+                let _ = s.write_all(drip).await;
+            }
+        }
+    }
+    Err("still open after 10 s")
+}
+
+/// Drill 18: the issue's hostile mix, kept up for 8 s: 300 connections that send a `POST /todos`
+/// head and then one body byte every 500 ms, and 2000 that trickle a header line every 500 ms,
+/// each reconnecting as soon as it is cut, with `MAX_IN_FLIGHT=8`. Bodies are read before a
+/// request takes a slot, so the slow bodies never hold one: each gets `408` after
+/// `HTTP_BODY_READ_TIMEOUT` (2 s here) and is closed; slow heads are closed after
+/// `HTTP_HEADER_READ_TIMEOUT` (2 s). Meanwhile a normal client gets at least 99 % 200 with p99
+/// under 200 ms, `/health` always answers, and no slow body created a todo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_18_slow_bodies_and_slow_heads_hold_no_slot_and_starve_nobody() {
+    let _turn = serial().await;
+    require_fds(5000);
+    let app = spawn_app_with(opts(&[
+        ("HTTP_HEADER_READ_TIMEOUT", "2s"),
+        ("HTTP_BODY_READ_TIMEOUT", "2s"),
+        ("MAX_IN_FLIGHT", "8"),
+        ("REQUEST_TIMEOUT", "5s"),
+        ("RATE_LIMIT_PER_SECOND", "0"),
+    ]))
+    .await;
+    app.create(json!({"title": "served"})).await;
+    const BODIES: usize = 300;
+    const HEADS: usize = 2000;
+    const HOLD: Duration = Duration::from_secs(8);
+    let started = Instant::now();
+    let attackers: Vec<_> = (0..BODIES + HEADS)
+        .map(|i| {
+            let addr = app.addr;
+            tokio::spawn(async move {
+                let mut cuts: Vec<Cut> = Vec::new();
+                while started.elapsed() < HOLD {
+                    cuts.push(if i < BODIES {
+                        trickle(
+                            addr,
+                            b"POST /todos HTTP/1.1\r\nHost: slow\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{",
+                            b" ",
+                        )
+                        .await
+                    } else {
+                        trickle(addr, b"GET /todos HTTP/1.1\r\nHost: slow\r\n", b"X-Slow: 1\r\n").await
+                    });
+                    if cuts.last().is_some_and(|c| c.is_err()) {
+                        break;
+                    }
+                }
+                (i < BODIES, cuts)
+            })
+        })
+        .collect();
+    // Let the attackers connect and take whatever they can take.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut health = Vec::new();
+    let mut gets = Vec::new();
+    while started.elapsed() < HOLD {
+        let t = Instant::now();
+        let h = app.client.get(app.url("/health")).send().await;
+        health.push(h.map(|r| r.status().as_u16()).unwrap_or(0));
+        let g = app.client.get(app.url("/todos?limit=1")).send().await;
+        gets.push((g.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut body_cuts, mut head_cuts, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    for a in attackers {
+        let (is_body, cuts) = a.await.unwrap();
+        for c in cuts {
+            match c {
+                Ok(cut) if is_body => body_cuts.push(cut),
+                Ok(cut) => head_cuts.push(cut),
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    let slowest =
+        |cuts: &[(Duration, Option<u16>)]| cuts.iter().map(|c| c.0).max().unwrap_or_default();
+    let mut statuses = BTreeMap::new();
+    for (_, s) in &body_cuts {
+        *statuses.entry(*s).or_insert(0usize) += 1;
+    }
+    let mut latencies: Vec<Duration> = gets.iter().map(|(_, l)| *l).collect();
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    let ok = gets.iter().filter(|(s, _)| *s == 200).count();
+    let mut conn = app.test_db.connect().await;
+    let todos: i64 = sqlx::query_scalar("SELECT count(*) FROM todos")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    eprintln!(
+        "slow bodies: {} cut (answers {statuses:?}), the slowest after {:?}; slow heads: {} cut, \
+         the slowest after {:?}; failures {failures:?}; normal client: {ok}/{} GET 200, p99 \
+         {p99:?}, /health {}/{} 200; todos {todos}",
+        body_cuts.len(),
+        slowest(&body_cuts),
+        head_cuts.len(),
+        slowest(&head_cuts),
+        gets.len(),
+        health.iter().filter(|s| **s == 200).count(),
+        health.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(body_cuts.len() >= BODIES && head_cuts.len() >= HEADS);
+    assert!(
+        body_cuts.iter().all(|(_, s)| *s == Some(408)),
+        "every slow body is answered 408: {statuses:?}"
+    );
+    assert!(slowest(&body_cuts) < Duration::from_millis(3500));
+    assert!(slowest(&head_cuts) < Duration::from_millis(3500));
+    assert!(health.iter().all(|s| *s == 200), "/health: {health:?}");
+    assert!(ok * 100 >= gets.len() * 99, "{ok}/{} GETs 200", gets.len());
+    assert!(p99 < Duration::from_millis(200), "p99 {p99:?}");
+    assert_eq!(todos, 1, "a slow body created nothing");
+}
+
 /// Polls `cond` every 5 ms for up to `limit`; returns how long it took.
 async fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();

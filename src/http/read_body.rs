@@ -1,0 +1,212 @@
+//! Reads a data request's body whole, under a deadline, *before* the request is admitted, so that
+//! a client who sends its body slowly holds a connection but never one of the `MAX_IN_FLIGHT`
+//! slots.
+//!
+//! Before this layer, handlers read bodies in their slots. 300 connections that sent a
+//! `POST /todos` head and then one body byte every 5 s held the slots until `REQUEST_TIMEOUT`, and
+//! for those 10 s 39 % of another client's `GET /todos` were refused. Now such a body must arrive
+//! whole within `HTTP_BODY_READ_TIMEOUT`, or the client gets `408 request_timeout` and the
+//! connection is closed. A body larger than `MAX_BODY_BYTES` is refused with 413 as soon as the
+//! limit is passed (at once when `Content-Length` says so), without being buffered whole. A
+//! request without a body passes straight through.
+//!
+//! tower-http's `RequestBodyTimeoutLayer` does not fit: its timer restarts with every frame, so a
+//! body trickled a byte at a time never times out. The deadline here is for the whole body.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, HttpBody as _},
+    http::{HeaderValue, Request, Response, header},
+    response::IntoResponse,
+};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use tower::{Layer, Service, ServiceExt as _};
+
+use super::error::ApiError;
+
+/// How bodies are read.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body (`MAX_BODY_BYTES`).
+    pub max_bytes: usize,
+    /// The whole body must arrive within this (`HTTP_BODY_READ_TIMEOUT`).
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBodyLayer(pub Limits);
+
+impl<S> Layer<S> for ReadBodyLayer {
+    type Service = ReadBody<S>;
+
+    fn layer(&self, inner: S) -> ReadBody<S> {
+        ReadBody {
+            inner,
+            limits: self.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadBody<S> {
+    inner: S,
+    limits: Limits,
+}
+
+impl<S> Service<Request<Body>> for ReadBody<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let limits = self.limits;
+        Box::pin(async move {
+            match read(req, limits).await {
+                Ok(req) => inner.oneshot(req).await,
+                Err(refusal) => Ok(refusal),
+            }
+        })
+    }
+}
+
+/// The request with its body in memory, or the answer that refuses it.
+async fn read(req: Request<Body>, limits: Limits) -> Result<Request<Body>, Response<Body>> {
+    if req.body().is_end_stream() {
+        return Ok(req);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        return Err(ApiError::payload_too_large().into_response());
+    }
+    let (parts, body) = req.into_parts();
+    let collected = tokio::time::timeout(
+        limits.deadline,
+        Limited::new(body, limits.max_bytes).collect(),
+    )
+    .await;
+    match collected {
+        Ok(Ok(body)) => Ok(Request::from_parts(parts, Body::from(body.to_bytes()))),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            Err(ApiError::payload_too_large().into_response())
+        }
+        // The client broke off (or sent a malformed chunked body): there is nobody to answer
+        // reliably, but hyper writes what it can.
+        Ok(Err(e)) => Err(ApiError::unreadable_body(&e.to_string()).into_response()),
+        Err(_) => {
+            let mut res = ApiError::body_too_slow(limits.deadline).into_response();
+            // The rest of the body is still on its way: the connection cannot carry another
+            // request. Closed lingering (see linger.rs), so the client reads this answer.
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(res)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{code::Code, error::ProblemCode};
+    use axum::{body::Bytes, http::StatusCode};
+    use std::convert::Infallible;
+
+    const LIMITS: Limits = Limits {
+        max_bytes: 16,
+        deadline: Duration::from_secs(2),
+    };
+
+    /// Echoes the body's length, proving what reached the handler.
+    fn echo_len() -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Future + Send,
+    > + Clone {
+        tower::service_fn(|req: Request<Body>| async move {
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(Body::from(bytes.len().to_string())))
+        })
+    }
+
+    fn code(res: &Response<Body>) -> Code {
+        res.extensions().get::<ProblemCode>().unwrap().0
+    }
+
+    /// A body that sends one byte, then nothing more until long after any deadline.
+    fn trickle() -> Body {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(b"{"))).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        Body::from_stream(tokio_stream_from(rx))
+    }
+
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>,
+    ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_reaches_the_service_and_no_body_passes_through() {
+        let svc = ReadBodyLayer(LIMITS).layer(echo_len());
+        let res = svc
+            .clone()
+            .oneshot(Request::new(Body::from("{\"title\":\"x\"}")))
+            .await
+            .unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"13");
+        let res = svc.oneshot(Request::new(Body::empty())).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"0");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_whether_declared_or_streamed() {
+        let svc = ReadBodyLayer(LIMITS).layer(echo_len());
+        let declared = Request::builder()
+            .header(header::CONTENT_LENGTH, "1000000")
+            .body(trickle())
+            .unwrap();
+        let res = svc.clone().oneshot(declared).await.unwrap();
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(code(&res), Code::PayloadTooLarge);
+        let streamed = Request::new(Body::from(vec![b'x'; 17]));
+        let res = svc.oneshot(streamed).await.unwrap();
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_trickled_past_the_deadline_is_408_and_closes_the_connection() {
+        let svc = ReadBodyLayer(LIMITS).layer(echo_len());
+        let started = tokio::time::Instant::now();
+        let res = svc.oneshot(Request::new(trickle())).await.unwrap();
+        assert_eq!(started.elapsed(), LIMITS.deadline);
+        assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(code(&res), Code::RequestTimeout);
+        assert_eq!(res.headers()[header::CONNECTION], "close");
+    }
+}

@@ -1,0 +1,83 @@
+//! Who the rate limiter takes for the client: behind a trusted proxy, forged `X-Forwarded-For`
+//! entries and IPv6 address rotation do not buy a fresh quota, and an untrusted peer cannot name
+//! another client.
+
+use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+
+/// A burst of 3 and then one request a minute: the fourth request from one client is a 429.
+async fn app_behind_proxy() -> TestApp {
+    let mut opts = AppOptions::default();
+    for (k, v) in [
+        ("RATE_LIMIT_PER_SECOND", "1"),
+        ("RATE_LIMIT_BURST", "3"),
+        // The test's own client (127.0.0.1) plays the proxy; 127.0.0.2 is a client that is not.
+        ("TRUSTED_PROXIES", "127.0.0.1/32, 10.0.0.0/8"),
+    ] {
+        opts.env.insert(k.into(), v.into());
+    }
+    spawn_app_with(opts).await
+}
+
+fn client_from(local: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(Some(local.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
+/// The status of `GET /todos` sent with each `X-Forwarded-For` value in turn.
+async fn statuses(app: &TestApp, client: &reqwest::Client, forwarded: &[String]) -> Vec<u16> {
+    let mut out = Vec::new();
+    for xff in forwarded {
+        let r = client
+            .get(app.url("/todos?limit=1"))
+            .header("x-forwarded-for", xff)
+            .send()
+            .await
+            .unwrap();
+        out.push(r.status().as_u16());
+    }
+    out
+}
+
+#[tokio::test]
+async fn rotating_a_forged_entry_through_a_trusted_proxy_does_not_reset_the_quota() {
+    let app = app_behind_proxy().await;
+    let proxy = client_from("127.0.0.1");
+    // What the client wrote (rotating), then what the edge proxy saw, then an inner proxy hop.
+    let forged: Vec<String> = (1..=6)
+        .map(|i| format!("6.6.6.{i}, 203.0.113.7, 10.1.2.3"))
+        .collect();
+    assert_eq!(
+        statuses(&app, &proxy, &forged).await,
+        [200, 200, 200, 429, 429, 429]
+    );
+    // Another client behind the same proxy has its own quota.
+    let other = ["203.0.113.8".to_string()];
+    assert_eq!(statuses(&app, &proxy, &other).await, [200]);
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
+    let app = app_behind_proxy().await;
+    let direct = client_from("127.0.0.2");
+    let forged: Vec<String> = (1..=5).map(|i| format!("198.51.100.{i}")).collect();
+    assert_eq!(
+        statuses(&app, &direct, &forged).await,
+        [200, 200, 200, 429, 429]
+    );
+}
+
+#[tokio::test]
+async fn ipv6_addresses_from_one_64_share_a_quota() {
+    let app = app_behind_proxy().await;
+    let proxy = client_from("127.0.0.1");
+    let rotating: Vec<String> = (1..=5).map(|i| format!("2001:db8:1:2::{i:x}")).collect();
+    assert_eq!(
+        statuses(&app, &proxy, &rotating).await,
+        [200, 200, 200, 429, 429]
+    );
+    let next_network = ["2001:db8:1:3::1".to_string()];
+    assert_eq!(statuses(&app, &proxy, &next_network).await, [200]);
+}
