@@ -15,7 +15,10 @@
 //! (an exponentially weighted average) and the number already waiting, Little's law gives the wait
 //! a newcomer would face. When that is beyond `MAX_QUEUE_WAIT`, it is refused at once, with no
 //! timer and no wait. Only a request whose estimate is in bounds waits, with `MAX_QUEUE_WAIT` as
-//! its deadline. Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's
+//! its deadline. The immediate refusal is also checked early, in front of the router's costlier
+//! layers ([`EarlyRefusal`]), and every refusal answers with a problem body rendered once: a
+//! refusal costs about a quarter of a served GET, most of it the kernel's socket work
+//! (loadtest/RESULTS.md). Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's
 //! semaphore is fair and cancel-safe) and frees the slot if it had one.
 //!
 //! Written here rather than with `little-loadshedder` (0.2.0, last released February 2024). That
@@ -38,13 +41,13 @@ use std::{
 use axum::{
     body::Body,
     http::{Request, Response},
-    response::IntoResponse,
 };
+use pin_project_lite::pin_project;
 use rand::Rng as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt as _};
 
-use super::error::ApiError;
+use super::error::{ApiError, Prerendered};
 
 /// The weight of a new sample in the average time a slot is held: 1/8, as TCP's smoothed RTT.
 const EWMA_SHIFT: u32 = 3;
@@ -67,13 +70,15 @@ pub struct AdmissionLayer {
 impl AdmissionLayer {
     pub fn new(limits: Limits) -> Self {
         AdmissionLayer {
-            gate: Arc::new(Gate {
-                slots: Arc::new(Semaphore::new(limits.max_in_flight)),
-                max_in_flight: limits.max_in_flight,
-                max_wait: limits.max_queue_wait,
-                waiting: AtomicUsize::new(0),
-                mean_hold_ns: AtomicU64::new(0),
-            }),
+            gate: Arc::new(Gate::new(limits)),
+        }
+    }
+
+    /// The same gate's early refusal, to sit in front of the costlier layers (see
+    /// [`EarlyRefusal`]).
+    pub fn early(&self) -> EarlyRefusalLayer {
+        EarlyRefusalLayer {
+            gate: Arc::clone(&self.gate),
         }
     }
 }
@@ -98,6 +103,8 @@ struct Gate {
     waiting: AtomicUsize,
     /// The average time a request holds its slot, in nanoseconds (0 until the first one ends).
     mean_hold_ns: AtomicU64,
+    /// The refusal's body, rendered once.
+    refusal: Prerendered,
 }
 
 /// Why a request was not admitted.
@@ -110,13 +117,44 @@ enum Refusal {
 }
 
 impl Gate {
+    fn new(limits: Limits) -> Self {
+        Gate {
+            slots: Arc::new(Semaphore::new(limits.max_in_flight)),
+            max_in_flight: limits.max_in_flight,
+            max_wait: limits.max_queue_wait,
+            waiting: AtomicUsize::new(0),
+            mean_hold_ns: AtomicU64::new(0),
+            refusal: ApiError::overloaded(limits.max_queue_wait).prerender(),
+        }
+    }
+
+    /// Whether a request arriving now would be refused without waiting: every slot is busy and
+    /// the queue already cannot start it in time. A hint, read without taking a place; admission
+    /// proper decides again.
+    fn full_now(&self) -> Option<Duration> {
+        if self.slots.available_permits() > 0 {
+            return None;
+        }
+        let expected = self.expected_wait(self.waiting.load(Ordering::Relaxed) + 1);
+        (expected > self.max_wait || self.max_wait.is_zero()).then_some(expected)
+    }
+
+    fn refuse(&self, why: Refusal, expected: Duration) -> Response<Body> {
+        tracing::debug!(
+            ?why,
+            expected_wait_ms = expected.as_millis() as u64,
+            "refused a request: at capacity"
+        );
+        self.refusal.response(Some(retry_after(expected)))
+    }
+
     async fn admit(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, (Refusal, Duration)> {
         if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
             return Ok(slot);
         }
         let queued = Queued::join(&self.waiting);
         let expected = self.expected_wait(queued.position);
-        if expected > self.max_wait {
+        if expected > self.max_wait || self.max_wait.is_zero() {
             return Err((Refusal::QueueTooLong, expected));
         }
         match tokio::time::timeout(self.max_wait, Arc::clone(&self.slots).acquire_owned()).await {
@@ -200,7 +238,7 @@ where
         Box::pin(async move {
             let slot = match gate.admit().await {
                 Ok(slot) => slot,
-                Err((why, expected)) => return Ok(refuse(why, expected, gate.max_wait)),
+                Err((why, expected)) => return Ok(gate.refuse(why, expected)),
             };
             let started = Instant::now();
             let res = inner.oneshot(req).await;
@@ -211,13 +249,81 @@ where
     }
 }
 
-fn refuse(why: Refusal, expected: Duration, max_wait: Duration) -> Response<Body> {
-    tracing::debug!(
-        ?why,
-        expected_wait_ms = expected.as_millis() as u64,
-        "refused a request: at capacity"
-    );
-    ApiError::overloaded(max_wait, retry_after(expected)).into_response()
+/// The early refusal: in front of the layers that cost the most per request (request id, CORS,
+/// the problem check, panic guard, rate limit, body read), a request that admission would refuse
+/// at once is refused here instead, with the same prerendered problem. Under sustained overload
+/// nearly every refusal is of that kind, and refusals then come by the thousand a second: what
+/// each costs is what is left for the requests being served (figures in loadtest/RESULTS.md).
+/// It sits inside the trace span and the metrics, so refusals are still counted and traced.
+#[derive(Clone, Debug)]
+pub struct EarlyRefusalLayer {
+    gate: Arc<Gate>,
+}
+
+impl<S> Layer<S> for EarlyRefusalLayer {
+    type Service = EarlyRefusal<S>;
+
+    fn layer(&self, inner: S) -> EarlyRefusal<S> {
+        EarlyRefusal {
+            inner,
+            gate: Arc::clone(&self.gate),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EarlyRefusal<S> {
+    inner: S,
+    gate: Arc<Gate>,
+}
+
+impl<S, B> Service<Request<B>> for EarlyRefusal<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = EarlyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        match self.gate.full_now() {
+            Some(expected) => EarlyFuture::Refused {
+                res: Some(self.gate.refuse(Refusal::QueueTooLong, expected)),
+            },
+            None => EarlyFuture::Passed {
+                inner: self.inner.call(req),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The refusal, or the inner service's future.
+    #[project = EarlyProj]
+    pub enum EarlyFuture<F> {
+        Refused { res: Option<Response<Body>> },
+        Passed { #[pin] inner: F },
+    }
+}
+
+impl<F, E> Future for EarlyFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            EarlyProj::Refused { res } => {
+                Poll::Ready(Ok(res.take().expect("polled after it completed")))
+            }
+            EarlyProj::Passed { inner } => inner.poll(cx),
+        }
+    }
 }
 
 /// Whole seconds, at least the expected wait and at least 1, plus 0–2 s at random, so that a
@@ -301,13 +407,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_queue_that_cannot_start_within_the_bound_is_refused_at_once() {
-        let gate = Arc::new(Gate {
-            slots: Arc::new(Semaphore::new(2)),
+        let gate = Arc::new(Gate::new(Limits {
             max_in_flight: 2,
-            max_wait: Duration::from_millis(500),
-            waiting: AtomicUsize::new(0),
-            mean_hold_ns: AtomicU64::new(0),
-        });
+            max_queue_wait: Duration::from_millis(500),
+        }));
         gate.held(Duration::from_millis(100));
         let _taken = Arc::clone(&gate.slots).acquire_many_owned(2).await.unwrap();
         // Two slots each freed every 100 ms: the 10th in line starts after 500 ms, the 11th
@@ -320,6 +423,57 @@ mod tests {
         assert_eq!(refused.1, Duration::from_millis(550));
         assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
         assert_eq!(gate.waiting.load(Ordering::Relaxed), 10, "left the queue");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_early_refusal_answers_what_admission_would_refuse_at_once_and_passes_the_rest() {
+        let release = Arc::new(Notify::new());
+        let admission = AdmissionLayer::new(Limits {
+            max_in_flight: 1,
+            max_queue_wait: Duration::from_millis(500),
+        });
+        let gate = Arc::clone(&admission.gate);
+        // What the early layer guards must never be reached when it refuses.
+        let reached = Arc::new(AtomicUsize::new(0));
+        let counted = {
+            let reached = Arc::clone(&reached);
+            let inner = admission.layer(held(Arc::clone(&release)));
+            tower::service_fn(move |req: Request<Body>| {
+                reached.fetch_add(1, Ordering::Relaxed);
+                inner.clone().oneshot(req)
+            })
+        };
+        let svc = admission.early().layer(counted);
+        let first = tokio::spawn(svc.clone().oneshot(Request::new(Body::empty())));
+        tokio::task::yield_now().await;
+        // The slot is busy, but nothing is known yet of how long it is held: pass on and wait.
+        assert!(gate.full_now().is_none());
+        gate.held(Duration::from_secs(1));
+        gate.waiting.store(1, Ordering::Relaxed);
+        // One already waiting a second: the next would start after 2 s, beyond 500 ms.
+        let refused = svc
+            .clone()
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            refused.extensions().get::<ProblemCode>().unwrap().0,
+            Code::Overloaded
+        );
+        assert!((2..=4).contains(&retry_after_of(&refused)));
+        assert_eq!(
+            reached.load(Ordering::Relaxed),
+            1,
+            "only the first got through"
+        );
+        gate.waiting.store(0, Ordering::Relaxed);
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert!(
+            gate.full_now().is_none(),
+            "a free slot: nothing is refused early"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -346,13 +500,10 @@ mod tests {
 
     #[test]
     fn the_average_hold_moves_an_eighth_of_the_way_to_each_sample() {
-        let gate = Gate {
-            slots: Arc::new(Semaphore::new(1)),
+        let gate = Gate::new(Limits {
             max_in_flight: 1,
-            max_wait: Duration::ZERO,
-            waiting: AtomicUsize::new(0),
-            mean_hold_ns: AtomicU64::new(0),
-        };
+            max_queue_wait: Duration::ZERO,
+        });
         gate.held(Duration::from_millis(80));
         assert_eq!(gate.mean_hold_ns.load(Ordering::Relaxed), 80_000_000);
         gate.held(Duration::from_millis(0));

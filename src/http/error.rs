@@ -219,8 +219,9 @@ impl ApiError {
         .with_hint("Retry later; quote the x-request-id header when reporting this.")
     }
 
-    /// 503 from admission control: the request could not start within `max_wait`.
-    pub fn overloaded(max_wait: Duration, retry_after_secs: u64) -> Self {
+    /// 503 from admission control: the request could not start within `max_wait`. Answered with
+    /// a per-response `Retry-After` (see `admission.rs`).
+    pub fn overloaded(max_wait: Duration) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Code::Overloaded,
@@ -232,7 +233,6 @@ impl ApiError {
             ),
         )
         .with_hint("Retry after the Retry-After delay (already jittered).")
-        .with_retry_after(retry_after_secs)
     }
 
     /// 413: the body is over `MAX_BODY_BYTES`.
@@ -310,6 +310,42 @@ impl From<DbError> for ApiError {
                 .with_retry_after(DB_RETRY_AFTER_SECS)
             }
             DbError::Unexpected(e) => ApiError::internal(&e),
+        }
+    }
+}
+
+/// A problem rendered once, answered many times: for refusals, which must cost as little as
+/// possible when they come by the thousand (see `admission.rs`).
+#[derive(Debug, Clone)]
+pub struct Prerendered {
+    status: StatusCode,
+    code: Code,
+    body: axum::body::Bytes,
+}
+
+impl Prerendered {
+    /// The answer, with `Retry-After` when given; the body is shared, not copied.
+    pub fn response(&self, retry_after_secs: Option<u64>) -> Response {
+        let mut res = Response::new(Body::from(self.body.clone()));
+        *res.status_mut() = self.status;
+        res.extensions_mut().insert(ProblemCode(self.code));
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl ApiError {
+    /// Renders the body now, for [`Prerendered::response`] to answer with later. A per-response
+    /// `Retry-After` is given there; `extra` members are not kept.
+    pub fn prerender(self) -> Prerendered {
+        Prerendered {
+            status: self.status,
+            code: self.problem.code,
+            body: serde_json::to_vec(&self.problem).unwrap_or_default().into(),
         }
     }
 }

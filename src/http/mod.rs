@@ -42,6 +42,7 @@ use crate::{
     config::{Config, CorsOrigins},
     db::Db,
 };
+use admission::EarlyRefusalLayer;
 pub use base_url::BaseUrl;
 use error::ApiError;
 use openapi::{ApiRoutes, api_routes};
@@ -110,8 +111,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
 fn with_layers(
     router: Router<AppState>,
     config: &Config,
-    protect: Option<resilience::Protect>,
+    protect: Option<(EarlyRefusalLayer, resilience::Protect)>,
 ) -> Router<AppState> {
+    let (early, protect) = protect.unzip();
     let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
     // Listed outermost first:
     router.layer(
@@ -138,20 +140,23 @@ fn with_layers(
             // 4. The request id is copied to the response (clients quote it when reporting
             //    problems).
             .layer(PropagateRequestIdLayer::new(x_request_id))
-            // 5. CORS outside everything that can answer, so errors carry the CORS headers too
+            // 5. For the data routes: when admission would refuse at once, refuse here, before
+            //    the layers below cost anything (admission.rs); still counted and traced above.
+            .option_layer(early)
+            // 6. CORS outside everything that can answer, so errors carry the CORS headers too
             //    and browsers can read them; preflights are answered here without reaching a
             //    handler.
             .layer(cors_layer(&config.cors_allowed_origins))
-            // 6. Any error response that is not yet problem+json (a library's own) is rewritten.
+            // 7. Any error response that is not yet problem+json (a library's own) is rewritten.
             .then(error::ensure_problem_result)
             .map_response(from_catch_panic)
-            // 7. A panicking handler becomes a logged 500 problem instead of a dropped
+            // 8. A panicking handler becomes a logged 500 problem instead of a dropped
             //    connection.
             .layer(CatchPanicLayer::custom(panic_response))
-            // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
+            // 9. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
             //    (413), never buffered whole.
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            // 9. For the data routes: rate limit, load shedding, timeout (resilience.rs).
+            // 10. For the data routes: rate limit, body read, admission, timeout (resilience.rs).
             .option_layer(protect),
     )
 }

@@ -44,7 +44,7 @@ use tower_governor::{
 use tower_http::timeout::TimeoutLayer;
 
 use super::{
-    admission::{self, AdmissionLayer},
+    admission::{self, AdmissionLayer, EarlyRefusalLayer},
     client_ip::ClientAddr,
     code::Code,
     error::ApiError,
@@ -74,22 +74,28 @@ type RateLimitLayer = GovernorLayer<ClientKey, StateInformationMiddleware, Body>
 /// place in the queue or a slot (admission takes its slot when called, never in `poll_ready`).
 /// Anything stateful shares its state across the router's per-route clones: admission one gate,
 /// the governor one limiter.
-pub fn layer(config: &Config) -> Protect {
-    ServiceBuilder::new()
+///
+/// Also returns admission's early refusal, for the router to place in front of its costlier
+/// layers (see [`super::admission::EarlyRefusal`]).
+pub fn layer(config: &Config) -> (EarlyRefusalLayer, Protect) {
+    let admission = AdmissionLayer::new(admission::Limits {
+        max_in_flight: config.max_in_flight,
+        max_queue_wait: config.max_queue_wait,
+    });
+    let early = admission.early();
+    let protect = ServiceBuilder::new()
         .option_layer(config.rate_limit.clone().map(rate_limit_layer))
         .layer(ReadBodyLayer(read_body::Limits {
             max_bytes: config.max_body_bytes,
             deadline: config.body_read_timeout,
         }))
-        .layer(AdmissionLayer::new(admission::Limits {
-            max_in_flight: config.max_in_flight,
-            max_queue_wait: config.max_queue_wait,
-        }))
+        .layer(admission)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             config.request_timeout,
         ))
-        .into_inner()
+        .into_inner();
+    (early, protect)
 }
 
 /// The rate-limit key: the client's address as [`ClientAddr`] finds it (the TCP peer, or behind
@@ -245,7 +251,10 @@ mod tests {
         while limiter.check_key(&limited).is_ok() {
             admitted += 1;
         }
-        assert!(admitted < 10, "a forgotten client would get 50; got {admitted}");
+        assert!(
+            admitted < 10,
+            "a forgotten client would get 50; got {admitted}"
+        );
     }
 
     #[test]
