@@ -69,6 +69,7 @@ def wait_until_answering(port, proc, seconds=30):
 
 def variant_env(database_url, port, overrides):
     env = dict(os.environ, DATABASE_URL=database_url, LISTEN_ADDR=f"127.0.0.1:{port}",
+               ADMIN_LISTEN_ADDR="127.0.0.1:0",
                RATE_LIMIT_PER_SECOND="1000000", RATE_LIMIT_BURST="1000000",
                LOG_LEVEL="warn", OTEL_SDK_DISABLED="true")
     for kv in filter(None, overrides.split(",")):

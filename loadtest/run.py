@@ -94,6 +94,8 @@ class Service:
         env.update({
             "DATABASE_URL": self.database_url,
             "LISTEN_ADDR": f"127.0.0.1:{port}",
+            # Several services run at once here: each its own admin port.
+            "ADMIN_LISTEN_ADDR": "127.0.0.1:0",
             # Every load comes from one IP, so the per-client limit is set out of reach: the
             # limiter still runs on every request (its cost is measured) but refuses none.
             "RATE_LIMIT_PER_SECOND": "1000000",

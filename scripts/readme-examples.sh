@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+admin_port=$(free_port)
 log=$(mktemp)
-LISTEN_ADDR="127.0.0.1:$port" scripts/run.sh >"$log" 2>&1 &
+LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR="127.0.0.1:$admin_port" scripts/run.sh >"$log" 2>&1 &
 runner=$!
 cleanup() {
   # SIGINT reaches the service through run.sh, whose trap then stops PostgreSQL.
@@ -32,6 +34,7 @@ failed=0
 for line in "${examples[@]}"; do
   expected=$(sed -n 's/.*# \([0-9][0-9][0-9]\).*/\1/p' <<<"$line")
   cmd=${line//localhost:8080/127.0.0.1:$port}
+  cmd=${cmd//localhost:9091/127.0.0.1:$admin_port}
   # Insert -w after `curl` to read the status without changing what the example prints.
   out=$(bash -c "curl -w '\n%{http_code}' ${cmd#curl }" 2>&1) || { echo "FAILED (curl error): $line"; failed=1; continue; }
   status=$(tail -n1 <<<"$out")

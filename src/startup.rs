@@ -27,6 +27,8 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    /// The operators' listener and its routes (`ADMIN_LISTEN_ADDR`), unless it is off.
+    admin: Option<(TcpListener, axum::Router)>,
     db: Db,
     shutdown_timeout: Duration,
     limits: http::serve::Limits,
@@ -46,6 +48,12 @@ impl Application {
         let listener = bind(config.listen_addr)
             .with_context(|| format!("cannot listen on LISTEN_ADDR={}", config.listen_addr))?;
         let local = listener.local_addr()?;
+        let admin_listener = config
+            .admin_listen_addr
+            .map(|addr| {
+                bind(addr).with_context(|| format!("cannot listen on ADMIN_LISTEN_ADDR={addr}"))
+            })
+            .transpose()?;
         tracing::info!(
             database = %config.database.redacted_url(),
             pool_max_size = config.database.pool_max_size,
@@ -63,10 +71,12 @@ impl Application {
         });
         spawn_idempotency_sweeper(&db);
         crate::metrics::register_db(&db);
-        let router = http::router(state, &config);
+        let router = http::router(state.clone(), &config);
+        let admin = admin_listener.map(|l| (l, http::admin::router(state)));
         Ok(Application {
             listener,
             router,
+            admin,
             db,
             shutdown_timeout: config.shutdown_timeout,
             limits: http::serve::Limits {
@@ -82,6 +92,13 @@ impl Application {
             .expect("bound listener has an address")
     }
 
+    /// The admin listener's address, unless `ADMIN_LISTEN_ADDR=off`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("bound listener has an address"))
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }
@@ -93,8 +110,20 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
-        tracing::info!(%addr, "listening");
+        tracing::info!(%addr, admin = ?self.admin_addr(), "listening");
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+        if let Some((listener, router)) = self.admin {
+            let mut stop = admin_stopped;
+            // Operators' requests are few: a small cap, the same header timeout.
+            let limits = http::serve::Limits {
+                max_connections: 100,
+                ..self.limits
+            };
+            tokio::spawn(http::serve::serve(listener, router, limits, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            }));
+        }
         let server = http::serve::serve(self.listener, self.router, self.limits, async move {
             shutdown.await;
             let _ = signalled_tx.send(());
@@ -111,6 +140,7 @@ impl Application {
             () = server => {}
             () = drain_limit => tracing::warn!(?deadline, "in-flight requests did not finish before SHUTDOWN_TIMEOUT; exiting anyway"),
         }
+        let _ = stop_admin.send(true);
         self.db.close();
         tracing::info!("stopped");
         Ok(())

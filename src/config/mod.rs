@@ -89,6 +89,8 @@ const fn concat_sections() -> [Var; VAR_COUNT] {
 #[derive(Debug)]
 pub struct Config {
     pub listen_addr: SocketAddr,
+    /// `None` when `ADMIN_LISTEN_ADDR=off`.
+    pub admin_listen_addr: Option<SocketAddr>,
     pub public_base_url: Option<Url>,
     pub database: DatabaseConfig,
     pub rate_limit: Option<RateLimit>,
@@ -122,6 +124,7 @@ impl Config {
         let resilience = resilience::parse(&env, database.pool_max_size)?;
         Ok(Config {
             listen_addr: server.listen_addr,
+            admin_listen_addr: server.admin_listen_addr,
             public_base_url: server.public_base_url,
             database,
             rate_limit: resilience.rate_limit,

@@ -18,6 +18,13 @@ pub const VARS: &[Var] = &[
         help: "Address and port the HTTP server binds, as IP:PORT (port 0 picks a free one).",
     },
     Var {
+        name: "ADMIN_LISTEN_ADDR",
+        default: Some("127.0.0.1:9091"),
+        help: "Address of the operators' listener, as IP:PORT, or `off`: its /ready shows the \
+               pinned database address, DNS lookups, the pool, the breaker's counters and the \
+               driver's errors, which the public /ready does not. Keep it off public networks.",
+    },
+    Var {
         name: "PUBLIC_BASE_URL",
         default: None,
         help: "Absolute base URL used in each todo's `url` and in Location/Link headers, e.g. \
@@ -44,7 +51,8 @@ pub const VARS: &[Var] = &[
         name: "HTTP_HEADER_READ_TIMEOUT",
         default: Some("10s"),
         help: "A connection must send a whole request head (request line and headers) within \
-               this, or it is closed: slow-header clients cannot hold connections (1s to 5m).",
+               this, or it is closed: slow-header clients cannot hold connections (1s to 5m). \
+               It is also the idle keep-alive timeout: the timer restarts when a response is sent.",
     },
     Var {
         name: "HTTP_BODY_READ_TIMEOUT",
@@ -69,6 +77,7 @@ pub const VARS: &[Var] = &[
 
 /// The server's settings, moved into [`super::Config`]'s fields.
 pub(super) struct Server {
+    pub admin_listen_addr: Option<SocketAddr>,
     pub listen_addr: SocketAddr,
     pub public_base_url: Option<Url>,
     pub idempotency_key_ttl: Duration,
@@ -83,6 +92,10 @@ pub(super) struct Server {
 pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
     Ok(Server {
         listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
+        admin_listen_addr: match env.value("ADMIN_LISTEN_ADDR").trim() {
+            "off" => None,
+            _ => Some(env.parse("ADMIN_LISTEN_ADDR", "IP:PORT, e.g. 127.0.0.1:9091, or off")?),
+        },
         public_base_url: env
             .optional("PUBLIC_BASE_URL")
             .map(parse_base_url)

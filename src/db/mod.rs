@@ -107,6 +107,8 @@ impl WeakDb {
 pub struct DbStatus {
     /// What is wrong; `None` when a round trip succeeded and the schema is migrated.
     pub error: Option<String>,
+    /// Whether the recent round trip succeeded (the schema aside).
+    pub reachable: bool,
     /// Host name from `DATABASE_URL`.
     pub host: String,
     /// The pinned address, until the host first resolves `None`.
@@ -268,6 +270,7 @@ impl Db {
             (Ok(()), true) => None,
         };
         DbStatus {
+            reachable: outcome.is_ok(),
             error,
             host: self.inner.address.host().to_owned(),
             address: self.inner.address.get(),

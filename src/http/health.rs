@@ -2,8 +2,13 @@
 //!
 //! `/health` proves the process answers HTTP and touches nothing else, so an orchestrator never
 //! restarts a healthy service because its database is down (the restart would not help and would
-//! drop in-flight work). `/ready` does one cheap database round trip and says what is wrong, so a
-//! load balancer can route around an instance that cannot serve data.
+//! drop in-flight work). `/ready` answers from a recent database round trip, so a load balancer
+//! can route around an instance that cannot serve data.
+//!
+//! Two readings of readiness. The public one ([`ready`], on the service's port) says ready or not
+//! and the class of trouble, nothing an outsider could use: no address, no pool or breaker
+//! counters, no driver text. The operators' one ([`ready_detail`], on the admin listener, see
+//! `admin.rs`) says everything this replica knows.
 
 use axum::{
     extract::State,
@@ -27,6 +32,7 @@ pub struct Health {
     pub version: &'static str,
 }
 
+/// The public `/ready` body.
 #[derive(Serialize, ToSchema)]
 pub struct Ready {
     /// `ready`.
@@ -36,12 +42,31 @@ pub struct Ready {
 
 #[derive(Serialize, ToSchema)]
 pub struct Checks {
+    pub database: DatabaseReadiness,
+}
+
+/// What the public `/ready` says about the database.
+#[derive(Serialize, ToSchema)]
+pub struct DatabaseReadiness {
+    /// `ok` or `fail`.
+    pub status: &'static str,
+}
+
+/// The admin listener's `/ready` body.
+#[derive(Serialize)]
+pub struct ReadyDetail {
+    /// `ready`.
+    pub status: &'static str,
+    pub checks: DetailChecks,
+}
+
+#[derive(Serialize)]
+pub struct DetailChecks {
     pub database: DatabaseCheck,
 }
 
-/// What `/ready` reports about the database.
-#[derive(Serialize, ToSchema)]
-#[schema(as = DbStatus)]
+/// What the admin listener's `/ready` reports about the database.
+#[derive(Serialize)]
 pub struct DatabaseCheck {
     /// `ok` or `fail`.
     pub status: &'static str,
@@ -59,8 +84,7 @@ pub struct DatabaseCheck {
     pub error: Option<String>,
 }
 
-#[derive(Serialize, ToSchema)]
-#[schema(as = PoolStatus)]
+#[derive(Serialize)]
 pub struct PoolCheck {
     pub max_size: usize,
     pub size: usize,
@@ -68,8 +92,7 @@ pub struct PoolCheck {
     pub waiting: usize,
 }
 
-#[derive(Serialize, ToSchema)]
-#[schema(as = CircuitStatus)]
+#[derive(Serialize)]
 pub struct CircuitCheck {
     pub state: CircuitState,
     pub consecutive_failures: u32,
@@ -77,9 +100,8 @@ pub struct CircuitCheck {
     pub opened_total: u64,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize)]
 #[serde(rename_all = "snake_case")]
-#[schema(as = BreakerState)]
 pub enum CircuitState {
     Closed,
     Open,
@@ -126,39 +148,66 @@ pub async fn health() -> axum::Json<Health> {
     })
 }
 
-/// Readiness: one database round trip, bounded to about a second.
+/// Readiness for anyone who can reach the port: ready or not, and on 503 the class of trouble.
+/// Operators read the details on the admin listener (`ADMIN_LISTEN_ADDR`).
 #[utoipa::path(
     get, path = "/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready to serve data", body = Ready),
-        (status = 503, description = "Not ready: a problem whose `checks` member says what failed",
+        (status = 503, description = "Not ready: a problem whose detail names the class of trouble",
          body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let database = DatabaseCheck::from(state.db.check().await);
-    if database.error.is_none() {
-        return (
-            StatusCode::OK,
-            axum::Json(Ready {
-                status: "ready",
-                checks: Checks { database },
-            }),
-        )
-            .into_response();
+    let status = state.db.check().await;
+    if status.error.is_none() {
+        return axum::Json(Ready {
+            status: "ready",
+            checks: Checks {
+                database: DatabaseReadiness { status: "ok" },
+            },
+        })
+        .into_response();
     }
-    let detail = database
-        .error
-        .clone()
-        .unwrap_or_else(|| "database check failed".into());
-    let checks = serde_json::json!({ "checks": { "database": database } });
+    let detail = if status.breaker == BreakerState::Open {
+        "the database is unavailable; the circuit breaker is open"
+    } else if status.reachable {
+        "the database schema is not migrated yet"
+    } else {
+        "the database cannot be reached"
+    };
+    not_ready(
+        detail,
+        serde_json::json!({ "checks": { "database": { "status": "fail" } } }),
+    )
+}
+
+/// Readiness for operators (the admin listener): everything this replica knows about its
+/// database: the host and the address pinned for it, DNS lookups, migrations, the pool, the
+/// breaker's counters and, when not ready, the error as the driver gave it.
+pub async fn ready_detail(State(state): State<AppState>) -> Response {
+    let database = DatabaseCheck::from(state.db.check().await);
+    let Some(detail) = database.error.clone() else {
+        return axum::Json(ReadyDetail {
+            status: "ready",
+            checks: DetailChecks { database },
+        })
+        .into_response();
+    };
+    not_ready(
+        &detail,
+        serde_json::json!({ "checks": { "database": database } }),
+    )
+}
+
+fn not_ready(detail: &str, checks: serde_json::Value) -> Response {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         Code::NotReady,
         "Not ready",
         detail,
     )
-    .with_hint("See `checks` for the failing dependency; the service retries by itself.")
+    .with_hint("The service retries by itself. Operators: the admin listener's /ready and `todo-service doctor` say why.")
     .with_retry_after(crate::http::error::DB_RETRY_AFTER_SECS)
     .with_extra(checks)
     .into_response()

@@ -4,6 +4,7 @@
 //! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
 //! the layers, whose order is commented there.
 
+pub mod admin;
 pub mod admission;
 pub mod base_url;
 pub mod client_ip;

@@ -71,6 +71,7 @@ fn password_stays_out_of_the_logs(url: &str) {
     let mut child = service()
         .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
         .env("LOG_LEVEL", "trace")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

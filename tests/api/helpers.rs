@@ -135,6 +135,8 @@ impl Resolver for CountingResolver {
 /// A running app on 127.0.0.1:0 with its own database.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener (`ADMIN_LISTEN_ADDR`), unless a test turned it off.
+    pub admin_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub db: Db,
     pub test_db: Arc<TestDb>,
@@ -179,12 +181,15 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     };
     env.insert("DATABASE_URL".into(), url);
     env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
+    env.entry("ADMIN_LISTEN_ADDR".into())
+        .or_insert("127.0.0.1:0".into());
     env.entry("SHUTDOWN_TIMEOUT".into()).or_insert("2s".into());
     let config = Config::from_lookup(|k| env.get(k).cloned()).expect("valid test config");
     let app = Application::build_with_resolver(config, opts.resolver)
         .await
         .expect("app builds");
     let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
     let db = app.db().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
@@ -197,6 +202,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         .unwrap();
     let app = TestApp {
         addr,
+        admin_addr,
         client,
         db,
         test_db,
@@ -225,6 +231,16 @@ impl TestApp {
             assert!(start.elapsed() < limit, "app not ready within {limit:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// GET on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        let admin = self.admin_addr.expect("the admin listener is on");
+        self.client
+            .get(format!("http://{admin}{path}"))
+            .send()
+            .await
+            .expect("GET on the admin listener")
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {

@@ -81,3 +81,41 @@ async fn ipv6_addresses_from_one_64_share_a_quota() {
     let next_network = ["2001:db8:1:3::1".to_string()];
     assert_eq!(statuses(&app, &proxy, &next_network).await, [200]);
 }
+
+/// hyper arms its header-read timer again as soon as a response is written, so a keep-alive
+/// connection that stays idle is closed after `HTTP_HEADER_READ_TIMEOUT` too: that one setting is
+/// the idle keep-alive timeout (the README says so; this holds it to it).
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut opts = AppOptions::default();
+    opts.env
+        .insert("HTTP_HEADER_READ_TIMEOUT".into(), "1s".into());
+    let app = spawn_app_with(opts).await;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: idle\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    // Now idle: nothing more is sent.
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let after = idle.elapsed();
+    assert!(closed.is_ok(), "an idle connection is still open after 10 s");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed {after:?} after going idle (timeout 1 s)"
+    );
+}

@@ -148,7 +148,7 @@ async fn the_documented_schemas_match_real_responses() {
         .keys()
         .cloned()
         .collect();
-    assert!(keys.is_subset(&props("DbStatus")), "{keys:?}");
+    assert!(keys.is_subset(&props("DatabaseReadiness")), "{keys:?}");
 }
 
 /// Conditional requests are part of the contract: a generated client must learn about ETags,

@@ -12,7 +12,7 @@ use crate::helpers::{
 };
 
 #[tokio::test]
-async fn health_answers_and_ready_reports_the_database() {
+async fn health_answers_and_ready_reports_the_database_in_detail_only_to_operators() {
     let app = spawn_app().await;
     let r = app.get("/health").await;
     assert_eq!(r.status(), 200);
@@ -22,10 +22,39 @@ async fn health_answers_and_ready_reports_the_database() {
     let r = app.get("/ready").await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "ready", "checks": {"database": {"status": "ok"}}}),
+        "the public port says ready and nothing about the database's whereabouts"
+    );
+
+    let r = app.admin_get("/ready").await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
     let db = &body["checks"]["database"];
     assert_eq!(db["status"], "ok", "{body}");
     assert_eq!(db["migrations_applied"], true);
     assert_eq!(db["address"], crate::helpers::server_addr().to_string());
+    assert_eq!(db["circuit"]["state"], "closed");
+    assert!(db["pool"]["max_size"].is_u64(), "{body}");
+    assert_eq!(app.admin_get("/health").await.status(), 200);
+    assert_problem(app.admin_get("/todos").await, 404, "route_not_found").await;
+}
+
+#[tokio::test]
+async fn the_admin_listener_can_be_turned_off_and_a_bad_address_is_named() {
+    let mut opts = AppOptions::default();
+    opts.env.insert("ADMIN_LISTEN_ADDR".into(), "off".into());
+    let app = spawn_app_with(opts).await;
+    assert_eq!(app.admin_addr, None);
+    assert_eq!(app.get("/ready").await.status(), 200);
+    let err = todo_service::config::Config::from_lookup(|k| match k {
+        "DATABASE_URL" => Some("postgres://u@localhost/db".into()),
+        "ADMIN_LISTEN_ADDR" => Some("localhost:9091".into()),
+        _ => None,
+    })
+    .unwrap_err();
+    assert_eq!(err.var, "ADMIN_LISTEN_ADDR");
 }
 
 #[tokio::test]
@@ -44,6 +73,10 @@ async fn the_service_starts_with_the_database_down_and_recovers_when_it_comes_up
     assert_eq!(r.status(), 200);
     let r = app.get("/ready").await;
     assert!(r.headers().contains_key("retry-after"));
+    let p = assert_problem(r, 503, "not_ready").await;
+    assert_eq!(p["checks"]["database"], json!({"status": "fail"}), "{p}");
+    assert_eq!(p["detail"], "the database cannot be reached", "{p}");
+    let r = app.admin_get("/ready").await;
     let p = assert_problem(r, 503, "not_ready").await;
     assert_eq!(p["checks"]["database"]["status"], "fail", "{p}");
     assert!(p["checks"]["database"]["error"].is_string(), "{p}");
@@ -137,7 +170,7 @@ async fn the_database_host_is_resolved_exactly_once_whatever_the_load() {
         "no lookup after startup"
     );
     assert_eq!(app.db.address().lookups(), 1);
-    let ready: Value = app.get("/ready").await.json().await.unwrap();
+    let ready: Value = app.admin_get("/ready").await.json().await.unwrap();
     assert_eq!(ready["checks"]["database"]["dns_lookups"], 1);
     assert_eq!(ready["checks"]["database"]["host"], "postgres.test");
 }

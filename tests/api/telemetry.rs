@@ -154,6 +154,7 @@ fn spawn_service(
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_todo-service"));
     cmd.env("DATABASE_URL", db.url().as_str())
         .env("LISTEN_ADDR", addr.to_string())
+        .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
         .env("SHUTDOWN_TIMEOUT", "2s")
         .env("LOG_LEVEL", "warn")
         .stdout(if capture_stdout {

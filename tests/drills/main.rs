@@ -731,6 +731,7 @@ async fn drill_8_sigterm_drains_in_flight_requests_and_exits_within_the_deadline
         std::process::Command::new(env!("CARGO_BIN_EXE_todo-service"))
             .env("DATABASE_URL", test_db.url().as_str())
             .env("LISTEN_ADDR", addr.to_string())
+            .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
             .env("SHUTDOWN_TIMEOUT", "2s")
             .env("RATE_LIMIT_PER_SECOND", "0")
             .env("LOG_LEVEL", "warn")
