@@ -77,9 +77,7 @@ LEAN_TWIN_BINARY = os.path.join(ROOT, "target", "release", "examples", "lean_ser
 
 
 class Service:
-    def __init__(self, url, database_url, extra_env=None, binary=SERVICE_BINARY, ready_path="/ready",
-                 cpus=None):
-        self.cpus = cpus
+    def __init__(self, url, database_url, extra_env=None, binary=SERVICE_BINARY, ready_path="/ready"):
         self.url = url
         self.database_url = database_url
         self.proc = None
@@ -104,8 +102,7 @@ class Service:
             "OTEL_SDK_DISABLED": "true",
         })
         env.update(self.extra_env)
-        pin = ["taskset", "-c", self.cpus] if self.cpus else []
-        self.proc = subprocess.Popen(pin + [self.binary], env=env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([self.binary], env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         STARTED.append(self.proc)
         deadline = time.time() + 30
@@ -533,10 +530,9 @@ def flood(svc, args, res):
     res["flood"] = r
 
 
-def oha_json(url_args, flags, timeout, cpus=None):
+def oha_json(url_args, flags, timeout):
     """oha with the success/failure breakdown; returns its JSON, parsed, and the command shown."""
-    pin = ["taskset", "-c", cpus] if cpus else []
-    cmd = pin + ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
+    cmd = ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
     text, shown = run(cmd, timeout=timeout)
     return json.loads(text), shown
 
@@ -562,7 +558,8 @@ def overload(svc, args, res):
     """Goodput when more is asked than the service can do, beside the lean twin in the same run
     (get-one, release build, rate limit out of reach):
     - closed loop: oha -c 2000 -n 20000, each connection sending again as soon as it is answered;
-    - open loop: oha -q at twice the service's measured capacity, with latency correction;
+    - open loop: oha -q at twice the service's measured capacity, with latency correction, on
+      GET one todo and on the list of 500;
     - what a refusal costs: the service's CPU per 200 at c=64, then per 503 in a run where
       MAX_IN_FLIGHT=1 and MAX_QUEUE_WAIT=0 refuse most requests (solved from the two runs)."""
     if not svc.proc or not os.path.exists(LEAN_TWIN_BINARY):
@@ -590,36 +587,33 @@ def overload(svc, args, res):
 
     # Open loop. oha keeps at most -c requests outstanding; beyond that the overload would pile
     # up in oha's own backlog (counted by --latency-correction), never reaching the service. So
-    # this run uses a 50 ms queue bound and enough connections for Little's law: the offered
-    # rate times the longest a request can stay (queue bound plus service time), with margin.
-    # On two cores, oha sending twice as fast would also take the service's CPU, and the figure
-    # would measure the machine: the service runs on CPU 0 and oha on CPU 1, for the capacity
-    # run and the overload run alike (PostgreSQL runs where the scheduler puts it).
-    queue_wait_s = 0.05
-    pinned = (os.cpu_count() or 1) >= 2
-    svc_cpus, oha_cpus = ("0", "1") if pinned else (None, None)
-    open_svc = Service(None, svc.database_url, extra_env={"MAX_QUEUE_WAIT": "50ms"}, cpus=svc_cpus)
-    try:
-        open_svc.start()
-        j, _ = oha_json(get_one_url(open_svc), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60,
-                        cpus=oha_cpus)
-        capacity = goodput(j)["goodput_rps"]
-        rate = 2 * capacity
-        conc = min(8000, int(rate * (queue_wait_s + 0.03)) + 500)
-        j, cmd = oha_json(get_one_url(open_svc), ["-z", f"{seconds}s", "-c", str(conc), "-q", str(rate),
-                                                  "--latency-correction"], timeout=seconds + 60,
-                          cpus=oha_cpus)
-    finally:
-        open_svc.stop()
-    sent = sum((j.get("statusCodeDistribution") or {}).values()) + sum((j.get("errorDistribution") or {}).values())
-    o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate, pinned=pinned,
-             sent_rps=round(sent / (j["summary"]["total"] or 1e-9)),
-             max_queue_wait_ms=int(queue_wait_s * 1000), connections=conc)
-    o["ratio_to_capacity"] = round(o["goodput_rps"] / capacity, 2) if capacity else None
-    out["open"] = o
-    log(f"  open loop at {rate}/s (2 × capacity {capacity}/s, MAX_QUEUE_WAIT=50ms, {conc} connections): "
-        f"{o['goodput_rps']} × 200/s ({o['ratio_to_capacity']}x capacity), p99 of 200s {o['p99_ok_ms']} ms, "
-        f"{o['statuses']}, errors {o['errors']}")
+    # each run gets connections enough for Little's law: the offered rate times the longest a
+    # request can stay (the queue bound plus service time), with margin. Two workloads: GET one
+    # todo, so cheap that a refusal costs a quarter of an answer (and oha sending twice its
+    # capacity takes the service's CPU on two cores), and the list of 500, where a refusal is
+    # small beside an answer.
+    out["open"] = {}
+    for name, url_args, wait in (("get-one", get_one_url, "50ms"),
+                                 ("list-500", lambda t: [t.url + "/todos?limit=500"], "200ms")):
+        open_svc = Service(None, svc.database_url, extra_env={"MAX_QUEUE_WAIT": wait})
+        try:
+            open_svc.start()
+            j, _ = oha_json(url_args(open_svc), ["-z", f"{seconds}s", "-c", "64"], timeout=seconds + 60)
+            capacity = goodput(j)["goodput_rps"]
+            rate = 2 * capacity
+            wait_s = float(wait.rstrip("ms")) / 1000
+            conc = min(8000, int(rate * (wait_s + 0.1)) + 500)
+            j, cmd = oha_json(url_args(open_svc), ["-z", f"{seconds}s", "-c", str(conc), "-q", str(rate),
+                                                   "--latency-correction"], timeout=seconds + 60)
+        finally:
+            open_svc.stop()
+        o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate,
+                 max_queue_wait=wait, connections=conc)
+        o["ratio_to_capacity"] = round(o["goodput_rps"] / capacity, 2) if capacity else None
+        out["open"][name] = o
+        log(f"  open loop, {name}, at {rate}/s (2 × capacity {capacity}/s, MAX_QUEUE_WAIT={wait}, "
+            f"{conc} connections): {o['goodput_rps']} × 200/s ({o['ratio_to_capacity']}x capacity), "
+            f"p99 of 200s {o['p99_ok_ms']} ms, {o['statuses']}, errors {o['errors']}")
 
     # CPU per answer and per refusal, from two runs of the same length.
     def cpu_run(target):
@@ -827,16 +821,20 @@ def summary(res):
         lines.append("")
     if "overload" in res and "skipped" not in res["overload"]:
         o = res["overload"]
-        c, t, op, cpu = o["closed_service"], o["closed_twin"], o["open"], o["cpu_us"]
+        c, t, cpu = o["closed_service"], o["closed_twin"], o["cpu_us"]
         lines.append(f"Overload, get-one: closed loop (oha -c 2000 -n {o['requests']}) service "
                      f"{c['goodput_rps']} × 200/s (p99 of the 200s {c['p99_ok_ms']} ms, {c['statuses']}, "
                      f"errors {c['errors'] or 0}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
-                     f"{t['p99_ok_ms']} ms): {o['closed_ratio']}x; open loop at {op['offered_rps']}/s "
-                     f"(2 × capacity {op['capacity_rps']}/s, MAX_QUEUE_WAIT={op['max_queue_wait_ms']}ms, "
-                     f"{op['connections']} connections): {op['goodput_rps']} × 200/s "
-                     f"({op['ratio_to_capacity']}x capacity), p99 of the 200s {op['p99_ok_ms']} ms, "
-                     f"{op['statuses']}; CPU {cpu['per_200']} µs per 200, {cpu['per_503']} µs per 503")
+                     f"{t['p99_ok_ms']} ms): {o['closed_ratio']}x; CPU {cpu['per_200']} µs per 200, "
+                     f"{cpu['per_503']} µs per 503")
         lines.append("")
+        for name, op in o["open"].items():
+            lines.append(f"Overload, open loop, {name}: at {op['offered_rps']}/s (2 × capacity "
+                         f"{op['capacity_rps']}/s, MAX_QUEUE_WAIT={op['max_queue_wait']}, "
+                         f"{op['connections']} connections): {op['goodput_rps']} × 200/s "
+                         f"({op['ratio_to_capacity']}x capacity), p99 of the 200s {op['p99_ok_ms']} ms, "
+                         f"{op['statuses']}")
+            lines.append("")
     if "soak" in res and "rss_mib_max" in res["soak"]:
         k = res["soak"]
         lines.append(f"Soak (mixed 80/20 for {k['seconds']} s): "

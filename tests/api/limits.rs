@@ -113,7 +113,10 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
     })
     .await;
     let after = idle.elapsed();
-    assert!(closed.is_ok(), "an idle connection is still open after 10 s");
+    assert!(
+        closed.is_ok(),
+        "an idle connection is still open after 10 s"
+    );
     assert!(
         after >= Duration::from_millis(900) && after < Duration::from_secs(3),
         "closed {after:?} after going idle (timeout 1 s)"
