@@ -986,33 +986,15 @@ async fn drill_14_slow_header_clients_are_cut_and_nobody_else_waits() {
     let slow: Vec<_> = (0..SLOW)
         .map(|_| {
             let addr = app.addr;
+            // Ok(time until the service closed it), or why it was not closed.
             tokio::spawn(async move {
-                // Ok(time until the service closed it), or why it was not closed.
-                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-                    return Err("not connected");
-                };
-                let opened = Instant::now();
-                if s.write_all(b"GET /todos HTTP/1.1\r\nHost: slow\r\n")
-                    .await
-                    .is_err()
-                {
-                    return Ok(opened.elapsed());
-                }
-                let mut buf = [0u8; 1024];
-                while opened.elapsed() < Duration::from_secs(10) {
-                    tokio::select! {
-                        r = s.read(&mut buf) => match r {
-                            Ok(0) | Err(_) => return Ok(opened.elapsed()),
-                            Ok(_) => {}
-                        },
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {
-                            if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
-                                return Ok(opened.elapsed());
-                            }
-                        }
-                    }
-                }
-                Err("still open after 10 s")
+                trickle(
+                    addr,
+                    b"GET /todos HTTP/1.1\r\nHost: slow\r\n",
+                    b"X-Slow: 1\r\n",
+                )
+                .await
+                .map(|(closed_after, _)| closed_after)
             })
         })
         .collect();
