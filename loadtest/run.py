@@ -603,8 +603,12 @@ def overload(svc, args, res):
             rate = 2 * capacity
             wait_s = float(wait.rstrip("ms")) / 1000
             conc = min(8000, int(rate * (wait_s + 0.1)) + 500)
-            j, cmd = oha_json(url_args(open_svc), ["-z", f"{seconds}s", "-c", str(conc), "-q", str(rate),
-                                                   "--latency-correction"], timeout=seconds + 60)
+            # A number of requests rather than a duration: with -z, oha aborts what is still in
+            # flight when time is up (up to rate × (bound + service time) requests), which
+            # would count as lost goodput.
+            j, cmd = oha_json(url_args(open_svc), ["-n", str(rate * seconds), "-c", str(conc), "-q",
+                                                   str(rate), "--latency-correction"],
+                              timeout=seconds + 60)
         finally:
             open_svc.stop()
         o = dict(goodput(j), command=cmd, capacity_rps=capacity, offered_rps=rate,
