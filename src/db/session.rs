@@ -22,9 +22,10 @@
 //!
 //! **Stale connections.** Postgres may end an idle pooled connection at any time (restart,
 //! `pg_terminate_backend`, a failover behind a pooler). A call that fails at the connection level
-//! on a *reused* connection is retried once on another one, which the pool pings first (the
-//! failure marks every connection not checked since as suspect), when the statement provably had
-//! no effect; see [`Effect`]. Anything else is a 503 with `Retry-After`, and a keyed `POST` is safe
+//! on a *reused* connection is retried on another one, which the pool pings first (the failure
+//! marks every connection not checked since as suspect), when the statement provably had no
+//! effect; see [`Effect`]. Up to [`STALE_RETRIES`] times: a sibling can pass its ping a moment
+//! before the server, still ending connections, ends it too (drill 4 met that once in CI). Anything else is a 503 with `Retry-After`, and a keyed `POST` is safe
 //! to retry.
 
 use std::time::Duration;
@@ -34,6 +35,11 @@ use sqlx::PgConnection;
 use tracing::{Instrument, Span, field::Empty};
 
 use crate::telemetry::sampling;
+
+/// Retries of a call that met a stale connection. Each retry is on another connection, and a
+/// failure on a freshly opened one ends the call (see [`Failure::Other`]), so this bounds the
+/// calls a mass disconnect can cost a request, not a wait.
+pub(super) const STALE_RETRIES: u32 = 2;
 
 use super::{Conn, Db, DbError, breaker::Permit, classify};
 
@@ -201,7 +207,7 @@ impl Db {
             record_error(&span, &err);
             return Err(err);
         }
-        let mut retried = false;
+        let mut retries = 0;
         loop {
             let (lease, permit) = self.lease(&span).await?;
             let reused = lease.reused();
@@ -210,9 +216,9 @@ impl Db {
                 Err(elapsed) => (None, Err(elapsed)),
             };
             match self.finish(lease, reused, permit, result) {
-                Err(failure) if !retried && failure.retryable(stmt.effect) => {
+                Err(failure) if retries < STALE_RETRIES && failure.retryable(stmt.effect) => {
                     tracing::debug!("stale pooled connection; retrying the call on another");
-                    retried = true;
+                    retries += 1;
                 }
                 Err(failure) => return Err(failure.recorded_on(&span)),
                 Ok(v) => return Ok(v),

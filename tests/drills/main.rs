@@ -303,8 +303,8 @@ async fn drill_3_database_outage_opens_the_breaker_and_recovery_is_automatic() {
 }
 
 /// Drill 4: every service connection is killed during load. No read fails: a read that meets a
-/// dead connection (in flight or idle) is retried once on another, which the pool checks first;
-/// nothing hangs, and the breaker stays closed.
+/// dead connection (in flight or idle) is retried (up to twice) on another, which the pool checks
+/// first; nothing hangs, and the breaker stays closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_4_connections_killed_under_load_fail_no_read() {
     let _turn = serial().await;
@@ -363,7 +363,7 @@ async fn drill_4_connections_killed_under_load_fail_no_read() {
 /// Drill 12: the database ends every pooled connection while they sit idle (a restart, a
 /// failover behind a pooler, `pg_terminate_backend`), then the post-mortem's spike arrives at
 /// once: 5 × 120 simultaneous `GET /todos`. Every one is answered 200: a read that meets a dead
-/// connection is retried once on another, which the pool checks first.
+/// connection is retried (up to twice) on another, which the pool checks first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_12_connections_ended_while_idle_fail_no_request() {
     let _turn = serial().await;
