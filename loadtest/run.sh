@@ -35,6 +35,7 @@ if ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore matplotlib
   installed+=("matplotlib (pip)")
 fi
+[ -n "${PG_BIN:-}" ] || pg_ensure_server
 PG_BIN="${PG_BIN:-$(pg_find_bindir || true)}"
 if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/pgbench" ]; then
   echo "error: pgbench not found with the PostgreSQL server binaries; install postgresql" >&2

@@ -48,15 +48,38 @@ pg_as_owner() {
   fi
 }
 
-pg_start() {
-  local name="${1:-default}"
-  local bindir
-  if ! bindir=$(pg_find_bindir); then
-    echo "error: PostgreSQL server binaries (initdb, pg_ctl) were not found." >&2
-    echo "       Install them with:  sudo apt-get install -y postgresql" >&2
+# Installs PostgreSQL's server binaries from the distribution when none are found, and says so:
+# the run and test commands are all the set-up a fresh machine needs. As root directly; otherwise
+# through sudo when it needs no password (never a prompt in a script). Without apt-get or rights,
+# says what to run instead.
+pg_ensure_server() {
+  pg_find_bindir >/dev/null && return 0
+  local as_root=()
+  if [ "$(id -u)" != "0" ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || [ "${as_root[0]:-}" = "none" ]; then
+    echo "error: PostgreSQL server binaries (initdb, pg_ctl) were not found, and they cannot be" >&2
+    echo "       installed from here (no apt-get, or no root and no password-less sudo)." >&2
+    echo "       Install them (Debian/Ubuntu: sudo apt-get install -y postgresql)," >&2
     echo "       or set DATABASE_URL to a server you already run." >&2
     return 1
   fi
+  echo "PostgreSQL server binaries not found: installing them (apt-get install postgresql; a minute or two)..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  "${as_root[@]}" apt-get update -qq >&2 && "${as_root[@]}" apt-get install -y -qq postgresql >/dev/null || {
+    echo "error: apt-get install postgresql failed; install it by hand or set DATABASE_URL." >&2
+    return 1
+  }
+  pg_find_bindir >/dev/null || { echo "error: installed postgresql, but initdb is still not found" >&2; return 1; }
+  echo "installed PostgreSQL server binaries in $(pg_find_bindir)" >&2
+}
+
+pg_start() {
+  local name="${1:-default}"
+  local bindir
+  pg_ensure_server || return 1
+  bindir=$(pg_find_bindir)
   if [ "$(id -u)" = "0" ] && ! id postgres >/dev/null 2>&1; then
     echo "error: running as root but there is no 'postgres' system user to run PostgreSQL as." >&2
     echo "       Install the server package (apt-get install -y postgresql) which creates it." >&2

@@ -17,6 +17,7 @@ mod limits;
 mod migrations;
 mod openapi;
 mod operations;
+mod scripts;
 mod signoz;
 mod telemetry;
 mod todobackend;
