@@ -1,0 +1,390 @@
+//! JWT verification and, for development, minting (see the module doc of [`super`]).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{
+    Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode,
+    errors::ErrorKind,
+};
+use serde::{Deserialize, Serialize};
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's `sub`: the owner of the todos it creates.
+    pub sub: String,
+    /// The OAuth2 `scope` claim, split on spaces.
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+/// Why a token was refused. Each is a 401 (`invalid_token`); the variant is the reason counted
+/// in the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not a JWT, or a header or claims that cannot be read (including `alg: none`, which is not
+    /// an algorithm this crate will parse).
+    Malformed,
+    /// The signature does not match the key.
+    BadSignature,
+    /// The header names an algorithm other than the one pinned for its key.
+    AlgorithmNotAllowed,
+    /// The header names a `kid` no configured key has.
+    UnknownKey,
+    /// `exp`, `sub` (or a configured `aud`/`iss`) is missing or empty.
+    MissingClaim,
+    Expired,
+    NotYetValid,
+    WrongAudience,
+    WrongIssuer,
+}
+
+impl Rejection {
+    /// A stable label for metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Rejection::UnknownKey => "unknown_key",
+            Rejection::MissingClaim => "missing_claim",
+            Rejection::Expired => "expired",
+            Rejection::NotYetValid => "not_yet_valid",
+            Rejection::WrongAudience => "wrong_audience",
+            Rejection::WrongIssuer => "wrong_issuer",
+        }
+    }
+
+    /// For `WWW-Authenticate: Bearer error="invalid_token", error_description="…"`: says what
+    /// is wrong without saying which keys, audiences or issuers would be right.
+    pub const fn description(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "the token is not a readable JWT",
+            Rejection::BadSignature | Rejection::AlgorithmNotAllowed | Rejection::UnknownKey => {
+                "the token's signature cannot be verified"
+            }
+            Rejection::MissingClaim => "the token lacks a required claim",
+            Rejection::Expired => "the token has expired",
+            Rejection::NotYetValid => "the token is not valid yet",
+            Rejection::WrongAudience | Rejection::WrongIssuer => {
+                "the token was not issued for this service"
+            }
+        }
+    }
+}
+
+struct Key {
+    /// `None`: the key for tokens without a `kid`.
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens against the configured keys and claims.
+pub struct Verifier {
+    keys: Vec<Key>,
+    audience: Option<String>,
+    issuer: Option<String>,
+}
+
+impl std::fmt::Debug for Verifier {
+    // Keys stay out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("keys", &self.keys.len())
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    /// Optional here so that a token without it is refused as a missing claim, not as unreadable.
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+impl Verifier {
+    /// One shared secret, HS256 only, for tokens without a `kid`.
+    pub fn hs256(secret: &[u8], audience: Option<&str>, issuer: Option<&str>) -> Self {
+        Verifier {
+            keys: vec![Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret),
+            }],
+            audience: audience.map(str::to_owned),
+            issuer: issuer.map(str::to_owned),
+        }
+    }
+
+    /// The principal a token names, or why it is refused.
+    pub fn verify(&self, token: &str) -> Result<Principal, Rejection> {
+        let header = decode_header(token).map_err(|_| Rejection::Malformed)?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.kid == header.kid)
+            .ok_or(Rejection::UnknownKey)?;
+        // Pinned: the key decides the algorithm, never the token.
+        if header.alg != key.alg {
+            return Err(Rejection::AlgorithmNotAllowed);
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        let data = decode::<Claims>(token, &key.key, &validation).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => Rejection::BadSignature,
+            ErrorKind::InvalidAlgorithm => Rejection::AlgorithmNotAllowed,
+            ErrorKind::ExpiredSignature => Rejection::Expired,
+            ErrorKind::ImmatureSignature => Rejection::NotYetValid,
+            ErrorKind::InvalidAudience => Rejection::WrongAudience,
+            ErrorKind::InvalidIssuer => Rejection::WrongIssuer,
+            ErrorKind::MissingRequiredClaim(_) => Rejection::MissingClaim,
+            _ => Rejection::Malformed,
+        })?;
+        let claims = data.claims;
+        let sub = claims
+            .sub
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(Rejection::MissingClaim)?;
+        Ok(Principal {
+            sub,
+            scopes: claims
+                .scope
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct MintedClaims<'a> {
+    sub: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    scope: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+/// An HS256 token for `sub` with `scope`, valid for `ttl` from now: for `todo-service token`, curl
+/// and development.
+pub fn mint_hs256(
+    secret: &[u8],
+    sub: &str,
+    scope: &str,
+    ttl: Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    encode(
+        &Header::new(Algorithm::HS256),
+        &MintedClaims {
+            sub,
+            scope,
+            iat: now,
+            exp: now + ttl.as_secs(),
+        },
+        &EncodingKey::from_secret(secret),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const SECRET: &[u8] = b"a-test-secret-of-at-least-32-bytes!!";
+
+    fn now() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn token(header: Header, claims: Value, secret: &[u8]) -> String {
+        encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    fn hs256(claims: Value) -> String {
+        token(Header::new(Algorithm::HS256), claims, SECRET)
+    }
+
+    /// base64url without padding, for hand-made token parts.
+    fn b64(v: &Value) -> String {
+        const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = v.to_string().into_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_minted_token_verifies_into_its_principal() {
+        let v = Verifier::hs256(SECRET, None, None);
+        let t = mint_hs256(
+            SECRET,
+            "alice",
+            "todos:read todos:write",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let p = v.verify(&t).unwrap();
+        assert_eq!(p.sub, "alice");
+        assert!(p.has_scope("todos:read") && p.has_scope("todos:write"));
+        assert!(!p.has_scope("todos"));
+        let t = mint_hs256(SECRET, "bob", "", Duration::from_secs(60)).unwrap();
+        assert!(v.verify(&t).unwrap().scopes.is_empty());
+    }
+
+    #[test]
+    fn token_attacks_are_each_refused_with_their_reason() {
+        let v = Verifier::hs256(SECRET, Some("todo-service"), Some("https://issuer.test"));
+        let good = json!({"sub": "alice", "exp": now() + 600, "aud": "todo-service",
+                          "iss": "https://issuer.test"});
+        assert!(v.verify(&hs256(good.clone())).is_ok());
+        let with = |k: &str, val: Value| {
+            let mut c = good.clone();
+            c[k] = val;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = good.clone();
+            c.as_object_mut().unwrap().remove(k);
+            c
+        };
+        let cases: Vec<(&str, String, Rejection)> = vec![
+            // Beyond the 30 s leeway either way.
+            (
+                "expired",
+                hs256(with("exp", json!(now() - 120))),
+                Rejection::Expired,
+            ),
+            (
+                "not yet valid",
+                hs256(with("nbf", json!(now() + 120))),
+                Rejection::NotYetValid,
+            ),
+            (
+                "wrong audience",
+                hs256(with("aud", json!("another"))),
+                Rejection::WrongAudience,
+            ),
+            (
+                "wrong issuer",
+                hs256(with("iss", json!("https://evil.test"))),
+                Rejection::WrongIssuer,
+            ),
+            ("no exp", hs256(without("exp")), Rejection::MissingClaim),
+            ("no sub", hs256(without("sub")), Rejection::MissingClaim),
+            (
+                "empty sub",
+                hs256(with("sub", json!(" "))),
+                Rejection::MissingClaim,
+            ),
+            ("no aud", hs256(without("aud")), Rejection::MissingClaim),
+            (
+                "wrong secret",
+                token(
+                    Header::new(Algorithm::HS256),
+                    good.clone(),
+                    b"another-secret-32-bytes-long!!!!",
+                ),
+                Rejection::BadSignature,
+            ),
+            (
+                "another HMAC algorithm",
+                token(Header::new(Algorithm::HS512), good.clone(), SECRET),
+                Rejection::AlgorithmNotAllowed,
+            ),
+            (
+                // The classic confusion: an RS256 header, "signed" with HMAC over a public key.
+                "RS256 header, HMAC signature",
+                format!(
+                    "{}.{}.c2lnbmF0dXJl",
+                    b64(&json!({"alg": "RS256", "typ": "JWT"})),
+                    b64(&good)
+                ),
+                Rejection::AlgorithmNotAllowed,
+            ),
+            (
+                "alg none",
+                format!(
+                    "{}.{}.",
+                    b64(&json!({"alg": "none", "typ": "JWT"})),
+                    b64(&good)
+                ),
+                Rejection::Malformed,
+            ),
+            (
+                "unknown kid",
+                token(
+                    Header {
+                        kid: Some("k9".into()),
+                        ..Header::new(Algorithm::HS256)
+                    },
+                    good.clone(),
+                    SECRET,
+                ),
+                Rejection::UnknownKey,
+            ),
+            ("not a JWT", "abc.def".into(), Rejection::Malformed),
+            ("empty", String::new(), Rejection::Malformed),
+        ];
+        for (what, t, want) in cases {
+            assert_eq!(v.verify(&t), Err(want), "{what}");
+        }
+    }
+
+    #[test]
+    fn within_the_leeway_a_token_still_counts_and_unconfigured_claims_are_ignored() {
+        let v = Verifier::hs256(SECRET, None, None);
+        let t = hs256(json!({"sub": "alice", "exp": now() - 10, "nbf": now() + 10,
+                             "aud": "whoever", "iss": "whatever"}));
+        assert_eq!(v.verify(&t).unwrap().sub, "alice");
+    }
+
+    #[test]
+    fn debug_output_shows_no_key() {
+        let v = Verifier::hs256(SECRET, None, None);
+        let shown = format!("{v:?}");
+        assert!(!shown.contains("a-test-secret"), "{shown}");
+    }
+}
