@@ -34,7 +34,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
@@ -231,30 +231,92 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = AdmissionFuture<S::Future, S::Error>;
 
-    /// Always ready: readiness is decided per request, in the future, where waiting is bounded
-    /// (the router drives readiness before it has a request to refuse).
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        Poll::Ready(Ok(()))
+    /// The inner service's readiness (the route's: always ready). Whether there is room is
+    /// decided per request, in `call`, where waiting is bounded (the router drives readiness
+    /// before it has a request to refuse).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // The clone left behind is the one that is driven ready next (tower's usual swap).
+        // A free slot, the usual case: straight on, with no allocation.
+        if let Ok(slot) = Arc::clone(&self.gate.slots).try_acquire_owned() {
+            return AdmissionFuture::Admitted {
+                inner: self.inner.call(req),
+                held: Some(Held::new(&self.gate, slot)),
+            };
+        }
+        // The ready service goes with the wait; its clone stays, to be driven ready next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let gate = Arc::clone(&self.gate);
-        Box::pin(async move {
-            let slot = match gate.admit().await {
-                Ok(slot) => slot,
-                Err((why, expected)) => return Ok(gate.refuse(why, expected)),
-            };
-            let started = Instant::now();
-            let res = inner.oneshot(req).await;
-            gate.held(started.elapsed());
-            drop(slot);
-            res
-        })
+        AdmissionFuture::Waiting {
+            wait: Box::pin(async move {
+                let slot = match gate.admit().await {
+                    Ok(slot) => slot,
+                    Err((why, expected)) => return Ok(gate.refuse(why, expected)),
+                };
+                let held = Held::new(&gate, slot);
+                let res = inner.oneshot(req).await;
+                held.finish();
+                res
+            }),
+        }
+    }
+}
+
+/// A slot while its request is worked on. Finishing records how long it was held; dropped
+/// unfinished (the request abandoned), it frees the slot without a sample.
+pub struct Held {
+    gate: Arc<Gate>,
+    _slot: OwnedSemaphorePermit,
+    started: Instant,
+}
+
+impl Held {
+    fn new(gate: &Arc<Gate>, slot: OwnedSemaphorePermit) -> Self {
+        Held {
+            gate: Arc::clone(gate),
+            _slot: slot,
+            started: Instant::now(),
+        }
+    }
+
+    fn finish(self) {
+        self.gate.held(self.started.elapsed());
+    }
+}
+
+type Boxed<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+pin_project! {
+    /// Admitted at once, or waiting for a slot.
+    #[project = AdmissionProj]
+    pub enum AdmissionFuture<F, E> {
+        Admitted { #[pin] inner: F, held: Option<Held> },
+        Waiting { wait: Boxed<E> },
+    }
+}
+
+impl<F, E> Future for AdmissionFuture<F, E>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AdmissionProj::Admitted { inner, held } => {
+                let res = ready!(inner.poll(cx));
+                if let Some(held) = held.take() {
+                    held.finish();
+                }
+                Poll::Ready(res)
+            }
+            AdmissionProj::Waiting { wait } => wait.as_mut().poll(cx),
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use axum::{
     response::IntoResponse,
 };
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt as _};
 
 use super::error::ApiError;
@@ -66,30 +67,61 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = ReadBodyFuture<S::Future, S::Error>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // Most data requests (GET, DELETE) have no body: straight on, with no allocation.
+        if req.body().is_end_stream() {
+            return ReadBodyFuture::Passed {
+                inner: self.inner.call(req),
+            };
+        }
+        // The ready service goes with the read; its clone stays, to be driven ready next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let limits = self.limits;
-        Box::pin(async move {
-            match read(req, limits).await {
-                Ok(req) => inner.oneshot(req).await,
-                Err(refusal) => Ok(refusal),
-            }
-        })
+        ReadBodyFuture::Reading {
+            read: Box::pin(async move {
+                match read(req, limits).await {
+                    Ok(req) => inner.oneshot(req).await,
+                    Err(refusal) => Ok(refusal),
+                }
+            }),
+        }
+    }
+}
+
+type Boxed<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+pin_project! {
+    /// A request without a body, passed on; or one whose body is being read first.
+    #[project = ReadBodyProj]
+    pub enum ReadBodyFuture<F, E> {
+        Passed { #[pin] inner: F },
+        Reading { read: Boxed<E> },
+    }
+}
+
+impl<F, E> Future for ReadBodyFuture<F, E>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ReadBodyProj::Passed { inner } => inner.poll(cx),
+            ReadBodyProj::Reading { read } => read.as_mut().poll(cx),
+        }
     }
 }
 
 /// The request with its body in memory, or the answer that refuses it.
 async fn read(req: Request<Body>, limits: Limits) -> Result<Request<Body>, Response<Body>> {
-    if req.body().is_end_stream() {
-        return Ok(req);
-    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
