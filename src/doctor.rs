@@ -15,7 +15,8 @@ use std::{
 use sqlx::{Connection, PgConnection};
 
 use crate::{
-    config::Config,
+    auth::{Mint, READ_SCOPE, Verifier, mint_hs256},
+    config::{AuthMode, Config},
     db::{MIGRATOR, resolve::Resolver},
 };
 
@@ -106,6 +107,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                 Status::Pass,
                 format!("valid; database {}", c.database.redacted_url()),
             ));
+            checks.push(authentication(&c));
             c
         }
         Err(e) => {
@@ -115,7 +117,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                     e.var
                 )),
             );
-            for name in ["DNS", "TCP reach", "login", "migrations"] {
+            for name in ["authentication", "DNS", "TCP reach", "login", "migrations"] {
                 checks.push(Check::new(
                     name,
                     Status::Skip,
@@ -344,5 +346,66 @@ async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
             .hint("Is the collector (SigNoz's otel-collector) up and on the same network? The service keeps serving without it."),
         Err(_) => Check::new(NAME, Status::Fail, format!("{raw}: no answer within {STEP_TIMEOUT:?}"))
             .hint("Check the network path to the collector."),
+    }
+}
+
+/// Who may call, and whether the configured key can verify a token: one is signed with it and
+/// verified as a request's would be. Never shows the secret, only its length.
+fn authentication(config: &Config) -> Check {
+    use secrecy::ExposeSecret as _;
+    match &config.auth.mode {
+        AuthMode::None { .. } if config.auth.is_open_to_the_network(config.listen_addr) => {
+            Check::new(
+                "authentication",
+                Status::Warn,
+                format!(
+                    "none, on LISTEN_ADDR={}: anyone who reaches it can read, change and delete \
+                     every todo",
+                    config.listen_addr
+                ),
+            )
+            .hint("Set AUTH_MODE=jwt with AUTH_JWT_SECRET, or bind LISTEN_ADDR to 127.0.0.1.")
+        }
+        AuthMode::None { .. } => Check::new(
+            "authentication",
+            Status::Pass,
+            format!(
+                "none, serving this machine only (LISTEN_ADDR={})",
+                config.listen_addr
+            ),
+        ),
+        AuthMode::Jwt(jwt) => {
+            let secret = jwt.secret.expose_secret().as_bytes();
+            let (aud, iss) = (jwt.audience.as_deref(), jwt.issuer.as_deref());
+            let verifier = Verifier::hs256(secret, aud, iss);
+            let probe = Mint {
+                sub: "todo-service-doctor",
+                scope: READ_SCOPE,
+                aud,
+                iss,
+            };
+            let verified = mint_hs256(secret, &probe, Duration::from_secs(60))
+                .map_err(|e| e.to_string())
+                .and_then(|t| verifier.verify(&t).map_err(|r| r.description().to_owned()));
+            let what = format!(
+                "jwt: HS256 secret of {} bytes; audience {}; issuer {}",
+                secret.len(),
+                aud.unwrap_or("not checked"),
+                iss.unwrap_or("not checked")
+            );
+            match verified {
+                Ok(_) => Check::new(
+                    "authentication",
+                    Status::Pass,
+                    format!("{what}; a test token verifies"),
+                ),
+                Err(why) => Check::new(
+                    "authentication",
+                    Status::Fail,
+                    format!("{what}; a test token does not verify: {why}"),
+                )
+                .hint("Check AUTH_JWT_SECRET, AUTH_JWT_AUDIENCE and AUTH_JWT_ISSUER."),
+            }
+        }
     }
 }

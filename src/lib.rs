@@ -10,8 +10,8 @@
 //! - [`config`]: every environment variable, parsed and validated once, one file per concern;
 //!   the source of `--help`. Imports nothing of the crate.
 //! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
-//! - [`auth`]: who is calling: bearer tokens verified into a principal. Imports nothing of the
-//!   crate (not wired into the routes yet).
+//! - [`auth`]: who is calling: bearer tokens verified into a principal, and minted for
+//!   development. Imports nothing of the crate (the HTTP side is `http::authenticate`).
 //! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
 //!   logs (the request span itself is in `http`).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool

@@ -32,6 +32,23 @@ enum Command {
     /// Check configuration, DNS, TCP reach, login, migrations and the OTLP endpoint, printing
     /// each result and what to do next. Exits 1 if any check fails.
     Doctor,
+    /// Print an HS256 token signed with AUTH_JWT_SECRET (with AUTH_JWT_AUDIENCE and
+    /// AUTH_JWT_ISSUER when set), for curl and development:
+    /// curl -H "Authorization: Bearer $(todo-service token --sub alice)" localhost:8080/todos
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The caller (the token's `sub`): the owner of the todos it creates and sees.
+    #[arg(long)]
+    sub: String,
+    /// Space-separated scopes: todos:read allows GET, todos:write everything else.
+    #[arg(long, default_value = "todos:read todos:write")]
+    scope: String,
+    /// How long the token is valid, e.g. 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -42,8 +59,10 @@ fn main() -> ExitCode {
     let Ok(cli) = Cli::from_arg_matches(&matches) else {
         return ExitCode::from(2);
     };
-    if let Some(Command::Doctor) = cli.command {
-        return run_doctor();
+    match cli.command {
+        Some(Command::Doctor) => return run_doctor(),
+        Some(Command::Token(args)) => return mint_token(&args),
+        Some(Command::Serve) | None => {}
     }
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -88,6 +107,40 @@ async fn serve(config: Config) -> ExitCode {
     };
     telemetry.shutdown().await;
     code
+}
+
+fn mint_token(args: &TokenArgs) -> ExitCode {
+    use secrecy::ExposeSecret as _;
+    use todo_service::auth::{MAX_SUB_BYTES, Mint, mint_hs256};
+    let lookup = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let secret = match todo_service::config::auth::jwt_secret(lookup) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.sub.trim().is_empty() || args.sub.len() > MAX_SUB_BYTES {
+        eprintln!("error: --sub must be 1 to {MAX_SUB_BYTES} bytes");
+        return ExitCode::from(2);
+    }
+    let (aud, iss) = (lookup("AUTH_JWT_AUDIENCE"), lookup("AUTH_JWT_ISSUER"));
+    let mint = Mint {
+        sub: &args.sub,
+        scope: &args.scope,
+        aud: aud.as_deref(),
+        iss: iss.as_deref(),
+    };
+    match mint_hs256(secret.expose_secret().as_bytes(), &mint, args.ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot sign the token: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run_doctor() -> ExitCode {

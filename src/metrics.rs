@@ -89,6 +89,22 @@ impl HttpMetrics {
     }
 }
 
+/// Counts a request refused by authentication (`todo.auth.failures`), by reason: `missing`,
+/// `insufficient_scope`, or why the token was refused (`expired`, `bad_signature`, …).
+pub fn auth_failure(reason: &'static str) {
+    static FAILURES: OnceLock<Counter<u64>> = OnceLock::new();
+    FAILURES
+        .get_or_init(|| {
+            meter()
+                .u64_counter("todo.auth.failures")
+                .with_description(
+                    "Requests refused by authentication (401, 403), by todo.auth.reason",
+                )
+                .build()
+        })
+        .add(1, &[KeyValue::new("todo.auth.reason", reason)]);
+}
+
 /// The routes requests usually match (others are recorded too, at the price of a copy).
 const KNOWN_ROUTES: &[&str] = &["/todos", "/todos/{id}", "/health", "/ready"];
 

@@ -54,7 +54,18 @@ impl Application {
                 bind(addr).with_context(|| format!("cannot listen on ADMIN_LISTEN_ADDR={addr}"))
             })
             .transpose()?;
+        if config.auth.is_open_to_the_network(local) {
+            tracing::warn!(
+                listen_addr = %local,
+                "AUTH_MODE=none on an address other machines can reach: anyone who reaches it \
+                 can read, change and delete every todo; set AUTH_MODE=jwt to require tokens"
+            );
+        }
         tracing::info!(
+            auth = match config.auth.mode {
+                crate::config::AuthMode::None { .. } => "none",
+                crate::config::AuthMode::Jwt(_) => "jwt",
+            },
             database = %config.database.redacted_url(),
             pool_max_size = config.database.pool_max_size,
             "connecting to the database lazily"

@@ -1,6 +1,9 @@
 //! JWT verification and, for development, minting (see the module doc of [`super`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode,
@@ -8,22 +11,49 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
+/// Longest accepted `sub`: it is stored with every todo and indexed, and keys the rate limits.
+pub const MAX_SUB_BYTES: usize = 255;
+
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
+
+/// The scope that allows reading todos.
+pub const READ_SCOPE: &str = "todos:read";
+/// The scope that allows creating, changing and deleting todos.
+pub const WRITE_SCOPE: &str = "todos:write";
+
+/// The scopes of the OAuth2 `scope` claim (space-separated) that this service knows; others are
+/// ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scopes {
+    /// `todos:read`
+    pub read: bool,
+    /// `todos:write`
+    pub write: bool,
+}
+
+impl Scopes {
+    /// Both scopes: what the anonymous caller of `AUTH_MODE=none` has.
+    pub const ALL: Scopes = Scopes {
+        read: true,
+        write: true,
+    };
+
+    pub fn parse(claim: &str) -> Scopes {
+        claim.split(' ').fold(Scopes::default(), |s, scope| Scopes {
+            read: s.read || scope == READ_SCOPE,
+            write: s.write || scope == WRITE_SCOPE,
+        })
+    }
+}
 
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The token's `sub`: the owner of the todos it creates.
-    pub sub: String,
-    /// The OAuth2 `scope` claim, split on spaces.
-    pub scopes: Vec<String>,
-}
-
-impl Principal {
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
-    }
+    /// The token's `sub`: the owner of the todos it creates, and its rate-limit key. Shared, so
+    /// the request's extensions and the limiter's key are one allocation.
+    pub sub: Arc<str>,
+    pub scopes: Scopes,
 }
 
 /// Why a token was refused. Each is a 401 (`invalid_token`); the variant is the reason counted
@@ -41,6 +71,8 @@ pub enum Rejection {
     UnknownKey,
     /// `exp`, `sub` (or a configured `aud`/`iss`) is missing or empty.
     MissingClaim,
+    /// `sub` is longer than [`MAX_SUB_BYTES`].
+    InvalidClaim,
     Expired,
     NotYetValid,
     WrongAudience,
@@ -56,6 +88,7 @@ impl Rejection {
             Rejection::AlgorithmNotAllowed => "algorithm_not_allowed",
             Rejection::UnknownKey => "unknown_key",
             Rejection::MissingClaim => "missing_claim",
+            Rejection::InvalidClaim => "invalid_claim",
             Rejection::Expired => "expired",
             Rejection::NotYetValid => "not_yet_valid",
             Rejection::WrongAudience => "wrong_audience",
@@ -72,6 +105,7 @@ impl Rejection {
                 "the token's signature cannot be verified"
             }
             Rejection::MissingClaim => "the token lacks a required claim",
+            Rejection::InvalidClaim => "the token's subject is longer than 255 bytes",
             Rejection::Expired => "the token has expired",
             Rejection::NotYetValid => "the token is not valid yet",
             Rejection::WrongAudience | Rejection::WrongIssuer => {
@@ -172,33 +206,46 @@ impl Verifier {
             .sub
             .filter(|s| !s.trim().is_empty())
             .ok_or(Rejection::MissingClaim)?;
+        if sub.len() > MAX_SUB_BYTES {
+            return Err(Rejection::InvalidClaim);
+        }
         Ok(Principal {
-            sub,
+            sub: sub.into(),
             scopes: claims
                 .scope
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
+                .as_deref()
+                .map(Scopes::parse)
+                .unwrap_or_default(),
         })
     }
 }
 
+/// What `todo-service token` puts in a token.
+#[derive(Debug, Serialize)]
+pub struct Mint<'a> {
+    pub sub: &'a str,
+    /// Space-separated, e.g. `todos:read todos:write`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub scope: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<&'a str>,
+}
+
 #[derive(Serialize)]
 struct MintedClaims<'a> {
-    sub: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    scope: &'a str,
+    #[serde(flatten)]
+    mint: &'a Mint<'a>,
     iat: u64,
     exp: u64,
 }
 
-/// An HS256 token for `sub` with `scope`, valid for `ttl` from now: for `todo-service token`, curl
+/// An HS256 token with `mint`'s claims, valid for `ttl` from now: for `todo-service token`, curl
 /// and development.
 pub fn mint_hs256(
     secret: &[u8],
-    sub: &str,
-    scope: &str,
+    mint: &Mint<'_>,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let now = SystemTime::now()
@@ -208,10 +255,9 @@ pub fn mint_hs256(
     encode(
         &Header::new(Algorithm::HS256),
         &MintedClaims {
-            sub,
-            scope,
+            mint,
             iat: now,
-            exp: now + ttl.as_secs(),
+            exp: now.saturating_add(ttl.as_secs()),
         },
         &EncodingKey::from_secret(secret),
     )
@@ -258,20 +304,39 @@ mod tests {
 
     #[test]
     fn a_minted_token_verifies_into_its_principal() {
+        let v = Verifier::hs256(SECRET, Some("todos"), Some("https://issuer.test"));
+        let mint = Mint {
+            sub: "alice",
+            scope: "todos:read todos:write",
+            aud: Some("todos"),
+            iss: Some("https://issuer.test"),
+        };
+        let t = mint_hs256(SECRET, &mint, Duration::from_secs(3600)).unwrap();
+        let p = v.verify(&t).unwrap();
+        assert_eq!(&*p.sub, "alice");
+        assert_eq!(p.scopes, Scopes::ALL);
         let v = Verifier::hs256(SECRET, None, None);
+        let bare = |scope| Mint {
+            sub: "bob",
+            scope,
+            aud: None,
+            iss: None,
+        };
+        let t = mint_hs256(SECRET, &bare(""), Duration::from_secs(60)).unwrap();
+        assert_eq!(v.verify(&t).unwrap().scopes, Scopes::default());
+        // Only exact names count: neither a prefix nor a longer scope is `todos:read`.
         let t = mint_hs256(
             SECRET,
-            "alice",
-            "todos:read todos:write",
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let p = v.verify(&t).unwrap();
-        assert_eq!(p.sub, "alice");
-        assert!(p.has_scope("todos:read") && p.has_scope("todos:write"));
-        assert!(!p.has_scope("todos"));
-        let t = mint_hs256(SECRET, "bob", "", Duration::from_secs(60)).unwrap();
-        assert!(v.verify(&t).unwrap().scopes.is_empty());
+            &bare("todos todos:readx todos:read"),
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            v.verify(&t.unwrap()).unwrap().scopes,
+            Scopes {
+                read: true,
+                write: false
+            }
+        );
     }
 
     #[test]
@@ -318,6 +383,11 @@ mod tests {
                 "empty sub",
                 hs256(with("sub", json!(" "))),
                 Rejection::MissingClaim,
+            ),
+            (
+                "sub over 255 bytes",
+                hs256(with("sub", json!("a".repeat(256)))),
+                Rejection::InvalidClaim,
             ),
             ("no aud", hs256(without("aud")), Rejection::MissingClaim),
             (
@@ -378,7 +448,7 @@ mod tests {
         let v = Verifier::hs256(SECRET, None, None);
         let t = hs256(json!({"sub": "alice", "exp": now() - 10, "nbf": now() + 10,
                              "aud": "whoever", "iss": "whatever"}));
-        assert_eq!(v.verify(&t).unwrap().sub, "alice");
+        assert_eq!(&*v.verify(&t).unwrap().sub, "alice");
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! `sub` are required, `nbf` is honoured, `aud` and `iss` are checked when configured, and every
 //! rejection has a reason that metrics can count and `WWW-Authenticate` can describe (RFC 6750).
 //!
-//! Not wired into the HTTP routes yet: the settings (`AUTH_MODE`, `AUTH_JWT_SECRET`, …), the
-//! per-owner queries and the layer come in the next steps of issue 17.
+//! The HTTP side (the bearer header, 401/403 answers, the rate-limit key) is `http::authenticate`.
 
 pub mod jwt;
 
-pub use jwt::{Principal, Rejection, Verifier, mint_hs256};
+pub use jwt::{
+    MAX_SUB_BYTES, Mint, Principal, READ_SCOPE, Rejection, Scopes, Verifier, WRITE_SCOPE,
+    mint_hs256,
+};

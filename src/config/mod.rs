@@ -10,10 +10,11 @@
 //! Empty values count as unset, because compose files often write `VAR=` to mean "default".
 //!
 //! Each concern's variables and parsing live in their own file ([`database`], [`server`],
-//! [`resilience`], [`otel`], [`logging`]), each holding its rows of the table; this file assembles
+//! [`auth`], [`resilience`], [`otel`], [`logging`]), each holding its rows of the table; this file assembles
 //! [`VARS`] and [`Config`] from them. `config` is the bottom of the crate's module graph: it
 //! imports nothing of the crate.
 
+pub mod auth;
 pub mod database;
 mod env;
 pub mod logging;
@@ -27,11 +28,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use url::Url;
 
+pub use auth::{AuthConfig, AuthMode, JwtConfig};
 pub use database::{DatabaseConfig, redact_url};
 pub use env::ConfigError;
 pub use logging::LogFormat;
 pub use otel::{OtelConfig, OtlpProtocol, TraceSampler};
-pub use resilience::{BreakerConfig, RateLimit};
+pub use resilience::{BreakerConfig, Clients, RateLimit};
 pub use server::CorsOrigins;
 
 use env::Env;
@@ -48,9 +50,10 @@ pub struct Var {
 /// Every variable, section by section, in the order `--help` lists them.
 pub const VARS: &[Var] = &concat_sections();
 
-const SECTIONS: [&[Var]; 5] = [
+const SECTIONS: [&[Var]; 6] = [
     database::VARS,
     server::VARS,
+    auth::VARS,
     resilience::VARS,
     otel::VARS,
     logging::VARS,
@@ -93,7 +96,9 @@ pub struct Config {
     pub admin_listen_addr: Option<SocketAddr>,
     pub public_base_url: Option<Url>,
     pub database: DatabaseConfig,
+    pub auth: AuthConfig,
     pub rate_limit: Option<RateLimit>,
+    pub clients: Clients,
     pub max_in_flight: usize,
     pub max_queue_wait: Duration,
     pub request_timeout: Duration,
@@ -122,12 +127,15 @@ impl Config {
         let database = database::parse(&env)?;
         let server = server::parse(&env)?;
         let resilience = resilience::parse(&env, database.pool_max_size)?;
+        let auth = auth::parse(&env, server.listen_addr)?;
         Ok(Config {
             listen_addr: server.listen_addr,
             admin_listen_addr: server.admin_listen_addr,
             public_base_url: server.public_base_url,
             database,
+            auth,
             rate_limit: resilience.rate_limit,
+            clients: resilience.clients,
             max_in_flight: resilience.max_in_flight,
             max_queue_wait: resilience.max_queue_wait,
             request_timeout: resilience.request_timeout,

@@ -14,8 +14,9 @@ pub const VARS: &[Var] = &[
     Var {
         name: "RATE_LIMIT_PER_SECOND",
         default: Some("200"),
-        help: "Requests per second each client IP may sustain on /todos (0 disables the limit). \
-               /health, /ready and the docs are never limited.",
+        help: "Requests per second each caller may sustain on /todos (0 disables the limit): \
+               each token's sub with AUTH_MODE=jwt, each client address otherwise. /health, \
+               /ready and the docs are never limited.",
     },
     Var {
         name: "RATE_LIMIT_BURST",
@@ -81,11 +82,17 @@ pub const VARS: &[Var] = &[
     },
 ];
 
-/// Per-client rate limit; `None` in [`super::Config::rate_limit`] when disabled.
-#[derive(Debug, Clone)]
+/// Per-caller rate limit; `None` in [`super::Config::rate_limit`] when disabled.
+#[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
     pub per_second: u32,
     pub burst: u32,
+}
+
+/// Who the client is, and how many clients' limits are remembered: shared by every per-client
+/// limit (the rate limit, the unauthenticated one).
+#[derive(Debug, Clone)]
+pub struct Clients {
     /// `TRUSTED_PROXIES`; empty when unset.
     pub trusted_proxies: Vec<IpNet>,
     pub ipv6_prefix: u8,
@@ -110,6 +117,7 @@ pub struct BreakerConfig {
 /// The layers' settings, moved into [`super::Config`]'s fields.
 pub(super) struct Resilience {
     pub rate_limit: Option<RateLimit>,
+    pub clients: Clients,
     pub max_in_flight: usize,
     pub max_queue_wait: Duration,
     pub request_timeout: Duration,
@@ -124,17 +132,13 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
         }
     }
     let per_second = env.bounded("RATE_LIMIT_PER_SECOND", 0, 1_000_000)? as u32;
-    let rate_limit = (per_second > 0)
-        .then(|| -> Result<RateLimit, ConfigError> {
-            Ok(RateLimit {
-                per_second,
-                burst: env.bounded("RATE_LIMIT_BURST", 1, 1_000_000)? as u32,
-                trusted_proxies: trusted_proxies(env)?,
-                ipv6_prefix: env.bounded("RATE_LIMIT_IPV6_PREFIX", 32, 128)? as u8,
-                max_clients: env.bounded("RATE_LIMIT_MAX_CLIENTS", 1000, 10_000_000)?,
-            })
-        })
-        .transpose()?;
+    let burst = env.bounded("RATE_LIMIT_BURST", 1, 1_000_000)? as u32;
+    let rate_limit = (per_second > 0).then_some(RateLimit { per_second, burst });
+    let clients = Clients {
+        trusted_proxies: trusted_proxies(env)?,
+        ipv6_prefix: env.bounded("RATE_LIMIT_IPV6_PREFIX", 32, 128)? as u8,
+        max_clients: env.bounded("RATE_LIMIT_MAX_CLIENTS", 1000, 10_000_000)?,
+    };
     let max_in_flight = match env.optional("MAX_IN_FLIGHT") {
         Some(_) => env.bounded("MAX_IN_FLIGHT", 1, 1_000_000)?,
         None => pool_max_size * 4,
@@ -159,6 +163,7 @@ pub(super) fn parse(env: &Env<'_>, pool_max_size: usize) -> Result<Resilience, C
     };
     Ok(Resilience {
         rate_limit,
+        clients,
         max_in_flight,
         max_queue_wait,
         request_timeout,

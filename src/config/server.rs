@@ -14,8 +14,10 @@ use super::{
 pub const VARS: &[Var] = &[
     Var {
         name: "LISTEN_ADDR",
-        default: Some("0.0.0.0:8080"),
-        help: "Address and port the HTTP server binds, as IP:PORT (port 0 picks a free one).",
+        default: Some("127.0.0.1:8080"),
+        help: "Address and port the HTTP server binds, as IP:PORT (port 0 picks a free one). \
+               The default serves this machine only; 0.0.0.0:8080 serves every interface (then \
+               set AUTH_MODE).",
     },
     Var {
         name: "ADMIN_LISTEN_ADDR",

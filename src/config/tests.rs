@@ -18,7 +18,11 @@ const URL: (&str, &str) = ("DATABASE_URL", "postgres://app:s3cret@postgres:5432/
 #[test]
 fn defaults_apply_when_only_the_database_url_is_set() {
     let c = config(&[URL]).unwrap();
-    assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.listen_addr, "127.0.0.1:8080".parse().unwrap());
+    assert!(
+        matches!(c.auth.mode, AuthMode::None { explicit: false }),
+        "on loopback, no authentication unless asked for"
+    );
     assert_eq!(c.database.host, "postgres");
     assert_eq!(c.database.port, 5432);
     assert_eq!(c.database.pool_max_size, 16);
@@ -31,11 +35,11 @@ fn defaults_apply_when_only_the_database_url_is_set() {
         "five of the post-mortem's spikes must fit the burst"
     );
     assert!(
-        rl.trusted_proxies.is_empty(),
+        c.clients.trusted_proxies.is_empty(),
         "no proxy is trusted unless named"
     );
-    assert_eq!(rl.ipv6_prefix, 64);
-    assert_eq!(rl.max_clients, 100_000);
+    assert_eq!(c.clients.ipv6_prefix, 64);
+    assert_eq!(c.clients.max_clients, 100_000);
     assert_eq!(c.max_in_flight, 4 * 16, "derived from the pool size");
     assert_eq!(c.max_queue_wait, Duration::from_millis(500));
     assert_eq!(c.breaker.failure_threshold, 5);
@@ -282,11 +286,56 @@ fn trusted_proxies_take_addresses_and_cidr_blocks() {
     ])
     .unwrap();
     let nets: Vec<String> = c
-        .rate_limit
-        .unwrap()
+        .clients
         .trusted_proxies
         .iter()
         .map(ToString::to_string)
         .collect();
     assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128", "fd00::/8"]);
+}
+
+#[test]
+fn serving_other_machines_without_authentication_must_be_chosen() {
+    let public = ("LISTEN_ADDR", "0.0.0.0:8080");
+    let err = config(&[URL, public]).unwrap_err();
+    assert_eq!(err.var, "AUTH_MODE");
+    assert!(err.to_string().contains("0.0.0.0:8080"), "{err}");
+    let c = config(&[URL, public, ("AUTH_MODE", "none")]).unwrap();
+    assert!(matches!(c.auth.mode, AuthMode::None { explicit: true }));
+    assert!(c.auth.is_open_to_the_network(c.listen_addr));
+    let c = config(&[URL, ("LISTEN_ADDR", "[::1]:8080")]).unwrap();
+    assert!(!c.auth.is_open_to_the_network(c.listen_addr));
+    assert!(
+        c.auth.unauthenticated_limit.is_none(),
+        "nothing to fail without jwt"
+    );
+    let err = config(&[URL, ("AUTH_MODE", "oauth")]).unwrap_err();
+    assert_eq!(err.var, "AUTH_MODE");
+}
+
+#[test]
+fn jwt_needs_a_long_enough_secret_and_no_error_shows_it() {
+    let err = config(&[URL, ("AUTH_MODE", "jwt")]).unwrap_err();
+    assert_eq!(err.var, "AUTH_JWT_SECRET");
+    let short = "hunter2-is-not-enough";
+    let err = config(&[URL, ("AUTH_MODE", "jwt"), ("AUTH_JWT_SECRET", short)]).unwrap_err();
+    assert_eq!(err.var, "AUTH_JWT_SECRET");
+    assert!(!err.to_string().contains(short), "{err}");
+    assert!(err.to_string().contains("21 bytes"), "{err}");
+    let secret = "s".repeat(32);
+    let c = config(&[
+        URL,
+        ("LISTEN_ADDR", "0.0.0.0:8080"),
+        ("AUTH_MODE", "jwt"),
+        ("AUTH_JWT_SECRET", &secret),
+        ("AUTH_JWT_AUDIENCE", "todos"),
+    ])
+    .unwrap();
+    let AuthMode::Jwt(jwt) = &c.auth.mode else {
+        panic!("jwt mode")
+    };
+    assert_eq!(jwt.audience.as_deref(), Some("todos"));
+    assert!(!format!("{c:?}").contains(&secret), "Debug shows no secret");
+    assert!(!c.auth.is_open_to_the_network(c.listen_addr));
+    assert_eq!(c.auth.unauthenticated_limit, Some((10, 20)));
 }

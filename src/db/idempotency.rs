@@ -2,7 +2,8 @@
 //! often it is retried, and the keys expire and are swept in bounded batches.
 //!
 //! The claim of the key, the todo and the stored answer commit in one transaction: a concurrent
-//! retry waits on the key's row until the first commits, then replays its answer.
+//! retry waits on the key's row until the first commits, then replays its answer. Keys are per
+//! owner: two callers may use the same key without meeting.
 
 use std::time::Duration;
 
@@ -41,13 +42,13 @@ impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
 }
 
 // Named so their text can go on the database spans (parameterised: never values).
-const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at) \
+const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at, owner) \
          VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
-                 now() + make_interval(secs => $5::float8)) \
-         ON CONFLICT (key) DO NOTHING";
+                 now() + make_interval(secs => $5::float8), $6) \
+         ON CONFLICT (owner, key) DO NOTHING";
 // SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
-const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
-             (SELECT key FROM idempotency_keys WHERE expires_at < now() \
+const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE (owner, key) IN \
+             (SELECT owner, key FROM idempotency_keys WHERE expires_at < now() \
               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)";
 
 /// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
@@ -72,12 +73,13 @@ impl Db {
     /// response; the same key with another request is refused. Keys live for `ttl`.
     pub async fn create_todo_idempotent(
         &self,
+        owner: &str,
         key: &str,
         new: &NewTodo,
         ttl: Duration,
     ) -> Result<Idempotent, DbError> {
         self.call(CREATE_KEYED, |mut c| async move {
-            let r = create_idempotent(&mut c, key, new, ttl).await;
+            let r = create_idempotent(&mut c, owner, key, new, ttl).await;
             (c, r)
         })
         .await
@@ -113,15 +115,19 @@ impl Db {
 
 async fn create_idempotent(
     conn: &mut PgConnection,
+    owner: &str,
     key: &str,
     new: &NewTodo,
     ttl: Duration,
 ) -> Result<Idempotent, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND expires_at < now()")
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE owner = $2 AND key = $1 AND expires_at < now()",
+    )
+    .bind(key)
+    .bind(owner)
+    .execute(&mut *tx)
+    .await?;
     // A concurrent claim of the same key makes this wait until that transaction ends.
     let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
         .bind(key)
@@ -129,20 +135,22 @@ async fn create_idempotent(
         .bind(new.completed)
         .bind(new.position)
         .bind(ttl.as_secs_f64())
+        .bind(owner)
         .execute(&mut *tx)
         .await?
         .rows_affected()
         == 1;
     let outcome = if claimed {
         let row = sqlx::query_as::<_, TodoRow>(
-            "WITH t AS (INSERT INTO todos (title, completed, position) VALUES ($2, $3, $4) RETURNING *) \
-             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.key = $1 \
+            "WITH t AS (INSERT INTO todos (title, completed, position, owner) VALUES ($2, $3, $4, $5) RETURNING *) \
+             UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.owner = $5 AND k.key = $1 \
              RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, t.version",
         )
         .bind(key)
         .bind(&new.title)
         .bind(new.completed)
         .bind(new.position)
+        .bind(owner)
         .fetch_one(&mut *tx)
         .await?;
         Idempotent::Created(row)
@@ -153,12 +161,13 @@ async fn create_idempotent(
                     t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, \
                     COALESCE(t.version, 1) \
              FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
-             WHERE k.key = $1",
+             WHERE k.owner = $5 AND k.key = $1",
         )
         .bind(key)
         .bind(&new.title)
         .bind(new.completed)
         .bind(new.position)
+        .bind(owner)
         .fetch_one(&mut *tx)
         .await?;
         if replay.same_request {

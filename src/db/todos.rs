@@ -1,8 +1,12 @@
 //! The todo queries, one statement each through `Db::call` (see `session`): a pooled connection
 //! lent for the statement, discarded if the call is dropped half-way.
 //!
-//! Lists are keyset-paged on `(sort_key, id)` (see the migration), so a page costs an index range
-//! scan whatever its depth, and rows inserted while a client pages cannot shift later pages.
+//! Every statement names its owner (the caller's token `sub`, `''` without authentication), as
+//! its last parameter: a todo of another owner is, to every query, a todo that does not exist.
+//!
+//! Lists are keyset-paged on `(owner, sort_key, id)` (see the migrations), so a page costs an
+//! index range scan whatever its depth and however many todos other owners have, and rows inserted
+//! while a client pages cannot shift later pages.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Row, postgres::PgRow};
@@ -100,17 +104,17 @@ impl TodoChanges {
 
 // Statements are named so their text can go on the database spans (parameterised: never values),
 // and so loadtest/pgbench can run the very same text (a test compares them).
-const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position) VALUES ($1, $2, $3) \
+const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position, owner) VALUES ($1, $2, $3, $4) \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
-const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos";
-const SQL_DELETE_TODO: &str =
-    "DELETE FROM todos WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2))";
-const SQL_GET_VERSION: &str = "SELECT version FROM todos WHERE id = $1";
+const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos WHERE owner = $1";
+const SQL_DELETE_TODO: &str = "DELETE FROM todos \
+             WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2)) AND owner = $3";
+const SQL_GET_VERSION: &str = "SELECT version FROM todos WHERE id = $1 AND owner = $2";
 const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
-             FROM todos WHERE id = $1";
+             FROM todos WHERE id = $1 AND owner = $2";
 const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
              FROM todos \
-             WHERE ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
+             WHERE owner = $5 AND ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
              ORDER BY sort_key, id \
              LIMIT $4";
 const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
@@ -119,7 +123,7 @@ const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
                position = CASE WHEN $4 THEN $5 ELSE position END, \
                updated_at = now(), \
                version = version + 1 \
-             WHERE id = $1 AND ($6::bigint[] IS NULL OR version = ANY($6)) \
+             WHERE id = $1 AND ($6::bigint[] IS NULL OR version = ANY($6)) AND owner = $7 \
              RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
 
 /// The span names and retry class of each call (see [`Effect`]).
@@ -132,9 +136,11 @@ const DELETE: Statement = Statement::write("DELETE", "todos", SQL_DELETE_TODO, E
 const DELETE_ALL: Statement =
     Statement::write("DELETE", "todos", SQL_DELETE_ALL_TODOS, Effect::Write);
 impl Db {
-    /// Up to `limit` todos after `after`, optionally only those with `completed = filter`.
+    /// Up to `limit` of `owner`'s todos after `after`, optionally only those with
+    /// `completed = filter`.
     pub async fn list_todos(
         &self,
+        owner: &str,
         completed: Option<bool>,
         after: Cursor,
         limit: i64,
@@ -145,6 +151,7 @@ impl Db {
                 .bind(after.sort_key)
                 .bind(after.id)
                 .bind(limit)
+                .bind(owner)
                 .fetch_all(&mut *c)
                 .await;
             (c, r)
@@ -152,10 +159,11 @@ impl Db {
         .await
     }
 
-    pub async fn get_todo(&self, id: i64) -> Result<Option<TodoRow>, DbError> {
+    pub async fn get_todo(&self, owner: &str, id: i64) -> Result<Option<TodoRow>, DbError> {
         self.call(GET, |mut c| async move {
             let r = sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
                 .bind(id)
+                .bind(owner)
                 .fetch_optional(&mut *c)
                 .await;
             (c, r)
@@ -163,12 +171,13 @@ impl Db {
         .await
     }
 
-    pub async fn create_todo(&self, new: &NewTodo) -> Result<TodoRow, DbError> {
+    pub async fn create_todo(&self, owner: &str, new: &NewTodo) -> Result<TodoRow, DbError> {
         self.call(CREATE, |mut c| async move {
             let r = sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
                 .bind(&new.title)
                 .bind(new.completed)
                 .bind(new.position)
+                .bind(owner)
                 .fetch_one(&mut *c)
                 .await;
             (c, r)
@@ -180,12 +189,13 @@ impl Db {
     /// An empty change set reads the todo without touching `updated_at` or the version.
     pub async fn update_todo(
         &self,
+        owner: &str,
         id: i64,
         changes: &TodoChanges,
         if_match: Option<&[i64]>,
     ) -> Result<Conditional<TodoRow>, DbError> {
         if changes.is_empty() {
-            return Ok(match self.get_todo(id).await? {
+            return Ok(match self.get_todo(owner, id).await? {
                 None => Conditional::NotFound,
                 Some(row) if if_match.is_some_and(|v| !v.contains(&row.version)) => {
                     Conditional::VersionMismatch
@@ -202,6 +212,7 @@ impl Db {
                     .bind(changes.position.is_some())
                     .bind(changes.position.flatten())
                     .bind(if_match)
+                    .bind(owner)
                     .fetch_optional(&mut *c)
                     .await;
                 (c, r)
@@ -209,13 +220,14 @@ impl Db {
             .await?;
         match updated {
             Some(row) => Ok(Conditional::Done(row)),
-            None => self.why_unchanged(id, if_match).await,
+            None => self.why_unchanged(owner, id, if_match).await,
         }
     }
 
     /// Deletes the todo if its version is one of `if_match` (any version when `None`).
     pub async fn delete_todo(
         &self,
+        owner: &str,
         id: i64,
         if_match: Option<&[i64]>,
     ) -> Result<Conditional<()>, DbError> {
@@ -224,6 +236,7 @@ impl Db {
                 let r = sqlx::query(SQL_DELETE_TODO)
                     .bind(id)
                     .bind(if_match)
+                    .bind(owner)
                     .execute(&mut *c)
                     .await;
                 (c, r)
@@ -233,7 +246,7 @@ impl Db {
         if deleted == 1 {
             Ok(Conditional::Done(()))
         } else {
-            self.why_unchanged(id, if_match).await
+            self.why_unchanged(owner, id, if_match).await
         }
     }
 
@@ -241,6 +254,7 @@ impl Db {
     /// Read after the write, so a todo deleted in between reads as missing, as it now is.
     async fn why_unchanged<T>(
         &self,
+        owner: &str,
         id: i64,
         if_match: Option<&[i64]>,
     ) -> Result<Conditional<T>, DbError> {
@@ -251,6 +265,7 @@ impl Db {
             .call(GET_VERSION, |mut c| async move {
                 let r = sqlx::query_scalar::<_, i64>(SQL_GET_VERSION)
                     .bind(id)
+                    .bind(owner)
                     .fetch_optional(&mut *c)
                     .await;
                 (c, r)
@@ -262,10 +277,13 @@ impl Db {
         })
     }
 
-    /// Deletes every todo; returns how many there were.
-    pub async fn delete_all_todos(&self) -> Result<u64, DbError> {
+    /// Deletes every todo of `owner`; returns how many there were.
+    pub async fn delete_all_todos(&self, owner: &str) -> Result<u64, DbError> {
         self.call(DELETE_ALL, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_ALL_TODOS).execute(&mut *c).await;
+            let r = sqlx::query(SQL_DELETE_ALL_TODOS)
+                .bind(owner)
+                .execute(&mut *c)
+                .await;
             (c, r)
         })
         .await
@@ -293,18 +311,21 @@ mod tests {
         let cases = [
             (
                 include_str!("../../loadtest/pgbench/get-one.sql"),
-                as_pgbench(SQL_GET_TODO, &[":id"]),
+                as_pgbench(SQL_GET_TODO, &[":id", "''"]),
             ),
             (
                 include_str!("../../loadtest/pgbench/list.sql"),
                 as_pgbench(
                     SQL_LIST_TODOS,
-                    &["NULL::boolean", ":start", ":start", ":limit"],
+                    &["NULL::boolean", ":start", ":start", ":limit", "''"],
                 ),
             ),
             (
                 include_str!("../../loadtest/pgbench/post.sql"),
-                as_pgbench(SQL_CREATE_TODO, &["'load test'", "false", "NULL::bigint"]),
+                as_pgbench(
+                    SQL_CREATE_TODO,
+                    &["'load test'", "false", "NULL::bigint", "''"],
+                ),
             ),
             (
                 include_str!("../../loadtest/pgbench/patch.sql"),
@@ -317,6 +338,7 @@ mod tests {
                         "false",
                         "NULL::bigint",
                         "NULL::bigint[]",
+                        "''",
                     ],
                 ),
             ),

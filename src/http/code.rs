@@ -15,6 +15,9 @@ pub enum Code {
     InvalidQuery,
     InvalidIdempotencyKey,
     InvalidPrecondition,
+    Unauthorized,
+    InvalidToken,
+    InsufficientScope,
     TodoNotFound,
     RouteNotFound,
     MethodNotAllowed,
@@ -38,7 +41,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for the tests that keep the documentation complete.
-    pub const ALL: [Code; 27] = [
+    pub const ALL: [Code; 30] = [
         Code::BadRequest,
         Code::MalformedJson,
         Code::UnreadableBody,
@@ -47,6 +50,9 @@ impl Code {
         Code::InvalidQuery,
         Code::InvalidIdempotencyKey,
         Code::InvalidPrecondition,
+        Code::Unauthorized,
+        Code::InvalidToken,
+        Code::InsufficientScope,
         Code::TodoNotFound,
         Code::RouteNotFound,
         Code::MethodNotAllowed,
@@ -79,6 +85,9 @@ impl Code {
             Code::InvalidQuery => "invalid_query",
             Code::InvalidIdempotencyKey => "invalid_idempotency_key",
             Code::InvalidPrecondition => "invalid_precondition",
+            Code::Unauthorized => "unauthorized",
+            Code::InvalidToken => "invalid_token",
+            Code::InsufficientScope => "insufficient_scope",
             Code::TodoNotFound => "todo_not_found",
             Code::RouteNotFound => "route_not_found",
             Code::MethodNotAllowed => "method_not_allowed",
@@ -117,6 +126,8 @@ impl Code {
     pub const fn for_status(status: u16) -> Code {
         match status {
             400 => Code::BadRequest,
+            401 => Code::Unauthorized,
+            403 => Code::InsufficientScope,
             404 => Code::RouteNotFound,
             405 => Code::MethodNotAllowed,
             408 => Code::RequestTimeout,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod authenticate;
 pub mod base_url;
 pub mod client_ip;
 pub mod code;
@@ -15,6 +16,7 @@ pub mod extract;
 pub mod health;
 pub mod linger;
 pub mod openapi;
+pub mod rate_limit;
 pub mod read_body;
 pub mod resilience;
 pub mod serve;
@@ -81,7 +83,8 @@ pub struct Shared {
 
 /// The whole application: routes, docs, fallbacks and layers.
 pub fn router(state: AppState, config: &Config) -> Router {
-    let ApiRoutes { data, ops, openapi } = api_routes();
+    let ApiRoutes { data, ops, openapi } =
+        api_routes(matches!(config.auth.mode, crate::config::AuthMode::Jwt(_)));
     // Rate limit, load shedding and the request timeout guard only the data routes; probes and
     // docs must answer even when clients are being refused (see resilience.rs).
     let data = with_layers(

@@ -32,7 +32,8 @@ pub struct ApiRoutes {
     pub openapi: utoipa::openapi::OpenApi,
 }
 
-pub fn api_routes() -> ApiRoutes {
+/// `bearer`: the data routes need a bearer token (`AUTH_MODE=jwt`), and the document says so.
+pub fn api_routes(bearer: bool) -> ApiRoutes {
     let (data, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(
             todos::list_todos,
@@ -51,8 +52,82 @@ pub fn api_routes() -> ApiRoutes {
         .split_for_parts();
     openapi.merge(ops_doc);
     add_common_problems(&mut openapi);
+    if bearer {
+        require_bearer_tokens(&mut openapi);
+    }
     ApiRoutes { data, ops, openapi }
 }
+
+/// Declares the bearer scheme, each data operation's scope (`todos:read` for GET, `todos:write`
+/// otherwise, as `http::authenticate` checks) and the 401/403 answers.
+fn require_bearer_tokens(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{
+        Content, Ref, ResponseBuilder,
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+    };
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .header(
+                "www-authenticate",
+                utoipa::openapi::HeaderBuilder::new()
+                    .schema(Some(utoipa::openapi::schema::Object::with_type(
+                        utoipa::openapi::schema::Type::String,
+                    )))
+                    .description(Some(
+                        "RFC 6750 challenge: `Bearer realm=\"todo-service\"`, with `error` \
+                         (`invalid_token`, `insufficient_scope`) and `error_description` or \
+                         `scope` when the token was refused",
+                    ))
+                    .build(),
+            )
+            .content(
+                error::PROBLEM_JSON,
+                Content::new(Some(Ref::from_schema_name("Problem"))),
+            )
+            .build()
+    };
+    api.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A JWT (HS256) with `sub` (the owner of the todos), `exp`, and `scope` \
+                         holding todos:read and/or todos:write; see the README's Authentication \
+                         section",
+                    ))
+                    .build(),
+            ),
+        );
+    for (path, item) in api.paths.paths.iter_mut() {
+        if !path.starts_with("/todos") {
+            continue;
+        }
+        let operations = [
+            (&mut item.get, READ),
+            (&mut item.post, WRITE),
+            (&mut item.patch, WRITE),
+            (&mut item.delete, WRITE),
+        ];
+        for (op, scope) in operations {
+            let Some(op) = op else { continue };
+            op.security = Some(vec![SecurityRequirement::new("bearer", [scope])]);
+            let r = &mut op.responses.responses;
+            r.entry("401".into()).or_insert_with(|| {
+                problem("No bearer token, or one that is expired, not yet valid, badly signed, for another audience or issuer, or unreadable").into()
+            });
+            r.entry("403".into())
+                .or_insert_with(|| problem(&format!("The token lacks the {scope} scope")).into());
+        }
+    }
+}
+
+const READ: &str = crate::auth::READ_SCOPE;
+const WRITE: &str = crate::auth::WRITE_SCOPE;
 
 /// Adds the problem responses that whole classes of operations share, once, instead of repeating
 /// them in every handler annotation (so no route can forget them). An annotation's own entry for

@@ -3,7 +3,8 @@
 //! SigNoz needs server spans with low-cardinality names (`GET /todos/{id}`, never the raw path),
 //! span status ERROR on failures (it counts errors by status, not by HTTP code) and the HTTP
 //! semantic-convention attributes. Rejections by the protective layers are spans too, with
-//! `todo.rejected_by` naming the layer that answered.
+//! `todo.rejected_by` naming the layer that answered. Data requests say whether their caller was
+//! authenticated (`todo.authenticated`), and name it (`user.id`) only if `AUTH_SPAN_SUBJECT` allows.
 
 use std::{
     convert::Infallible,
@@ -94,6 +95,8 @@ macro_rules! server_span {
             otel.status_code = Empty,
             error.type = Empty,
             todo.rejected_by = Empty,
+            todo.authenticated = Empty,
+            user.id = Empty,
         )
     };
 }

@@ -67,12 +67,38 @@ fn the_database_password_never_appears_in_the_logs() {
 }
 
 fn password_stays_out_of_the_logs(url: &str) {
-    // A database that is not there: the service logs its connection attempts and failures.
-    let mut child = service()
-        .env("DATABASE_URL", url)
-        .env("LISTEN_ADDR", "127.0.0.1:0")
+    // A database that is not there: the service logs its connection attempts and failures. The
+    // token secret is set too, and must not show either.
+    let logs = logs_of_a_short_run(&[
+        ("DATABASE_URL", url),
+        ("AUTH_MODE", "jwt"),
+        ("AUTH_JWT_SECRET", "hunter2-the-token-secret-of-32-bytes"),
+    ]);
+    assert!(
+        logs.contains("127.0.0.1"),
+        "expected connection logs, got: {logs}"
+    );
+    assert!(
+        logs.contains("migrations"),
+        "expected retry logs, got: {logs}"
+    );
+    assert!(
+        !logs.contains("hunter2"),
+        "password leaked into logs:\n{logs}"
+    );
+}
+
+/// What the service logs (at trace) in its first 2 s with `env`, on free loopback ports unless
+/// `env` says otherwise.
+fn logs_of_a_short_run(env: &[(&str, &str)]) -> String {
+    let mut cmd = service();
+    cmd.env("LISTEN_ADDR", "127.0.0.1:0")
         .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
-        .env("LOG_LEVEL", "trace")
+        .env("LOG_LEVEL", "trace");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -96,18 +122,7 @@ fn password_stays_out_of_the_logs(url: &str) {
         .read_to_string(&mut logs)
         .unwrap();
     child.wait().unwrap();
-    assert!(
-        logs.contains("127.0.0.1"),
-        "expected connection logs, got: {logs}"
-    );
-    assert!(
-        logs.contains("migrations"),
-        "expected retry logs, got: {logs}"
-    );
-    assert!(
-        !logs.contains("hunter2"),
-        "password leaked into logs:\n{logs}"
-    );
+    logs
 }
 
 fn doctor(env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -181,6 +196,43 @@ fn doctor_names_the_failing_step_and_what_to_do() {
     );
 }
 
+#[test]
+fn doctor_checks_the_authentication_settings_without_showing_the_secret() {
+    let db = ("DATABASE_URL", "postgres://app@127.0.0.1:1/todos");
+    let secret = "doctor-test-secret-hunter2-of-44-bytes-long!";
+    let (_, report) = doctor(&[
+        db,
+        ("AUTH_MODE", "jwt"),
+        ("AUTH_JWT_SECRET", secret),
+        ("AUTH_JWT_ISSUER", "https://issuer.test"),
+    ]);
+    let auth = line(&report, "authentication");
+    assert!(
+        auth.contains("[pass]")
+            && auth.contains("HS256 secret of 44 bytes")
+            && auth.contains("issuer https://issuer.test")
+            && auth.contains("a test token verifies"),
+        "{report}"
+    );
+    assert!(!report.contains("hunter2"), "secret printed:\n{report}");
+    let (_, report) = doctor(&[db, ("LISTEN_ADDR", "0.0.0.0:8080"), ("AUTH_MODE", "none")]);
+    let auth = line(&report, "authentication");
+    assert!(
+        auth.contains("[warn]") && auth.contains("0.0.0.0:8080"),
+        "{report}"
+    );
+    let (code, report) = doctor(&[db, ("AUTH_MODE", "jwt"), ("AUTH_JWT_SECRET", "short")]);
+    assert_eq!(code, Some(1));
+    assert!(
+        line(&report, "configuration").contains("AUTH_JWT_SECRET"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "authentication").contains("[skip]"),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn doctor_reports_a_failing_resolver() {
     struct Broken;
@@ -199,4 +251,82 @@ async fn doctor_reports_a_failing_resolver() {
         "{text}"
     );
     assert!(line(&text, "TCP reach").contains("[skip]"), "{text}");
+}
+
+#[test]
+fn the_token_command_signs_with_the_configured_secret_and_names_what_is_missing() {
+    use todo_service::auth::{Scopes, Verifier};
+    let secret = "a-development-secret-of-40-bytes-or-more!";
+    let out = service()
+        .env("AUTH_JWT_SECRET", secret)
+        .env("AUTH_JWT_AUDIENCE", "todos")
+        .args([
+            "token",
+            "--sub",
+            "alice",
+            "--scope",
+            "todos:read",
+            "--ttl",
+            "5m",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let principal = Verifier::hs256(secret.as_bytes(), Some("todos"), None)
+        .verify(token.trim())
+        .expect("the minted token verifies with the configured audience");
+    assert_eq!(&*principal.sub, "alice");
+    assert_eq!(
+        principal.scopes,
+        Scopes {
+            read: true,
+            write: false
+        }
+    );
+    for (env, says) in [
+        (None, "AUTH_JWT_SECRET"),
+        (Some("short-secret"), "12 bytes"),
+    ] {
+        let mut cmd = service();
+        if let Some(s) = env {
+            cmd.env("AUTH_JWT_SECRET", s);
+        }
+        let out = cmd.args(["token", "--sub", "alice"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains("AUTH_JWT_SECRET") && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("short-secret"), "{stderr}");
+    }
+}
+
+#[test]
+fn serving_every_interface_without_authentication_must_be_chosen_and_then_warns() {
+    let out = service()
+        .env("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/db")
+        .env("LISTEN_ADDR", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("AUTH_MODE") && stderr.contains("0.0.0.0:0"),
+        "{stderr}"
+    );
+    let logs = logs_of_a_short_run(&[
+        ("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/db"),
+        ("LISTEN_ADDR", "0.0.0.0:0"),
+        ("AUTH_MODE", "none"),
+    ]);
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("AUTH_MODE=none on an address other machines can reach"))
+        .unwrap_or_else(|| panic!("no warning in:\n{logs}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    // On loopback there is nothing to warn about.
+    let logs = logs_of_a_short_run(&[("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/db")]);
+    assert!(!logs.contains("AUTH_MODE=none on an address"), "{logs}");
 }

@@ -105,6 +105,14 @@ fn compose_brings_up_postgres_the_service_and_signoz_wired_together() {
         );
     }
     let var = |k: &str| s(&app["environment"][k], k).to_owned();
+    // Published beyond loopback, so callers authenticate, with a secret from the operator's
+    // shell (compose refuses to start without one) rather than one written here.
+    assert_eq!(var("AUTH_MODE"), "jwt");
+    assert!(
+        var("AUTH_JWT_SECRET").starts_with("${AUTH_JWT_SECRET:?"),
+        "{}",
+        var("AUTH_JWT_SECRET")
+    );
     // The post-mortem's setup: the database by its compose name (resolved once at startup).
     let db = url::Url::parse(&var("DATABASE_URL").replace("${POSTGRES_PASSWORD:-todo}", "x"))
         .expect("DATABASE_URL");

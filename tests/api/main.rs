@@ -5,6 +5,7 @@
 // Its `pub` items are shared between the test binaries (helpers.rs), not a public API.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
+mod auth;
 mod cli;
 mod compose;
 mod conditional;

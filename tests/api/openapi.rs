@@ -214,3 +214,56 @@ async fn the_interactive_docs_are_served_from_the_binary() {
         .unwrap();
     assert!(init.contains("/openapi.json"), "{init}");
 }
+
+/// With `AUTH_MODE=jwt` the document declares the bearer scheme, each data operation's scope and
+/// the 401/403 answers; probes need no token. Without authentication it declares none.
+#[tokio::test]
+async fn the_document_declares_bearer_tokens_and_scopes_exactly_when_they_are_required() {
+    let mut opts = crate::helpers::AppOptions::default();
+    opts.env.insert("AUTH_MODE".into(), "jwt".into());
+    opts.env.insert("AUTH_JWT_SECRET".into(), "x".repeat(32));
+    let app = crate::helpers::spawn_app_with(opts).await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let scheme = &doc["components"]["securitySchemes"]["bearer"];
+    assert_eq!(scheme["type"], "http");
+    assert_eq!(scheme["scheme"], "bearer");
+    assert_eq!(scheme["bearerFormat"], "JWT");
+    let mut seen = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if !path.starts_with("/todos") {
+                assert!(
+                    op.get("security").is_none(),
+                    "{method} {path} needs no token"
+                );
+                continue;
+            }
+            let scope = if method == "get" {
+                "todos:read"
+            } else {
+                "todos:write"
+            };
+            assert_eq!(
+                op["security"],
+                serde_json::json!([{ "bearer": [scope] }]),
+                "{method} {path}"
+            );
+            for status in ["401", "403"] {
+                assert!(
+                    op["responses"][status]["headers"]["www-authenticate"].is_object(),
+                    "{method} {path} {status}"
+                );
+            }
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 6, "every data operation");
+    let open = spawn_app().await;
+    let doc: Value = open.get("/openapi.json").await.json().await.unwrap();
+    assert!(
+        doc["components"]["securitySchemes"].is_null(),
+        "{}",
+        doc["components"]
+    );
+    assert!(doc["paths"]["/todos"]["get"]["security"].is_null());
+}

@@ -314,6 +314,10 @@ fn the_alerts_cover_the_post_mortem_and_the_operators_needs() {
         .is_some(),
         "DNS resolutions > 1"
     );
+    assert!(
+        find(&|r| text(r).contains("http.response.status_code = 401")).is_some(),
+        "a burst of authentication failures"
+    );
 }
 
 #[test]

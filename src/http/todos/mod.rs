@@ -16,6 +16,7 @@ use axum::{
 
 use super::{
     AppState, BaseUrl,
+    authenticate::Owner,
     code::Code,
     conditional::{IfMatch, IfNoneMatch, etag},
     error::ApiError,
@@ -45,13 +46,19 @@ pub use wire::{
 )]
 pub async fn list_todos(
     State(state): State<AppState>,
+    owner: Owner,
     base: BaseUrl,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let params = query.validate()?;
     let mut rows = state
         .db
-        .list_todos(params.completed, params.after, params.limit + 1)
+        .list_todos(
+            owner.as_str(),
+            params.completed,
+            params.after,
+            params.limit + 1,
+        )
         .await?;
     let mut headers = HeaderMap::new();
     if rows.len() as i64 > params.limit {
@@ -102,16 +109,17 @@ pub async fn list_todos(
 )]
 pub async fn create_todo(
     State(state): State<AppState>,
+    owner: Owner,
     base: BaseUrl,
     key: IdempotencyKey,
     JsonBody(body): JsonBody<CreateTodo>,
 ) -> Result<Response, ApiError> {
     let new = body.validate()?;
     let (row, replayed) = match key.as_str() {
-        None => (state.db.create_todo(&new).await?, false),
+        None => (state.db.create_todo(owner.as_str(), &new).await?, false),
         Some(key) => match state
             .db
-            .create_todo_idempotent(key, &new, state.idempotency_key_ttl)
+            .create_todo_idempotent(owner.as_str(), key, &new, state.idempotency_key_ttl)
             .await?
         {
             Idempotent::Created(row) => (row, false),
@@ -148,15 +156,18 @@ pub async fn create_todo(
     Ok(res)
 }
 
-/// Delete every todo.
+/// Delete every todo of the caller.
 #[utoipa::path(
     delete, path = "/todos", tag = "todos",
     responses(
         (status = 204, description = "All todos deleted"),
     )
 )]
-pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
-    let n = state.db.delete_all_todos().await?;
+pub async fn delete_all_todos(
+    State(state): State<AppState>,
+    owner: Owner,
+) -> Result<StatusCode, ApiError> {
+    let n = state.db.delete_all_todos(owner.as_str()).await?;
     tracing::info!(deleted = n, "deleted all todos");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -177,11 +188,12 @@ pub async fn delete_all_todos(State(state): State<AppState>) -> Result<StatusCod
 )]
 pub async fn get_todo(
     State(state): State<AppState>,
+    owner: Owner,
     base: BaseUrl,
     TodoId(id): TodoId,
     if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
-    let Some(row) = state.db.get_todo(id).await? else {
+    let Some(row) = state.db.get_todo(owner.as_str(), id).await? else {
         return Err(ApiError::todo_not_found(id));
     };
     let tag = [(header::ETAG, etag(row.version))];
@@ -208,6 +220,7 @@ pub async fn get_todo(
 )]
 pub async fn update_todo(
     State(state): State<AppState>,
+    owner: Owner,
     base: BaseUrl,
     TodoId(id): TodoId,
     IfMatch(if_match): IfMatch,
@@ -216,7 +229,7 @@ pub async fn update_todo(
     let changes = body.validate()?;
     match state
         .db
-        .update_todo(id, &changes, if_match.as_deref())
+        .update_todo(owner.as_str(), id, &changes, if_match.as_deref())
         .await?
     {
         Conditional::Done(row) => Ok((
@@ -243,10 +256,15 @@ pub async fn update_todo(
 )]
 pub async fn delete_todo(
     State(state): State<AppState>,
+    owner: Owner,
     TodoId(id): TodoId,
     IfMatch(if_match): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    match state.db.delete_todo(id, if_match.as_deref()).await? {
+    match state
+        .db
+        .delete_todo(owner.as_str(), id, if_match.as_deref())
+        .await?
+    {
         Conditional::Done(()) => Ok(StatusCode::NO_CONTENT),
         Conditional::NotFound => Err(ApiError::todo_not_found(id)),
         Conditional::VersionMismatch => Err(ApiError::precondition_failed(id)),

@@ -1,0 +1,424 @@
+//! The bearer-token check in front of the data routes: who is calling ([`Caller`], left in the
+//! request's extensions for the rate limiter and the handlers' [`Owner`]), and the RFC 6750
+//! answers for those who may not call: 401 with `WWW-Authenticate: Bearer …` for a missing or bad
+//! token, 403 `insufficient_scope` for a token without the scope the method needs
+//! (`todos:read` for GET and HEAD, `todos:write` for the rest).
+//!
+//! Failed requests are throttled per client address (`RATE_LIMIT_UNAUTHENTICATED_*`): past the
+//! burst a caller without a valid token reads 429 with `Retry-After`, so guessing tokens or a
+//! misconfigured client cannot fill the logs, metrics and CPU with 401s.
+//!
+//! Written here rather than taken from `jwt-authorizer` (the maintained axum JWT layer): its last
+//! release (0.15, 2024-08) is on jsonwebtoken 9, it fetches keys on the request path when a `kid`
+//! is unknown, and answers in its own error format, without a reason a metric can count. The
+//! cryptography and claim checks are jsonwebtoken's (see [`crate::auth`]); this is the policy.
+
+use std::{
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::{
+    body::Body,
+    extract::FromRequestParts,
+    http::{HeaderValue, Method, Request, Response, StatusCode, header, request::Parts},
+    response::IntoResponse,
+};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::NoOpMiddleware,
+};
+use pin_project_lite::pin_project;
+use secrecy::ExposeSecret;
+use tower::{Layer, Service};
+use tracing::Span;
+
+use super::{
+    code::Code,
+    error::ApiError,
+    rate_limit::{self, CallerKey, Keyed},
+};
+use crate::{
+    auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
+    config::{AuthConfig, AuthMode},
+};
+
+/// `realm` of every `WWW-Authenticate` challenge.
+const REALM: &str = "todo-service";
+
+/// Who is calling, as the authentication layer found out.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// `AUTH_MODE=none`: everyone is the one anonymous owner.
+    Anonymous,
+    Principal(Principal),
+}
+
+impl Caller {
+    /// The owner of the todos this caller sees: the token's `sub`, or `""` for the anonymous one.
+    pub fn owner(&self) -> &str {
+        match self {
+            Caller::Anonymous => "",
+            Caller::Principal(p) => &p.sub,
+        }
+    }
+}
+
+/// The caller whose todos a handler works on.
+#[derive(Debug)]
+pub struct Owner(pub Caller);
+
+impl Owner {
+    pub fn as_str(&self) -> &str {
+        self.0.owner()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Owner {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Taken, not cloned: nothing after the handler's extractors reads it. Missing only if a
+        // route were served without the authentication layer, which must fail closed.
+        match parts.extensions.remove::<Caller>() {
+            Some(caller) => Ok(Owner(caller)),
+            None => {
+                tracing::error!("a data route was reached without the authentication layer");
+                Err(ApiError::unexpected())
+            }
+        }
+    }
+}
+
+/// Why a request was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No `Authorization: Bearer` header (no header, or another scheme).
+    Missing,
+    Invalid(Rejection),
+    InsufficientScope(&'static str),
+}
+
+impl Failure {
+    /// The metrics' `todo.auth.reason`.
+    fn reason(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Invalid(r) => r.as_str(),
+            Failure::InsufficientScope(_) => "insufficient_scope",
+        }
+    }
+
+    fn response(self) -> Response<Body> {
+        let (error, challenge) = match self {
+            Failure::Missing => (
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    Code::Unauthorized,
+                    "Authentication required",
+                    "this request needs a bearer token",
+                )
+                .with_hint(
+                    "Send Authorization: Bearer <token>, a JWT with sub, exp and the \
+                     todos:read / todos:write scopes (see the README's Authentication section).",
+                ),
+                // RFC 6750 §3.1: no error code when the request had no credentials.
+                format!("Bearer realm=\"{REALM}\""),
+            ),
+            Failure::Invalid(rejection) => (
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    Code::InvalidToken,
+                    "Invalid token",
+                    rejection.description(),
+                )
+                .with_hint("Get a new token from your issuer and send the request again."),
+                format!(
+                    "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+                    rejection.description()
+                ),
+            ),
+            Failure::InsufficientScope(scope) => (
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    Code::InsufficientScope,
+                    "Insufficient scope",
+                    format!("this request needs a token with the {scope} scope"),
+                )
+                .with_hint("Ask your issuer for a token that carries the scope named in detail."),
+                format!(
+                    "Bearer realm=\"{REALM}\", error=\"insufficient_scope\", scope=\"{scope}\""
+                ),
+            ),
+        };
+        let mut res = error.into_response();
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        res
+    }
+}
+
+/// The scope a request's method needs.
+fn scope_for(method: &Method) -> &'static str {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        READ_SCOPE
+    } else {
+        WRITE_SCOPE
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; `Ok(None)` when there is no such
+/// header or it names another scheme, `Err` when it is a bearer header without one usable token.
+fn bearer_token(req: &Request<Body>) -> Result<Option<&str>, Rejection> {
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Rejection::Malformed);
+    }
+    let value = value.to_str().map_err(|_| Rejection::Malformed)?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    let token = token.trim_matches(' ');
+    if token.is_empty() || token.contains(' ') {
+        return Err(Rejection::Malformed);
+    }
+    Ok(Some(token))
+}
+
+/// What the layer shares across the router's clones.
+struct Authenticator {
+    /// `None` in `AUTH_MODE=none`.
+    verifier: Option<Verifier>,
+    /// Failed requests per client address.
+    throttle: Option<Arc<Keyed<IpAddr, NoOpMiddleware>>>,
+    key: CallerKey,
+    span_subject: bool,
+}
+
+impl Authenticator {
+    fn authenticate(&self, verifier: &Verifier, req: &Request<Body>) -> Result<Principal, Failure> {
+        let token = bearer_token(req)
+            .map_err(Failure::Invalid)?
+            .ok_or(Failure::Missing)?;
+        let principal = verifier.verify(token).map_err(Failure::Invalid)?;
+        let scope = scope_for(req.method());
+        let granted = if scope == READ_SCOPE {
+            principal.scopes.read
+        } else {
+            principal.scopes.write
+        };
+        if granted {
+            Ok(principal)
+        } else {
+            Err(Failure::InsufficientScope(scope))
+        }
+    }
+
+    /// The answer to a failed request: its problem, or 429 once its address is over the
+    /// unauthenticated limit.
+    fn refuse(&self, failure: Failure, req: &Request<Body>) -> Response<Body> {
+        crate::metrics::auth_failure(failure.reason());
+        tracing::debug!(reason = failure.reason(), "request not authenticated");
+        if let (Some(throttle), Some(addr)) = (&self.throttle, self.key.addr(req))
+            && let Err(not_until) = throttle.check_key(&addr)
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            // Rounded up, and at least 1, so a client that honours it is let through.
+            return ApiError::rate_limited(wait.as_secs() + 1).into_response();
+        }
+        failure.response()
+    }
+}
+
+/// Authenticates every request of the routes it wraps (see the module doc).
+#[derive(Clone)]
+pub struct AuthenticateLayer(Arc<Authenticator>);
+
+impl AuthenticateLayer {
+    /// `key` finds a failed request's client address; `max_clients` bounds the throttle's memory.
+    pub fn new(config: &AuthConfig, key: CallerKey, max_clients: usize) -> Self {
+        let verifier = match &config.mode {
+            AuthMode::None { .. } => None,
+            AuthMode::Jwt(jwt) => Some(Verifier::hs256(
+                jwt.secret.expose_secret().as_bytes(),
+                jwt.audience.as_deref(),
+                jwt.issuer.as_deref(),
+            )),
+        };
+        let throttle = config.unauthenticated_limit.map(|(per_second, burst)| {
+            let quota = Quota::with_period(rate_limit::period(per_second))
+                .expect("the period of a positive rate is not zero")
+                .allow_burst(std::num::NonZeroU32::new(burst.max(1)).expect("at least 1"));
+            let limiter = Arc::new(RateLimiter::keyed(quota));
+            rate_limit::spawn_pruner(Arc::downgrade(&limiter), max_clients);
+            limiter
+        });
+        AuthenticateLayer(Arc::new(Authenticator {
+            verifier,
+            throttle,
+            key,
+            span_subject: config.span_subject,
+        }))
+    }
+}
+
+impl std::fmt::Debug for AuthenticateLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthenticateLayer")
+            .field("jwt", &self.0.verifier.is_some())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for AuthenticateLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Authenticate<S> {
+        Authenticate {
+            auth: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`AuthenticateLayer`].
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    auth: Arc<Authenticator>,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Authenticate<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = AuthenticateFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // Called inside the request span (the trace layer enters it), so these land on it.
+        let span = Span::current();
+        let Some(verifier) = &self.auth.verifier else {
+            span.record("todo.authenticated", false);
+            req.extensions_mut().insert(Caller::Anonymous);
+            return AuthenticateFuture::Passed {
+                inner: self.inner.call(req),
+            };
+        };
+        match self.auth.authenticate(verifier, &req) {
+            Ok(principal) => {
+                span.record("todo.authenticated", true);
+                if self.auth.span_subject {
+                    span.record("user.id", &*principal.sub);
+                }
+                req.extensions_mut().insert(Caller::Principal(principal));
+                AuthenticateFuture::Passed {
+                    inner: self.inner.call(req),
+                }
+            }
+            Err(failure) => {
+                span.record(
+                    "todo.authenticated",
+                    matches!(failure, Failure::InsufficientScope(_)),
+                );
+                AuthenticateFuture::Refused {
+                    res: Some(self.auth.refuse(failure, &req)),
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// An authenticated request on its way, or the refusal of one that was not.
+    #[project = AuthenticateProj]
+    pub enum AuthenticateFuture<F> {
+        Passed { #[pin] inner: F },
+        Refused { res: Option<Response<Body>> },
+    }
+}
+
+impl<F, E> Future for AuthenticateFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthenticateProj::Passed { inner } => inner.poll(cx),
+            AuthenticateProj::Refused { res } => {
+                Poll::Ready(Ok(res.take().expect("polled after completion")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(values: &[&str]) -> Request<Body> {
+        let mut req = Request::new(Body::empty());
+        for v in values {
+            req.headers_mut()
+                .append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn the_bearer_header_is_read_as_rfc_6750_writes_it() {
+        assert_eq!(bearer_token(&with(&[])), Ok(None));
+        assert_eq!(
+            bearer_token(&with(&["Bearer abc.def.ghi"])),
+            Ok(Some("abc.def.ghi"))
+        );
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        assert_eq!(bearer_token(&with(&["bearer  abc "])), Ok(Some("abc")));
+        // Another scheme is no bearer credential at all: 401 without an error code.
+        assert_eq!(bearer_token(&with(&["Basic YWxpY2U6cHc="])), Ok(None));
+        assert_eq!(bearer_token(&with(&["Bearerabc"])), Ok(None));
+        for bad in [
+            &["Bearer"][..],
+            &["Bearer  "],
+            &["Bearer a b"],
+            &["Bearer a", "Bearer b"],
+        ] {
+            assert_eq!(
+                bearer_token(&with(bad)),
+                Err(Rejection::Malformed),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_need_the_read_scope_and_everything_else_the_write_scope() {
+        assert_eq!(scope_for(&Method::GET), READ_SCOPE);
+        assert_eq!(scope_for(&Method::HEAD), READ_SCOPE);
+        for m in [
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::PUT,
+            Method::OPTIONS,
+        ] {
+            assert_eq!(scope_for(&m), WRITE_SCOPE);
+        }
+    }
+}

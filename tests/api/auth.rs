@@ -1,0 +1,584 @@
+//! `AUTH_MODE=jwt`: two owners who cannot reach each other's todos through any route, cursor or
+//! idempotency key; token attacks answered 401 and changing nothing; scopes; limits per
+//! principal, and failed authentication throttled per address.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use todo_service::auth::{Mint, mint_hs256};
+
+use crate::helpers::{AppOptions, TestApp, assert_problem, next_link, spawn_app_with};
+
+const SECRET: &str = "an-integration-test-secret-of-48-bytes-or-so!!!!";
+
+async fn jwt_app(extra: &[(&str, &str)]) -> TestApp {
+    let mut opts = AppOptions::default();
+    opts.env.insert("AUTH_MODE".into(), "jwt".into());
+    opts.env.insert("AUTH_JWT_SECRET".into(), SECRET.into());
+    for (k, v) in extra {
+        opts.env.insert((*k).into(), (*v).into());
+    }
+    spawn_app_with(opts).await
+}
+
+fn token_with(sub: &str, scope: &str) -> String {
+    mint_hs256(
+        SECRET.as_bytes(),
+        &Mint {
+            sub,
+            scope,
+            aud: None,
+            iss: None,
+        },
+        Duration::from_secs(600),
+    )
+    .unwrap()
+}
+
+fn token(sub: &str) -> String {
+    token_with(sub, "todos:read todos:write")
+}
+
+/// A request builder with `sub`'s bearer token.
+struct As<'a> {
+    app: &'a TestApp,
+    token: String,
+}
+
+impl As<'_> {
+    fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let url = if url.starts_with("http") {
+            url.to_string()
+        } else {
+            self.app.url(url)
+        };
+        self.app
+            .client
+            .request(method, url)
+            .bearer_auth(&self.token)
+    }
+
+    async fn create(&self, title: &str, key: Option<&str>) -> reqwest::Response {
+        let mut r = self
+            .req(reqwest::Method::POST, "/todos")
+            .json(&json!({ "title": title }));
+        if let Some(key) = key {
+            r = r.header("idempotency-key", key);
+        }
+        r.send().await.unwrap()
+    }
+
+    async fn ids(&self) -> Vec<i64> {
+        let r = self
+            .req(reqwest::Method::GET, "/todos")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let list: Vec<Value> = r.json().await.unwrap();
+        list.iter().map(|t| t["id"].as_i64().unwrap()).collect()
+    }
+}
+
+fn who<'a>(app: &'a TestApp, sub: &str) -> As<'a> {
+    As {
+        app,
+        token: token(sub),
+    }
+}
+
+/// `owner`'s rows (every row when `None`), as text, to compare before and after.
+async fn rows_of(app: &TestApp, owner: Option<&str>) -> String {
+    let mut conn = app.test_db.connect().await;
+    let rows: Vec<(i64, String, String, bool, i64)> = sqlx::query_as(
+        "SELECT id, owner, title, completed, version FROM todos \
+         WHERE $1::text IS NULL OR owner = $1 ORDER BY id",
+    )
+    .bind(owner)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    format!("{rows:?}")
+}
+
+async fn rows(app: &TestApp) -> String {
+    rows_of(app, None).await
+}
+
+#[tokio::test]
+async fn neither_owner_can_see_change_delete_or_page_into_the_others_todos() {
+    let app = jwt_app(&[]).await;
+    let (alice, bob) = (who(&app, "alice"), who(&app, "bob"));
+    let mut alices = Vec::new();
+    for i in 0..3 {
+        let r = alice.create(&format!("alice {i}"), None).await;
+        assert_eq!(r.status(), 201);
+        alices.push(r.json::<Value>().await.unwrap()["id"].as_i64().unwrap());
+    }
+    let r = alice.create("alice keyed", Some("shared-key")).await;
+    assert_eq!(r.status(), 201);
+    alices.push(r.json::<Value>().await.unwrap()["id"].as_i64().unwrap());
+    assert_eq!(alice.ids().await, alices);
+
+    // The same key from bob, even with alice's very body, is bob's own first use: no replay of
+    // alice's todo, no 422 telling him the key exists.
+    let r = bob.create("alice keyed", Some("shared-key")).await;
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let bobs_keyed = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    assert!(!alices.contains(&bobs_keyed));
+    let r = bob.create("bob 1", None).await;
+    let bob1 = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    assert_eq!(bob.ids().await, [bobs_keyed, bob1]);
+    assert_eq!(alice.ids().await, alices, "bob's todos are not alice's");
+
+    let before = rows_of(&app, Some("alice")).await;
+    // Every item route on every one of alice's todos, as bob: 404, as for a todo that does not
+    // exist, with or without conditions.
+    use reqwest::Method;
+    for id in &alices {
+        let path = format!("/todos/{id}");
+        let attempts = [
+            bob.req(Method::GET, &path),
+            bob.req(Method::GET, &path).header("if-none-match", "\"1\""),
+            bob.req(Method::PATCH, &path)
+                .json(&json!({"title": "bob was here"})),
+            bob.req(Method::PATCH, &path)
+                .header("if-match", "*")
+                .json(&json!({"completed": true})),
+            bob.req(Method::PATCH, &path).json(&json!({})),
+            bob.req(Method::DELETE, &path),
+            bob.req(Method::DELETE, &path).header("if-match", "\"1\""),
+        ];
+        for attempt in attempts {
+            let r = attempt.send().await.unwrap();
+            let p = assert_problem(r, 404, "todo_not_found").await;
+            assert_eq!(p["detail"], format!("there is no todo with id {id}"));
+        }
+    }
+    // Alice's cursor, used by bob, pages through bob's todos only.
+    let r = alice
+        .req(Method::GET, "/todos?limit=1")
+        .send()
+        .await
+        .unwrap();
+    let next = next_link(&r).expect("alice has a second page");
+    let r = bob.req(Method::GET, &next).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let page: Vec<Value> = r.json().await.unwrap();
+    assert!(
+        page.iter()
+            .all(|t| !alices.contains(&t["id"].as_i64().unwrap())),
+        "{page:?}"
+    );
+    // Bob deletes "every todo": his.
+    let r = bob.req(Method::DELETE, "/todos").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(bob.ids().await, Vec::<i64>::new());
+    assert_eq!(alice.ids().await, alices);
+    let after = rows_of(&app, Some("alice")).await;
+    assert_eq!(before, after, "bob changed none of alice's todos");
+    assert_eq!(after.matches("\"alice\"").count(), 4, "{after}");
+
+    // Alice's retry of her keyed create still replays her todo.
+    let r = alice.create("alice keyed", Some("shared-key")).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], alices[3]);
+}
+
+/// A token in the "RS256" family, hand-made: base64url without padding.
+fn b64(v: &Value) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = v.to_string().into_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn hs256(claims: Value, secret: &str, kid: Option<&str>) -> String {
+    let header = jsonwebtoken::Header {
+        kid: kid.map(str::to_owned),
+        ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+    };
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn token_attacks_are_each_answered_401_and_change_nothing() {
+    let app = jwt_app(&[
+        ("AUTH_JWT_AUDIENCE", "todo-service"),
+        ("AUTH_JWT_ISSUER", "https://issuer.test"),
+        // Every attack below is answered 401, none throttled.
+        ("RATE_LIMIT_UNAUTHENTICATED_BURST", "1000"),
+    ])
+    .await;
+    let good = json!({"sub": "alice", "scope": "todos:read todos:write", "exp": now() + 600,
+                      "aud": "todo-service", "iss": "https://issuer.test"});
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    // The good token works, so each refusal below is for its one flaw.
+    let ok = hs256(good.clone(), SECRET, None);
+    let r = app
+        .client
+        .post(app.url("/todos"))
+        .bearer_auth(&ok)
+        .json(&json!({"title": "mine"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let before = rows(&app).await;
+
+    let bearer = |t: &str| format!("Bearer {t}");
+    let cases: Vec<(&str, Vec<String>, &str, &str)> = vec![
+        (
+            "expired",
+            vec![bearer(&hs256(
+                with("exp", json!(now() - 120)),
+                SECRET,
+                None,
+            ))],
+            "invalid_token",
+            "expired",
+        ),
+        (
+            "not yet valid",
+            vec![bearer(&hs256(
+                with("nbf", json!(now() + 120)),
+                SECRET,
+                None,
+            ))],
+            "invalid_token",
+            "not valid yet",
+        ),
+        (
+            "wrong signature",
+            vec![bearer(&hs256(
+                good.clone(),
+                "another-secret-of-at-least-32-bytes!!",
+                None,
+            ))],
+            "invalid_token",
+            "signature",
+        ),
+        (
+            "wrong audience",
+            vec![bearer(&hs256(with("aud", json!("another")), SECRET, None))],
+            "invalid_token",
+            "not issued for this service",
+        ),
+        (
+            "wrong issuer",
+            vec![bearer(&hs256(
+                with("iss", json!("https://evil.test")),
+                SECRET,
+                None,
+            ))],
+            "invalid_token",
+            "not issued for this service",
+        ),
+        (
+            "alg none",
+            vec![bearer(&format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none", "typ": "JWT"})),
+                b64(&good)
+            ))],
+            "invalid_token",
+            "not a readable JWT",
+        ),
+        (
+            "RS256 header on an HMAC signature",
+            vec![bearer(&{
+                let t = hs256(good.clone(), SECRET, None);
+                let (_, rest) = t.split_once('.').unwrap();
+                format!("{}.{rest}", b64(&json!({"alg": "RS256", "typ": "JWT"})))
+            })],
+            "invalid_token",
+            "signature",
+        ),
+        (
+            "unknown kid",
+            vec![bearer(&hs256(good.clone(), SECRET, Some("k9")))],
+            "invalid_token",
+            "signature",
+        ),
+        (
+            "no sub",
+            vec![bearer(&hs256(
+                {
+                    let mut c = good.clone();
+                    c.as_object_mut().unwrap().remove("sub");
+                    c
+                },
+                SECRET,
+                None,
+            ))],
+            "invalid_token",
+            "lacks a required claim",
+        ),
+        ("no header", vec![], "unauthorized", "needs a bearer token"),
+        (
+            "another scheme",
+            vec![format!("Basic {}", b64(&json!("alice:pw")))],
+            "unauthorized",
+            "needs a bearer token",
+        ),
+        (
+            "bearer without a token",
+            vec!["Bearer".into()],
+            "invalid_token",
+            "not a readable JWT",
+        ),
+        (
+            "two tokens",
+            vec![format!("Bearer {ok} {ok}")],
+            "invalid_token",
+            "not a readable JWT",
+        ),
+        (
+            "two headers",
+            vec![bearer(&ok), bearer(&ok)],
+            "invalid_token",
+            "not a readable JWT",
+        ),
+        (
+            "garbage",
+            vec!["Bearer not.a.jwt".into()],
+            "invalid_token",
+            "not a readable JWT",
+        ),
+    ];
+    for (what, headers, code, says) in cases {
+        for (method, path, body) in [
+            (reqwest::Method::POST, "/todos", Some(json!({"title": "x"}))),
+            (reqwest::Method::DELETE, "/todos", None),
+            (reqwest::Method::GET, "/todos", None),
+        ] {
+            let mut req = app.client.request(method.clone(), app.url(path));
+            for h in &headers {
+                req = req.header("authorization", h);
+            }
+            if let Some(body) = &body {
+                req = req.json(body);
+            }
+            let r = req.send().await.unwrap();
+            let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+            let p = assert_problem(r, 401, code).await;
+            assert!(
+                p["detail"].as_str().unwrap().contains(says),
+                "{what} {method}: {p}"
+            );
+            assert!(
+                challenge.starts_with("Bearer realm=\"todo-service\""),
+                "{what}: {challenge}"
+            );
+            assert_eq!(
+                challenge.contains("error=\"invalid_token\""),
+                code == "invalid_token",
+                "{what}: {challenge}"
+            );
+        }
+    }
+    assert_eq!(
+        rows(&app).await,
+        before,
+        "a refused request changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_token_without_the_methods_scope_is_403_and_changes_nothing() {
+    let app = jwt_app(&[]).await;
+    let writer = who(&app, "alice");
+    let r = writer.create("first", None).await;
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let before = rows(&app).await;
+    let reader = As {
+        app: &app,
+        token: token_with("alice", "todos:read"),
+    };
+    assert_eq!(reader.ids().await, [id], "read scope reads");
+    use reqwest::Method;
+    let path = format!("/todos/{id}");
+    for req in [
+        reader
+            .req(Method::POST, "/todos")
+            .json(&json!({"title": "x"})),
+        reader
+            .req(Method::PATCH, &path)
+            .json(&json!({"completed": true})),
+        reader.req(Method::DELETE, &path),
+        reader.req(Method::DELETE, "/todos"),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer realm=\"todo-service\", error=\"insufficient_scope\", scope=\"todos:write\""
+        );
+        assert_problem(r, 403, "insufficient_scope").await;
+    }
+    let write_only = As {
+        app: &app,
+        token: token_with("alice", "todos:write"),
+    };
+    let r = write_only.req(Method::GET, &path).send().await.unwrap();
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .ends_with("scope=\"todos:read\"")
+    );
+    assert_problem(r, 403, "insufficient_scope").await;
+    assert_eq!(rows(&app).await, before);
+}
+
+#[tokio::test]
+async fn two_principals_behind_one_address_are_limited_separately() {
+    let app = jwt_app(&[("RATE_LIMIT_PER_SECOND", "1"), ("RATE_LIMIT_BURST", "3")]).await;
+    let mut seen = Vec::new();
+    for sub in ["alice", "bob", "alice"] {
+        let caller = who(&app, sub);
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let r = caller
+                .req(reqwest::Method::GET, "/todos")
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        seen.push(statuses);
+    }
+    assert_eq!(
+        seen,
+        [
+            [200, 200, 200, 429],
+            // Bob's quota is his own, from the same address.
+            [200, 200, 200, 429],
+            // Alice's is still spent: a new token for the same sub is the same caller.
+            [429, 429, 429, 429],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_failed_authentication_is_throttled_per_address() {
+    let app = jwt_app(&[
+        ("RATE_LIMIT_UNAUTHENTICATED_PER_SECOND", "1"),
+        ("RATE_LIMIT_UNAUTHENTICATED_BURST", "3"),
+    ])
+    .await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..6 {
+        let r = app
+            .client
+            .get(app.url("/todos"))
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry_after = r.headers().get("retry-after").cloned();
+            assert_problem(r, 429, "rate_limited").await;
+        }
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429, 429]);
+    let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&secs), "{secs}");
+    // A caller with a valid token, from the same address, is not held back by the guesses.
+    let r = who(&app, "alice")
+        .req(reqwest::Method::GET, "/todos")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Probes are never behind authentication.
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn without_authentication_everyone_is_the_anonymous_owner_of_the_existing_todos() {
+    // A todo written before owners existed (owner defaulted by the migration) is the anonymous
+    // owner's, which is who every caller is in AUTH_MODE=none.
+    let app = crate::helpers::spawn_app().await;
+    let mut conn = app.test_db.connect().await;
+    sqlx::query("INSERT INTO todos (title) VALUES ('from before')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let list: Vec<Value> = app.get("/todos").await.json().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["title"], "from before");
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM todos")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owners, [""]);
+    // The same table through jwt: nobody sees them (no token has an empty sub).
+    let jwt = jwt_app(&[]).await;
+    let mut conn = jwt.test_db.connect().await;
+    sqlx::query("INSERT INTO todos (title) VALUES ('from before')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(who(&jwt, "alice").ids().await, Vec::<i64>::new());
+}
+
+#[tokio::test]
+async fn each_owners_page_is_an_index_range_scan() {
+    let app = jwt_app(&[]).await;
+    let mut conn = app.test_db.connect().await;
+    // Enough rows of other owners that a sequential scan would not be chosen for a small one.
+    sqlx::query(
+        "INSERT INTO todos (title, owner) \
+         SELECT 'todo ' || i, 'owner-' || (i % 50) FROM generate_series(1, 20000) i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE todos")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
+         FROM todos WHERE owner = 'owner-7' AND (NULL::boolean IS NULL OR completed = NULL) \
+         AND (sort_key, id) > (-9223372036854775808, 0) ORDER BY sort_key, id LIMIT 21",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using todos_owner_sort_key_id_idx")
+            && plan.contains("Index Cond: ((owner = 'owner-7'::text) AND (ROW(sort_key, id) >"),
+        "{plan}"
+    );
+}
