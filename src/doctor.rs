@@ -15,7 +15,7 @@ use std::{
 use sqlx::{Connection, PgConnection};
 
 use crate::{
-    auth::{Mint, READ_SCOPE, Verifier, mint_hs256},
+    auth::{Mint, READ_SCOPE, Verifier, jwks, mint_hs256},
     config::{AuthMode, Config},
     db::{MIGRATOR, resolve::Resolver},
 };
@@ -107,7 +107,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                 Status::Pass,
                 format!("valid; database {}", c.database.redacted_url()),
             ));
-            checks.push(authentication(&c));
+            checks.push(authentication(&c).await);
             c
         }
         Err(e) => {
@@ -349,14 +349,16 @@ async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
     }
 }
 
-/// Who may call, and whether the configured key can verify a token: one is signed with it and
-/// verified as a request's would be. Never shows the secret, only its length.
-fn authentication(config: &Config) -> Check {
+/// Who may call, and whether the configured keys can verify tokens: one is signed with the
+/// secret and verified as a request's would be; the JWK Set is read and each key's algorithm
+/// shown. Never shows the secret, only its length.
+async fn authentication(config: &Config) -> Check {
     use secrecy::ExposeSecret as _;
-    match &config.auth.mode {
+    const NAME: &str = "authentication";
+    let jwt = match &config.auth.mode {
         AuthMode::None { .. } if config.auth.is_open_to_the_network(config.listen_addr) => {
-            Check::new(
-                "authentication",
+            return Check::new(
+                NAME,
                 Status::Warn,
                 format!(
                     "none, on LISTEN_ADDR={}: anyone who reaches it can read, change and delete \
@@ -364,48 +366,85 @@ fn authentication(config: &Config) -> Check {
                     config.listen_addr
                 ),
             )
-            .hint("Set AUTH_MODE=jwt with AUTH_JWT_SECRET, or bind LISTEN_ADDR to 127.0.0.1.")
+            .hint("Set AUTH_MODE=jwt with AUTH_JWT_SECRET, or bind LISTEN_ADDR to 127.0.0.1.");
         }
-        AuthMode::None { .. } => Check::new(
-            "authentication",
-            Status::Pass,
-            format!(
-                "none, serving this machine only (LISTEN_ADDR={})",
-                config.listen_addr
-            ),
-        ),
-        AuthMode::Jwt(jwt) => {
-            let secret = jwt.secret.expose_secret().as_bytes();
-            let (aud, iss) = (jwt.audience.as_deref(), jwt.issuer.as_deref());
-            let verifier = Verifier::hs256(secret, aud, iss);
-            let probe = Mint {
-                sub: "todo-service-doctor",
-                scope: READ_SCOPE,
-                aud,
-                iss,
-            };
-            let verified = mint_hs256(secret, &probe, Duration::from_secs(60))
-                .map_err(|e| e.to_string())
-                .and_then(|t| verifier.verify(&t).map_err(|r| r.description().to_owned()));
-            let what = format!(
-                "jwt: HS256 secret of {} bytes; audience {}; issuer {}",
-                secret.len(),
-                aud.unwrap_or("not checked"),
-                iss.unwrap_or("not checked")
-            );
-            match verified {
-                Ok(_) => Check::new(
-                    "authentication",
-                    Status::Pass,
-                    format!("{what}; a test token verifies"),
+        AuthMode::None { .. } => {
+            return Check::new(
+                NAME,
+                Status::Pass,
+                format!(
+                    "none, serving this machine only (LISTEN_ADDR={})",
+                    config.listen_addr
                 ),
-                Err(why) => Check::new(
-                    "authentication",
-                    Status::Fail,
-                    format!("{what}; a test token does not verify: {why}"),
-                )
-                .hint("Check AUTH_JWT_SECRET, AUTH_JWT_AUDIENCE and AUTH_JWT_ISSUER."),
-            }
+            );
         }
+        AuthMode::Jwt(jwt) => jwt,
+    };
+    let (aud, iss) = (jwt.audience.as_deref(), jwt.issuer.as_deref());
+    let mut parts = vec![format!(
+        "jwt; audience {}; issuer {}",
+        aud.unwrap_or("not checked"),
+        iss.unwrap_or("not checked")
+    )];
+    let mut failed = false;
+    if let Some(secret) = &jwt.secret {
+        let secret = secret.expose_secret().as_bytes();
+        let probe = Mint {
+            sub: "todo-service-doctor",
+            scope: READ_SCOPE,
+            aud,
+            iss,
+        };
+        let verified = mint_hs256(secret, &probe, Duration::from_secs(60))
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                Verifier::hs256(secret, aud, iss)
+                    .verify(&t)
+                    .map_err(|r| r.description().to_owned())
+            });
+        parts.push(match verified {
+            Ok(_) => format!(
+                "HS256 secret of {} bytes: a test token verifies",
+                secret.len()
+            ),
+            Err(why) => {
+                failed = true;
+                format!(
+                    "HS256 secret of {} bytes: a test token does not verify: {why}",
+                    secret.len()
+                )
+            }
+        });
+    }
+    if let Some(source) = &jwt.jwks {
+        let source = crate::startup::jwks_source(source);
+        parts.push(
+            match tokio::time::timeout(STEP_TIMEOUT, jwks::load(&source)).await {
+                Ok(Ok(keys)) => {
+                    let keys: Vec<String> = keys
+                        .iter()
+                        .map(|k| format!("{} {:?}", k.kid().unwrap_or("(no kid)"), k.algorithm()))
+                        .collect();
+                    format!("JWK Set {source}: {}", keys.join(", "))
+                }
+                Ok(Err(e)) => {
+                    failed = true;
+                    format!("JWK Set: {e}")
+                }
+                Err(_) => {
+                    failed = true;
+                    format!("JWK Set {source}: no answer within {STEP_TIMEOUT:?}")
+                }
+            },
+        );
+    }
+    let detail = parts.join("; ");
+    if failed {
+        Check::new(NAME, Status::Fail, detail).hint(
+            "Check AUTH_JWT_SECRET, AUTH_JWKS_FILE / AUTH_JWKS_URL (readable, a JWK Set of public \
+             signing keys), AUTH_JWT_AUDIENCE and AUTH_JWT_ISSUER.",
+        )
+    } else {
+        Check::new(NAME, Status::Pass, detail)
     }
 }

@@ -52,6 +52,7 @@ struct TokenArgs {
 }
 
 fn main() -> ExitCode {
+    todo_service::net::install_tls_provider();
     let matches = Cli::command()
         .after_long_help(todo_service::config::help_text())
         .after_help(todo_service::config::help_text())

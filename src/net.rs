@@ -1,8 +1,17 @@
 //! Host names and addresses, as every part of the service that resolves something reads them: the
-//! database host (`db::resolve`), the OTLP collector (`telemetry`) and `doctor`. At the bottom of
-//! the module graph beside `config`: it imports nothing of the crate.
+//! database host (`db::resolve`), the OTLP collector (`telemetry`) and `doctor`; and the TLS
+//! crypto provider every HTTP client of the process needs. At the bottom of the module graph
+//! beside `config`: it imports nothing of the crate.
 
 use std::net::{IpAddr, SocketAddr};
+
+/// Installs rustls' ring provider for the process, once (later calls do nothing): reqwest is
+/// built without a provider of its own (no C library or cmake for aws-lc), so every client it
+/// builds, the OTLP http exporter's and the JWK Set fetcher's, needs this first, even for http.
+pub fn install_tls_provider() {
+    // An error means a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// The address a host names by itself (`10.0.0.5`, `::1` or `[::1]` as URLs write it): no
 /// lookup needed.

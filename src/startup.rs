@@ -10,13 +10,44 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
-    config::Config,
+    auth::{Verifier, jwks},
+    config::{AuthConfig, AuthMode, Config, JwksSource},
     db::{
         Db,
         resolve::{Resolver, SystemResolver},
     },
     http::{self, AppState},
 };
+
+/// The token verifier of `AUTH_MODE=jwt`, its JWK Set loaded (and refreshed from now on).
+async fn verifier(auth: &AuthConfig) -> anyhow::Result<Option<Arc<Verifier>>> {
+    use secrecy::ExposeSecret as _;
+    let AuthMode::Jwt(jwt) = &auth.mode else {
+        return Ok(None);
+    };
+    let set = match &jwt.jwks {
+        Some(source) => Some(
+            jwks::start(jwks_source(source), jwt.jwks_refresh)
+                .await
+                .with_context(|| format!("cannot use the JWK Set {}", jwks_source(source)))?,
+        ),
+        None => None,
+    };
+    Ok(Some(Arc::new(Verifier::new(
+        jwt.secret.as_ref().map(|s| s.expose_secret().as_bytes()),
+        set,
+        jwt.audience.as_deref(),
+        jwt.issuer.as_deref(),
+    ))))
+}
+
+/// The configured key source, as `auth` reads it.
+pub fn jwks_source(source: &JwksSource) -> jwks::Source {
+    match source {
+        JwksSource::File(path) => jwks::Source::File(path.clone()),
+        JwksSource::Url(url) => jwks::Source::Url(url.clone()),
+    }
+}
 
 /// Pending connections the kernel queues before `accept`. Tokio's default (mio) is 128, which a
 /// 2000-connection spike overflows: the kernel then drops SYNs and clients retry after a second.
@@ -45,6 +76,7 @@ impl Application {
         config: Config,
         resolver: Arc<dyn Resolver>,
     ) -> anyhow::Result<Self> {
+        crate::net::install_tls_provider();
         let listener = bind(config.listen_addr)
             .with_context(|| format!("cannot listen on LISTEN_ADDR={}", config.listen_addr))?;
         let local = listener.local_addr()?;
@@ -82,7 +114,8 @@ impl Application {
         });
         spawn_idempotency_sweeper(&db);
         crate::metrics::register_db(&db);
-        let router = http::router(state.clone(), &config);
+        let verifier = verifier(&config.auth).await?;
+        let router = http::router(state.clone(), &config, verifier);
         let admin = admin_listener.map(|l| (l, http::admin::router(state)));
         Ok(Application {
             listener,

@@ -11,6 +11,8 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::jwks::KeySet;
+
 /// Longest accepted `sub`: it is stored with every todo and indexed, and keys the rate limits.
 pub const MAX_SUB_BYTES: usize = 255;
 
@@ -115,16 +117,30 @@ impl Rejection {
     }
 }
 
-struct Key {
+/// One verification key, with the one algorithm it accepts.
+pub struct Key {
     /// `None`: the key for tokens without a `kid`.
-    kid: Option<String>,
-    alg: Algorithm,
-    key: DecodingKey,
+    pub(super) kid: Option<String>,
+    pub(super) alg: Algorithm,
+    pub(super) key: DecodingKey,
+}
+
+impl Key {
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
 }
 
 /// Verifies tokens against the configured keys and claims.
 pub struct Verifier {
+    /// The shared secret's key, if any.
     keys: Vec<Key>,
+    /// Public keys from a JWK Set, replaced when it is refreshed.
+    jwks: Option<Arc<KeySet>>,
     audience: Option<String>,
     issuer: Option<String>,
 }
@@ -134,6 +150,7 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("keys", &self.keys.len())
+            .field("jwks", &self.jwks.as_ref().map(|s| s.current().len()))
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .finish()
@@ -152,12 +169,27 @@ struct Claims {
 impl Verifier {
     /// One shared secret, HS256 only, for tokens without a `kid`.
     pub fn hs256(secret: &[u8], audience: Option<&str>, issuer: Option<&str>) -> Self {
+        Self::new(Some(secret), None, audience, issuer)
+    }
+
+    /// Tokens signed with `secret` (HS256, no `kid`) or with a key of `jwks` (by `kid`, each in
+    /// its own algorithm).
+    pub fn new(
+        secret: Option<&[u8]>,
+        jwks: Option<Arc<KeySet>>,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> Self {
         Verifier {
-            keys: vec![Key {
-                kid: None,
-                alg: Algorithm::HS256,
-                key: DecodingKey::from_secret(secret),
-            }],
+            keys: secret
+                .map(|secret| Key {
+                    kid: None,
+                    alg: Algorithm::HS256,
+                    key: DecodingKey::from_secret(secret),
+                })
+                .into_iter()
+                .collect(),
+            jwks,
             audience: audience.map(str::to_owned),
             issuer: issuer.map(str::to_owned),
         }
@@ -166,11 +198,25 @@ impl Verifier {
     /// The principal a token names, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Principal, Rejection> {
         let header = decode_header(token).map_err(|_| Rejection::Malformed)?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.kid == header.kid)
-            .ok_or(Rejection::UnknownKey)?;
+        let snapshot;
+        let key = match self.keys.iter().find(|k| k.kid == header.kid) {
+            Some(key) => key,
+            None => {
+                let set = self.jwks.as_ref().ok_or(Rejection::UnknownKey)?;
+                snapshot = set.current();
+                match snapshot.iter().find(|k| k.kid == header.kid) {
+                    Some(key) => key,
+                    None => {
+                        // Perhaps the issuer rotated its keys: have them fetched again (in the
+                        // background, rate-limited); this token is refused now.
+                        if header.kid.is_some() {
+                            set.want_refresh();
+                        }
+                        return Err(Rejection::UnknownKey);
+                    }
+                }
+            }
+        };
         // Pinned: the key decides the algorithm, never the token.
         if header.alg != key.alg {
             return Err(Rejection::AlgorithmNotAllowed);

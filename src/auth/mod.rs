@@ -8,6 +8,7 @@
 //!
 //! The HTTP side (the bearer header, 401/403 answers, the rate-limit key) is `http::authenticate`.
 
+pub mod jwks;
 pub mod jwt;
 
 pub use jwt::{

@@ -7,9 +7,10 @@
 //! reach the port can read and delete every todo. Unset, the mode is `none` on loopback (one
 //! command to run it locally) and a startup error anywhere else.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
+use url::Url;
 
 use super::{
     Var,
@@ -30,8 +31,28 @@ pub const VARS: &[Var] = &[
         name: "AUTH_JWT_SECRET",
         default: None,
         help: "Shared secret that verifies HS256 tokens (and that `todo-service token` signs \
-               with): at least 32 bytes, e.g. from `openssl rand -base64 48`. Required when \
-               AUTH_MODE=jwt. Never logged or shown.",
+               with): at least 32 bytes, e.g. from `openssl rand -base64 48`. AUTH_MODE=jwt needs \
+               it, AUTH_JWKS_FILE or AUTH_JWKS_URL (or several). Never logged or shown.",
+    },
+    Var {
+        name: "AUTH_JWKS_FILE",
+        default: None,
+        help: "A JWK Set file (RFC 7517) of the issuer's public keys (RS*, PS*, ES256, ES384, \
+               EdDSA): tokens with a `kid` are verified with its key, in that key's algorithm. \
+               Read at startup (a bad file stops it) and every AUTH_JWKS_REFRESH.",
+    },
+    Var {
+        name: "AUTH_JWKS_URL",
+        default: None,
+        help: "The issuer's JWK Set URL (http or https, e.g. \
+               https://issuer.example.com/.well-known/jwks.json), fetched at startup and every \
+               AUTH_JWKS_REFRESH in the background, never while a request waits; a token with an \
+               unknown kid triggers a refresh (at most one per 10 s). Not with AUTH_JWKS_FILE.",
+    },
+    Var {
+        name: "AUTH_JWKS_REFRESH",
+        default: Some("5m"),
+        help: "How often the JWK Set is read again (10s to 24h).",
     },
     Var {
         name: "AUTH_JWT_AUDIENCE",
@@ -80,10 +101,19 @@ pub enum AuthMode {
     Jwt(JwtConfig),
 }
 
-/// How tokens are verified in `jwt` mode.
+/// Where public keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(Url),
+}
+
+/// How tokens are verified in `jwt` mode: with the shared secret, the key set, or both.
 #[derive(Clone)]
 pub struct JwtConfig {
-    pub secret: SecretString,
+    pub secret: Option<SecretString>,
+    pub jwks: Option<JwksSource>,
+    pub jwks_refresh: Duration,
     pub audience: Option<String>,
     pub issuer: Option<String>,
 }
@@ -91,7 +121,9 @@ pub struct JwtConfig {
 impl std::fmt::Debug for JwtConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtConfig")
-            .field("secret", &"[redacted]")
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("jwks", &self.jwks)
+            .field("jwks_refresh", &self.jwks_refresh)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .finish()
@@ -144,18 +176,52 @@ fn secret(env: &Env<'_>) -> Result<Option<SecretString>, ConfigError> {
     Ok(Some(raw))
 }
 
+fn jwks(env: &Env<'_>) -> Result<Option<JwksSource>, ConfigError> {
+    match (
+        env.optional("AUTH_JWKS_FILE"),
+        env.optional("AUTH_JWKS_URL"),
+    ) {
+        (Some(_), Some(_)) => Err(invalid(
+            "AUTH_JWKS_URL",
+            "set together with AUTH_JWKS_FILE".into(),
+            "one source of keys: unset one of them",
+        )),
+        (Some(path), None) => Ok(Some(JwksSource::File(PathBuf::from(path.trim())))),
+        (None, Some(raw)) => {
+            const EXPECTED: &str =
+                "an http or https URL, e.g. https://issuer.example.com/jwks.json";
+            let url = Url::parse(raw.trim())
+                .map_err(|e| invalid("AUTH_JWKS_URL", format!("{raw:?}: {e}"), EXPECTED))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid("AUTH_JWKS_URL", format!("{raw:?}"), EXPECTED));
+            }
+            Ok(Some(JwksSource::Url(url)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 pub(super) fn parse(env: &Env<'_>, listen_addr: SocketAddr) -> Result<AuthConfig, ConfigError> {
     let mode = match env.optional("AUTH_MODE").as_deref().map(str::trim) {
         Some("jwt") => {
-            let secret = secret(env)?.ok_or_else(|| {
-                invalid(
+            let secret = secret(env)?;
+            let jwks = jwks(env)?;
+            if secret.is_none() && jwks.is_none() {
+                return Err(invalid(
                     "AUTH_JWT_SECRET",
-                    "unset while AUTH_MODE=jwt".into(),
-                    "a secret of at least 32 bytes that verifies the callers' HS256 tokens",
-                )
-            })?;
+                    "unset while AUTH_MODE=jwt, and so are AUTH_JWKS_FILE and AUTH_JWKS_URL".into(),
+                    "a secret of at least 32 bytes (HS256), or a JWK Set in AUTH_JWKS_FILE or \
+                     AUTH_JWKS_URL",
+                ));
+            }
             AuthMode::Jwt(JwtConfig {
                 secret,
+                jwks,
+                jwks_refresh: env.duration_within(
+                    "AUTH_JWKS_REFRESH",
+                    Duration::from_secs(10)..=Duration::from_secs(24 * 3600),
+                    "a duration from 10s to 24h, such as 5m",
+                )?,
                 audience: env.optional("AUTH_JWT_AUDIENCE"),
                 issuer: env.optional("AUTH_JWT_ISSUER"),
             })
@@ -166,8 +232,8 @@ pub(super) fn parse(env: &Env<'_>, listen_addr: SocketAddr) -> Result<AuthConfig
             return Err(invalid(
                 "AUTH_MODE",
                 format!("unset while LISTEN_ADDR={listen_addr} is reachable from other machines"),
-                "jwt (with AUTH_JWT_SECRET), or none to serve every todo to anyone who reaches \
-                 the port",
+                "jwt (with AUTH_JWT_SECRET or a JWK Set), or none to serve every todo to anyone \
+                 who reaches the port",
             ));
         }
         Some(other) => return Err(invalid("AUTH_MODE", format!("{other:?}"), "jwt or none")),

@@ -28,7 +28,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use url::Url;
 
-pub use auth::{AuthConfig, AuthMode, JwtConfig};
+pub use auth::{AuthConfig, AuthMode, JwksSource, JwtConfig};
 pub use database::{DatabaseConfig, redact_url};
 pub use env::ConfigError;
 pub use logging::LogFormat;

@@ -339,3 +339,44 @@ fn jwt_needs_a_long_enough_secret_and_no_error_shows_it() {
     assert!(!c.auth.is_open_to_the_network(c.listen_addr));
     assert_eq!(c.auth.unauthenticated_limit, Some((10, 20)));
 }
+
+#[test]
+fn a_jwk_set_is_a_file_or_a_url_and_can_stand_in_for_the_secret() {
+    let jwt = ("AUTH_MODE", "jwt");
+    let c = config(&[
+        URL,
+        jwt,
+        ("AUTH_JWKS_URL", "https://id.example.com/jwks.json"),
+    ])
+    .unwrap();
+    let AuthMode::Jwt(j) = &c.auth.mode else {
+        panic!("jwt")
+    };
+    assert!(j.secret.is_none());
+    assert!(matches!(&j.jwks, Some(JwksSource::Url(u)) if u.host_str() == Some("id.example.com")));
+    assert_eq!(j.jwks_refresh, Duration::from_secs(300));
+    let c = config(&[URL, jwt, ("AUTH_JWKS_FILE", "/etc/jwks.json")]).unwrap();
+    let AuthMode::Jwt(j) = &c.auth.mode else {
+        panic!("jwt")
+    };
+    assert!(matches!(&j.jwks, Some(JwksSource::File(p)) if p.ends_with("jwks.json")));
+    for (pairs, var) in [
+        (
+            vec![("AUTH_JWKS_FILE", "/a"), ("AUTH_JWKS_URL", "https://b/")],
+            "AUTH_JWKS_URL",
+        ),
+        (
+            vec![("AUTH_JWKS_URL", "ftp://id.example.com/jwks")],
+            "AUTH_JWKS_URL",
+        ),
+        (vec![("AUTH_JWKS_URL", "/jwks.json")], "AUTH_JWKS_URL"),
+        (
+            vec![("AUTH_JWKS_FILE", "/a"), ("AUTH_JWKS_REFRESH", "1s")],
+            "AUTH_JWKS_REFRESH",
+        ),
+    ] {
+        let mut all = vec![URL, jwt];
+        all.extend(pairs);
+        assert_eq!(config(&all).unwrap_err().var, var);
+    }
+}

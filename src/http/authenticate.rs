@@ -33,7 +33,6 @@ use governor::{
     middleware::NoOpMiddleware,
 };
 use pin_project_lite::pin_project;
-use secrecy::ExposeSecret;
 use tower::{Layer, Service};
 use tracing::Span;
 
@@ -44,7 +43,7 @@ use super::{
 };
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
-    config::{AuthConfig, AuthMode},
+    config::AuthConfig,
 };
 
 /// `realm` of every `WWW-Authenticate` challenge.
@@ -197,7 +196,7 @@ fn bearer_token(req: &Request<Body>) -> Result<Option<&str>, Rejection> {
 /// What the layer shares across the router's clones.
 struct Authenticator {
     /// `None` in `AUTH_MODE=none`.
-    verifier: Option<Verifier>,
+    verifier: Option<Arc<Verifier>>,
     /// Failed requests per client address.
     throttle: Option<Arc<Keyed<IpAddr, NoOpMiddleware>>>,
     key: CallerKey,
@@ -244,16 +243,14 @@ impl Authenticator {
 pub struct AuthenticateLayer(Arc<Authenticator>);
 
 impl AuthenticateLayer {
-    /// `key` finds a failed request's client address; `max_clients` bounds the throttle's memory.
-    pub fn new(config: &AuthConfig, key: CallerKey, max_clients: usize) -> Self {
-        let verifier = match &config.mode {
-            AuthMode::None { .. } => None,
-            AuthMode::Jwt(jwt) => Some(Verifier::hs256(
-                jwt.secret.expose_secret().as_bytes(),
-                jwt.audience.as_deref(),
-                jwt.issuer.as_deref(),
-            )),
-        };
+    /// `verifier`: `None` lets everyone through as the anonymous caller. `key` finds a failed
+    /// request's client address; `max_clients` bounds the throttle's memory.
+    pub fn new(
+        config: &AuthConfig,
+        verifier: Option<Arc<Verifier>>,
+        key: CallerKey,
+        max_clients: usize,
+    ) -> Self {
         let throttle = config.unauthenticated_limit.map(|(per_second, burst)| {
             let quota = Quota::with_period(rate_limit::period(per_second))
                 .expect("the period of a positive rate is not zero")

@@ -42,6 +42,7 @@ use tower_http::{
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
+    auth::Verifier,
     config::{Config, CorsOrigins},
     db::Db,
 };
@@ -82,15 +83,17 @@ pub struct Shared {
 }
 
 /// The whole application: routes, docs, fallbacks and layers.
-pub fn router(state: AppState, config: &Config) -> Router {
-    let ApiRoutes { data, ops, openapi } =
-        api_routes(matches!(config.auth.mode, crate::config::AuthMode::Jwt(_)));
+///
+/// `verifier` checks bearer tokens on the data routes (`AUTH_MODE=jwt`); `None` serves them to
+/// the anonymous caller.
+pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>) -> Router {
+    let ApiRoutes { data, ops, openapi } = api_routes(verifier.is_some());
     // Rate limit, load shedding and the request timeout guard only the data routes; probes and
     // docs must answer even when clients are being refused (see resilience.rs).
     let data = with_layers(
         data.method_not_allowed_fallback(method_not_allowed),
         config,
-        Some(resilience::layer(config)),
+        Some(resilience::layer(config, verifier)),
     );
     let open = with_layers(
         ops

@@ -20,6 +20,8 @@
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use tower::{
     ServiceBuilder,
@@ -35,7 +37,7 @@ use super::{
     rate_limit::{self, CallerKey, RateLimitLayer},
     read_body::{self, ReadBodyLayer},
 };
-use crate::config::Config;
+use crate::{auth::Verifier, config::Config};
 
 /// The layers described in the module doc (tower's `Stack` names them innermost first).
 pub type Protect = Stack<
@@ -59,7 +61,7 @@ pub type Protect = Stack<
 ///
 /// Also returns admission's early refusal, for the router to place in front of its costlier
 /// layers (see [`super::admission::EarlyRefusal`]).
-pub fn layer(config: &Config) -> (EarlyRefusalLayer, Protect) {
+pub fn layer(config: &Config, verifier: Option<Arc<Verifier>>) -> (EarlyRefusalLayer, Protect) {
     let admission = AdmissionLayer::new(admission::Limits {
         max_in_flight: config.max_in_flight,
         max_queue_wait: config.max_queue_wait,
@@ -72,6 +74,7 @@ pub fn layer(config: &Config) -> (EarlyRefusalLayer, Protect) {
     let protect = ServiceBuilder::new()
         .layer(AuthenticateLayer::new(
             &config.auth,
+            verifier,
             key.clone(),
             config.clients.max_clients,
         ))

@@ -112,6 +112,8 @@ impl Telemetry {
 /// `request` names the request a log line is written for; telemetry does not know what a request
 /// is (the HTTP layer passes its own, `http::log_context`).
 pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Telemetry> {
+    // The http/protobuf exporter's client panics without it.
+    crate::net::install_tls_provider();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {

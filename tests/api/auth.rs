@@ -582,3 +582,286 @@ async fn each_owners_page_is_an_index_range_scan() {
         "{plan}"
     );
 }
+
+/// base64url without padding, of bytes.
+fn b64_bytes(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// An issuer's signing key: its private half signs, its public half goes in the JWK Set.
+struct IssuerKey {
+    kid: String,
+    alg: jsonwebtoken::Algorithm,
+    signing: jsonwebtoken::EncodingKey,
+    /// The public key as a JWK.
+    jwk: Value,
+    /// The public key as PEM, for the HS/RS confusion attack.
+    public_pem: String,
+}
+
+impl IssuerKey {
+    fn es256(kid: &str) -> IssuerKey {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let secret = p256::SecretKey::random(&mut rsa::rand_core::OsRng);
+        let der = secret.to_pkcs8_der().unwrap();
+        let mut jwk: Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+        jwk["kid"] = json!(kid);
+        jwk["use"] = json!("sig");
+        IssuerKey {
+            kid: kid.into(),
+            alg: jsonwebtoken::Algorithm::ES256,
+            signing: jsonwebtoken::EncodingKey::from_ec_der(der.as_bytes()),
+            jwk,
+            public_pem: secret
+                .public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap(),
+        }
+    }
+
+    fn rs256(kid: &str) -> IssuerKey {
+        use rsa::{
+            pkcs1::EncodeRsaPrivateKey, pkcs8::EncodePublicKey, pkcs8::LineEnding,
+            traits::PublicKeyParts,
+        };
+        let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+        let der = private.to_pkcs1_der().unwrap();
+        let public = private.to_public_key();
+        IssuerKey {
+            kid: kid.into(),
+            alg: jsonwebtoken::Algorithm::RS256,
+            signing: jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
+            jwk: json!({"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
+                        "n": b64_bytes(&public.n().to_bytes_be()),
+                        "e": b64_bytes(&public.e().to_bytes_be())}),
+            public_pem: public.to_public_key_pem(LineEnding::LF).unwrap(),
+        }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let header = jsonwebtoken::Header {
+            kid: Some(self.kid.clone()),
+            ..jsonwebtoken::Header::new(self.alg)
+        };
+        jsonwebtoken::encode(&header, claims, &self.signing).unwrap()
+    }
+}
+
+fn jwks(keys: &[&IssuerKey]) -> Value {
+    json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+}
+
+fn claims(sub: &str) -> Value {
+    json!({"sub": sub, "scope": "todos:read todos:write", "exp": now() + 600})
+}
+
+async fn status_with(app: &TestApp, token: &str) -> u16 {
+    app.client
+        .get(app.url("/todos"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn tokens_signed_with_a_published_key_verify_only_in_that_keys_algorithm() {
+    let ec = IssuerKey::es256("ec-1");
+    let rsa = IssuerKey::rs256("rsa-1");
+    let dir = std::env::temp_dir().join(format!("jwks-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    // An encryption key beside them is skipped, not an error.
+    let mut set = jwks(&[&ec, &rsa]);
+    set["keys"].as_array_mut().unwrap().push(
+        json!({"kty": "RSA", "kid": "enc-1", "use": "enc", "alg": "RSA-OAEP",
+                     "n": rsa.jwk["n"], "e": "AQAB"}),
+    );
+    std::fs::write(&file, set.to_string()).unwrap();
+    let app = jwt_app(&[
+        ("AUTH_JWKS_FILE", file.to_str().unwrap()),
+        ("RATE_LIMIT_UNAUTHENTICATED_BURST", "1000"),
+    ])
+    .await;
+    assert_eq!(status_with(&app, &ec.sign(&claims("alice"))).await, 200);
+    assert_eq!(status_with(&app, &rsa.sign(&claims("bob"))).await, 200);
+    // The shared secret (jwt_app sets one) still verifies tokens without a kid.
+    assert_eq!(status_with(&app, &token("carol")).await, 200);
+
+    let forged = |header: jsonwebtoken::Header, key: &[u8]| {
+        jsonwebtoken::encode(
+            &header,
+            &claims("mallory"),
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
+    let hs = |kid: &str| jsonwebtoken::Header {
+        kid: Some(kid.into()),
+        ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+    };
+    let other_rsa = IssuerKey::rs256("rsa-1");
+    let before = rows(&app).await;
+    for (what, token) in [
+        // The classic confusion: HS256, "signed" with the RSA key's public PEM as the secret.
+        (
+            "HS256 with the RS256 public key",
+            forged(hs("rsa-1"), rsa.public_pem.as_bytes()),
+        ),
+        (
+            "HS256 with the EC public key",
+            forged(hs("ec-1"), ec.public_pem.as_bytes()),
+        ),
+        // The EC key's token relabelled as the RSA key's.
+        ("ES256 under the RSA kid", {
+            let t = ec.sign(&claims("mallory"));
+            let (_, rest) = t.split_once('.').unwrap();
+            format!(
+                "{}.{rest}",
+                b64(&json!({"alg": "ES256", "kid": "rsa-1", "typ": "JWT"}))
+            )
+        }),
+        (
+            "another key under a known kid",
+            other_rsa.sign(&claims("mallory")),
+        ),
+        (
+            "unknown kid",
+            IssuerKey {
+                kid: "ec-9".into(),
+                ..IssuerKey::es256("x")
+            }
+            .sign(&claims("mallory")),
+        ),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/todos"))
+            .bearer_auth(&token)
+            .json(&json!({"title": "forged"}))
+            .send()
+            .await
+            .unwrap();
+        let p = assert_problem(r, 401, "invalid_token").await;
+        assert!(
+            p["detail"].as_str().unwrap().contains("signature"),
+            "{what}: {p}"
+        );
+    }
+    assert_eq!(rows(&app).await, before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A JWK Set server that counts its fetches and serves what the test puts in it.
+#[derive(Clone, Default)]
+struct Issuer {
+    set: std::sync::Arc<std::sync::Mutex<Value>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Issuer {
+    async fn start(&self) -> String {
+        let state = self.clone();
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let state = state.clone();
+                async move {
+                    state
+                        .fetches
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    axum::Json(state.set.lock().unwrap().clone())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/jwks.json")
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_fetched_when_a_token_names_it_and_made_up_kids_cannot_hammer_the_issuer()
+{
+    let (old, new) = (IssuerKey::es256("2026-11"), IssuerKey::es256("2026-12"));
+    let issuer = Issuer::default();
+    *issuer.set.lock().unwrap() = jwks(&[&old]);
+    let url = issuer.start().await;
+    let app = jwt_app(&[
+        ("AUTH_JWKS_URL", &url),
+        ("RATE_LIMIT_UNAUTHENTICATED_BURST", "1000"),
+    ])
+    .await;
+    assert_eq!(issuer.fetches(), 1, "loaded once at startup");
+    assert_eq!(status_with(&app, &old.sign(&claims("alice"))).await, 200);
+
+    // The issuer rotates: the first token with the new key is refused at once (the request never
+    // waits on the issuer) and asks for a refresh; moments later the key is known.
+    *issuer.set.lock().unwrap() = jwks(&[&old, &new]);
+    let token = new.sign(&claims("alice"));
+    assert_eq!(status_with(&app, &token).await, 401);
+    let started = std::time::Instant::now();
+    while status_with(&app, &token).await != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the rotated key was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "rotated key usable {:?} after the first token named it",
+        started.elapsed()
+    );
+    assert_eq!(issuer.fetches(), 2);
+
+    // Tokens with made-up kids: all refused, and within the 10 s interval no further fetch.
+    for i in 0..50 {
+        let made_up = IssuerKey {
+            kid: format!("made-up-{i}"),
+            ..IssuerKey::es256("x")
+        };
+        assert_eq!(
+            status_with(&app, &made_up.sign(&claims("mallory"))).await,
+            401
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(issuer.fetches(), 2, "made-up kids fetched the set again");
+}
+
+#[tokio::test]
+async fn an_issuer_that_is_away_at_startup_does_not_stop_the_service() {
+    // Nothing listens on this port: the fetch fails at startup.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", dead.local_addr().unwrap());
+    drop(dead);
+    let app = jwt_app(&[("AUTH_JWKS_URL", &url)]).await;
+    assert_eq!(app.get("/health").await.status(), 200);
+    let key = IssuerKey::es256("k1");
+    let r = app
+        .client
+        .get(app.url("/todos"))
+        .bearer_auth(key.sign(&claims("alice")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "invalid_token").await;
+}

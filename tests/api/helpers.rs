@@ -26,6 +26,13 @@ use todo_service::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use url::Url;
 
+/// A reqwest client builder. reqwest is built without a TLS provider of its own (see
+/// `todo_service::net::install_tls_provider`), so one is installed first.
+pub fn http_client() -> reqwest::ClientBuilder {
+    todo_service::net::install_tls_provider();
+    reqwest::Client::builder()
+}
+
 /// Admin URL of the test server.
 pub fn admin_url() -> Url {
     let raw = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
@@ -195,7 +202,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
-    let client = reqwest::Client::builder()
+    let client = http_client()
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .build()
@@ -445,7 +452,7 @@ impl Load {
         let tasks = (0..clients)
             .map(|_| {
                 // Each client has its own connection pool, like separate users.
-                let client = reqwest::Client::builder()
+                let client = http_client()
                     .no_proxy()
                     .timeout(Duration::from_secs(15))
                     .build()

@@ -19,7 +19,7 @@ async fn app_behind_proxy() -> TestApp {
 }
 
 fn client_from(local: &str) -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::helpers::http_client()
         .no_proxy()
         .local_address(Some(local.parse().unwrap()))
         .build()

@@ -187,7 +187,7 @@ async fn rate_limit_refusals_are_not_logged_one_line_each() {
         true,
     );
     let logs = drain_stdout(&mut child);
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let mut refused = 0;
     for _ in 0..50 {
@@ -305,7 +305,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         true,
     );
     let logs = drain_stdout(&mut child);
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let base = format!("http://{addr}");
 
@@ -435,6 +435,13 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
     assert_eq!(s(a, "client.address"), "127.0.0.1");
     assert_eq!(s(a, "user_agent.original"), "telemetry-test/1");
     assert!(!s(a, "request_id").is_empty());
+    // AUTH_MODE=none: said, and no caller named.
+    assert_eq!(
+        attr(a, "todo.authenticated"),
+        Some(&Av::BoolValue(false)),
+        "{a:?}"
+    );
+    assert!(attr(a, "user.id").is_none());
 
     let insert = find(&|s| s.name == "INSERT todos" && s.parent_span_id == post.span_id);
     assert_eq!(insert.len(), 1, "the INSERT is a child of POST /todos");
@@ -644,7 +651,7 @@ async fn an_unreachable_collector_costs_requests_nothing() {
         ],
         false,
     );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let mut worst = Duration::ZERO;
     let mut statuses: HashMap<u16, usize> = HashMap::new();
@@ -743,7 +750,7 @@ async fn spans_are_exported_over_http_protobuf_too() {
         ],
         false,
     );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let r = client
         .get(format!("http://{addr}/todos"))
@@ -805,7 +812,7 @@ async fn a_sampler_keeps_only_the_chosen_traces_and_every_metric() {
         ],
         false,
     );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     wait_ready(&client, addr).await;
     let base = format!("http://{addr}");
     let caller_trace = "0af7651916cd43dd8448eb211c80319c";

@@ -371,7 +371,7 @@ async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() 
         .map(|w| {
             let url = app.url("/todos");
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                let client = crate::helpers::http_client().no_proxy().build().unwrap();
                 let mut seen = Vec::new();
                 let mut n: u64 = 0;
                 while started.elapsed() < run_for {

@@ -189,7 +189,7 @@ async fn drill_2_overload_every_connection_gets_an_answer() {
     );
     // Serving normally right after, for a client with quota left: the flood's own address has
     // spent its rate-limit burst, so it may rightly get 429 for a few milliseconds more.
-    let other = reqwest::Client::builder()
+    let other = crate::helpers::http_client()
         .no_proxy()
         .local_address(Some("127.0.0.2".parse().unwrap()))
         .build()
@@ -652,7 +652,7 @@ async fn drill_6_rate_limit_is_per_client_and_spares_the_probes() {
         assert_eq!(app.get("/ready").await.status(), 200);
     }
     // Another client (another source address on loopback) is unaffected.
-    let other = reqwest::Client::builder()
+    let other = crate::helpers::http_client()
         .no_proxy()
         .local_address(Some("127.0.0.2".parse().unwrap()))
         .build()
@@ -739,7 +739,7 @@ async fn drill_8_sigterm_drains_in_flight_requests_and_exits_within_the_deadline
             .spawn()
             .unwrap(),
     );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
     let ready = wait_for_async(Duration::from_secs(20), || async {
         client
             .get(format!("http://{addr}/ready"))
@@ -1070,7 +1070,7 @@ async fn drill_15_the_connection_cap_holds_and_the_next_client_waits_its_turn() 
         silent.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+    let fresh = crate::helpers::http_client().no_proxy().build().unwrap();
     let started = Instant::now();
     let r = fresh.get(app.url("/health")).send().await.unwrap();
     let waited = started.elapsed();
