@@ -56,13 +56,18 @@ macro_rules! decode {
 }
 
 /// The service's statement, from the pgbench script that mirrors it.
+/// The owner of the rows loadtest/run.sh seeds.
+const OWNER: &str = "loadtest";
+
 fn statement() -> String {
     let script = include_str!("../loadtest/pgbench/get-one.sql");
     let line = script
         .lines()
         .find(|l| l.starts_with("SELECT"))
         .expect("a SELECT line");
-    line.trim_end_matches(';').replace(":id", "$1")
+    line.trim_end_matches(';')
+        .replace(":id", "$1")
+        .replace(":owner", "$2")
 }
 
 /// CPU time (user + system) of a process, from /proc/<pid>/stat.
@@ -173,6 +178,7 @@ async fn run_sqlx(url: &str, sql: &'static str, seconds: u64) -> Figures {
             let mut conn = conns[task % CONNECTIONS].lock().await;
             let row = sqlx::query(sql)
                 .bind(id)
+                .bind(OWNER)
                 .fetch_optional(&mut *conn)
                 .await
                 .expect("sqlx query");
@@ -201,7 +207,7 @@ async fn run_tokio_postgres(url: &str, sql: &'static str, seconds: u64) -> Figur
             let guard = clients[task % CONNECTIONS].lock().await;
             let (client, statement) = &*guard;
             let row = client
-                .query_opt(statement, &[&id])
+                .query_opt(statement, &[&id, &OWNER])
                 .await
                 .expect("tokio-postgres query")
                 .expect("a seeded id");

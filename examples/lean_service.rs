@@ -42,6 +42,7 @@ impl Manager for Connections {
 struct App {
     pool: Pool<Connections>,
     sql: &'static str,
+    owner: &'static str,
 }
 
 /// The same fields as the service's `Todo`.
@@ -64,6 +65,7 @@ async fn get_one(State(app): State<App>, Path(id): Path<i64>) -> Result<Json<Tod
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     let row = sqlx::query(app.sql)
         .bind(id)
+        .bind(app.owner)
         .fetch_optional(&mut *conn)
         .await
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?
@@ -89,7 +91,11 @@ async fn main() {
         .find(|l| l.starts_with("SELECT"))
         .expect("a SELECT line")
         .trim_end_matches(';')
-        .replace(":id", "$1");
+        .replace(":id", "$1")
+        .replace(":owner", "$2");
+    // Whose todos it serves: it has no authentication, so the load test names the owner whose
+    // rows it seeded (the service learns it from the token).
+    let owner = std::env::var("LEAN_TWIN_OWNER").unwrap_or_default();
     let options: PgConnectOptions = url.parse().expect("DATABASE_URL");
     let pool = Pool::builder(Connections(options))
         .max_size(16)
@@ -98,6 +104,7 @@ async fn main() {
     let app = App {
         pool,
         sql: Box::leak(sql.into_boxed_str()),
+        owner: Box::leak(owner.into_boxed_str()),
     };
     let router = Router::new()
         .route("/todos/{id}", get(get_one))

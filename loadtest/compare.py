@@ -37,9 +37,22 @@ import socket
 import statistics
 import subprocess
 import sys
+import secrets
 import tempfile
 import time
 import urllib.request
+
+# The variants run authenticated, as loadtest/run.py runs the service: one caller, the owner of the
+# rows run.sh seeded.
+OWNER = "loadtest"
+SECRET = secrets.token_urlsafe(48)
+TOKEN = {"value": None}
+
+
+def mint_token(binary):
+    TOKEN["value"] = subprocess.run([binary, "token", "--sub", OWNER, "--ttl", "12h"],
+                                    env=dict(os.environ, AUTH_JWT_SECRET=SECRET), check=True,
+                                    capture_output=True, text=True, timeout=30).stdout.strip()
 
 
 def free_port():
@@ -60,7 +73,7 @@ def wait_until_answering(port, proc, seconds=30):
         if proc.poll() is not None:
             sys.exit(f"a variant on port {port} exited during startup")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/todos/1", timeout=1).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
             return
         except OSError:
             time.sleep(0.2)
@@ -71,7 +84,8 @@ def variant_env(database_url, port, overrides):
     env = dict(os.environ, DATABASE_URL=database_url, LISTEN_ADDR=f"127.0.0.1:{port}",
                ADMIN_LISTEN_ADDR="127.0.0.1:0",
                RATE_LIMIT_PER_SECOND="1000000", RATE_LIMIT_BURST="1000000",
-               LOG_LEVEL="warn", OTEL_SDK_DISABLED="true")
+               LOG_LEVEL="warn", OTEL_SDK_DISABLED="true",
+               AUTH_MODE="jwt", AUTH_JWT_SECRET=SECRET)
     for kv in filter(None, overrides.split(",")):
         k, _, v = kv.partition("=")
         env[k] = v
@@ -95,6 +109,7 @@ def oha(port, args, *limits):
     path = "/todos" if args.post else args.path
     return subprocess.run(
         ["oha", "--no-tui", "--output-format", "json", *request, *limits,
+         "-H", f"authorization: Bearer {TOKEN['value']}",
          "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{path}"],
         capture_output=True, text=True, timeout=600, check=True).stdout
 
@@ -159,6 +174,7 @@ def main():
         sys.exit("--instructions needs valgrind: apt-get install -y valgrind")
     database_url = os.environ.get("DATABASE_URL") or sys.exit("DATABASE_URL is not set")
     ticks_per_s = os.sysconf("SC_CLK_TCK")
+    mint_token(parse_variant(args.variants[0])[1])
 
     if args.instructions:
         return count_instructions(args, database_url)

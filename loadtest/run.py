@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -30,8 +31,26 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "auth", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
+
+# Every run is authenticated, as production is (AUTH_MODE=jwt): one caller, whose token each
+# request carries and whose todos the seed writes; pgbench runs the same SQL for the same owner.
+OWNER = "loadtest"
+AUTH_SECRET = secrets.token_urlsafe(48)
+AUTH = {"token": None}  # minted by main() with the built binary
+
+
+def bearer():
+    """The Authorization header, as a "name: value" string for curl/ab/oha."""
+    return f"authorization: Bearer {AUTH['token']}"
+
+
+def mint_token(binary):
+    out = subprocess.run([binary, "token", "--sub", OWNER, "--ttl", "12h"],
+                         env=dict(os.environ, AUTH_JWT_SECRET=AUTH_SECRET),
+                         capture_output=True, text=True, timeout=30, check=True)
+    AUTH["token"] = out.stdout.strip()
 
 
 def log(msg):
@@ -49,6 +68,8 @@ def free_port():
 def http(method, url, body=None, timeout=5):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
+    if AUTH["token"] and "/todos" in url:
+        req.add_header("Authorization", f"Bearer {AUTH['token']}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -63,6 +84,9 @@ def http(method, url, body=None, timeout=5):
 def run(cmd, timeout, **kw):
     """Runs a load tool with a hard time bound; returns (stdout, the command as a string)."""
     shown = " ".join(shlex.quote(c) for c in cmd)
+    if AUTH["token"]:
+        # The token stays out of the log and the results (they are shared; it is a credential).
+        shown = shown.replace(AUTH["token"], "$TOKEN")
     log(f"  $ {shown}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if out.returncode != 0:
@@ -100,6 +124,10 @@ class Service:
             "RATE_LIMIT_BURST": "1000000",
             "LOG_LEVEL": "warn",
             "OTEL_SDK_DISABLED": "true",
+            "AUTH_MODE": "jwt",
+            "AUTH_JWT_SECRET": AUTH_SECRET,
+            # The lean twin has no authentication; it serves the same owner's rows.
+            "LEAN_TWIN_OWNER": OWNER,
         })
         env.update(self.extra_env)
         self.proc = subprocess.Popen([self.binary], env=env, stdout=subprocess.DEVNULL,
@@ -154,11 +182,12 @@ def psql(database_url, sql):
                           text=True, timeout=120).stdout
 
 
-def seed(database_url, rows):
-    """A known data set: `rows` todos with ids 1..rows (the table is emptied and renumbered)."""
+def seed(database_url, rows, owner=OWNER):
+    """A known data set: `rows` todos of `owner` with ids 1..rows (the table is emptied and
+    renumbered)."""
     psql(database_url, "TRUNCATE todos RESTART IDENTITY")
-    psql(database_url, f"INSERT INTO todos (title, position) SELECT 'seeded todo ' || g, "
-                       f"CASE WHEN g % 3 = 0 THEN g END FROM generate_series(1, {rows}) g")
+    psql(database_url, f"INSERT INTO todos (title, position, owner) SELECT 'seeded todo ' || g, "
+                       f"CASE WHEN g % 3 = 0 THEN g END, '{owner}' FROM generate_series(1, {rows}) g")
     psql(database_url, "VACUUM ANALYZE todos")
 
 
@@ -258,7 +287,8 @@ def spike(svc, args, res):
     rounds = []
     for n in range(5):
         procs = [subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-m", "30", "-w",
-                                  "%{http_code}", svc.url + "/todos"], stdout=subprocess.PIPE,
+                                  "%{http_code}", "-H", bearer(), svc.url + "/todos"],
+                                 stdout=subprocess.PIPE,
                                  text=True) for _ in range(120)]
         started = time.time()
         codes = {}
@@ -277,7 +307,7 @@ def steps(svc, args, res):
     out = []
     for c in levels:
         n = max(c * (20 if args.quick else 100), 1000 if args.quick else 5000)
-        text, cmd = run(["ab", "-q", "-n", str(n), "-c", str(c), "-s", "30",
+        text, cmd = run(["ab", "-q", "-n", str(n), "-c", str(c), "-s", "30", "-H", bearer(),
                          svc.url + "/todos?limit=20"], timeout=300)
         r = parse_ab(text)
         r.update({"concurrency": c, "requests": n, "command": cmd})
@@ -304,7 +334,8 @@ def oha(svc, extra, seconds, conc):
     base = svc.url.replace(".", "[.]") if "--rand-regex-url" in extra else svc.url
     args = [a.format(base=base) for a in extra]
     # The URL (or --rand-regex-url's pattern) comes last; oha's own flags first.
-    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(conc)] + args
+    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(conc),
+           "-H", bearer()] + args
     text, shown = run(cmd, timeout=seconds + 60)
     return parse_oha(text), shown
 
@@ -313,6 +344,7 @@ def pgbench(database_url, script, seconds, conc, rows):
     with tempfile.TemporaryDirectory() as d:
         cmd = [os.path.join(os.environ["PG_BIN"], "pgbench"), "-n", "-M", "prepared",
                "-c", str(conc), "-j", "2", "-T", str(seconds), "-D", f"seed_rows={rows}",
+               "-D", f"owner={OWNER}",
                "-l", "--log-prefix", os.path.join(d, "tx"),
                "-f", os.path.join(HERE, "pgbench", script), database_url]
         text, shown = run(cmd, timeout=seconds + 60)
@@ -408,6 +440,58 @@ class OtlpSink:
 
     def stop(self):
         self.server.shutdown()
+
+
+def auth(svc, args, res):
+    """What authentication costs: get-one at c=64 with a bearer token (HS256) verified on every
+    request (AUTH_MODE=jwt, as every other scenario runs) against the same build without
+    authentication (AUTH_MODE=none), interleaved jwt, none, jwt, none so drift hits both alike.
+    The none service serves the anonymous owner, so the rows are seeded as its for its runs (same
+    ids, same titles). The difference in the service's CPU per request is the cost of reading the
+    header, verifying the token, and keying the rate limit by its sub instead of the address."""
+    if not svc.proc:
+        res["auth"] = {"skipped": "needs a service this script starts (no --url)"}
+        log("  skipped: needs a service this script starts")
+        return
+    none = Service(None, svc.database_url, {"AUTH_MODE": "none"})
+    runs = {"jwt": [], "none": []}
+    cpu = {"jwt": [], "none": []}
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    extra = WORKLOADS["get-one"][0]
+    try:
+        none.start()
+        for _ in range(2):
+            for name, target, owner in (("jwt", svc, OWNER), ("none", none, "")):
+                seed(svc.database_url, args.rows, owner)
+                before = target.cpu_ticks()
+                r, cmd = oha(target, extra, args.duration, 64)
+                after = target.cpu_ticks()
+                requests = sum(r["statuses"].values())
+                us = (round((after - before) / ticks_per_s * 1e6 / requests, 1)
+                      if None not in (before, after) and requests else None)
+                runs[name].append(r["rps"])
+                cpu[name].append(us)
+                log(f"  auth {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, statuses "
+                    f"{r['statuses']}), service CPU {us} µs/request")
+    finally:
+        none.stop()
+        seed(svc.database_url, args.rows)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.mean(values), 1) if values else None
+
+    jwt_cpu, none_cpu = mean(cpu["jwt"]), mean(cpu["none"])
+    res["auth"] = {"workload": "get-one, oha c=64, HS256 bearer token vs AUTH_MODE=none",
+                   "rps_jwt": runs["jwt"], "rps_none": runs["none"],
+                   "cpu_us_per_request": {"jwt": jwt_cpu, "none": none_cpu},
+                   "verification_cpu_us": (round(jwt_cpu - none_cpu, 1)
+                                           if None not in (jwt_cpu, none_cpu) else None),
+                   "rps_ratio": (round(statistics.mean(runs["jwt"]) / statistics.mean(runs["none"]), 3)
+                                 if statistics.mean(runs["none"]) else None)}
+    log(f"  authentication: {res['auth']['rps_ratio']} of the throughput without it; "
+        f"service CPU {jwt_cpu} vs {none_cpu} µs/request "
+        f"(+{res['auth']['verification_cpu_us']} µs)")
 
 
 def telemetry(svc, args, res):
@@ -510,7 +594,7 @@ def flood(svc, args, res):
     watcher.start()
     try:
         text, cmd = run(["oha", "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(conc),
-                         "-t", "10s", svc.url + "/todos?limit=20"], timeout=180)
+                         "-t", "10s", "-H", bearer(), svc.url + "/todos?limit=20"], timeout=180)
     finally:
         stop.set()
         prober.join()
@@ -532,7 +616,8 @@ def flood(svc, args, res):
 
 def oha_json(url_args, flags, timeout):
     """oha with the success/failure breakdown; returns its JSON, parsed, and the command shown."""
-    cmd = ["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown"] + flags + url_args
+    cmd = (["oha", "--no-tui", "--output-format", "json", "--stats-success-breakdown", "-H", bearer()]
+           + flags + url_args)
     text, shown = run(cmd, timeout=timeout)
     return json.loads(text), shown
 
@@ -802,6 +887,13 @@ def summary(res):
         lines.append("Spike (120 × curl, 5 rounds): " + "; ".join(
             f"{r['statuses']} in {r['wall_s']} s" for r in res["spike"]["rounds"]))
         lines.append("")
+    if "auth" in res and "skipped" not in res["auth"]:
+        a = res["auth"]
+        lines.append(f"Authentication (get-one, c=64, interleaved): HS256 bearer token "
+                     f"{statistics.mean(a['rps_jwt']):.0f} rps, none {statistics.mean(a['rps_none']):.0f} rps "
+                     f"(ratio {a['rps_ratio']}); service CPU {a['cpu_us_per_request']['jwt']} vs "
+                     f"{a['cpu_us_per_request']['none']} µs/request: verification "
+                     f"+{a['verification_cpu_us']} µs/request.")
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "
@@ -934,6 +1026,13 @@ def main():
         p.error("--url must be http://127.0.0.1:PORT: load tests target this machine only")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.url:
+        # A service started elsewhere verifies with its own secret: this environment must have it.
+        if not os.environ.get("AUTH_JWT_SECRET"):
+            p.error("--url needs the service's AUTH_JWT_SECRET in the environment (AUTH_MODE=jwt)")
+        global AUTH_SECRET
+        AUTH_SECRET = os.environ["AUTH_JWT_SECRET"]
+    mint_token(SERVICE_BINARY)
     svc = Service(args.url.rstrip("/") if args.url else None, database_url)
     res = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "quick": args.quick, "scenarios": chosen, "rows": args.rows}

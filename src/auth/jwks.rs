@@ -16,7 +16,10 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -66,6 +69,9 @@ pub enum JwksError {
 /// The keys currently loaded, shared by the verifier and the refresher.
 pub struct KeySet {
     keys: RwLock<Arc<[Key]>>,
+    /// Bumped whenever the keys are replaced, so tokens verified with the old ones are verified
+    /// again (see the verifier's cache).
+    generation: AtomicU64,
     wanted: Notify,
 }
 
@@ -73,6 +79,7 @@ impl KeySet {
     pub fn new(keys: Vec<Key>) -> Arc<Self> {
         Arc::new(KeySet {
             keys: RwLock::new(keys.into()),
+            generation: AtomicU64::new(0),
             wanted: Notify::new(),
         })
     }
@@ -85,11 +92,17 @@ impl KeySet {
         }
     }
 
-    fn replace(&self, keys: Vec<Key>) {
+    pub(super) fn replace(&self, keys: Vec<Key>) {
         match self.keys.write() {
             Ok(mut k) => *k = keys.into(),
             Err(poisoned) => *poisoned.into_inner() = keys.into(),
         }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Which load of the keys is current.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Asks the refresher for a refresh (it decides whether one is due).

@@ -311,20 +311,20 @@ mod tests {
         let cases = [
             (
                 include_str!("../../loadtest/pgbench/get-one.sql"),
-                as_pgbench(SQL_GET_TODO, &[":id", "''"]),
+                as_pgbench(SQL_GET_TODO, &[":id", ":owner"]),
             ),
             (
                 include_str!("../../loadtest/pgbench/list.sql"),
                 as_pgbench(
                     SQL_LIST_TODOS,
-                    &["NULL::boolean", ":start", ":start", ":limit", "''"],
+                    &["NULL::boolean", ":start", ":start", ":limit", ":owner"],
                 ),
             ),
             (
                 include_str!("../../loadtest/pgbench/post.sql"),
                 as_pgbench(
                     SQL_CREATE_TODO,
-                    &["'load test'", "false", "NULL::bigint", "''"],
+                    &["'load test'", "false", "NULL::bigint", ":owner"],
                 ),
             ),
             (
@@ -338,7 +338,7 @@ mod tests {
                         "false",
                         "NULL::bigint",
                         "NULL::bigint[]",
-                        "''",
+                        ":owner",
                     ],
                 ),
             ),

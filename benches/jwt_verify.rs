@@ -1,0 +1,115 @@
+//! What verifying a bearer token costs, per algorithm the service accepts: HS256 (the shared
+//! secret), ES256 and RS256 (JWK Set keys), through the service's own `Verifier` (header, key
+//! lookup, signature, claims), each beside a hit of the verifier's cache of accepted tokens (what
+//! every later request with the same token costs). Evidence for the README's Authentication
+//! section and loadtest/RESULTS.md, not a test.
+//!
+//! Run: `cargo bench --bench jwt_verify` (no database needed). `BENCH_ITERATIONS` (default 20000)
+//! sets the verifications per algorithm.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+use todo_service::auth::{Verifier, jwks};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn b64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn claims() -> serde_json::Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    json!({"sub": "alice", "scope": "todos:read todos:write", "exp": now + 3600})
+}
+
+fn per_call(label: &str, n: u32, mut f: impl FnMut()) -> Duration {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    let each = started.elapsed() / n;
+    println!(
+        "{label:40} {:>8.2} µs per verification",
+        each.as_secs_f64() * 1e6
+    );
+    each
+}
+
+fn main() {
+    let n: u32 = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let secret = b"a-benchmark-secret-of-at-least-32-bytes!";
+
+    // EC P-256 and RSA 2048 keys, public halves in a JWK Set as an issuer publishes them.
+    use p256::pkcs8::EncodePrivateKey;
+    use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts};
+    let ec = p256::SecretKey::random(&mut rsa::rand_core::OsRng);
+    let mut ec_jwk: serde_json::Value =
+        serde_json::from_str(&ec.public_key().to_jwk_string()).expect("a JWK");
+    ec_jwk["kid"] = json!("ec");
+    let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("an RSA key");
+    let rsa_jwk = json!({"kty": "RSA", "kid": "rsa", "alg": "RS256",
+                         "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be())});
+    let set = json!({"keys": [ec_jwk, rsa_jwk]}).to_string();
+    let keys = jwks::parse(set.as_bytes()).expect("the set parses");
+    let verifier = Verifier::new(Some(secret), Some(jwks::KeySet::new(keys)), None, None);
+
+    let sign = |alg, kid: Option<&str>, key: &EncodingKey| {
+        let header = Header {
+            kid: kid.map(str::to_owned),
+            ..Header::new(alg)
+        };
+        encode(&header, &claims(), key).expect("signed")
+    };
+    let hs = sign(Algorithm::HS256, None, &EncodingKey::from_secret(secret));
+    let es = sign(
+        Algorithm::ES256,
+        Some("ec"),
+        &EncodingKey::from_ec_der(ec.to_pkcs8_der().expect("der").as_bytes()),
+    );
+    let rs = sign(
+        Algorithm::RS256,
+        Some("rsa"),
+        &EncodingKey::from_rsa_der(rsa.to_pkcs1_der().expect("der").as_bytes()),
+    );
+    let verifier = Arc::new(verifier);
+    println!("{n} verifications each, one thread, release build");
+    for (label, token) in [
+        ("HS256 (AUTH_JWT_SECRET)", &hs),
+        ("ES256 (JWK Set)", &es),
+        ("RS256 (JWK Set)", &rs),
+    ] {
+        assert!(verifier.verify(token).is_ok(), "{label} verifies");
+        per_call(&format!("{label}, signature"), n, || {
+            let _ = std::hint::black_box(verifier.verify_uncached(std::hint::black_box(token)));
+        });
+        per_call(&format!("{label}, cached"), n, || {
+            let _ = std::hint::black_box(verifier.verify(std::hint::black_box(token)));
+        });
+    }
+}
