@@ -1,47 +1,79 @@
 #!/usr/bin/env bash
 # Keeps the README honest: starts the service with the README's run command (scripts/run.sh, on a
 # free port) and runs every `curl` line of README.md's "API" section as printed, checking the
-# HTTP status written in its trailing comment (`# 201`). Stops everything it started on exit.
+# HTTP status written in its trailing comment (`# 201`). Then it starts it again as the
+# "Authentication" section does (AUTH_MODE=jwt, a fresh AUTH_JWT_SECRET) and runs that section's
+# `TOKEN=` and `curl` lines the same way. Stops everything it started on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
-admin_port=$(free_port)
 log=$(mktemp)
-LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR="127.0.0.1:$admin_port" scripts/run.sh >"$log" 2>&1 &
-runner=$!
-cleanup() {
+runner=
+stop_service() {
   # SIGINT reaches the service through run.sh, whose trap then stops PostgreSQL.
-  pkill -INT -P "$runner" 2>/dev/null || true
-  wait "$runner" 2>/dev/null || true
-  rm -f "$log"
+  if [ -n "$runner" ]; then
+    pkill -INT -P "$runner" 2>/dev/null || true
+    wait "$runner" 2>/dev/null || true
+    runner=
+  fi
 }
-trap cleanup EXIT
+trap 'stop_service; rm -f "$log"' EXIT
 
-for _ in $(seq 1 600); do
-  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$runner" 2>/dev/null; then cat "$log"; echo "run.sh exited early" >&2; exit 1; fi
-  sleep 0.5
-done
-curl -sf "http://127.0.0.1:$port/ready" >/dev/null || { cat "$log"; echo "service never became ready" >&2; exit 1; }
-
-# The curl lines of the API section, in order.
-mapfile -t examples < <(awk '/^## API/{on=1; next} /^## /{on=0} on && /^curl /' README.md)
-[ "${#examples[@]}" -ge 8 ] || { echo "found only ${#examples[@]} curl examples in README.md" >&2; exit 1; }
+# serve VAR=VALUE...: scripts/run.sh on free ports with the given settings, until /health answers.
+serve() {
+  port=$(free_port)
+  admin_port=$(free_port)
+  env LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR="127.0.0.1:$admin_port" "$@" scripts/run.sh >"$log" 2>&1 &
+  runner=$!
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then return; fi
+    if ! kill -0 "$runner" 2>/dev/null; then cat "$log"; echo "run.sh exited early" >&2; exit 1; fi
+    sleep 0.5
+  done
+  cat "$log"; echo "service never became ready" >&2; exit 1
+}
 
 failed=0
-for line in "${examples[@]}"; do
-  expected=$(sed -n 's/.*# \([0-9][0-9][0-9]\).*/\1/p' <<<"$line")
-  cmd=${line//localhost:8080/127.0.0.1:$port}
-  cmd=${cmd//localhost:9091/127.0.0.1:$admin_port}
-  # Insert -w after `curl` to read the status without changing what the example prints.
-  out=$(bash -c "curl -w '\n%{http_code}' ${cmd#curl }" 2>&1) || { echo "FAILED (curl error): $line"; failed=1; continue; }
-  status=$(tail -n1 <<<"$out")
-  if [ -n "$expected" ] && [ "$status" != "$expected" ]; then
-    printf 'FAILED: %s\n  expected %s, got %s\n%s\n' "$line" "$expected" "$status" "$out"; failed=1
-  else
-    printf 'ok %s  %s\n' "$status" "$line"
-  fi
-done
-[ "$failed" = 0 ] && echo "${#examples[@]} passed, 0 failed" || { echo "README examples failed"; exit 1; }
+total=0
+# check SECTION: runs the section's curl lines (and TOKEN= lines), in order.
+check() {
+  local section=$1 line expected cmd out status
+  mapfile -t examples < <(awk -v s="## $section" '$0 == s {on=1; next} /^## /{on=0} on && (/^curl / || /^TOKEN=/)' README.md)
+  [ "${#examples[@]}" -ge 2 ] || { echo "found only ${#examples[@]} examples in README.md's $section section" >&2; exit 1; }
+  for line in "${examples[@]}"; do
+    cmd=${line//localhost:8080/127.0.0.1:$port}
+    cmd=${cmd//localhost:9091/127.0.0.1:$admin_port}
+    if [[ $line == TOKEN=* ]]; then
+      # As printed, minus the trailing comment: the token for the lines after it.
+      TOKEN=$(bash -c "${cmd%%  #*}; printf %s \"\$TOKEN\"") || { echo "FAILED: $line"; failed=1; continue; }
+      export TOKEN
+      printf 'ok      %s\n' "$line"
+      continue
+    fi
+    total=$((total + 1))
+    expected=$(sed -n 's/.*# \([0-9][0-9][0-9]\).*/\1/p' <<<"$line")
+    # Insert -w after `curl` to read the status without changing what the example prints.
+    out=$(bash -c "curl -w '\n%{http_code}' ${cmd#curl }" 2>&1) || { echo "FAILED (curl error): $line"; failed=1; continue; }
+    status=$(tail -n1 <<<"$out")
+    if [ -n "$expected" ] && [ "$status" != "$expected" ]; then
+      printf 'FAILED: %s\n  expected %s, got %s\n%s\n' "$line" "$expected" "$status" "$out"; failed=1
+    else
+      printf 'ok %s  %s\n' "$status" "$line"
+    fi
+  done
+}
+
+serve
+check API
+stop_service
+
+# The section's first line, with python in place of openssl (not on every machine): the service
+# and the `todo-service token` line both read it.
+AUTH_JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')
+export AUTH_JWT_SECRET
+serve AUTH_MODE=jwt
+check Authentication
+stop_service
+
+[ "$failed" = 0 ] && echo "$total passed, 0 failed" || { echo "README examples failed"; exit 1; }
