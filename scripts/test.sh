@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The test command: runs the whole test suite (unit + integration) against PostgreSQL.
+# The test command: runs the whole test suite (unit + integration) against PostgreSQL, and then
+# the contract test (scripts/contract.sh: property-based tests from the OpenAPI document).
 #
 #   scripts/test.sh [cargo test args...]
 #
+# The contract test runs when the whole suite does: no arguments, or only options for the test
+# binaries after `--` (as CI passes `-- --show-output`). A selection (`--lib`, `--test api`, a
+# name filter) runs just that.
 # Without DATABASE_URL it starts a throwaway PostgreSQL under target/pg (stopped and removed on exit,
 # also on failure or Ctrl-C). With DATABASE_URL it uses that server: the URL must be allowed to
 # CREATE DATABASE, because every integration test gets a fresh, uniquely named database.
@@ -23,3 +27,12 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo test --locked "$@"
+
+whole=1
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then whole=0; fi
+for arg in "${@:2}"; do
+  case "$arg" in -*) ;; *) whole=0 ;; esac
+done
+if [ "$whole" = 1 ]; then
+  scripts/contract.sh
+fi

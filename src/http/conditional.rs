@@ -14,6 +14,13 @@ use axum::{
 
 use super::{code::Code, error::ApiError};
 
+/// What `If-Match` and `If-None-Match` accept, as the OpenAPI document states it: `*`, or a list of
+/// `[W/]"…"` entity tags (RFC 9110 §8.8.3) separated by commas, with empty elements and optional
+/// whitespace, and at least one tag.
+/// (HTTP removes whitespace at either end of a value, so the pattern need not allow it there.)
+pub const ENTITY_TAGS_PATTERN: &str =
+    r#"^(\*|[ \t,]*(W/)?"[!#-~]*"([ \t]*,[ \t,]*(W/)?"[!#-~]*")*[ \t,]*)$"#;
+
 /// The `ETag` of a todo at `version`: a strong tag, `"<version>"`.
 pub fn etag(version: i64) -> HeaderValue {
     let mut digits = itoa::Buffer::new();
@@ -98,6 +105,8 @@ fn parse(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<Conditi
     }
     Ok(match (present, any) {
         (false, _) => None,
+        // A list of no tags (only commas and spaces) names nothing: malformed, not "match none".
+        (true, false) if tags.is_empty() => return Err(invalid(&name)),
         (true, true) if tags.is_empty() => Some(Condition::Any),
         // `*` mixed with tags is malformed.
         (true, true) => return Err(invalid(&name)),
@@ -218,10 +227,43 @@ mod tests {
 
     #[test]
     fn malformed_lists_are_a_400_problem() {
-        for bad in ["3", "\"3", "\"3\" \"4\"", "W/3", "*, \"3\"", "\"a b\""] {
+        for bad in [
+            "3",
+            "\"3",
+            "\"3\" \"4\"",
+            "W/3",
+            "*, \"3\"",
+            "\"a b\"",
+            "",
+            " , ,",
+        ] {
             let err = if_match(&[bad]).expect_err(bad);
             assert_eq!(err.status(), 400, "{bad}");
             assert_eq!(err.problem().code, Code::InvalidPrecondition, "{bad}");
         }
+    }
+
+    /// The parser accepts exactly what the documented pattern says, on strings built from the
+    /// pieces of the grammar (scripts/contract.sh tests the same from the document over HTTP).
+    #[test]
+    fn lists_are_accepted_exactly_when_the_documented_pattern_matches() {
+        use rand::{Rng, SeedableRng, seq::IndexedRandom};
+        let pattern = regex::Regex::new(ENTITY_TAGS_PATTERN).unwrap();
+        let pieces = ["\"", "W/", "*", ",", " ", "\t", "3", "a", "!", "#", "~"];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..=8);
+            let s: String = (0..n).map(|_| *pieces.choose(&mut rng).unwrap()).collect();
+            // What HTTP delivers: no whitespace at either end.
+            let s = s.trim_matches([' ', '\t']);
+            let parsed = if_match(&[s]).is_ok();
+            assert_eq!(parsed, pattern.is_match(s), "{s:?}");
+            accepted += usize::from(parsed);
+        }
+        assert!(
+            accepted > 200,
+            "the generator reaches valid lists too: {accepted}"
+        );
     }
 }

@@ -144,6 +144,9 @@ impl<S: Send + Sync> FromRequestParts<S> for TodoId {
 
 /// The request header that makes `POST /todos` safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// What an `Idempotency-Key` may be, as the OpenAPI document states it: 1 to 255 visible ASCII
+/// characters, spaces allowed inside (HTTP drops them at the ends).
+pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]([ -~]{0,253}[!-~])?$";
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// The `Idempotency-Key` header, validated. An extractor that reads the one header, rather than
@@ -186,6 +189,51 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+
+    #[test]
+    fn idempotency_keys_are_accepted_exactly_when_the_documented_pattern_matches() {
+        let pattern = regex::Regex::new(IDEMPOTENCY_KEY_PATTERN).unwrap();
+        let accepts = |key: &str| {
+            let mut parts = axum::http::Request::builder()
+                .header(IDEMPOTENCY_KEY, key)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            futures_lite(IdempotencyKey::from_request_parts(&mut parts, &())).is_ok()
+        };
+        let long = "k".repeat(255);
+        let too_long = "k".repeat(256);
+        for key in [
+            "a",
+            "a b",
+            "uuid-1234",
+            "~!",
+            "",
+            long.as_str(),
+            too_long.as_str(),
+            "a\tb",
+            "é",
+        ] {
+            // Values a header cannot carry are not sent.
+            if axum::http::HeaderValue::from_str(key).is_err() {
+                continue;
+            }
+            assert_eq!(accepts(key), pattern.is_match(key), "{key:?}");
+        }
+    }
+
+    /// Polls a future that never waits.
+    fn futures_lite<T>(f: impl std::future::Future<Output = T>) -> T {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the extractor waited"),
+        }
+    }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -5,7 +5,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{AppState, error, health, todos};
+use super::{AppState, conditional, error, extract, health, todos};
 
 /// The OpenAPI document's root; paths are added by `routes!` in [`api_routes`].
 #[derive(OpenApi)]
@@ -52,10 +52,60 @@ pub fn api_routes(bearer: bool) -> ApiRoutes {
         .split_for_parts();
     openapi.merge(ops_doc);
     add_common_problems(&mut openapi);
+    state_exact_rules(&mut openapi);
     if bearer {
         require_bearer_tokens(&mut openapi);
     }
     ApiRoutes { data, ops, openapi }
+}
+
+/// States in the document exactly what the validators accept where the handlers' annotations
+/// cannot say it: the title's pattern (not blank, no NUL), the cursor's, the entity-tag lists' and
+/// the Idempotency-Key's, each from the constant its validator is tested against, so a client
+/// generated from the document (or a property-based tester) sends nothing the service refuses.
+fn state_exact_rules(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{
+        RefOr, Schema,
+        schema::{ObjectBuilder, Type},
+    };
+    let string = |pattern: &str, max_length: Option<usize>| {
+        RefOr::T(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(pattern))
+                .max_length(max_length)
+                .build(),
+        ))
+    };
+    if let Some(components) = api.components.as_mut() {
+        for body in ["CreateTodo", "UpdateTodo"] {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(body)
+                && let Some(RefOr::T(Schema::Object(title))) = object.properties.get_mut("title")
+            {
+                title.pattern = Some(todos::TITLE_PATTERN.to_owned());
+            }
+        }
+    }
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in operations.into_iter().flatten() {
+            for param in op.parameters.iter_mut().flatten() {
+                let RefOr::T(param) = param else { continue };
+                let schema = match param.name.to_ascii_lowercase().as_str() {
+                    "cursor" => string(todos::CURSOR_PATTERN, None),
+                    "if-match" | "if-none-match" => string(conditional::ENTITY_TAGS_PATTERN, None),
+                    "idempotency-key" => string(extract::IDEMPOTENCY_KEY_PATTERN, Some(255)),
+                    _ => continue,
+                };
+                param.schema = Some(schema);
+            }
+        }
+    }
 }
 
 /// Declares the bearer scheme, each data operation's scope (`todos:read` for GET, `todos:write`
@@ -170,6 +220,17 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
                     .or_insert_with(|| problem("Body sent without Content-Type: application/json"));
                 r.entry("422".into()).or_insert_with(|| {
                     problem("A field is invalid or unknown; `errors` names each")
+                });
+            }
+            if path == "/todos"
+                && op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| matches!(p, RefOr::T(p) if p.name == "cursor"))
+            {
+                r.entry("400".into()).or_insert_with(|| {
+                    problem("The query string cannot be read, or names a parameter twice")
                 });
             }
             if path.starts_with("/todos") {

@@ -31,7 +31,8 @@ mod wire;
 
 use wire::encode_cursor;
 pub use wire::{
-    CreateTodo, DEFAULT_LIMIT, ListQuery, MAX_LIMIT, MAX_TITLE_CHARS, Todo, UpdateTodo,
+    CURSOR_PATTERN, CreateTodo, DEFAULT_LIMIT, ListQuery, MAX_LIMIT, MAX_TITLE_CHARS,
+    TITLE_PATTERN, Todo, UpdateTodo,
 };
 
 /// List todos, ordered by `order` (missing last) then `id`, one page at a time.

@@ -76,18 +76,26 @@ impl Todo {
     }
 }
 
+/// What `validate_title` accepts, as the OpenAPI document states it (ECMA-262 regex): at least
+/// one character that is neither NUL nor Unicode White_Space (what `str::trim` removes), and no
+/// NUL anywhere. The length (1 to 1000 characters) is stated beside it.
+pub const TITLE_PATTERN: &str = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$";
+
+/// What `decode_cursor` accepts: two 16-digit lowercase hex numbers.
+pub const CURSOR_PATTERN: &str = "^[0-9a-f]{16}_[0-9a-f]{16}$";
+
 /// Body of `POST /todos`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTodo {
     /// Required; 1 to 1000 characters, not blank.
-    #[schema(required = true)]
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 1000)]
     #[serde(default)]
     pub title: Option<String>,
     /// Defaults to `false`.
     #[serde(default)]
     pub completed: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     pub order: Option<i64>,
 }
 
@@ -95,15 +103,59 @@ pub struct CreateTodo {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateTodo {
+    /// 1 to 1000 characters, not blank; not null.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 1000)]
     pub title: Option<Option<String>>,
+    /// Not null.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<bool>)]
+    #[schema(value_type = bool, required = false)]
     pub completed: Option<Option<bool>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
     #[schema(value_type = Option<i64>)]
     pub order: Option<Option<i64>>,
+}
+
+/// An `order`: JSON Schema's (and so the document's) `integer` is any number without a fraction,
+/// so `2.0` is an integer too; serde's `i64` takes only `2`. Numbers beyond the 64-bit range, or
+/// with a fraction, are refused with a message naming the range.
+///
+/// Read from the number's own text: serde_json without `arbitrary_precision` turns an integer
+/// beyond 64 bits into the nearest float, which for -2^63 - 1 is -2^63 and would pass.
+fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(raw) = Option::<Box<serde_json::value::RawValue>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let text = raw.get();
+    if text == "null" {
+        return Ok(None);
+    }
+    let refuse = || {
+        serde::de::Error::custom(format!(
+            "must be an integer from {} to {}, not {text}",
+            i64::MIN,
+            i64::MAX
+        ))
+    };
+    if !text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) {
+        return Err(serde::de::Error::custom(format!(
+            "invalid type: {text}, expected an integer"
+        )));
+    }
+    if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
+        return text.parse::<i64>().map(Some).map_err(|_| refuse());
+    }
+    // -2^63 is exact as an f64; 2^63 is the first float past i64::MAX.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    match text.parse::<f64>() {
+        Ok(f) if f.fract() == 0.0 && (-LIMIT..LIMIT).contains(&f) => Ok(Some(f as i64)),
+        _ => Err(refuse()),
+    }
+}
+
+/// [`integer`] for `PATCH`, where null (clear the order) differs from absent.
+fn present_integer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    integer(d).map(Some)
 }
 
 /// Tells "absent" (outer `None`, via `default`) from "null" (`Some(None)`).
@@ -188,17 +240,25 @@ fn field(name: &str, message: String) -> FieldError {
     }
 }
 
-/// The cursor is `<sort_key>_<id>` of the last row of the previous page. Clients treat it as
-/// opaque; it is readable only to make debugging easy.
+/// The cursor is `<sort_key>_<id>` of the last row of the previous page, each the 16 hex digits
+/// of its 64 bits. Clients treat it as opaque. Fixed-width hex rather than decimal so that
+/// [`CURSOR_PATTERN`] states exactly what is accepted (a decimal `i64` has a range no short
+/// pattern can state, and `str::parse` takes a `+` and leading zeros too).
 pub(super) fn encode_cursor(c: Cursor) -> String {
-    format!("{}_{}", c.sort_key, c.id)
+    format!("{:016x}_{:016x}", c.sort_key as u64, c.id as u64)
 }
 
 fn decode_cursor(raw: &str) -> Option<Cursor> {
-    let (sort_key, id) = raw.rsplit_once('_')?;
+    fn hex16(s: &str) -> Option<i64> {
+        (s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+            .map(|v| v as i64)
+    }
+    let (sort_key, id) = raw.split_once('_')?;
     Some(Cursor {
-        sort_key: sort_key.parse().ok()?,
-        id: id.parse().ok()?,
+        sort_key: hex16(sort_key)?,
+        id: hex16(id)?,
     })
 }
 
@@ -288,8 +348,55 @@ mod tests {
         ] {
             assert_eq!(decode_cursor(&encode_cursor(c)), Some(c));
         }
-        for bad in ["", "5", "a_b", "1_", "_1", "1_2_x"] {
+        for bad in ["", "5", "a_b", "1_", "_1", "1_2_x", "5_10"] {
             assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
+
+    /// The validators accept exactly what the OpenAPI document's patterns say, on strings built
+    /// to sit near each rule's edges (a property test from the document is the other half:
+    /// scripts/contract.sh).
+    #[test]
+    fn cursors_and_titles_are_accepted_exactly_when_the_documented_pattern_matches() {
+        use rand::{Rng, SeedableRng, seq::IndexedRandom};
+        let cursor = regex::Regex::new(CURSOR_PATTERN).unwrap();
+        let title = regex::Regex::new(TITLE_PATTERN).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let cursor_chars: Vec<char> = "0123456789abcdefABCDEF_+- x".chars().collect();
+        let title_chars: Vec<char> = "a \t\n\u{b}\u{c}\r\u{85}\u{a0}\u{1680}\u{2000}\u{200a}\u{200b}\u{2028}\u{202f}\u{205f}\u{3000}\u{feff}\u{0}\u{1c}é"
+            .chars()
+            .collect();
+        let mut agreed = 0;
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..=34);
+            let s: String = (0..len)
+                .map(|_| *cursor_chars.choose(&mut rng).unwrap())
+                .collect();
+            assert_eq!(
+                decode_cursor(&s).is_some(),
+                cursor.is_match(&s),
+                "cursor {s:?}"
+            );
+            let len = rng.random_range(0..=4);
+            let s: String = (0..len)
+                .map(|_| *title_chars.choose(&mut rng).unwrap())
+                .collect();
+            let mut errors = Vec::new();
+            validate_title(&s, &mut errors);
+            let documented =
+                title.is_match(&s) && (1..=MAX_TITLE_CHARS).contains(&s.chars().count());
+            assert_eq!(errors.is_empty(), documented, "title {s:?}");
+            agreed += usize::from(documented);
+        }
+        assert!(agreed > 100, "the generator reaches valid titles too");
+        for c in [
+            Cursor::START,
+            Cursor {
+                sort_key: i64::MAX,
+                id: 7,
+            },
+        ] {
+            assert!(cursor.is_match(&encode_cursor(c)));
         }
     }
 
