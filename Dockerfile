@@ -24,6 +24,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin todo
 COPY --from=build /src/target/release/todo-service /usr/local/bin/todo-service
 USER 10001:10001
+# Every interface, so the service refuses to start until AUTH_MODE is chosen: jwt with
+# AUTH_JWT_SECRET or a JWK Set (docker-compose.yml), or none to serve without authentication.
 ENV LISTEN_ADDR=0.0.0.0:8080 \
     LOG_FORMAT=json
 EXPOSE 8080

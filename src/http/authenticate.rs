@@ -404,6 +404,137 @@ mod tests {
         }
     }
 
+    use crate::config::AuthMode;
+
+    /// The span fields a request's authentication records, as (name, value) pairs.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Visit<'a>(&'a mut Vec<(String, String)>);
+            impl tracing::field::Visit for Visit<'_> {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push((f.name().into(), format!("{v:?}")));
+                }
+                fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                    self.0.push((f.name().into(), v.into()));
+                }
+            }
+            values.record(&mut Visit(&mut self.0.lock().unwrap()));
+        }
+    }
+
+    /// Runs one request through the layer inside a request-like span; the status and what the
+    /// span was told.
+    fn authenticate(
+        mode: AuthMode,
+        span_subject: bool,
+        authorization: Option<&str>,
+    ) -> (StatusCode, Vec<(String, String)>) {
+        use tower::ServiceExt as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let verifier = matches!(mode, AuthMode::Jwt(_))
+            .then(|| Arc::new(Verifier::hs256(SECRET.as_bytes(), None, None)));
+        let config = AuthConfig {
+            mode,
+            span_subject,
+            unauthenticated_limit: None,
+        };
+        let layer = AuthenticateLayer::new(
+            &config,
+            verifier,
+            CallerKey(crate::http::client_ip::ClientAddr::new(&[], 64)),
+            1000,
+        );
+        let service = layer.layer(tower::service_fn(|req: Request<Body>| async move {
+            assert!(
+                req.extensions().get::<Caller>().is_some(),
+                "the caller is left for the handler"
+            );
+            Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
+        }));
+        let mut req = Request::new(Body::empty());
+        if let Some(v) = authorization {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        let recorded = Recorded::default();
+        let subscriber = tracing_subscriber::registry().with(recorded.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let status = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "request",
+                todo.authenticated = tracing::field::Empty,
+                user.id = tracing::field::Empty
+            );
+            let _entered = span.enter();
+            runtime.block_on(service.oneshot(req)).unwrap().status()
+        });
+        let fields = recorded.0.lock().unwrap().clone();
+        (status, fields)
+    }
+
+    const SECRET: &str = "a-span-test-secret-of-32-bytes-or-more";
+
+    #[test]
+    fn spans_say_whether_the_caller_was_authenticated_and_name_it_only_when_allowed() {
+        let jwt = || {
+            AuthMode::Jwt(crate::config::JwtConfig {
+                secret: None,
+                jwks: None,
+                jwks_refresh: std::time::Duration::from_secs(300),
+                audience: None,
+                issuer: None,
+            })
+        };
+        let token = crate::auth::mint_hs256(
+            SECRET.as_bytes(),
+            &crate::auth::Mint {
+                sub: "alice",
+                scope: "todos:read",
+                aud: None,
+                iss: None,
+            },
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let bearer = format!("Bearer {token}");
+        let field = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        assert_eq!(
+            authenticate(jwt(), false, Some(&bearer)),
+            (StatusCode::OK, vec![field("todo.authenticated", "true")])
+        );
+        assert_eq!(
+            authenticate(jwt(), true, Some(&bearer)),
+            (
+                StatusCode::OK,
+                vec![
+                    field("todo.authenticated", "true"),
+                    field("user.id", "alice")
+                ]
+            )
+        );
+        assert_eq!(
+            authenticate(jwt(), true, Some("Bearer forged")),
+            (
+                StatusCode::UNAUTHORIZED,
+                vec![field("todo.authenticated", "false")]
+            )
+        );
+        assert_eq!(
+            authenticate(AuthMode::None { explicit: false }, true, None),
+            (StatusCode::OK, vec![field("todo.authenticated", "false")])
+        );
+    }
+
     #[test]
     fn reads_need_the_read_scope_and_everything_else_the_write_scope() {
         assert_eq!(scope_for(&Method::GET), READ_SCOPE);
