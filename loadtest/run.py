@@ -442,6 +442,17 @@ class OtlpSink:
         self.server.shutdown()
 
 
+def oha_cpu(target, extra, seconds):
+    """oha -c 64 against `target`, and the service's CPU per answered request (µs, from /proc)."""
+    before = target.cpu_ticks()
+    r, cmd = oha(target, extra, seconds, 64)
+    after = target.cpu_ticks()
+    requests = sum(r["statuses"].values())
+    us = (round((after - before) / os.sysconf("SC_CLK_TCK") * 1e6 / requests, 1)
+          if None not in (before, after) and requests else None)
+    return r, cmd, us
+
+
 def auth(svc, args, res):
     """What authentication costs: get-one at c=64 with a bearer token (HS256) verified on every
     request (AUTH_MODE=jwt, as every other scenario runs) against the same build without
@@ -456,19 +467,13 @@ def auth(svc, args, res):
     none = Service(None, svc.database_url, {"AUTH_MODE": "none"})
     runs = {"jwt": [], "none": []}
     cpu = {"jwt": [], "none": []}
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
     extra = WORKLOADS["get-one"][0]
     try:
         none.start()
         for _ in range(2):
             for name, target, owner in (("jwt", svc, OWNER), ("none", none, "")):
                 seed(svc.database_url, args.rows, owner)
-                before = target.cpu_ticks()
-                r, cmd = oha(target, extra, args.duration, 64)
-                after = target.cpu_ticks()
-                requests = sum(r["statuses"].values())
-                us = (round((after - before) / ticks_per_s * 1e6 / requests, 1)
-                      if None not in (before, after) and requests else None)
+                r, cmd, us = oha_cpu(target, extra, args.duration)
                 runs[name].append(r["rps"])
                 cpu[name].append(us)
                 log(f"  auth {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, statuses "
@@ -521,19 +526,13 @@ def telemetry(svc, args, res):
     variants = (("off", svc), ("all", traced_all), ("sampled_10pct", sampled), ("logs_info", logs_info))
     runs = {name: [] for name, _ in variants}
     cpu = {name: [] for name, _ in variants}
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
     try:
         for extra_svc in extras:
             extra_svc.start()
         extra = WORKLOADS["get-one"][0]
         for _ in range(2):
             for name, target in variants:
-                before = target.cpu_ticks()
-                r, cmd = oha(target, extra, args.duration, 64)
-                after = target.cpu_ticks()
-                requests = sum(r["statuses"].values())
-                us = (round((after - before) / ticks_per_s * 1e6 / requests, 1)
-                      if None not in (before, after) and requests else None)
+                r, cmd, us = oha_cpu(target, extra, args.duration)
                 runs[name].append(r["rps"])
                 cpu[name].append(us)
                 log(f"  telemetry {name}: {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms), "

@@ -87,13 +87,7 @@ fn state_exact_rules(api: &mut utoipa::openapi::OpenApi) {
         }
     }
     for item in api.paths.paths.values_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.post,
-            &mut item.patch,
-            &mut item.delete,
-        ];
-        for op in operations.into_iter().flatten() {
+        for op in operations(item) {
             for param in op.parameters.iter_mut().flatten() {
                 let RefOr::T(param) = param else { continue };
                 let schema = match param.name.to_ascii_lowercase().as_str() {
@@ -176,6 +170,20 @@ fn require_bearer_tokens(api: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// The operations of a path that the service serves.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.post,
+        &mut item.patch,
+        &mut item.delete,
+    ]
+    .into_iter()
+    .flatten()
+}
+
 const READ: &str = crate::auth::READ_SCOPE;
 const WRITE: &str = crate::auth::WRITE_SCOPE;
 
@@ -195,13 +203,7 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
             .into()
     };
     for (path, item) in api.paths.paths.iter_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.post,
-            &mut item.patch,
-            &mut item.delete,
-        ];
-        for op in operations.into_iter().flatten() {
+        for op in operations(item) {
             let has_body = op.request_body.is_some();
             let r = &mut op.responses.responses;
             if path.contains("{id}") {
