@@ -18,6 +18,13 @@ pub const VARS: &[Var] = &[
                (http/protobuf). Unset: no export, logs only. Its host is resolved once at startup.",
     },
     Var {
+        name: "OTEL_EXPORTER_OTLP_HEADERS",
+        default: None,
+        help: "Headers sent with every export, as key=value,key=value with URL-encoded values \
+               (the OpenTelemetry form), e.g. signoz-ingestion-key=<key> for SigNoz Cloud. \
+               Checked at startup; the values are never logged or shown.",
+    },
+    Var {
         name: "OTEL_EXPORTER_OTLP_PROTOCOL",
         default: Some("grpc"),
         help: "`grpc` or `http/protobuf`.",
@@ -69,12 +76,45 @@ pub enum OtlpProtocol {
 #[derive(Debug, Clone)]
 pub struct OtelConfig {
     pub endpoint: Option<Url>,
+    /// The names of `OTEL_EXPORTER_OTLP_HEADERS` (the values are secrets: the exporter reads them
+    /// from the environment itself, this only checks them).
+    pub header_names: Vec<String>,
     pub protocol: OtlpProtocol,
     pub service_name: String,
     pub resource_attributes: Vec<(String, String)>,
     pub disabled: bool,
     pub metric_interval: std::time::Duration,
     pub sampler: TraceSampler,
+}
+
+/// Checks `OTEL_EXPORTER_OTLP_HEADERS` as opentelemetry-otlp reads it (comma-separated
+/// `key=value`, values percent-decoded) and returns the names. The exporter would drop an entry
+/// it cannot use without a word, and the collector would then refuse every export; here it is a
+/// startup error naming the variable and the entry's key, never its value.
+fn headers(raw: &str) -> Result<Vec<String>, ConfigError> {
+    const VAR: &str = "OTEL_EXPORTER_OTLP_HEADERS";
+    const FORM: &str = "key=value pairs separated by commas, each key a header name and each \
+                        value (URL-decoded) a header value";
+    let mut names = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(invalid(VAR, "an entry without `=`".into(), FORM));
+        };
+        let key = key.trim();
+        if axum::http::HeaderName::from_bytes(key.as_bytes()).is_err() {
+            return Err(invalid(VAR, format!("the key {key:?}"), FORM));
+        }
+        let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8();
+        if value.is_err()
+            || value
+                .as_deref()
+                .is_ok_and(|v| v.is_empty() || axum::http::HeaderValue::from_str(v).is_err())
+        {
+            return Err(invalid(VAR, format!("the value of {key:?}"), FORM));
+        }
+        names.push(key.to_ascii_lowercase());
+    }
+    Ok(names)
 }
 
 /// The head sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Parsed here rather than
@@ -100,6 +140,11 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
             )),
         })
         .transpose()?;
+    let header_names = env
+        .optional("OTEL_EXPORTER_OTLP_HEADERS")
+        .map(|raw| headers(&raw))
+        .transpose()?
+        .unwrap_or_default();
     let protocol = match env.value("OTEL_EXPORTER_OTLP_PROTOCOL").trim() {
         "grpc" => OtlpProtocol::Grpc,
         "http/protobuf" => OtlpProtocol::HttpProtobuf,
@@ -132,6 +177,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
         .unwrap_or_default();
     Ok(OtelConfig {
         endpoint,
+        header_names,
         protocol,
         service_name: env.value("OTEL_SERVICE_NAME").trim().to_owned(),
         resource_attributes,

@@ -380,3 +380,31 @@ fn a_jwk_set_is_a_file_or_a_url_and_can_stand_in_for_the_secret() {
         assert_eq!(config(&all).unwrap_err().var, var);
     }
 }
+
+#[test]
+fn otlp_headers_are_checked_and_only_their_names_kept() {
+    let c = config(&[
+        URL,
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "signoz-ingestion-key=s3cr%3Dt-value, X-Tenant = blue",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(c.otel.header_names, ["signoz-ingestion-key", "x-tenant"]);
+    assert!(!format!("{c:?}").contains("s3cr"), "no value in Debug");
+    for bad in [
+        "signoz-ingestion-key",
+        "bad key=1",
+        "k=",
+        "k=%FF%FE",
+        "k=line%0Abreak",
+    ] {
+        let err = config(&[URL, ("OTEL_EXPORTER_OTLP_HEADERS", bad)]).unwrap_err();
+        assert_eq!(err.var, "OTEL_EXPORTER_OTLP_HEADERS", "{bad}");
+        assert!(
+            !err.to_string().contains("%FF") && !err.to_string().contains("break"),
+            "{err}"
+        );
+    }
+}

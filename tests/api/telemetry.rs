@@ -876,3 +876,95 @@ async fn a_sampler_keeps_only_the_chosen_traces_and_every_metric() {
         .sum();
     assert_eq!(counted, 7.0);
 }
+
+/// A collector that wants a key (as SigNoz Cloud does): with `OTEL_EXPORTER_OTLP_HEADERS` every
+/// export carries it and the spans arrive; without it the collector refuses them, and the loss
+/// shows up in `todo.otel.export.lost`, not in the requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingestion_key_goes_with_every_export_and_its_absence_shows_as_lost_spans() {
+    use prost::Message as _;
+    const KEY: &str = "k-123/with=signs";
+    for with_key in [true, false] {
+        let spans: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+        let sink = Arc::clone(&spans);
+        let metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>> = Arc::default();
+        let metrics_sink = Arc::clone(&metrics);
+        let app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post(
+                    move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                        let sink = Arc::clone(&sink);
+                        async move {
+                            if headers.get("signoz-ingestion-key").map(|v| v.as_bytes())
+                                != Some(KEY.as_bytes())
+                            {
+                                return Err(axum::http::StatusCode::UNAUTHORIZED);
+                            }
+                            let req = ExportTraceServiceRequest::decode(body).expect("protobuf");
+                            sink.lock().unwrap().push(req);
+                            Ok(ExportTraceServiceResponse {
+                                partial_success: None,
+                            }
+                            .encode_to_vec())
+                        }
+                    },
+                ),
+            )
+            .route(
+                "/v1/metrics",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let sink = Arc::clone(&metrics_sink);
+                    async move {
+                        let req = ExportMetricsServiceRequest::decode(body).expect("protobuf");
+                        sink.lock().unwrap().push(req);
+                        ExportMetricsServiceResponse {
+                            partial_success: None,
+                        }
+                        .encode_to_vec()
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let collector = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let db = TestDb::create().await;
+        let addr = free_addr();
+        let endpoint = format!("http://{collector}");
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ];
+        // URL-encoded, as the variable's form has it.
+        let header = format!("signoz-ingestion-key={}", "k-123%2Fwith%3Dsigns");
+        if with_key {
+            env.push(("OTEL_EXPORTER_OTLP_HEADERS", &header));
+        }
+        let child = spawn_service(&db, addr, &env, false);
+        let client = crate::helpers::http_client().no_proxy().build().unwrap();
+        wait_ready(&client, addr).await;
+        for _ in 0..5 {
+            let r = client
+                .get(format!("http://{addr}/todos"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "export trouble never reaches a request");
+        }
+        terminate(child).await;
+        let received = spans.lock().unwrap().len();
+        let lost = last_points(&metrics.lock().unwrap(), "todo.otel.export.lost");
+        let lost_spans: f64 = lost
+            .iter()
+            .filter(|(a, _)| s(a, "signal") == "traces")
+            .map(|(_, v)| v)
+            .sum();
+        if with_key {
+            assert!(received > 0, "no span arrived with the key");
+            assert_eq!(lost_spans, 0.0, "{lost:?}");
+        } else {
+            assert_eq!(received, 0, "the collector refuses spans without the key");
+            assert!(lost_spans >= 1.0, "refused spans not counted: {lost:?}");
+        }
+    }
+}
