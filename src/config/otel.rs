@@ -25,6 +25,14 @@ pub const VARS: &[Var] = &[
                Checked at startup; the values are never logged or shown.",
     },
     Var {
+        name: "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        default: None,
+        help: "PEM file of the CA (or certificate) that signs an https collector's certificate, \
+               trusted beside the system's roots (http/protobuf). The certificate is checked \
+               against the endpoint's host name while the address stays the one resolved at \
+               startup.",
+    },
+    Var {
         name: "OTEL_EXPORTER_OTLP_PROTOCOL",
         default: Some("grpc"),
         help: "`grpc` or `http/protobuf`.",
@@ -79,6 +87,8 @@ pub struct OtelConfig {
     /// The names of `OTEL_EXPORTER_OTLP_HEADERS` (the values are secrets: the exporter reads them
     /// from the environment itself, this only checks them).
     pub header_names: Vec<String>,
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`: a PEM file, read when the exporters are built.
+    pub certificate: Option<std::path::PathBuf>,
     pub protocol: OtlpProtocol,
     pub service_name: String,
     pub resource_attributes: Vec<(String, String)>,
@@ -178,6 +188,9 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
     Ok(OtelConfig {
         endpoint,
         header_names,
+        certificate: env
+            .optional("OTEL_EXPORTER_OTLP_CERTIFICATE")
+            .map(|p| std::path::PathBuf::from(p.trim())),
         protocol,
         service_name: env.value("OTEL_SERVICE_NAME").trim().to_owned(),
         resource_attributes,

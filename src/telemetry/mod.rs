@@ -25,9 +25,10 @@ pub mod sampling;
 
 use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 
+use anyhow::Context as _;
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::{
     Resource,
     logs::{BatchLogProcessor, SdkLoggerProvider},
@@ -117,15 +118,20 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
-            let endpoint = resolve_once(endpoint).await;
+            let collector = Collector::resolve_once(&config.otel, endpoint).await?;
             let resource = resource(&config.otel);
             // First, so the SDK's processors built next find it for their own drop counters.
-            let meters = meter_provider(&config.otel, &endpoint, resource.clone())?;
+            let meters = meter_provider(&config.otel, &collector, resource.clone())?;
             opentelemetry::global::set_meter_provider(meters.clone());
             (
-                Some(tracer_provider(&config.otel, &endpoint, resource.clone())?),
+                Some(tracer_provider(&config.otel, &collector, resource.clone())?),
                 Some(meters),
-                Some(logger_provider(&config.otel, &endpoint, resource, request)?),
+                Some(logger_provider(
+                    &config.otel,
+                    &collector,
+                    resource,
+                    request,
+                )?),
             )
         }
         _ => (None, None, None),
@@ -230,18 +236,19 @@ fn resource(otel: &OtelConfig) -> Resource {
 /// Builds an OTLP exporter for the configured protocol. The span, metric and log exporter builders
 /// share no trait in opentelemetry-otlp, so a macro is what keeps the three identical.
 macro_rules! exporter {
-    ($builder:expr, $otel:expr, $endpoint:expr, $path:literal) => {{
-        let base = $endpoint.as_str().trim_end_matches('/');
-        match $otel.protocol {
-            OtlpProtocol::Grpc => $builder
-                .with_tonic()
-                .with_endpoint(base)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()?,
-            OtlpProtocol::HttpProtobuf => $builder
+    ($builder:expr, $otel:expr, $collector:expr, $path:literal) => {{
+        let base = $collector.url.as_str().trim_end_matches('/');
+        match (&$otel.protocol, &$collector.http_client) {
+            (OtlpProtocol::HttpProtobuf, Some(client)) => $builder
                 .with_http()
+                .with_http_client(client.clone())
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_endpoint(format!("{base}{}", $path))
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?,
+            _ => $builder
+                .with_tonic()
+                .with_endpoint(base)
                 .with_timeout(EXPORT_TIMEOUT)
                 .build()?,
         }
@@ -252,13 +259,13 @@ macro_rules! exporter {
 /// own reader thread, and once more at shutdown.
 fn meter_provider(
     otel: &OtelConfig,
-    endpoint: &Url,
+    collector: &Collector,
     resource: Resource,
 ) -> anyhow::Result<SdkMeterProvider> {
     let exporter = exporter!(
         opentelemetry_otlp::MetricExporter::builder(),
         otel,
-        endpoint,
+        collector,
         "/v1/metrics"
     );
     Ok(SdkMeterProvider::builder()
@@ -273,13 +280,13 @@ fn meter_provider(
 
 fn tracer_provider(
     otel: &OtelConfig,
-    endpoint: &Url,
+    collector: &Collector,
     resource: Resource,
 ) -> anyhow::Result<SdkTracerProvider> {
     let exporter = exporter!(
         opentelemetry_otlp::SpanExporter::builder(),
         otel,
-        endpoint,
+        collector,
         "/v1/traces"
     );
     let processor = BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
@@ -316,14 +323,14 @@ fn sampler(config: TraceSampler) -> Sampler {
 
 fn logger_provider(
     otel: &OtelConfig,
-    endpoint: &Url,
+    collector: &Collector,
     resource: Resource,
     request: RequestContext,
 ) -> anyhow::Result<SdkLoggerProvider> {
     let exporter = exporter!(
         opentelemetry_otlp::LogExporter::builder(),
         otel,
-        endpoint,
+        collector,
         "/v1/logs"
     );
     let processor = BatchLogProcessor::builder(Counted::new(exporter, "logs"))
@@ -341,33 +348,97 @@ fn logger_provider(
         .build())
 }
 
-/// The endpoint with its host replaced by the address it resolves to now, so the exporter's
-/// reconnects never go back to DNS. A failed lookup keeps the name (and is logged by the caller's
-/// later export errors), rather than stopping the service over telemetry.
-async fn resolve_once(endpoint: &Url) -> Url {
-    let Some(host) = endpoint.host_str() else {
-        return endpoint.clone();
-    };
-    if crate::net::ip_literal(host).is_some() {
-        return endpoint.clone();
-    }
-    let port = endpoint.port_or_known_default().unwrap_or(4317);
-    let found: Option<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .ok()
-        .and_then(|mut a| a.next());
-    match found {
-        Some(addr) => {
-            let mut url = endpoint.clone();
-            if url.set_ip_host(addr.ip()).is_ok() {
-                eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
-                return url;
+/// Where the exporters send, with the collector's host resolved once, now, so that reconnects
+/// never go back to DNS.
+///
+/// - gRPC: the URL's host is replaced by the address.
+/// - http/protobuf: the URL keeps the host name and one shared client is told the address
+///   (`reqwest::ClientBuilder::resolve`), so an `https://` collector's certificate is checked
+///   against the name (what it names) while the connection goes to the pinned address, as libpq
+///   does with `host` + `hostaddr`. `OTEL_EXPORTER_OTLP_CERTIFICATE` adds a CA to the system's.
+///
+/// A failed lookup keeps the name (export errors will say why), rather than stopping the service
+/// over telemetry; an unreadable certificate file does stop it, naming the variable.
+struct Collector {
+    url: Url,
+    /// For http/protobuf.
+    http_client: Option<reqwest::blocking::Client>,
+}
+
+impl Collector {
+    async fn resolve_once(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<Collector> {
+        let host = endpoint.host_str().unwrap_or_default().to_owned();
+        let pinned = match crate::net::ip_literal(&host) {
+            Some(_) => None,
+            None => {
+                let port = endpoint.port_or_known_default().unwrap_or(4317);
+                let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map(Iterator::collect)
+                    .unwrap_or_default();
+                match crate::net::preferred(&found) {
+                    Some(addr) => {
+                        eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
+                        Some(addr)
+                    }
+                    None => {
+                        eprintln!(
+                            "warning: OTLP collector host {host} did not resolve; using the name"
+                        );
+                        None
+                    }
+                }
             }
-            endpoint.clone()
-        }
-        None => {
-            eprintln!("warning: OTLP collector host {host} did not resolve; using the name");
-            endpoint.clone()
+        };
+        match otel.protocol {
+            OtlpProtocol::Grpc => {
+                let mut url = endpoint.clone();
+                if let Some(addr) = pinned {
+                    let _ = url.set_ip_host(addr.ip());
+                }
+                Ok(Collector {
+                    url,
+                    http_client: None,
+                })
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let ca = otel
+                    .certificate
+                    .as_ref()
+                    .map(|path| {
+                        let pem = std::fs::read(path).with_context(|| {
+                            format!(
+                                "cannot read OTEL_EXPORTER_OTLP_CERTIFICATE={}",
+                                path.display()
+                            )
+                        })?;
+                        reqwest::Certificate::from_pem(&pem).with_context(|| {
+                            format!(
+                                "OTEL_EXPORTER_OTLP_CERTIFICATE={} is not a PEM certificate",
+                                path.display()
+                            )
+                        })
+                    })
+                    .transpose()?;
+                // reqwest's blocking client starts a runtime of its own, which cannot be done
+                // on one of ours: built on a thread, as the exporter builds its default one.
+                let client = std::thread::spawn(move || {
+                    let mut builder = reqwest::blocking::Client::builder().timeout(EXPORT_TIMEOUT);
+                    if let Some(addr) = pinned {
+                        builder = builder.resolve(&host, addr);
+                    }
+                    if let Some(ca) = ca {
+                        builder = builder.add_root_certificate(ca);
+                    }
+                    builder.build()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("building the OTLP http client panicked"))??;
+                Ok(Collector {
+                    url: endpoint.clone(),
+                    http_client: Some(client),
+                })
+            }
         }
     }
 }

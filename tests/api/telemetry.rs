@@ -968,3 +968,140 @@ async fn an_ingestion_key_goes_with_every_export_and_its_absence_shows_as_lost_s
         }
     }
 }
+
+/// A test CA and a collector certificate it signs for `localhost` only.
+struct TestPki {
+    ca_pem: String,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+fn test_pki() -> TestPki {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "todo-service test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    TestPki {
+        ca_pem: ca.pem(),
+        cert: leaf.der().clone(),
+        key: rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+    }
+}
+
+/// An OTLP/HTTP collector over TLS on 127.0.0.1:0, counting the span batches it accepts.
+async fn start_tls_collector(pki: &TestPki) -> (SocketAddr, Arc<Mutex<usize>>) {
+    todo_service::net::install_tls_provider();
+    let received: Arc<Mutex<usize>> = Arc::default();
+    let sink = Arc::clone(&received);
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(move || {
+                let sink = Arc::clone(&sink);
+                async move {
+                    *sink.lock().unwrap() += 1;
+                    use prost::Message as _;
+                    ExportTraceServiceResponse {
+                        partial_success: None,
+                    }
+                    .encode_to_vec()
+                }
+            }),
+        )
+        .fallback(|| async { Vec::<u8>::new() });
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![pki.cert.clone()], pki.key.clone_key())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(app),
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// An https collector: its certificate is checked against the endpoint's host name while the
+/// connection goes to the address resolved once at startup. With the test CA the spans arrive;
+/// without it, or with a name the certificate does not carry, none do, and requests never notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_collector_is_verified_by_name_at_the_pinned_address() {
+    let pki = test_pki();
+    let dir = std::env::temp_dir().join(format!("otlp-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let ca_path = ca_file.to_str().unwrap().to_owned();
+    let cases = [
+        (
+            "localhost, the test CA",
+            "localhost",
+            Some(ca_path.as_str()),
+            true,
+        ),
+        ("localhost, system roots only", "localhost", None, false),
+        (
+            "an address the certificate does not name",
+            "127.0.0.1",
+            Some(ca_path.as_str()),
+            false,
+        ),
+    ];
+    for (what, host, ca, arrives) in cases {
+        let (collector, received) = start_tls_collector(&pki).await;
+        let db = TestDb::create().await;
+        let addr = free_addr();
+        let endpoint = format!("https://{host}:{}", collector.port());
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ];
+        if let Some(ca) = ca {
+            env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca));
+        }
+        let child = spawn_service(&db, addr, &env, false);
+        let client = crate::helpers::http_client().no_proxy().build().unwrap();
+        wait_ready(&client, addr).await;
+        for _ in 0..3 {
+            let r = client
+                .get(format!("http://{addr}/todos"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{what}: export trouble never reaches a request"
+            );
+        }
+        terminate(child).await;
+        let batches = *received.lock().unwrap();
+        assert_eq!(batches > 0, arrives, "{what}: {batches} span batches");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
