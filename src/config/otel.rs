@@ -15,7 +15,9 @@ pub const VARS: &[Var] = &[
         name: "OTEL_EXPORTER_OTLP_ENDPOINT",
         default: None,
         help: "OTLP collector URL, e.g. http://otel-collector:4317 (gRPC) or :4318 \
-               (http/protobuf). Unset: no export, logs only. Its host is resolved once at startup.",
+               (http/protobuf), or https://… for a collector behind TLS. Unset: no export, logs \
+               only. Its host is resolved once at startup; with https the certificate is checked \
+               against the name.",
     },
     Var {
         name: "OTEL_EXPORTER_OTLP_HEADERS",
@@ -28,7 +30,7 @@ pub const VARS: &[Var] = &[
         name: "OTEL_EXPORTER_OTLP_CERTIFICATE",
         default: None,
         help: "PEM file of the CA (or certificate) that signs an https collector's certificate, \
-               trusted beside the system's roots (http/protobuf). The certificate is checked \
+               trusted beside the system's roots. The certificate is checked \
                against the endpoint's host name while the address stays the one resolved at \
                startup.",
     },

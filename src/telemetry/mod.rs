@@ -28,7 +28,7 @@ use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     logs::{BatchLogProcessor, SdkLoggerProvider},
@@ -246,11 +246,16 @@ macro_rules! exporter {
                 .with_endpoint(format!("{base}{}", $path))
                 .with_timeout(EXPORT_TIMEOUT)
                 .build()?,
-            _ => $builder
-                .with_tonic()
-                .with_endpoint(base)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()?,
+            _ => {
+                let builder = $builder
+                    .with_tonic()
+                    .with_endpoint(base)
+                    .with_timeout(EXPORT_TIMEOUT);
+                match &$collector.grpc_tls {
+                    Some(tls) => builder.with_tls_config(tls.clone()).build()?,
+                    None => builder.build()?,
+                }
+            }
         }
     }};
 }
@@ -351,7 +356,9 @@ fn logger_provider(
 /// Where the exporters send, with the collector's host resolved once, now, so that reconnects
 /// never go back to DNS.
 ///
-/// - gRPC: the URL's host is replaced by the address.
+/// - gRPC: the URL's host is replaced by the address; for `https://`, TLS checks the
+///   certificate against the host name (tonic's `domain_name`), with the system's roots and
+///   `OTEL_EXPORTER_OTLP_CERTIFICATE`.
 /// - http/protobuf: the URL keeps the host name and one shared client is told the address
 ///   (`reqwest::ClientBuilder::resolve`), so an `https://` collector's certificate is checked
 ///   against the name (what it names) while the connection goes to the pinned address, as libpq
@@ -363,6 +370,8 @@ struct Collector {
     url: Url,
     /// For http/protobuf.
     http_client: Option<reqwest::blocking::Client>,
+    /// For gRPC to an `https://` collector.
+    grpc_tls: Option<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig>,
 }
 
 impl Collector {
@@ -390,33 +399,46 @@ impl Collector {
                 }
             }
         };
+        let ca_pem = otel
+            .certificate
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).with_context(|| {
+                    format!(
+                        "cannot read OTEL_EXPORTER_OTLP_CERTIFICATE={}",
+                        path.display()
+                    )
+                })
+            })
+            .transpose()?;
         match otel.protocol {
             OtlpProtocol::Grpc => {
                 let mut url = endpoint.clone();
                 if let Some(addr) = pinned {
                     let _ = url.set_ip_host(addr.ip());
                 }
+                let grpc_tls = (endpoint.scheme() == "https").then(|| {
+                    let tls = opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
+                        .domain_name(host.clone())
+                        .with_native_roots();
+                    match &ca_pem {
+                        Some(pem) => tls.ca_certificate(
+                            opentelemetry_otlp::tonic_types::transport::Certificate::from_pem(pem),
+                        ),
+                        None => tls,
+                    }
+                });
                 Ok(Collector {
                     url,
                     http_client: None,
+                    grpc_tls,
                 })
             }
             OtlpProtocol::HttpProtobuf => {
-                let ca = otel
-                    .certificate
-                    .as_ref()
-                    .map(|path| {
-                        let pem = std::fs::read(path).with_context(|| {
-                            format!(
-                                "cannot read OTEL_EXPORTER_OTLP_CERTIFICATE={}",
-                                path.display()
-                            )
-                        })?;
+                let ca = ca_pem
+                    .map(|pem| {
                         reqwest::Certificate::from_pem(&pem).with_context(|| {
-                            format!(
-                                "OTEL_EXPORTER_OTLP_CERTIFICATE={} is not a PEM certificate",
-                                path.display()
-                            )
+                            "OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate".to_string()
                         })
                     })
                     .transpose()?;
@@ -437,6 +459,7 @@ impl Collector {
                 Ok(Collector {
                     url: endpoint.clone(),
                     http_client: Some(client),
+                    grpc_tls: None,
                 })
             }
         }

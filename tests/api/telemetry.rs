@@ -972,6 +972,8 @@ async fn an_ingestion_key_goes_with_every_export_and_its_absence_shows_as_lost_s
 /// A test CA and a collector certificate it signs for `localhost` only.
 struct TestPki {
     ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
     cert: rustls::pki_types::CertificateDer<'static>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
 }
@@ -990,6 +992,8 @@ fn test_pki() -> TestPki {
         .unwrap();
     TestPki {
         ca_pem: ca.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
         cert: leaf.der().clone(),
         key: rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
     }
@@ -1101,6 +1105,75 @@ async fn an_https_collector_is_verified_by_name_at_the_pinned_address() {
         }
         terminate(child).await;
         let batches = *received.lock().unwrap();
+        assert_eq!(batches > 0, arrives, "{what}: {batches} span batches");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same over gRPC: a TLS collector (tonic) with the test CA's certificate for `localhost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_collector_over_tls_is_verified_by_name_at_the_pinned_address() {
+    todo_service::net::install_tls_provider();
+    let pki = test_pki();
+    let dir = std::env::temp_dir().join(format!("otlp-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let ca_path = ca_file.to_str().unwrap().to_owned();
+    let cases = [
+        (
+            "localhost, the test CA",
+            "localhost",
+            Some(ca_path.as_str()),
+            true,
+        ),
+        ("localhost, system roots only", "localhost", None, false),
+        (
+            "an address the certificate does not name",
+            "127.0.0.1",
+            Some(ca_path.as_str()),
+            false,
+        ),
+    ];
+    for (what, host, ca, arrives) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let collector = listener.local_addr().unwrap();
+        let receiver = Receiver::default();
+        let identity = tonic::transport::Identity::from_pem(&pki.cert_pem, &pki.key_pem);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let db = TestDb::create().await;
+        let addr = free_addr();
+        let endpoint = format!("https://{host}:{}", collector.port());
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        if let Some(ca) = ca {
+            env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca));
+        }
+        let child = spawn_service(&db, addr, &env, false);
+        let client = crate::helpers::http_client().no_proxy().build().unwrap();
+        wait_ready(&client, addr).await;
+        for _ in 0..3 {
+            let r = client
+                .get(format!("http://{addr}/todos"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{what}: export trouble never reaches a request"
+            );
+        }
+        terminate(child).await;
+        let batches = receiver.0.lock().unwrap().len();
         assert_eq!(batches > 0, arrives, "{what}: {batches} span batches");
     }
     let _ = std::fs::remove_dir_all(&dir);
