@@ -11,7 +11,9 @@ Standard library only, so it runs anywhere Python 3.8+ does (a `python:3-alpine`
 in compose, or a laptop).
 
 Environment:
-  SIGNOZ_URL          SigNoz's UI/API address (default http://localhost:8080)
+  SIGNOZ_URL          SigNoz's UI/API address (default http://localhost:8080, SigNoz's own
+                      install; http://localhost:3301 from the host of this repository's compose
+                      stack, http://signoz:8080 inside it)
   SIGNOZ_API_KEY      an API key (sent as SIGNOZ-API-KEY), or:
   SIGNOZ_EMAIL, SIGNOZ_PASSWORD
                       an admin login (SigNoz's email/password session flow)

@@ -1,7 +1,7 @@
 //! The service's metrics, exported over OTLP next to the traces (see `telemetry`).
 //!
 //! What an operator graphs and alerts on: request duration by route/method/status, rejections by
-//! the protective layer that answered, the pool (open, idle, in use, waiting, max, wait time), the
+//! the protective layer that answered, authentication failures by reason, the pool (open, idle, in use, waiting, max, wait time), the
 //! circuit breaker (state, times opened) and the number of DNS lookups of the database host — 1 in
 //! a healthy run, the invariant the post-mortem's service lacked.
 //!
