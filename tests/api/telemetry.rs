@@ -978,6 +978,19 @@ struct TestPki {
     key: rustls::pki_types::PrivateKeyDer<'static>,
 }
 
+impl Clone for TestPki {
+    fn clone(&self) -> Self {
+        TestPki {
+            ca_pem: self.ca_pem.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            cert: self.cert.clone(),
+            // A private key's clone is spelt out in rustls.
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 fn test_pki() -> TestPki {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -1050,69 +1063,15 @@ async fn start_tls_collector(pki: &TestPki) -> (SocketAddr, Arc<Mutex<usize>>) {
     (addr, received)
 }
 
-/// An https collector: its certificate is checked against the endpoint's host name while the
-/// connection goes to the address resolved once at startup. With the test CA the spans arrive;
-/// without it, or with a name the certificate does not carry, none do, and requests never notice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_collector_is_verified_by_name_at_the_pinned_address() {
-    let pki = test_pki();
-    let dir = std::env::temp_dir().join(format!("otlp-ca-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-    let ca_path = ca_file.to_str().unwrap().to_owned();
-    let cases = [
-        (
-            "localhost, the test CA",
-            "localhost",
-            Some(ca_path.as_str()),
-            true,
-        ),
-        ("localhost, system roots only", "localhost", None, false),
-        (
-            "an address the certificate does not name",
-            "127.0.0.1",
-            Some(ca_path.as_str()),
-            false,
-        ),
-    ];
-    for (what, host, ca, arrives) in cases {
-        let (collector, received) = start_tls_collector(&pki).await;
-        let db = TestDb::create().await;
-        let addr = free_addr();
-        let endpoint = format!("https://{host}:{}", collector.port());
-        let mut env = vec![
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        ];
-        if let Some(ca) = ca {
-            env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca));
-        }
-        let child = spawn_service(&db, addr, &env, false);
-        let client = crate::helpers::http_client().no_proxy().build().unwrap();
-        wait_ready(&client, addr).await;
-        for _ in 0..3 {
-            let r = client
-                .get(format!("http://{addr}/todos"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                r.status(),
-                200,
-                "{what}: export trouble never reaches a request"
-            );
-        }
-        terminate(child).await;
-        let batches = *received.lock().unwrap();
-        assert_eq!(batches > 0, arrives, "{what}: {batches} span batches");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The same over gRPC: a TLS collector (tonic) with the test CA's certificate for `localhost`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_collector_over_tls_is_verified_by_name_at_the_pinned_address() {
+/// Runs the service against a TLS collector three ways: the endpoint's name with the test CA (the
+/// spans arrive), the name with the system's roots only, and an address the certificate does not
+/// name (none arrive); requests are 200 every time. `start` starts a collector and returns its
+/// address and a count of the span batches it accepted.
+async fn spans_reach_a_tls_collector_only_when_verified<F, Fut>(protocol: &str, start: F)
+where
+    F: Fn(TestPki) -> Fut,
+    Fut: std::future::Future<Output = (SocketAddr, Box<dyn Fn() -> usize>)>,
+{
     todo_service::net::install_tls_provider();
     let pki = test_pki();
     let dir = std::env::temp_dir().join(format!("otlp-ca-{}", uuid::Uuid::new_v4().simple()));
@@ -1136,23 +1095,13 @@ async fn a_grpc_collector_over_tls_is_verified_by_name_at_the_pinned_address() {
         ),
     ];
     for (what, host, ca, arrives) in cases {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let collector = listener.local_addr().unwrap();
-        let receiver = Receiver::default();
-        let identity = tonic::transport::Identity::from_pem(&pki.cert_pem, &pki.key_pem);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .unwrap()
-                .add_service(TraceServiceServer::new(receiver.clone()))
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
+        let (collector, received) = start(pki.clone()).await;
         let db = TestDb::create().await;
         let addr = free_addr();
         let endpoint = format!("https://{host}:{}", collector.port());
         let mut env = vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
         ];
         if let Some(ca) = ca {
             env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca));
@@ -1169,12 +1118,49 @@ async fn a_grpc_collector_over_tls_is_verified_by_name_at_the_pinned_address() {
             assert_eq!(
                 r.status(),
                 200,
-                "{what}: export trouble never reaches a request"
+                "{protocol}, {what}: export trouble never reaches a request"
             );
         }
         terminate(child).await;
-        let batches = receiver.0.lock().unwrap().len();
-        assert_eq!(batches > 0, arrives, "{what}: {batches} span batches");
+        let batches = received();
+        assert_eq!(
+            batches > 0,
+            arrives,
+            "{protocol}, {what}: {batches} span batches"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An https collector: its certificate is checked against the endpoint's host name while the
+/// connection goes to the address resolved once at startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_collector_is_verified_by_name_at_the_pinned_address() {
+    spans_reach_a_tls_collector_only_when_verified("http/protobuf", |pki| async move {
+        let (addr, received) = start_tls_collector(&pki).await;
+        let count: Box<dyn Fn() -> usize> = Box::new(move || *received.lock().unwrap());
+        (addr, count)
+    })
+    .await;
+}
+
+/// The same over gRPC: a TLS collector (tonic) with the test CA's certificate for `localhost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_collector_over_tls_is_verified_by_name_at_the_pinned_address() {
+    spans_reach_a_tls_collector_only_when_verified("grpc", |pki| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver = Receiver::default();
+        let identity = tonic::transport::Identity::from_pem(&pki.cert_pem, &pki.key_pem);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let count: Box<dyn Fn() -> usize> = Box::new(move || receiver.0.lock().unwrap().len());
+        (addr, count)
+    })
+    .await;
 }
