@@ -20,6 +20,8 @@ if [ -z "${DATABASE_URL:-}" ]; then
   trap 'exit 130' INT TERM
   pg_start test
   export TEST_DATABASE_URL="$PG_URL"
+  # The TLS tests start PostgreSQL servers of their own (tests/api/pg_tls.rs) from these binaries.
+  export TEST_PG_BIN="$PG_BIN"
 else
   export TEST_DATABASE_URL="$DATABASE_URL"
 fi

@@ -16,8 +16,12 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{
     auth::{Mint, READ_SCOPE, Verifier, jwks, mint_hs256},
-    config::{AuthMode, Config},
-    db::{MIGRATOR, resolve::Resolver},
+    config::{AuthMode, Config, SslMode},
+    db::{
+        MIGRATOR,
+        connect::{Connector, Transport},
+        resolve::Resolver,
+    },
 };
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,7 +121,14 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                     e.var
                 )),
             );
-            for name in ["authentication", "DNS", "TCP reach", "login", "migrations"] {
+            for name in [
+                "authentication",
+                "DNS",
+                "TCP reach",
+                "TLS",
+                "login",
+                "migrations",
+            ] {
                 checks.push(Check::new(
                     name,
                     Status::Skip,
@@ -152,11 +163,35 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
             ok
         }
     };
-    let conn = match (addr, reached) {
-        (Some(addr), true) => {
-            let options = crate::db::pool::aimed_at(&db.connect_options, addr)
-                .application_name("todo-service-doctor");
-            match tokio::time::timeout(STEP_TIMEOUT, PgConnection::connect_with(&options)).await {
+    let connector = Connector::new(
+        db.connect_options
+            .clone()
+            .application_name("todo-service-doctor"),
+        &db.tls,
+        &db.host,
+    );
+    let carried = match (&connector, addr, reached) {
+        (Err(e), _, _) => {
+            checks
+                .push(Check::new("TLS", Status::Fail, format!("{e:#}")).hint(
+                    "Fix the TLS parameters in DATABASE_URL (sslrootcert, sslcert, sslkey).",
+                ));
+            false
+        }
+        (Ok(connector), Some(addr), true) => {
+            let c = tls(connector, addr, &db.host).await;
+            let ok = c.status != Status::Fail;
+            checks.push(c);
+            ok
+        }
+        _ => {
+            checks.push(Check::new("TLS", Status::Skip, "needs TCP reach"));
+            false
+        }
+    };
+    let conn = match (&connector, addr, carried) {
+        (Ok(connector), Some(addr), true) => {
+            match tokio::time::timeout(STEP_TIMEOUT, connector.connect(addr)).await {
                 Ok(Ok(conn)) => {
                     checks.push(Check::new(
                         "login",
@@ -186,7 +221,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
             }
         }
         _ => {
-            checks.push(Check::new("login", Status::Skip, "needs TCP reach"));
+            checks.push(Check::new("login", Status::Skip, "needs TCP reach and TLS"));
             None
         }
     };
@@ -200,6 +235,59 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
     });
     checks.push(otlp(&lookup).await);
     Report { checks }
+}
+
+/// How the database connection is carried: TLS with the certificate's subject, names and expiry,
+/// or plain text and why; on failure, what the server presents and why it was refused.
+async fn tls(connector: &Connector, addr: SocketAddr, host: &str) -> Check {
+    let mode = connector.mode();
+    match tokio::time::timeout(STEP_TIMEOUT, connector.probe(addr)).await {
+        Err(_) => Check::new(
+            "TLS",
+            Status::Fail,
+            format!("no answer to the TLS request within {STEP_TIMEOUT:?}"),
+        ),
+        Ok(Ok(Transport::Tls(cert))) => {
+            let left = cert.not_after.map(|t| t - chrono::Utc::now());
+            let verified = match mode {
+                SslMode::VerifyFull => format!("verified for {host:?}"),
+                SslMode::VerifyCa => "chain verified, name not checked".to_owned(),
+                _ => "not verified".to_owned(),
+            };
+            let detail = format!("sslmode={mode}: {cert}; {verified}");
+            match left {
+                Some(left) if left < chrono::TimeDelta::days(30) => {
+                    Check::new("TLS", Status::Warn, detail).hint(format!(
+                        "The server's certificate expires within {} days: renew it.",
+                        left.num_days().max(0)
+                    ))
+                }
+                _ if !mode.verifies_chain() => Check::new("TLS", Status::Warn, detail).hint(
+                    "Encrypted but the server is not authenticated: use sslmode=verify-full with \
+                     sslrootcert=<your provider's CA file> (or sslrootcert=system).",
+                ),
+                _ => Check::new("TLS", Status::Pass, detail),
+            }
+        }
+        Ok(Ok(Transport::Plain(why))) => {
+            let detail = format!("sslmode={mode}: plain text ({why})");
+            if addr.ip().is_loopback() {
+                Check::new("TLS", Status::Pass, detail)
+            } else {
+                Check::new("TLS", Status::Warn, detail).hint(
+                    "Queries and the password cross the network unencrypted: use \
+                     sslmode=verify-full in DATABASE_URL unless the network is private.",
+                )
+            }
+        }
+        Ok(Err(e)) => {
+            let presented = match connector.inspect(addr).await {
+                Some(Ok(Some(cert))) => format!("The server presents {cert}."),
+                _ => "The server presents no certificate this service could read.".to_owned(),
+            };
+            Check::new("TLS", Status::Fail, e.to_string()).hint(presented)
+        }
+    }
 }
 
 async fn resolve(

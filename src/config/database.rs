@@ -9,6 +9,7 @@ use url::Url;
 
 use super::{
     Var,
+    database_tls::{self, DbTlsSettings},
     env::{ConfigError, Env, invalid},
 };
 
@@ -17,7 +18,10 @@ pub const VARS: &[Var] = &[
         name: "DATABASE_URL",
         default: None,
         help: "Required. PostgreSQL URL, e.g. postgres://user:pass@postgres:5432/todos. The host is \
-               resolved once at startup; its password is never logged.",
+               resolved once at startup; its password is never logged. TLS as in libpq: sslmode \
+               (disable, prefer: the default, require, verify-ca, verify-full), sslrootcert (a CA \
+               file, or system), sslcert + sslkey (a client certificate); the certificate is \
+               checked against the host name while connections go to the pinned address.",
     },
     Var {
         name: "DB_POOL_MAX_SIZE",
@@ -73,6 +77,8 @@ pub struct DatabaseConfig {
     pub connect_options: PgConnectOptions,
     /// Host name from the URL, resolved once at startup by `db::resolve`.
     pub host: String,
+    /// `sslmode` and the certificates, from the URL's query.
+    pub tls: DbTlsSettings,
     pub port: u16,
     pub pool_max_size: usize,
     pub pool_wait_timeout: Duration,
@@ -104,6 +110,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("url", &self.redacted_url())
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("tls", &self.tls)
             .field("pool_max_size", &self.pool_max_size)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -132,6 +139,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
             FORM,
         ));
     }
+    let tls = database_tls::parse(&parsed)?;
     let connect_options = PgConnectOptions::from_str(&url)
         // sqlx's message does not echo the URL, so the password cannot leak through it.
         .map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
@@ -157,6 +165,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
         connect_options,
         host,
         port,
+        tls,
         pool_max_size: env.bounded("DB_POOL_MAX_SIZE", 1, 1000)?,
         pool_wait_timeout: env.duration("DB_POOL_WAIT_TIMEOUT")?,
         connect_timeout: env.duration("DB_CONNECT_TIMEOUT")?,

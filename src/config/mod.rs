@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod database;
+pub mod database_tls;
 mod env;
 pub mod logging;
 pub mod otel;
@@ -30,6 +31,7 @@ use url::Url;
 
 pub use auth::{AuthConfig, AuthMode, JwksSource, JwtConfig};
 pub use database::{DatabaseConfig, redact_url};
+pub use database_tls::{ClientCert, DbTlsSettings, RootCert, SslMode};
 pub use env::ConfigError;
 pub use logging::LogFormat;
 pub use otel::{OtelConfig, OtlpProtocol, TraceSampler};

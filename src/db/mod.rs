@@ -17,16 +17,22 @@
 //! macros would make a fresh build depend on a live database or on a committed `.sqlx/` cache that
 //! can go stale without sqlx-cli in CI. Instead every query in [`todos`] is exercised by the
 //! integration tests against a real PostgreSQL, which catches the same mistakes.
+//!
+//! TLS ([`connect`], [`tls`], `relay`) is negotiated by this crate rather than sqlx, so the
+//! certificate can be checked against the host name while connections go to the pinned address.
 
 mod backoff;
 pub mod breaker;
+pub mod connect;
 mod error;
 pub mod idempotency;
 mod migrate;
 pub mod pool;
 mod re_resolve;
+mod relay;
 pub mod resolve;
 mod session;
+pub mod tls;
 pub mod todos;
 
 pub use error::{DbError, classify};
@@ -46,6 +52,7 @@ use sqlx::Connection;
 
 use crate::config::{BreakerConfig, DatabaseConfig};
 use breaker::{Breaker, BreakerState};
+use connect::Connector;
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
 use session::within;
@@ -145,7 +152,8 @@ impl Db {
                     idle_in_transaction.as_str(),
                 ),
             ]);
-        let manager = PgManager::new(options, Arc::clone(&address), config.max_lifetime);
+        let connector = Connector::new(options, &config.tls, &config.host)?;
+        let manager = PgManager::new(connector, Arc::clone(&address), config.max_lifetime);
         let pool = Pool::builder(manager)
             .max_size(config.pool_max_size)
             .wait_timeout(Some(config.pool_wait_timeout))

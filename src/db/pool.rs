@@ -7,10 +7,9 @@
 //! provides this manager (`deadpool-sqlx` does not exist), so it is written here; it is small.
 //!
 //! Every connection is opened to the address in [`PinnedAddress`], never to the host name, so
-//! opening connections never touches DNS.
+//! opening connections never touches DNS; [`Connector`] adds TLS when `sslmode` asks for it.
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -19,12 +18,9 @@ use std::{
 };
 
 use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
-use sqlx::{
-    Connection,
-    postgres::{PgConnectOptions, PgConnection},
-};
+use sqlx::{Connection, postgres::PgConnection};
 
-use super::resolve::PinnedAddress;
+use super::{connect::Connector, resolve::PinnedAddress};
 
 /// A connection idle for longer than this is pinged before it is handed out again. Connections in
 /// steady use skip the round trip; one that sat idle (and may have been cut by a firewall, a
@@ -34,7 +30,7 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// Opens sqlx connections to the pinned database address.
 #[derive(Debug)]
 pub struct PgManager {
-    options: PgConnectOptions,
+    connector: Connector,
     address: Arc<PinnedAddress>,
     /// Reference point for `suspect_mark`.
     epoch: Instant,
@@ -47,14 +43,13 @@ pub struct PgManager {
 }
 
 impl PgManager {
-    /// `options` come from `DATABASE_URL` plus per-connection settings; only the host is replaced.
     pub fn new(
-        options: PgConnectOptions,
+        connector: Connector,
         address: Arc<PinnedAddress>,
         max_lifetime: Option<Duration>,
     ) -> Self {
         PgManager {
-            options,
+            connector,
             address,
             epoch: Instant::now(),
             suspect_mark: AtomicU64::new(0),
@@ -97,14 +92,6 @@ impl PgManager {
     }
 }
 
-/// `options` with the host replaced by the pinned address: no connection ever looks a name up.
-pub fn aimed_at(options: &PgConnectOptions, addr: SocketAddr) -> PgConnectOptions {
-    options
-        .clone()
-        .host(&addr.ip().to_string())
-        .port(addr.port())
-}
-
 impl Manager for PgManager {
     type Type = PgConnection;
     type Error = sqlx::Error;
@@ -119,7 +106,7 @@ impl Manager for PgManager {
                 ),
             ))
         })?;
-        PgConnection::connect_with(&aimed_at(&self.options, addr)).await
+        self.connector.connect(addr).await
     }
 
     async fn recycle(
@@ -152,7 +139,14 @@ mod tests {
     async fn manager(max_lifetime: Option<Duration>) -> PgManager {
         // An IP literal: resolving it does no lookup.
         let address = PinnedAddress::resolve("127.0.0.1", 5432, Arc::new(SystemResolver)).await;
-        PgManager::new(PgConnectOptions::new(), address, max_lifetime)
+        let plain = crate::config::DbTlsSettings {
+            mode: crate::config::SslMode::Disable,
+            root_cert: crate::config::RootCert::None,
+            client_cert: None,
+        };
+        let connector =
+            Connector::new(sqlx::postgres::PgConnectOptions::new(), &plain, "127.0.0.1").unwrap();
+        PgManager::new(connector, address, max_lifetime)
     }
 
     fn aged(age: Duration, nanos: u32) -> Metrics {

@@ -71,24 +71,33 @@ fn init_logging() {
 /// A database created for one test and dropped after it.
 pub struct TestDb {
     pub name: String,
+    /// The server's admin URL (the shared test server's unless a test started its own).
+    pub admin: Url,
 }
 
 impl TestDb {
     pub async fn create() -> TestDb {
+        TestDb::create_on(admin_url()).await
+    }
+
+    pub async fn create_on(admin_url: Url) -> TestDb {
         let name = format!("todo_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(admin_url().as_str())
+        let mut admin = PgConnection::connect(admin_url.as_str())
             .await
-            .expect("connect to TEST_DATABASE_URL");
+            .expect("connect to the test server");
         admin
             .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
             .await
             .expect("create test database");
-        TestDb { name }
+        TestDb {
+            name,
+            admin: admin_url,
+        }
     }
 
     /// URL of this database on the test server.
     pub fn url(&self) -> Url {
-        let mut url = admin_url();
+        let mut url = self.admin.clone();
         url.set_path(&self.name);
         url
     }
@@ -104,6 +113,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin_url = self.admin.clone();
         // Drop runs outside async context (possibly during a panic), so use a private runtime on
         // its own thread. FORCE ends the app's pooled connections.
         let _ = std::thread::spawn(move || {
@@ -112,7 +122,7 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(admin_url().as_str()).await {
+                if let Ok(mut admin) = PgConnection::connect(admin_url.as_str()).await {
                     let _ = admin
                         .execute(sqlx::AssertSqlSafe(format!(
                             r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
@@ -161,6 +171,10 @@ pub struct AppOptions {
     pub db_via: Option<(String, u16)>,
     /// Wait until `/ready` says 200 before returning.
     pub wait_ready: bool,
+    /// Create the test database on this server (its admin URL) instead of the shared one.
+    pub db_server: Option<Url>,
+    /// Replaces the query of the app's `DATABASE_URL` (TLS settings).
+    pub db_query: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -170,6 +184,8 @@ impl Default for AppOptions {
             resolver: Arc::new(SystemResolver),
             db_via: None,
             wait_ready: true,
+            db_server: None,
+            db_query: None,
         }
     }
 }
@@ -180,11 +196,18 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     init_logging();
-    let test_db = Arc::new(TestDb::create().await);
+    let test_db = Arc::new(match opts.db_server {
+        Some(admin) => TestDb::create_on(admin).await,
+        None => TestDb::create().await,
+    });
     let mut env = opts.env;
+    let mut url = test_db.url();
+    if let Some(query) = &opts.db_query {
+        url.set_query(Some(query));
+    }
     let url = match opts.db_via {
-        Some((host, port)) => with_host(&test_db.url(), &host, port),
-        None => test_db.url().to_string(),
+        Some((host, port)) => with_host(&url, &host, port),
+        None => url.to_string(),
     };
     env.insert("DATABASE_URL".into(), url);
     env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
@@ -366,6 +389,7 @@ pub async fn assert_problem(r: reqwest::Response, status: u16, code: &str) -> se
 /// unreachable without stopping the shared server.
 pub struct TcpProxy {
     pub addr: SocketAddr,
+    upstream: SocketAddr,
     task: Option<JoinHandle<()>>,
     /// While set, bytes are held instead of forwarded and nothing is closed: a black hole, as
     /// when the peer vanished without a FIN (half-open TCP).
@@ -375,11 +399,17 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// A port with nothing listening yet (the proxy is not started).
     pub async fn reserve() -> TcpProxy {
+        TcpProxy::reserve_for(server_addr()).await
+    }
+
+    /// The same, in front of another server.
+    pub async fn reserve_for(upstream: SocketAddr) -> TcpProxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
         TcpProxy {
             addr,
+            upstream,
             task: None,
             frozen: Arc::default(),
         }
@@ -392,7 +422,7 @@ impl TcpProxy {
     /// Starts forwarding `self.addr` to the test server.
     pub async fn start(&mut self) {
         let listener = bind_retrying(self.addr).await;
-        let upstream = server_addr();
+        let upstream = self.upstream;
         let frozen = Arc::clone(&self.frozen);
         self.task = Some(tokio::spawn(async move {
             // A JoinSet aborts every forwarded connection when the proxy task is dropped, which

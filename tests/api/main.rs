@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod compose;
 mod conditional;
+mod db_tls;
 mod errors;
 // Shared with the drills binary, which uses parts this one does not.
 #[allow(dead_code)]
@@ -18,6 +19,9 @@ mod limits;
 mod migrations;
 mod openapi;
 mod operations;
+// Shared with the drills binary.
+#[allow(dead_code)]
+mod pg_tls;
 mod scripts;
 mod signoz;
 mod telemetry;

@@ -10,9 +10,13 @@
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+#[path = "../api/pg_tls.rs"]
+#[allow(dead_code)]
+mod pg_tls;
 
 mod cancellation;
 mod fault_proxy;
+mod tls;
 
 use std::{
     collections::BTreeMap,
@@ -77,7 +81,7 @@ fn summary(outcomes: &[&Outcome]) -> BTreeMap<String, usize> {
 }
 
 async fn terminate_app_connections(app: &TestApp) -> i64 {
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url().as_str())
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(app.test_db.admin.as_str())
         .await
         .unwrap();
     sqlx::query_scalar::<_, i64>(
