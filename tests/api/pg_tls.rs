@@ -183,9 +183,13 @@ impl TlsPostgres {
     /// `pg_ctl restart`: every connection ends, the server is back when this returns.
     pub fn restart(&self) {
         let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+        // With the log file again: a server started without one writes to pg_ctl's output, whose
+        // pipe would then never close.
         run(owner(as_root, &self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
+            .arg("-l")
+            .arg(self.dir.join("server").join("server.log"))
             .args(["-m", "fast", "-w", "-t", "60", "restart"]));
     }
 
