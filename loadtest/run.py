@@ -31,7 +31,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "auth", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "auth", "db_tls", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 # Every run is authenticated, as production is (AUTH_MODE=jwt): one caller, whose token each
@@ -499,6 +499,82 @@ def auth(svc, args, res):
         f"(+{res['auth']['verification_cpu_us']} µs)")
 
 
+def set_server_tls(database_url, data_dir, on):
+    """Turns TLS on (with a fresh self-signed certificate in the cluster's directory) or off on the
+    throwaway cluster, by ALTER SYSTEM and a reload: no restart."""
+    if on:
+        key, crt = (os.path.join(data_dir, f"loadtest-server.{ext}") for ext in ("key", "crt"))
+        subprocess.run(as_owner(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                                 "-subj", "/CN=localhost", "-keyout", key, "-out", crt]),
+                       cwd="/", check=True, capture_output=True, timeout=60)
+        subprocess.run(as_owner(["chmod", "600", key]), cwd="/", check=True, timeout=30)
+        psql(database_url, f"ALTER SYSTEM SET ssl_cert_file = '{crt}'")
+        psql(database_url, f"ALTER SYSTEM SET ssl_key_file = '{key}'")
+        psql(database_url, "ALTER SYSTEM SET ssl = on")
+    else:
+        for setting in ("ssl", "ssl_cert_file", "ssl_key_file"):
+            psql(database_url, f"ALTER SYSTEM RESET {setting}")
+    psql(database_url, "SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
+def db_tls(svc, args, res):
+    """What TLS to PostgreSQL costs: get-one at c=64 with the service's connections over TLS
+    (sslmode=require) against the same build in plain text (sslmode=disable), on the same server
+    with ssl = on, interleaved; and pgbench, whose libpq speaks TLS natively, the same way. The
+    service's TLS goes through the relay (src/db/relay.rs) that hands sqlx the stream, so the
+    difference between the two ratios is that hop's cost beyond TLS itself."""
+    pg = Postgres()
+    if not svc.proc or not pg.available():
+        res["db_tls"] = {"skipped": "needs the throwaway cluster and a service this script starts"}
+        log("  skipped: needs the throwaway cluster and a service this script starts")
+        return
+    sep = "&" if "?" in svc.database_url else "?"
+    targets = {"tls": Service(None, svc.database_url + sep + "sslmode=require"),
+               "plain": Service(None, svc.database_url + sep + "sslmode=disable")}
+    extra, script = WORKLOADS["get-one"]
+    rps = {"tls": [], "plain": []}
+    tps = {"tls": [], "plain": []}
+    cpu = {"tls": [], "plain": []}
+    commands = []
+    set_server_tls(svc.database_url, pg.data, True)
+    try:
+        encrypted = psql(svc.database_url + sep + "sslmode=require",
+                         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").strip()
+        if encrypted != "t":
+            raise RuntimeError(f"the server did not turn TLS on (pg_stat_ssl says {encrypted!r})")
+        for t in targets.values():
+            t.start()
+        for _ in range(2):
+            for name, target in targets.items():
+                r, cmd, us = oha_cpu(target, extra, args.duration)
+                b, bcmd = pgbench(target.database_url, script, args.duration, 64, min(args.rows, 999))
+                rps[name].append(r["rps"])
+                tps[name].append(b["tps"])
+                cpu[name].append(us)
+                commands += [cmd, bcmd]
+                log(f"  db {name}: service {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
+                    f"{us} µs/request), pgbench {b['tps']:.0f} tps")
+    finally:
+        for t in targets.values():
+            t.stop()
+        set_server_tls(svc.database_url, pg.data, False)
+
+    def ratio(a, b):
+        return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
+
+    cpus = {k: round(statistics.mean(v), 1) if None not in v else None for k, v in cpu.items()}
+    res["db_tls"] = {"workload": "get-one, oha c=64; pgbench get-one.sql c=64; sslmode=require vs disable",
+                     "rps": rps, "pgbench_tps": tps, "cpu_us_per_request": cpus,
+                     "service_ratio": ratio(rps["tls"], rps["plain"]),
+                     "pgbench_ratio": ratio(tps["tls"], tps["plain"]),
+                     "commands": commands[:4]}
+    log(f"  TLS to PostgreSQL: the service keeps {res['db_tls']['service_ratio']} of its plain "
+        f"throughput, pgbench {res['db_tls']['pgbench_ratio']}; service CPU {cpus['tls']} vs "
+        f"{cpus['plain']} µs/request")
+
+
 def telemetry(svc, args, res):
     """What observability costs: throughput and the service's CPU per request with spans, metrics
     and logs exported to a receiver, and with logs at the default level, against neither. Three
@@ -893,6 +969,13 @@ def summary(res):
                      f"(ratio {a['rps_ratio']}); service CPU {a['cpu_us_per_request']['jwt']} vs "
                      f"{a['cpu_us_per_request']['none']} µs/request: verification "
                      f"+{a['verification_cpu_us']} µs/request.")
+    if "db_tls" in res and "skipped" not in res["db_tls"]:
+        d = res["db_tls"]
+        lines.append(f"TLS to PostgreSQL (get-one, c=64, interleaved, sslmode=require vs disable): "
+                     f"service {statistics.mean(d['rps']['tls']):.0f} vs {statistics.mean(d['rps']['plain']):.0f} rps "
+                     f"(ratio {d['service_ratio']}), pgbench {statistics.mean(d['pgbench_tps']['tls']):.0f} vs "
+                     f"{statistics.mean(d['pgbench_tps']['plain']):.0f} tps (ratio {d['pgbench_ratio']}); "
+                     f"service CPU {d['cpu_us_per_request']['tls']} vs {d['cpu_us_per_request']['plain']} µs/request.")
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "

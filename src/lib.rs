@@ -15,7 +15,8 @@
 //! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
 //!   logs (the request span itself is in `http`).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
-//!   manager for sqlx connections ([`db::pool`]), every call's life from breaker permit to a
+//!   manager for sqlx connections ([`db::pool`]), TLS at the pinned address with the certificate
+//!   checked against the host name ([`db::connect`], [`db::tls`]), every call's life from breaker permit to a
 //!   connection in a known state, cancelled or not (`db::session`), migrations, and the queries
 //!   ([`db::todos`], [`db::idempotency`]). Knows nothing of HTTP, OpenAPI or the metrics.
 //! - [`metrics`]: request, pool, breaker and DNS metrics, read from `db`, exported with the traces.

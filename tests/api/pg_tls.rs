@@ -3,6 +3,7 @@
 //! The shared test server runs without TLS (and may be anyone's server, via `TEST_DATABASE_URL`),
 //! so TLS tests start their own from the same binaries `scripts/test.sh` found (`TEST_PG_BIN`),
 //! as the `postgres` user when the tests run as root. It is stopped and removed on drop.
+//! [`TestCa`] also signs the TLS collectors' certificates in `telemetry.rs`.
 
 use std::{
     net::SocketAddr,
