@@ -5,7 +5,7 @@
 #
 #   loadtest/run.sh [--quick] [--duration SECS] [--soak SECS] [--scenarios spike,steps,...] [--url URL]
 #
-# Installs what is missing (ab, oha, matplotlib) and says so; starts a throwaway PostgreSQL and the
+# Installs what is missing (ab, oha, openssl, matplotlib) and says so; starts a throwaway PostgreSQL and the
 # service in release mode unless DATABASE_URL / --url point at running ones; targets 127.0.0.1 only;
 # stops everything it started on exit, Ctrl-C or failure. Results: loadtest/results/<UTC>.json, a
 # Markdown summary beside it, and PNG plots. See loadtest/README.md.
@@ -22,6 +22,12 @@ if ! command -v ab >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends apache2-utils >/dev/null
   installed+=("ab (apt apache2-utils)")
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl (Debian) for the db_tls scenario's server certificate..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends openssl >/dev/null
+  installed+=("openssl (apt)")
 fi
 OHA_VERSION=1.16.0
 export PATH="$HOME/.cargo/bin:$PATH"
