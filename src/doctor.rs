@@ -19,6 +19,7 @@ use crate::{
     config::{AuthMode, Config, SslMode},
     db::{
         MIGRATOR,
+        budget::ServerConnections,
         connect::{Connector, Transport},
         resolve::Resolver,
     },
@@ -225,14 +226,17 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
             None
         }
     };
-    checks.push(match conn {
+    match conn {
         Some(mut conn) => {
-            let c = migrations(&mut conn).await;
+            checks.push(budget(&mut conn, db.pool_max_size).await);
+            checks.push(migrations(&mut conn).await);
             let _ = conn.close().await;
-            c
         }
-        None => Check::new("migrations", Status::Skip, "needs login"),
-    });
+        None => {
+            checks.push(Check::new("connection budget", Status::Skip, "needs login"));
+            checks.push(Check::new("migrations", Status::Skip, "needs login"));
+        }
+    }
     checks.push(otlp(&lookup).await);
     Report { checks }
 }
@@ -287,6 +291,43 @@ async fn tls(connector: &Connector, addr: SocketAddr, host: &str) -> Check {
             };
             Check::new("TLS", Status::Fail, e.to_string()).hint(presented)
         }
+    }
+}
+
+/// This replica's pool beside the server's `max_connections`, which every replica shares.
+async fn budget(conn: &mut PgConnection, pool_max_size: usize) -> Check {
+    let s = match ServerConnections::read(conn).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Check::new(
+                "connection budget",
+                Status::Warn,
+                format!("cannot read: {e}"),
+            );
+        }
+    };
+    let usable = s.max_connections - s.reserved;
+    let detail = format!(
+        "server max_connections {} ({} reserved), {} in use, {} free; this replica's pool up to \
+         {pool_max_size} (DB_POOL_MAX_SIZE): room for {} more replicas of that size",
+        s.max_connections,
+        s.reserved,
+        s.in_use,
+        s.free(),
+        s.more_replicas(pool_max_size)
+    );
+    if pool_max_size as i64 > i64::from(usable) {
+        Check::new("connection budget", Status::Warn, detail).hint(
+            "One replica's pool can take every connection the server allows: lower \
+             DB_POOL_MAX_SIZE, or put a pooler (PgBouncer) in front.",
+        )
+    } else if (s.free() as usize) < pool_max_size {
+        Check::new("connection budget", Status::Warn, detail).hint(
+            "Another replica of this size would not fit: keep replicas × DB_POOL_MAX_SIZE below \
+             max_connections less the reserved and other clients' connections, or use a pooler.",
+        )
+    } else {
+        Check::new("connection budget", Status::Pass, detail)
     }
 }
 

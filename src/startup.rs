@@ -4,7 +4,15 @@
 //! for port 0 and the binary and the tests share one path. [`Application::run_until`] takes the
 //! shutdown signal as a future, which lets tests stop the server and `main` wire SIGTERM/SIGINT.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
@@ -62,6 +70,8 @@ pub struct Application {
     admin: Option<(TcpListener, axum::Router)>,
     db: Db,
     shutdown_timeout: Duration,
+    readiness_delay: Duration,
+    draining: Arc<AtomicBool>,
     limits: http::serve::Limits,
 }
 
@@ -103,6 +113,7 @@ impl Application {
             "connecting to the database lazily"
         );
         let db = Db::connect(&config.database, config.breaker, resolver).await?;
+        let draining = Arc::new(AtomicBool::new(false));
         let state = AppState::new(http::Shared {
             db: db.clone(),
             public_base_url: config
@@ -111,6 +122,7 @@ impl Application {
                 .map(|u| Arc::from(u.as_str().trim_end_matches('/'))),
             fallback_base_url: Arc::from(format!("http://{local}")),
             idempotency_key_ttl: config.idempotency_key_ttl,
+            draining: Arc::clone(&draining),
         });
         spawn_idempotency_sweeper(&db);
         crate::metrics::register_db(&db);
@@ -123,6 +135,8 @@ impl Application {
             admin,
             db,
             shutdown_timeout: config.shutdown_timeout,
+            readiness_delay: config.shutdown_readiness_delay,
+            draining,
             limits: http::serve::Limits {
                 header_read_timeout: config.header_read_timeout,
                 max_connections: config.max_connections,
@@ -147,8 +161,10 @@ impl Application {
         &self.db
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
-    /// for up to `SHUTDOWN_TIMEOUT`, and closes the pool.
+    /// Serves until `shutdown` completes; then `/ready` says 503 for `SHUTDOWN_READINESS_DELAY`
+    /// while everything is still served (load balancers take the replica out of rotation), then
+    /// it stops accepting, lets in-flight requests finish for up to `SHUTDOWN_TIMEOUT`, and closes
+    /// the pool.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -168,8 +184,17 @@ impl Application {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             }));
         }
+        let (draining, readiness_delay) = (self.draining, self.readiness_delay);
         let server = http::serve::serve(self.listener, self.router, self.limits, async move {
             shutdown.await;
+            draining.store(true, Ordering::Relaxed);
+            if !readiness_delay.is_zero() {
+                tracing::info!(
+                    ?readiness_delay,
+                    "shutting down: /ready answers 503 while requests are still served"
+                );
+                tokio::time::sleep(readiness_delay).await;
+            }
             let _ = signalled_tx.send(());
         });
         let deadline = self.shutdown_timeout;

@@ -109,6 +109,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
+    /// On a shutdown signal, `/ready` says 503 for this long before the listener closes.
+    pub shutdown_readiness_delay: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
@@ -146,6 +148,7 @@ impl Config {
             max_body_bytes: server.max_body_bytes,
             cors_allowed_origins: server.cors_allowed_origins,
             shutdown_timeout: server.shutdown_timeout,
+            shutdown_readiness_delay: server.shutdown_readiness_delay,
             header_read_timeout: server.header_read_timeout,
             body_read_timeout: server.body_read_timeout,
             max_connections: server.max_connections,

@@ -71,9 +71,19 @@ pub const VARS: &[Var] = &[
                (100 to 1000000).",
     },
     Var {
+        name: "SHUTDOWN_READINESS_DELAY",
+        default: Some("0s"),
+        help: "On SIGTERM/SIGINT, how long /ready answers 503 (draining) while the service still \
+               serves everything, before it stops accepting connections (0-5m): long enough for \
+               load balancers' health checks to take it out of rotation (e.g. 5s for HAProxy \
+               checking every 1s, fall 3; Kubernetes needs the endpoint removed too). The orchestrator's \
+               grace period must exceed this plus SHUTDOWN_TIMEOUT.",
+    },
+    Var {
         name: "SHUTDOWN_TIMEOUT",
         default: Some("10s"),
-        help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.",
+        help: "On SIGTERM/SIGINT, after SHUTDOWN_READINESS_DELAY, how long in-flight requests may \
+               take to finish before exit.",
     },
 ];
 
@@ -86,6 +96,7 @@ pub(super) struct Server {
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
     pub shutdown_timeout: Duration,
+    pub shutdown_readiness_delay: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
@@ -110,6 +121,11 @@ pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
         max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
         cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
         shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
+        shutdown_readiness_delay: env.duration_within(
+            "SHUTDOWN_READINESS_DELAY",
+            Duration::ZERO..=Duration::from_secs(300),
+            "a duration from 0s to 5m, such as 5s",
+        )?,
         header_read_timeout: env.duration_within(
             "HTTP_HEADER_READ_TIMEOUT",
             Duration::from_secs(1)..=Duration::from_secs(300),

@@ -23,6 +23,7 @@
 
 mod backoff;
 pub mod breaker;
+pub mod budget;
 pub mod connect;
 mod error;
 pub mod idempotency;

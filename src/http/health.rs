@@ -23,7 +23,7 @@ use super::{
     code::Code,
     error::{ApiError, Problem},
 };
-use crate::db::{DbStatus, breaker::BreakerState};
+use crate::db::{DbStatus, breaker::BreakerState, budget::ServerConnections};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -78,6 +78,9 @@ pub struct DatabaseCheck {
     pub dns_lookups: u64,
     pub migrations_applied: bool,
     pub pool: PoolCheck,
+    /// The server's connection limit that every replica's pool shares (when it could be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_connections: Option<ServerConnectionsCheck>,
     pub circuit: CircuitCheck,
     /// What is wrong, when `status` is `fail`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,7 +92,33 @@ pub struct PoolCheck {
     pub max_size: usize,
     pub size: usize,
     pub available: usize,
+    /// Connections lent to calls now (`size - available`).
+    pub in_use: usize,
     pub waiting: usize,
+}
+
+/// The connection budget: `max_connections` less the reserved ones is shared by every replica.
+#[derive(Serialize)]
+pub struct ServerConnectionsCheck {
+    pub max_connections: i32,
+    pub reserved: i32,
+    /// Client connections open on the server now, from every replica and anything else.
+    pub in_use: i32,
+    pub free: i32,
+    /// Replicas with this one's `DB_POOL_MAX_SIZE` that would still fit.
+    pub more_replicas_at_this_pool_size: i64,
+}
+
+impl ServerConnectionsCheck {
+    fn new(s: ServerConnections, pool_max_size: usize) -> Self {
+        ServerConnectionsCheck {
+            max_connections: s.max_connections,
+            reserved: s.reserved,
+            in_use: s.in_use,
+            free: s.free(),
+            more_replicas_at_this_pool_size: s.more_replicas(pool_max_size),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -120,8 +149,10 @@ impl From<DbStatus> for DatabaseCheck {
                 max_size: s.pool.max_size,
                 size: s.pool.size,
                 available: s.pool.available,
+                in_use: s.pool.size.saturating_sub(s.pool.available),
                 waiting: s.pool.waiting,
             },
+            server_connections: None,
             circuit: CircuitCheck {
                 state: match s.breaker {
                     BreakerState::Closed => CircuitState::Closed,
@@ -159,6 +190,9 @@ pub async fn health() -> axum::Json<Health> {
     )
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if let Some(draining) = draining(&state) {
+        return draining;
+    }
     let status = state.db.check().await;
     if status.error.is_none() {
         return axum::Json(Ready {
@@ -186,7 +220,18 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// database: the host and the address pinned for it, DNS lookups, migrations, the pool, the
 /// breaker's counters and, when not ready, the error as the driver gave it.
 pub async fn ready_detail(State(state): State<AppState>) -> Response {
-    let database = DatabaseCheck::from(state.db.check().await);
+    if let Some(draining) = draining(&state) {
+        return draining;
+    }
+    let mut database = DatabaseCheck::from(state.db.check().await);
+    if database.error.is_none() {
+        database.server_connections = state
+            .db
+            .server_connections()
+            .await
+            .ok()
+            .map(|s| ServerConnectionsCheck::new(s, database.pool.max_size));
+    }
     let Some(detail) = database.error.clone() else {
         return axum::Json(ReadyDetail {
             status: "ready",
@@ -198,6 +243,19 @@ pub async fn ready_detail(State(state): State<AppState>) -> Response {
         &detail,
         serde_json::json!({ "checks": { "database": database } }),
     )
+}
+
+/// 503 while a shutdown drains, without asking the database: the answer must not depend on it.
+fn draining(state: &AppState) -> Option<Response> {
+    state
+        .draining
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| {
+            not_ready(
+                "the service is shutting down; it still serves requests until it stops accepting",
+                serde_json::json!({ "checks": { "shutdown": { "status": "draining" } } }),
+            )
+        })
 }
 
 fn not_ready(detail: &str, checks: serde_json::Value) -> Response {

@@ -80,6 +80,9 @@ pub struct Shared {
     pub fallback_base_url: Arc<str>,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_key_ttl: Duration,
+    /// Set when a shutdown began: `/ready` answers 503 so load balancers stop routing here,
+    /// while every route still serves (`startup` sets it, `SHUTDOWN_READINESS_DELAY`).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The whole application: routes, docs, fallbacks and layers.

@@ -150,14 +150,49 @@ async fn doctor_passes_against_a_healthy_database() {
         .await
         .unwrap();
     assert_eq!(code, Some(0), "{report}");
-    for check in ["configuration", "DNS", "TCP reach", "login", "migrations"] {
+    for check in [
+        "configuration",
+        "DNS",
+        "TCP reach",
+        "TLS",
+        "login",
+        "connection budget",
+        "migrations",
+    ] {
         assert!(line(&report, check).contains("[pass]"), "{report}");
     }
+    assert!(
+        line(&report, "TLS").contains("plain text (the server declined TLS"),
+        "the shared test server runs without TLS: {report}"
+    );
+    let budget = line(&report, "connection budget");
+    assert!(
+        budget.contains("server max_connections")
+            && budget.contains("pool up to 16 (DB_POOL_MAX_SIZE)"),
+        "{report}"
+    );
     assert!(
         line(&report, "OTLP endpoint").contains("[skip]"),
         "{report}"
     );
     assert!(report.contains("all checks passed"), "{report}");
+
+    // A pool as large as the server's whole limit is worth a warning, not a failure.
+    let url = app.test_db.url().to_string();
+    let (code, report) = tokio::task::spawn_blocking(move || {
+        doctor(&[("DATABASE_URL", &url), ("DB_POOL_MAX_SIZE", "1000")])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        line(&report, "connection budget").contains("[warn]"),
+        "{report}"
+    );
+    assert!(
+        report.contains("One replica's pool can take every connection"),
+        "{report}"
+    );
 }
 
 #[test]

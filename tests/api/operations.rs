@@ -37,6 +37,22 @@ async fn health_answers_and_ready_reports_the_database_in_detail_only_to_operato
     assert_eq!(db["address"], crate::helpers::server_addr().to_string());
     assert_eq!(db["circuit"]["state"], "closed");
     assert!(db["pool"]["max_size"].is_u64(), "{body}");
+    assert!(db["pool"]["in_use"].is_u64(), "{body}");
+    // The budget every replica shares, read from the server itself.
+    let server = &db["server_connections"];
+    let (max, reserved, in_use, free) = (
+        server["max_connections"].as_i64().unwrap(),
+        server["reserved"].as_i64().unwrap(),
+        server["in_use"].as_i64().unwrap(),
+        server["free"].as_i64().unwrap(),
+    );
+    assert!(max > 0 && in_use >= 1, "{body}");
+    assert_eq!(free, (max - reserved - in_use).max(0), "{body}");
+    assert_eq!(
+        server["more_replicas_at_this_pool_size"].as_i64().unwrap(),
+        free / db["pool"]["max_size"].as_i64().unwrap(),
+        "{body}"
+    );
     assert_eq!(app.admin_get("/health").await.status(), 200);
     assert_problem(app.admin_get("/todos").await, 404, "route_not_found").await;
 }
@@ -243,6 +259,63 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn on_shutdown_ready_turns_503_first_while_every_request_is_still_served() {
+    let mut opts = AppOptions::default();
+    opts.env
+        .insert("SHUTDOWN_READINESS_DELAY".into(), "1s".into());
+    let app = spawn_app_with(opts).await;
+    let todo = app.create(json!({"title": "still here"})).await;
+    let (client, todo_url) = (
+        app.client.clone(),
+        app.url(&format!("/todos/{}", todo["id"])),
+    );
+    let ready = app.url("/ready");
+    let admin_ready = format!("http://{}/ready", app.admin_addr.unwrap());
+    let addr = app.addr;
+
+    let signalled = Instant::now();
+    let stopping = tokio::spawn(app.stop());
+    let mut turned = None;
+    while signalled.elapsed() < Duration::from_millis(500) {
+        if client.get(&ready).send().await.unwrap().status() == 503 {
+            turned = Some(signalled.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let turned = turned.expect("/ready answers 503 within 500 ms of the signal");
+    let body = assert_problem(client.get(&ready).send().await.unwrap(), 503, "not_ready").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+    assert!(body["checks"]["shutdown"]["status"] == "draining", "{body}");
+    assert_eq!(client.get(&admin_ready).send().await.unwrap().status(), 503);
+    // Meanwhile everything is served, on kept-alive and on new connections alike.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.get(&todo_url).send().await.unwrap().status(), 200);
+    let fresh = crate::helpers::http_client().build().unwrap();
+    assert_eq!(fresh.get(&todo_url).send().await.unwrap().status(), 200);
+    assert!(
+        signalled.elapsed() < Duration::from_millis(900),
+        "still inside the delay"
+    );
+
+    stopping.await.unwrap().expect("clean shutdown");
+    let stopped = signalled.elapsed();
+    eprintln!("/ready 503 after {turned:?}; stopped after {stopped:?} (delay 1 s)");
+    assert!(
+        stopped >= Duration::from_secs(1),
+        "the listener stayed open for the delay: {stopped:?}"
+    );
+    assert!(stopped < Duration::from_secs(3), "{stopped:?}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
 }
 
 fn tokio_stream(
