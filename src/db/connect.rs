@@ -1,7 +1,7 @@
 //! Opening one PostgreSQL connection to the pinned address, with or without TLS.
 //!
 //! Plain connections go straight from sqlx to the address. TLS is negotiated here ([`super::tls`])
-//! and the stream handed to sqlx ([`super::relay`]), so that the address stays pinned while the
+//! and the stream handed to sqlx (`relay`), so that the address stays pinned while the
 //! certificate is checked against the host name. `sslmode` decides between them, as in libpq:
 //! `prefer` falls back to plain when the server declines TLS or the handshake fails, `require` and
 //! stronger refuse to.

@@ -8,7 +8,7 @@
 //! by. The choices were a patched sqlx (a fork to carry from release to release) or doing here
 //! what libpq does with `host` + `hostaddr`: TCP to the pinned address, PostgreSQL's SSLRequest,
 //! then a rustls handshake whose server name (SNI and verification) is the configured host. We
-//! chose the latter; [`super::relay`] hands the encrypted stream to sqlx.
+//! chose the latter; `relay` hands the encrypted stream to sqlx.
 //!
 //! This module builds the rustls configuration once (CA and client certificate files are read at
 //! startup, so a missing file stops the service naming it), performs the handshake, turns rustls'
