@@ -25,6 +25,10 @@ if [ -z "${DATABASE_URL:-}" ]; then
 else
   export TEST_DATABASE_URL="$DATABASE_URL"
 fi
+# tests/api/pgbouncer.rs runs the service through a PgBouncer of its own.
+pg_ensure_pgbouncer
+TEST_PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+export TEST_PGBOUNCER
 # Load drills open thousands of sockets.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

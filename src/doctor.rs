@@ -228,8 +228,20 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
     };
     match conn {
         Some(mut conn) => {
-            checks.push(budget(&mut conn, db.pool_max_size).await);
-            checks.push(migrations(&mut conn).await);
+            // Read-only, in one transaction with unnamed statements: through a transaction pooler
+            // (DB_POOLER_MODE=transaction) that keeps both queries on one server connection.
+            match conn.begin().await {
+                Ok(mut tx) => {
+                    checks.push(budget(&mut tx, db.pool_max_size).await);
+                    checks.push(migrations(&mut tx).await);
+                    let _ = tx.rollback().await;
+                }
+                Err(e) => {
+                    for name in ["connection budget", "migrations"] {
+                        checks.push(Check::new(name, Status::Fail, format!("cannot begin: {e}")));
+                    }
+                }
+            }
             let _ = conn.close().await;
         }
         None => {
@@ -296,7 +308,7 @@ async fn tls(connector: &Connector, addr: SocketAddr, host: &str) -> Check {
 
 /// This replica's pool beside the server's `max_connections`, which every replica shares.
 async fn budget(conn: &mut PgConnection, pool_max_size: usize) -> Check {
-    let s = match ServerConnections::read(conn).await {
+    let s = match ServerConnections::read(conn, false).await {
         Ok(s) => s,
         Err(e) => {
             return Check::new(
@@ -396,6 +408,7 @@ async fn migrations(conn: &mut PgConnection) -> Check {
     let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     let applied: Result<Vec<i64>, sqlx::Error> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .persistent(false)
             .fetch_all(&mut *conn)
             .await;
     match applied {

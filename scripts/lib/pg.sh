@@ -75,6 +75,28 @@ pg_ensure_server() {
   echo "installed PostgreSQL server binaries in $(pg_find_bindir)" >&2
 }
 
+# PgBouncer for the tests that run through a transaction pooler (tests/api/pgbouncer.rs): Debian's
+# package when it is missing, installed the way pg_ensure_server installs PostgreSQL.
+pg_ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
+  local as_root=()
+  if [ "$(id -u)" != "0" ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || [ "${as_root[0]:-}" = "none" ]; then
+    echo "error: pgbouncer is not installed and cannot be installed from here;" >&2
+    echo "       install it (Debian/Ubuntu: sudo apt-get install -y pgbouncer)." >&2
+    return 1
+  fi
+  echo "pgbouncer not found: installing it (apt-get install pgbouncer)..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  "${as_root[@]}" apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null 2>&1 \
+    || { "${as_root[@]}" apt-get update -qq >&2 && "${as_root[@]}" apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; } || {
+    echo "error: apt-get install pgbouncer failed; install it by hand." >&2
+    return 1
+  }
+}
+
 pg_start() {
   local name="${1:-default}"
   local bindir

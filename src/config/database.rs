@@ -24,6 +24,22 @@ pub const VARS: &[Var] = &[
                checked against the host name while connections go to the pinned address.",
     },
     Var {
+        name: "DB_POOLER_MODE",
+        default: Some("none"),
+        help: "none: DATABASE_URL is PostgreSQL itself (or a session-mode pooler). transaction: it \
+               is a transaction-mode pooler (PgBouncer pool_mode=transaction): statements are \
+               unnamed, every call runs in one transaction that sets the timeouts, and migrations \
+               run over DATABASE_MIGRATION_URL.",
+    },
+    Var {
+        name: "DATABASE_MIGRATION_URL",
+        default: None,
+        help: "PostgreSQL URL used only to apply migrations, straight to the server (their \
+               advisory lock needs a session, which a transaction pooler does not keep). Required \
+               with DB_POOLER_MODE=transaction; unset otherwise: migrations use DATABASE_URL. \
+               Resolved once at startup, TLS as in DATABASE_URL, its password never logged.",
+    },
+    Var {
         name: "DB_POOL_MAX_SIZE",
         default: Some("16"),
         help: "Maximum number of pooled PostgreSQL connections (1-1000). Keep the sum over all \
@@ -70,6 +86,42 @@ pub const VARS: &[Var] = &[
     },
 ];
 
+/// What `DATABASE_URL` points at: the server, or a pooler that hands out server connections per
+/// transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolerMode {
+    None,
+    Transaction,
+}
+
+/// A PostgreSQL URL taken apart: connect options, the host to resolve once, TLS.
+pub struct Target {
+    url: SecretString,
+    /// Connect options parsed from the URL, with the host still as written.
+    pub connect_options: PgConnectOptions,
+    pub host: String,
+    pub port: u16,
+    pub tls: DbTlsSettings,
+}
+
+impl Target {
+    /// The URL with any password replaced, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &self.redacted_url())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
 /// Database settings; the URL stays secret and is only exposed to build connect options.
 pub struct DatabaseConfig {
     url: SecretString,
@@ -79,6 +131,10 @@ pub struct DatabaseConfig {
     pub host: String,
     /// `sslmode` and the certificates, from the URL's query.
     pub tls: DbTlsSettings,
+    /// `DB_POOLER_MODE`.
+    pub pooler_mode: PoolerMode,
+    /// `DATABASE_MIGRATION_URL`: where migrations run, when not through `DATABASE_URL`.
+    pub migration: Option<Target>,
     pub port: u16,
     pub pool_max_size: usize,
     pub pool_wait_timeout: Duration,
@@ -111,6 +167,8 @@ impl fmt::Debug for DatabaseConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("tls", &self.tls)
+            .field("pooler_mode", &self.pooler_mode)
+            .field("migration", &self.migration)
             .field("pool_max_size", &self.pool_max_size)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -126,32 +184,77 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
-pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
+fn target(env: &Env<'_>, var: &'static str) -> Result<Option<Target>, ConfigError> {
     const FORM: &str = "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
-    let url = env
-        .optional("DATABASE_URL")
-        .ok_or_else(|| invalid("DATABASE_URL", "it is not set".into(), FORM))?;
-    let parsed = Url::parse(&url).map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+    let Some(url) = env.optional(var) else {
+        return Ok(None);
+    };
+    let parsed = Url::parse(&url).map_err(|e| invalid(var, e.to_string(), FORM))?;
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(invalid(
-            "DATABASE_URL",
+            var,
             format!("scheme {:?} is not postgres", parsed.scheme()),
             FORM,
         ));
     }
-    let tls = database_tls::parse(&parsed)?;
+    let tls = database_tls::parse(&parsed).map_err(|mut e| {
+        e.var = var;
+        e.problem = e.problem.replace("DATABASE_URL", var);
+        e
+    })?;
     let connect_options = PgConnectOptions::from_str(&url)
         // sqlx's message does not echo the URL, so the password cannot leak through it.
-        .map_err(|e| invalid("DATABASE_URL", e.to_string(), FORM))?;
+        .map_err(|e| invalid(var, e.to_string(), FORM))?;
     if connect_options.get_socket().is_some() {
         return Err(invalid(
-            "DATABASE_URL",
+            var,
             "Unix-socket hosts are not supported (the host is resolved and pinned to an IP)".into(),
             FORM,
         ));
     }
-    let host = connect_options.get_host().to_owned();
-    let port = connect_options.get_port();
+    Ok(Some(Target {
+        host: connect_options.get_host().to_owned(),
+        port: connect_options.get_port(),
+        url: SecretString::from(url),
+        connect_options,
+        tls,
+    }))
+}
+
+pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
+    let Target {
+        url,
+        connect_options,
+        host,
+        port,
+        tls,
+    } = target(env, "DATABASE_URL")?.ok_or_else(|| {
+        invalid(
+            "DATABASE_URL",
+            "it is not set".into(),
+            "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        )
+    })?;
+    let pooler_mode = match env.value("DB_POOLER_MODE").as_str() {
+        "none" => PoolerMode::None,
+        "transaction" => PoolerMode::Transaction,
+        other => {
+            return Err(invalid(
+                "DB_POOLER_MODE",
+                format!("{other:?}"),
+                "none or transaction",
+            ));
+        }
+    };
+    let migration = target(env, "DATABASE_MIGRATION_URL")?;
+    if pooler_mode == PoolerMode::Transaction && migration.is_none() {
+        return Err(invalid(
+            "DATABASE_MIGRATION_URL",
+            "it is not set, and DB_POOLER_MODE=transaction".into(),
+            "a URL straight to PostgreSQL (not through the pooler): migrations hold an advisory \
+             lock for a whole session",
+        ));
+    }
     let application_name = env.value("DB_APPLICATION_NAME");
     if application_name.len() > 63 || !application_name.is_ascii() {
         return Err(invalid(
@@ -161,11 +264,13 @@ pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
         ));
     }
     Ok(DatabaseConfig {
-        url: SecretString::from(url),
+        url,
         connect_options,
         host,
         port,
         tls,
+        pooler_mode,
+        migration,
         pool_max_size: env.bounded("DB_POOL_MAX_SIZE", 1, 1000)?,
         pool_wait_timeout: env.duration("DB_POOL_WAIT_TIMEOUT")?,
         connect_timeout: env.duration("DB_CONNECT_TIMEOUT")?,

@@ -30,7 +30,7 @@ use std::{net::SocketAddr, time::Duration};
 use url::Url;
 
 pub use auth::{AuthConfig, AuthMode, JwksSource, JwtConfig};
-pub use database::{DatabaseConfig, redact_url};
+pub use database::{DatabaseConfig, PoolerMode, Target, redact_url};
 pub use database_tls::{ClientCert, DbTlsSettings, RootCert, SslMode};
 pub use env::ConfigError;
 pub use logging::LogFormat;

@@ -28,8 +28,15 @@ pub struct ServerConnections {
 }
 
 impl ServerConnections {
-    pub async fn read(conn: &mut PgConnection) -> Result<ServerConnections, sqlx::Error> {
-        let (max_connections, reserved, in_use) = sqlx::query_as(SQL).fetch_one(conn).await?;
+    /// `named`: see `Lease::named` (`false` through a transaction pooler).
+    pub async fn read(
+        conn: &mut PgConnection,
+        named: bool,
+    ) -> Result<ServerConnections, sqlx::Error> {
+        let (max_connections, reserved, in_use) = sqlx::query_as(SQL)
+            .persistent(named)
+            .fetch_one(conn)
+            .await?;
         Ok(ServerConnections {
             max_connections,
             reserved,
@@ -52,7 +59,8 @@ impl Db {
     /// The server's limit and use, through the pool like any call (so through a pooler too).
     pub async fn server_connections(&self) -> Result<ServerConnections, DbError> {
         self.call(READ, |mut c| async move {
-            let r = ServerConnections::read(&mut c).await;
+            let named = c.named();
+            let r = ServerConnections::read(&mut c, named).await;
             (c, r)
         })
         .await

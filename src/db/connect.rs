@@ -4,9 +4,14 @@
 //! and the stream handed to sqlx (`relay`), so that the address stays pinned while the
 //! certificate is checked against the host name. `sslmode` decides between them, as in libpq:
 //! `prefer` falls back to plain when the server declines TLS or the handshake fails, `require` and
-//! stronger refuse to.
+//! stronger refuse to. Unlike libpq, `prefer` remembers a server's "no TLS" for a minute, so a
+//! burst of reconnects to a plain server does not pay an extra round trip and TCP connection each.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use sqlx::{
     Connection,
@@ -42,7 +47,15 @@ pub struct Connector {
     options: PgConnectOptions,
     mode: SslMode,
     tls: Option<(TlsClient, RelayDir)>,
+    /// `prefer` against a server that declined TLS: milliseconds after `epoch` until which new
+    /// connections go plain without asking again (0: ask). Saves every reconnect a round trip
+    /// and a second TCP connection, which a reconnect storm would otherwise pay in full.
+    plain_until: AtomicU64,
+    epoch: Instant,
 }
+
+/// How long `prefer` trusts a server's "no TLS" before asking again.
+const DECLINE_REMEMBERED_FOR: Duration = Duration::from_secs(60);
 
 impl Connector {
     /// Reads the certificate files now, so a bad one stops startup.
@@ -59,6 +72,8 @@ impl Connector {
             options: options.ssl_mode(PgSslMode::Disable),
             mode: settings.mode,
             tls,
+            plain_until: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -97,12 +112,22 @@ impl Connector {
         let Some((client, relay_dir)) = &self.tls else {
             return Ok(Route::Plain("sslmode does not ask for TLS"));
         };
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if now < self.plain_until.load(Ordering::Relaxed) {
+            return Ok(Route::Plain(
+                "the server declined TLS (ssl = off) a moment ago, which sslmode=prefer allows",
+            ));
+        }
         let tcp = TcpStream::connect(addr).await?;
         match client.negotiate(tcp, addr).await {
             Ok(Negotiated::Tls(stream)) => Ok(Route::Tls(stream, relay_dir)),
-            Ok(Negotiated::Declined(_)) if self.mode == SslMode::Prefer => Ok(Route::Plain(
-                "the server declined TLS (ssl = off), which sslmode=prefer allows",
-            )),
+            Ok(Negotiated::Declined(_)) if self.mode == SslMode::Prefer => {
+                let until = now + DECLINE_REMEMBERED_FOR.as_millis() as u64;
+                self.plain_until.store(until, Ordering::Relaxed);
+                Ok(Route::Plain(
+                    "the server declined TLS (ssl = off), which sslmode=prefer allows",
+                ))
+            }
             Ok(Negotiated::Declined(_)) => Err(sqlx::Error::Tls(
                 format!(
                     "TLS to {} at {addr}: the server does not offer TLS (ssl = off), and \

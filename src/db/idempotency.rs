@@ -79,7 +79,8 @@ impl Db {
         ttl: Duration,
     ) -> Result<Idempotent, DbError> {
         self.call(CREATE_KEYED, |mut c| async move {
-            let r = create_idempotent(&mut c, owner, key, new, ttl).await;
+            let named = c.named();
+            let r = create_idempotent(&mut c, named, owner, key, new, ttl).await;
             (c, r)
         })
         .await
@@ -89,6 +90,7 @@ impl Db {
     pub async fn delete_expired_idempotency_keys(&self, batch: i64) -> Result<u64, DbError> {
         self.call(SWEEP_KEYS, |mut c| async move {
             let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS)
+                .persistent(c.named())
                 .bind(batch)
                 .execute(&mut *c)
                 .await;
@@ -115,6 +117,7 @@ impl Db {
 
 async fn create_idempotent(
     conn: &mut PgConnection,
+    named: bool,
     owner: &str,
     key: &str,
     new: &NewTodo,
@@ -124,12 +127,14 @@ async fn create_idempotent(
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE owner = $2 AND key = $1 AND expires_at < now()",
     )
+    .persistent(named)
     .bind(key)
     .bind(owner)
     .execute(&mut *tx)
     .await?;
     // A concurrent claim of the same key makes this wait until that transaction ends.
     let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
+        .persistent(named)
         .bind(key)
         .bind(&new.title)
         .bind(new.completed)
@@ -146,6 +151,7 @@ async fn create_idempotent(
              UPDATE idempotency_keys k SET response = to_jsonb(t) FROM t WHERE k.owner = $5 AND k.key = $1 \
              RETURNING t.id, t.title, t.completed, t.position, t.sort_key, t.created_at, t.updated_at, t.version",
         )
+        .persistent(named)
         .bind(key)
         .bind(&new.title)
         .bind(new.completed)
@@ -163,6 +169,7 @@ async fn create_idempotent(
              FROM idempotency_keys k, jsonb_populate_record(NULL::todos, k.response) t \
              WHERE k.owner = $5 AND k.key = $1",
         )
+        .persistent(named)
         .bind(key)
         .bind(&new.title)
         .bind(new.completed)

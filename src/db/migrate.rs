@@ -1,6 +1,8 @@
 //! Migrations: embedded in the binary, applied at startup by a background task that retries
 //! until the database accepts them, under sqlx's advisory lock so that replicas starting together
-//! apply them once.
+//! apply them once. That lock lives as long as the session, which a transaction pooler does not
+//! keep, so with `DB_POOLER_MODE=transaction` they run over `DATABASE_MIGRATION_URL` instead, on a
+//! connection of their own straight to the server.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -11,6 +13,9 @@ use super::{
     backoff::{Attempt, Backoff},
     error::pool_error,
 };
+
+/// Limit for opening the dedicated migration connection (`DATABASE_MIGRATION_URL`).
+const MIGRATION_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -38,13 +43,35 @@ impl Db {
 
     async fn migrate_once(&self) -> Attempt {
         let attempt = async {
-            let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+            let Some((connector, address)) = &self.inner.migration else {
+                let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+                let r = run_migrations(&mut conn)
+                    .await
+                    .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
+                if r.is_err() {
+                    drop(Object::take(conn));
+                }
+                return r;
+            };
+            // DATABASE_MIGRATION_URL: a connection of its own, straight to the server, closed after.
+            let addr = address.get().ok_or_else(|| {
+                DbError::Unavailable(format!(
+                    "DATABASE_MIGRATION_URL's host {:?} has not resolved yet",
+                    address.host()
+                ))
+            })?;
+            let mut conn = tokio::time::timeout(MIGRATION_CONNECT_TIMEOUT, connector.connect(addr))
+                .await
+                .map_err(|_| {
+                    DbError::Unavailable(format!(
+                        "DATABASE_MIGRATION_URL: no connection within {MIGRATION_CONNECT_TIMEOUT:?}"
+                    ))
+                })?
+                .map_err(|e| DbError::Unavailable(format!("DATABASE_MIGRATION_URL: {e}")))?;
             let r = run_migrations(&mut conn)
                 .await
                 .map_err(|e| DbError::Unavailable(format!("migrations failed: {e}")));
-            if r.is_err() {
-                drop(Object::take(conn));
-            }
+            let _ = sqlx::Connection::close(conn).await;
             r
         };
         let outcome = attempt.await;

@@ -51,7 +51,7 @@ use std::{
 use deadpool::managed::Object;
 use sqlx::Connection;
 
-use crate::config::{BreakerConfig, DatabaseConfig};
+use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode};
 use breaker::{Breaker, BreakerState};
 use connect::Connector;
 use pool::PgManager;
@@ -90,6 +90,12 @@ struct Inner {
     /// The last readiness round trip; its lock makes probes single-flight.
     probe: tokio::sync::Mutex<Option<Probe>>,
     probes: AtomicU64,
+    /// `DB_POOLER_MODE=transaction`: the statement that opens every call's transaction and sets
+    /// its timeouts (session settings do not survive a transaction pooler). `None`: calls run as
+    /// they are, with named, cached statements.
+    begin: Option<sqlx::SqlStr>,
+    /// `DATABASE_MIGRATION_URL`: migrations connect here instead of taking a pooled connection.
+    migration: Option<(Connector, Arc<PinnedAddress>)>,
 }
 
 /// A readiness round trip's outcome and when it finished.
@@ -139,20 +145,52 @@ impl Db {
         breaker_config: BreakerConfig,
         resolver: Arc<dyn Resolver>,
     ) -> anyhow::Result<Db> {
-        let address = PinnedAddress::resolve(&config.host, config.port, resolver).await;
+        let address =
+            PinnedAddress::resolve(&config.host, config.port, Arc::clone(&resolver)).await;
         let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
         let idle_in_transaction = format!("{}ms", config.idle_in_transaction_timeout.as_millis());
         let options = config
             .connect_options
             .clone()
-            .application_name(&config.application_name)
-            .options([
-                ("statement_timeout", statement_timeout.as_str()),
-                (
-                    "idle_in_transaction_session_timeout",
-                    idle_in_transaction.as_str(),
-                ),
-            ]);
+            .application_name(&config.application_name);
+        // A transaction pooler cannot pass `options` at login (and would not keep the settings
+        // for the session anyway): each call's transaction sets them instead.
+        let (options, begin) = match config.pooler_mode {
+            PoolerMode::None => (
+                options.options([
+                    ("statement_timeout", statement_timeout.as_str()),
+                    (
+                        "idle_in_transaction_session_timeout",
+                        idle_in_transaction.as_str(),
+                    ),
+                ]),
+                None,
+            ),
+            PoolerMode::Transaction => (
+                options,
+                Some(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(
+                    format!(
+                        "BEGIN; SET LOCAL statement_timeout = '{statement_timeout}'; \
+                         SET LOCAL idle_in_transaction_session_timeout = '{idle_in_transaction}'"
+                    ),
+                ))),
+            ),
+        };
+        let migration = match &config.migration {
+            None => None,
+            Some(target) => {
+                let connector = Connector::new(
+                    target
+                        .connect_options
+                        .clone()
+                        .application_name(&format!("{}-migrate", config.application_name)),
+                    &target.tls,
+                    &target.host,
+                )?;
+                let address = PinnedAddress::resolve(&target.host, target.port, resolver).await;
+                Some((connector, address))
+            }
+        };
         let connector = Connector::new(options, &config.tls, &config.host)?;
         let manager = PgManager::new(connector, Arc::clone(&address), config.max_lifetime);
         let pool = Pool::builder(manager)
@@ -180,6 +218,8 @@ impl Db {
                 pool_wait_observer: OnceLock::new(),
                 probe: tokio::sync::Mutex::new(None),
                 probes: AtomicU64::new(0),
+                begin,
+                migration,
             }),
         };
         db.spawn_migrations();

@@ -94,19 +94,32 @@ impl Statement {
 
 /// A pooled connection lent to one call. Dropped before [`Lease::release`] (the call's future
 /// was dropped, or its deadline fired), the connection is discarded: see the module doc.
-pub(super) struct Lease(Option<Conn>);
+pub(super) struct Lease {
+    conn: Option<Conn>,
+    /// See [`Lease::named`].
+    named: bool,
+}
 
 impl Lease {
+    /// Whether statements may be prepared under a name and cached on the connection, for
+    /// `sqlx::query(..).persistent(..)`: not through a transaction pooler, where the next
+    /// transaction may run on another server connection. `false` makes sqlx use the unnamed
+    /// statement, which leaves nothing behind (a statement cache of 0 would still prepare named
+    /// ones: transact-rs/sqlx#4328).
+    pub(super) fn named(&self) -> bool {
+        self.named
+    }
+
     /// Whether the connection served calls before this one.
     pub(super) fn reused(&self) -> bool {
-        self.0
+        self.conn
             .as_ref()
             .is_some_and(|c| Object::metrics(c).recycle_count > 0)
     }
 
     /// Ends the lease with the connection in a known state.
     fn release(mut self) -> Conn {
-        self.0
+        self.conn
             .take()
             .expect("a lease holds its connection until released")
     }
@@ -116,7 +129,7 @@ impl std::ops::Deref for Lease {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        self.0
+        self.conn
             .as_ref()
             .expect("a lease holds its connection until released")
     }
@@ -124,7 +137,7 @@ impl std::ops::Deref for Lease {
 
 impl std::ops::DerefMut for Lease {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.0
+        self.conn
             .as_mut()
             .expect("a lease holds its connection until released")
     }
@@ -132,7 +145,7 @@ impl std::ops::DerefMut for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
+        if let Some(conn) = self.conn.take() {
             // Closing the socket is what makes the server roll back an open transaction.
             drop(Object::take(conn));
         }
@@ -211,7 +224,13 @@ impl Db {
         loop {
             let (lease, permit) = self.lease(&span).await?;
             let reused = lease.reused();
-            let (lease, result) = match within(self.inner.query_deadline, f(lease)).await {
+            let run = async {
+                match &self.inner.begin {
+                    None => f(lease).await,
+                    Some(begin) => in_transaction(lease, begin, &f).await,
+                }
+            };
+            let (lease, result) = match within(self.inner.query_deadline, run).await {
                 Ok((lease, result)) => (Some(lease), result),
                 Err(elapsed) => (None, Err(elapsed)),
             };
@@ -250,7 +269,13 @@ impl Db {
             observe(waited);
         }
         match got {
-            Ok(conn) => Ok((Lease(Some(conn)), permit)),
+            Ok(conn) => Ok((
+                Lease {
+                    conn: Some(conn),
+                    named: self.inner.begin.is_none(),
+                },
+                permit,
+            )),
             Err(e) => {
                 // Waiting too long for a pooled connection says this service is busy (a flood, a
                 // slow query holding connections), not that the database cannot be reached: it
@@ -266,6 +291,37 @@ impl Db {
                 Err(err)
             }
         }
+    }
+}
+
+/// Runs `f` inside one transaction (`DB_POOLER_MODE=transaction`). A transaction pooler keeps
+/// the client on one server connection only while a transaction is open, and sqlx parses an
+/// unnamed statement and binds it in two separate exchanges: outside a transaction the bind could
+/// reach a server connection where another client's statement sits unnamed. `begin` also sets the
+/// timeouts, which cannot be session settings there. sqlx's own transactions inside `f` become
+/// savepoints. Dropped part-way, the lease is discarded like any other (the pooler then closes
+/// its server connection, which rolls back).
+async fn in_transaction<T, Fut>(
+    mut lease: Lease,
+    begin: &sqlx::SqlStr,
+    f: impl Fn(Lease) -> Fut,
+) -> (Lease, Result<T, sqlx::Error>)
+where
+    Fut: Future<Output = (Lease, Result<T, sqlx::Error>)>,
+{
+    use sqlx::postgres::PgTransactionManager;
+    use sqlx_core::transaction::TransactionManager;
+    if let Err(e) = PgTransactionManager::begin(&mut lease, Some(begin.clone())).await {
+        return (lease, Err(e));
+    }
+    let (mut lease, result) = f(lease).await;
+    let end = match &result {
+        Ok(_) => PgTransactionManager::commit(&mut lease).await,
+        Err(_) => PgTransactionManager::rollback(&mut lease).await,
+    };
+    match (result, end) {
+        (Ok(_), Err(e)) => (lease, Err(e)),
+        (result, _) => (lease, result),
     }
 }
 

@@ -147,6 +147,7 @@ impl Db {
     ) -> Result<Vec<TodoRow>, DbError> {
         self.call(LIST, |mut c| async move {
             let r = sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
+                .persistent(c.named())
                 .bind(completed)
                 .bind(after.sort_key)
                 .bind(after.id)
@@ -162,6 +163,7 @@ impl Db {
     pub async fn get_todo(&self, owner: &str, id: i64) -> Result<Option<TodoRow>, DbError> {
         self.call(GET, |mut c| async move {
             let r = sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
+                .persistent(c.named())
                 .bind(id)
                 .bind(owner)
                 .fetch_optional(&mut *c)
@@ -174,6 +176,7 @@ impl Db {
     pub async fn create_todo(&self, owner: &str, new: &NewTodo) -> Result<TodoRow, DbError> {
         self.call(CREATE, |mut c| async move {
             let r = sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
+                .persistent(c.named())
                 .bind(&new.title)
                 .bind(new.completed)
                 .bind(new.position)
@@ -206,6 +209,7 @@ impl Db {
         let updated = self
             .call(UPDATE, |mut c| async move {
                 let r = sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
+                    .persistent(c.named())
                     .bind(id)
                     .bind(changes.title.as_deref())
                     .bind(changes.completed)
@@ -234,6 +238,7 @@ impl Db {
         let deleted = self
             .call(DELETE, |mut c| async move {
                 let r = sqlx::query(SQL_DELETE_TODO)
+                    .persistent(c.named())
                     .bind(id)
                     .bind(if_match)
                     .bind(owner)
@@ -264,6 +269,7 @@ impl Db {
         let version = self
             .call(GET_VERSION, |mut c| async move {
                 let r = sqlx::query_scalar::<_, i64>(SQL_GET_VERSION)
+                    .persistent(c.named())
                     .bind(id)
                     .bind(owner)
                     .fetch_optional(&mut *c)
@@ -281,6 +287,7 @@ impl Db {
     pub async fn delete_all_todos(&self, owner: &str) -> Result<u64, DbError> {
         self.call(DELETE_ALL, |mut c| async move {
             let r = sqlx::query(SQL_DELETE_ALL_TODOS)
+                .persistent(c.named())
                 .bind(owner)
                 .execute(&mut *c)
                 .await;

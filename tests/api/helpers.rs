@@ -175,6 +175,9 @@ pub struct AppOptions {
     pub db_server: Option<Url>,
     /// Replaces the query of the app's `DATABASE_URL` (TLS settings).
     pub db_query: Option<String>,
+    /// Set `DATABASE_MIGRATION_URL` to the test database on its server directly (when
+    /// `DATABASE_URL` goes through a pooler).
+    pub migration_direct: bool,
 }
 
 impl Default for AppOptions {
@@ -186,6 +189,7 @@ impl Default for AppOptions {
             wait_ready: true,
             db_server: None,
             db_query: None,
+            migration_direct: false,
         }
     }
 }
@@ -210,6 +214,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         None => url.to_string(),
     };
     env.insert("DATABASE_URL".into(), url);
+    if opts.migration_direct {
+        env.insert("DATABASE_MIGRATION_URL".into(), test_db.url().to_string());
+    }
     env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
     env.entry("ADMIN_LISTEN_ADDR".into())
         .or_insert("127.0.0.1:0".into());

@@ -23,6 +23,7 @@ mod operations;
 // Shared with the drills binary.
 #[allow(dead_code)]
 mod pg_tls;
+mod pgbouncer;
 mod scripts;
 mod signoz;
 mod telemetry;

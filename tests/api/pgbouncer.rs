@@ -1,0 +1,213 @@
+//! Through PgBouncer in transaction mode (Debian's 1.18, which does not track prepared
+//! statements): with `DB_POOLER_MODE=transaction` every route works under concurrency, with more
+//! of the service's connections than the pooler has server connections, and no named statement is
+//! left on a server; with the default mode the same load fails, which is why the setting exists.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use futures::future::join_all;
+use serde_json::json;
+
+use crate::helpers::{AppOptions, TestApp, server_addr, spawn_app_with};
+
+/// A PgBouncer of the test's own in front of the shared test server, stopped on drop.
+pub struct PgBouncer {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    /// `pool_mode = transaction` with `server_connections` per database and user.
+    pub fn start(server: SocketAddr, server_connections: u32) -> PgBouncer {
+        let binary =
+            std::env::var("TEST_PGBOUNCER").unwrap_or_else(|_| "/usr/sbin/pgbouncer".into());
+        assert!(
+            std::path::Path::new(&binary).exists(),
+            "no pgbouncer at {binary}: run the tests with scripts/test.sh, which installs it"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "todo-service-pgbouncer-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+                 listen_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
+                 auth_file = {d}/userlist.txt\npool_mode = transaction\n\
+                 default_pool_size = {server_connections}\nmax_client_conn = 500\n\
+                 ignore_startup_parameters = extra_float_digits,options\nlogfile = {d}/pgbouncer.log\n\
+                 pidfile = {d}/pgbouncer.pid\n",
+                server.ip(),
+                server.port(),
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        // PgBouncer refuses to run as root.
+        let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+        let mut cmd = if as_root {
+            let _ = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(&dir)
+                .output();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut c = Command::new("runuser");
+            c.current_dir("/").args(["-u", "postgres", "--", &binary]);
+            c
+        } else {
+            Command::new(&binary)
+        };
+        let out = cmd
+            .arg("-d")
+            .arg(dir.join("pgbouncer.ini"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pgbouncer: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bouncer = PgBouncer { port, dir };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return bouncer;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pgbouncer did not listen on {port}");
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An app whose DATABASE_URL is the pooler (migrations straight to the server). The pooler drops
+/// the `options` login parameter (where the default mode sets its timeouts), so the default mode
+/// gets as far as its statements.
+async fn app_through(bouncer: &PgBouncer, mode: &str) -> TestApp {
+    let mut opts = AppOptions {
+        db_via: Some(("127.0.0.1".into(), bouncer.port)),
+        ..AppOptions::default()
+    };
+    for (k, v) in [
+        ("DB_POOLER_MODE", mode),
+        ("RATE_LIMIT_PER_SECOND", "0"),
+        ("DB_POOL_MAX_SIZE", "16"),
+    ] {
+        opts.env.insert(k.into(), v.into());
+    }
+    opts.migration_direct = true;
+    spawn_app_with(opts).await
+}
+
+/// 32 clients, each creating, reading, updating and listing: the statuses that came back.
+async fn mixed_load(app: &TestApp) -> Vec<u16> {
+    let clients = (0..32).map(|i| async move {
+        let mut statuses = Vec::new();
+        for round in 0..6 {
+            let r = app
+                .post_json(
+                    "/todos",
+                    &json!({"title": format!("client {i} round {round}")}),
+                )
+                .await;
+            statuses.push(r.status().as_u16());
+            let Ok(todo) = r.json::<serde_json::Value>().await else {
+                continue;
+            };
+            let path = format!("/todos/{}", todo["id"]);
+            statuses.push(app.get(&path).await.status().as_u16());
+            statuses.push(
+                app.patch_json(&path, &json!({"completed": true}))
+                    .await
+                    .status()
+                    .as_u16(),
+            );
+            statuses.push(app.get("/todos?limit=5").await.status().as_u16());
+        }
+        statuses
+    });
+    join_all(clients).await.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_works_through_pgbouncer_and_leaves_no_named_statement() {
+    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start(server_addr(), 2))
+        .await
+        .unwrap();
+    let app = app_through(&bouncer, "transaction").await;
+    let statuses = mixed_load(&app).await;
+    let failed: Vec<&u16> = statuses
+        .iter()
+        .filter(|s| !(200..300).contains(*s))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+    assert!(statuses.len() >= 32 * 6 * 4);
+    assert!(
+        app.db.pool().status().size > 2,
+        "more clients than server connections"
+    );
+
+    // Whichever server connection the pooler gives this query, no statement is left on it.
+    let mut through = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(bouncer.port)
+        .username("postgres")
+        .database(&app.test_db.name);
+    through = through.statement_cache_capacity(0);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&through)
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let names: Vec<String> = sqlx::raw_sql("SELECT name FROM pg_prepared_statements")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| sqlx::Row::get(row, 0))
+            .collect();
+        assert!(names.is_empty(), "named statements left behind: {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_transaction_mode_the_same_load_fails_through_pgbouncer() {
+    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start(server_addr(), 2))
+        .await
+        .unwrap();
+    let app = app_through(&bouncer, "none").await;
+    let statuses = mixed_load(&app).await;
+    let failed = statuses.iter().filter(|s| **s >= 500).count();
+    eprintln!(
+        "named statements through a transaction pooler: {failed} of {} requests failed",
+        statuses.len()
+    );
+    assert!(failed > 0, "named statements survived transaction pooling?");
+}
