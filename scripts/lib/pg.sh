@@ -48,17 +48,30 @@ pg_as_owner() {
   fi
 }
 
+# Who may run apt-get here: prints "root", "sudo" (password-less) or "none". Never prompts.
+pg_installer() {
+  if ! command -v apt-get >/dev/null 2>&1; then echo none
+  elif [ "$(id -u)" = "0" ]; then echo root
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then echo sudo
+  else echo none
+  fi
+}
+
+# apt-get update + install of the given packages, as root or through password-less sudo.
+pg_apt_install() {
+  local as_root=()
+  [ "$(pg_installer)" = sudo ] && as_root=(sudo -n)
+  export DEBIAN_FRONTEND=noninteractive
+  "${as_root[@]}" apt-get update -qq >&2 && "${as_root[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
 # Installs PostgreSQL's server binaries from the distribution when none are found, and says so:
 # the run and test commands are all the set-up a fresh machine needs. As root directly; otherwise
 # through sudo when it needs no password (never a prompt in a script). Without apt-get or rights,
 # says what to run instead.
 pg_ensure_server() {
   pg_find_bindir >/dev/null && return 0
-  local as_root=()
-  if [ "$(id -u)" != "0" ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
-  fi
-  if ! command -v apt-get >/dev/null 2>&1 || [ "${as_root[0]:-}" = "none" ]; then
+  if [ "$(pg_installer)" = none ]; then
     echo "error: PostgreSQL server binaries (initdb, pg_ctl) were not found, and they cannot be" >&2
     echo "       installed from here (no apt-get, or no root and no password-less sudo)." >&2
     echo "       Install them (Debian/Ubuntu: sudo apt-get install -y postgresql)," >&2
@@ -66,8 +79,7 @@ pg_ensure_server() {
     return 1
   fi
   echo "PostgreSQL server binaries not found: installing them (apt-get install postgresql; a minute or two)..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  "${as_root[@]}" apt-get update -qq >&2 && "${as_root[@]}" apt-get install -y -qq postgresql >/dev/null || {
+  pg_apt_install postgresql || {
     echo "error: apt-get install postgresql failed; install it by hand or set DATABASE_URL." >&2
     return 1
   }
@@ -75,23 +87,17 @@ pg_ensure_server() {
   echo "installed PostgreSQL server binaries in $(pg_find_bindir)" >&2
 }
 
-# PgBouncer for the tests that run through a transaction pooler (tests/api/pgbouncer.rs): Debian's
-# package when it is missing, installed the way pg_ensure_server installs PostgreSQL.
+# PgBouncer for the tests that run through a transaction pooler (tests/api/pgbouncer.rs):
+# Debian's package when it is missing, installed the way pg_ensure_server installs PostgreSQL.
 pg_ensure_pgbouncer() {
   if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
-  local as_root=()
-  if [ "$(id -u)" != "0" ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(none); fi
-  fi
-  if ! command -v apt-get >/dev/null 2>&1 || [ "${as_root[0]:-}" = "none" ]; then
+  if [ "$(pg_installer)" = none ]; then
     echo "error: pgbouncer is not installed and cannot be installed from here;" >&2
     echo "       install it (Debian/Ubuntu: sudo apt-get install -y pgbouncer)." >&2
     return 1
   fi
   echo "pgbouncer not found: installing it (apt-get install pgbouncer)..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  "${as_root[@]}" apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null 2>&1 \
-    || { "${as_root[@]}" apt-get update -qq >&2 && "${as_root[@]}" apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; } || {
+  pg_apt_install --no-install-recommends pgbouncer || {
     echo "error: apt-get install pgbouncer failed; install it by hand." >&2
     return 1
   }
