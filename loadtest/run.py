@@ -18,6 +18,7 @@ import platform
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -27,11 +28,12 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "auth", "db_tls", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "auth", "db_tls", "pooler", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 # Every run is authenticated, as production is (AUTH_MODE=jwt): one caller, whose token each
@@ -340,9 +342,9 @@ def oha(svc, extra, seconds, conc):
     return parse_oha(text), shown
 
 
-def pgbench(database_url, script, seconds, conc, rows):
+def pgbench(database_url, script, seconds, conc, rows, protocol="prepared"):
     with tempfile.TemporaryDirectory() as d:
-        cmd = [os.path.join(os.environ["PG_BIN"], "pgbench"), "-n", "-M", "prepared",
+        cmd = [os.path.join(os.environ["PG_BIN"], "pgbench"), "-n", "-M", protocol,
                "-c", str(conc), "-j", "2", "-T", str(seconds), "-D", f"seed_rows={rows}",
                "-D", f"owner={OWNER}",
                "-l", "--log-prefix", os.path.join(d, "tx"),
@@ -573,6 +575,104 @@ def db_tls(svc, args, res):
     log(f"  TLS to PostgreSQL: the service keeps {res['db_tls']['service_ratio']} of its plain "
         f"throughput, pgbench {res['db_tls']['pgbench_ratio']}; service CPU {cpus['tls']} vs "
         f"{cpus['plain']} µs/request")
+
+
+class PgBouncer:
+    """A PgBouncer in transaction mode in front of the throwaway cluster, for the pooler scenario."""
+
+    def __init__(self, database_url, server_connections):
+        self.binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.dir = tempfile.mkdtemp(prefix="todo-service-loadtest-pgbouncer-")
+        self.port = free_port()
+        server = urllib.parse.urlsplit(database_url)
+        with open(os.path.join(self.dir, "userlist.txt"), "w") as f:
+            f.write(f'"{server.username}" ""\n')
+        with open(os.path.join(self.dir, "pgbouncer.ini"), "w") as f:
+            f.write(f"[databases]\n* = host={server.hostname} port={server.port}\n\n[pgbouncer]\n"
+                    f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+                    f"auth_type = trust\nauth_file = {self.dir}/userlist.txt\n"
+                    f"pool_mode = transaction\ndefault_pool_size = {server_connections}\n"
+                    f"max_client_conn = 1000\nignore_startup_parameters = extra_float_digits\n"
+                    f"logfile = {self.dir}/pgbouncer.log\npidfile = {self.dir}/pgbouncer.pid\n")
+        self.url = server._replace(netloc=f"{server.username}@127.0.0.1:{self.port}").geturl()
+
+    def start(self):
+        if os.geteuid() == 0:
+            # PgBouncer refuses to run as root.
+            subprocess.run(["chown", "-R", "postgres:", self.dir], check=True, timeout=30)
+            os.chmod(self.dir, 0o755)
+        subprocess.run(as_owner([self.binary, "-d", os.path.join(self.dir, "pgbouncer.ini")]),
+                       cwd="/", check=True, capture_output=True, timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("pgbouncer did not listen")
+
+    def stop(self):
+        try:
+            with open(os.path.join(self.dir, "pgbouncer.pid")) as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pooler(svc, args, res):
+    """What a transaction pooler costs: get-one at c=64 against a service straight to PostgreSQL
+    (named, cached statements) and one through PgBouncer in transaction mode
+    (DB_POOLER_MODE=transaction: unnamed statements, each call in BEGIN ... COMMIT), interleaved;
+    pgbench runs the same SQL both ways with the extended protocol (unnamed statements, the way a
+    transaction pooler allows), so the pooler's own cost and the service's mode are told apart."""
+    if not svc.proc:
+        res["pooler"] = {"skipped": "needs a service this script starts (no --url)"}
+        log("  skipped: needs a service this script starts")
+        return
+    bouncer = PgBouncer(svc.database_url, 16)
+    targets = {"direct": Service(None, svc.database_url),
+               "pooled": Service(None, bouncer.url, {"DB_POOLER_MODE": "transaction",
+                                                     "DATABASE_MIGRATION_URL": svc.database_url})}
+    extra, script = WORKLOADS["get-one"]
+    rps = {"direct": [], "pooled": []}
+    tps = {"direct": [], "pooled": []}
+    cpu = {"direct": [], "pooled": []}
+    commands = []
+    try:
+        bouncer.start()
+        for t in targets.values():
+            t.start()
+        for _ in range(2):
+            for name, target in targets.items():
+                r, cmd, us = oha_cpu(target, extra, args.duration)
+                b, bcmd = pgbench(target.database_url, script, args.duration, 64,
+                                  min(args.rows, 999), protocol="extended")
+                rps[name].append(r["rps"])
+                tps[name].append(b["tps"])
+                cpu[name].append(us)
+                commands += [cmd, bcmd]
+                log(f"  {name}: service {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
+                    f"non-2xx {r['non_2xx']}, {us} µs/request), pgbench -M extended {b['tps']:.0f} tps")
+    finally:
+        for t in targets.values():
+            t.stop()
+        bouncer.stop()
+
+    def ratio(a, b):
+        return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
+
+    cpus = {k: round(statistics.mean(v), 1) if None not in v else None for k, v in cpu.items()}
+    res["pooler"] = {"workload": "get-one, oha c=64; pgbench -M extended get-one.sql c=64; "
+                                 "PgBouncer 16 server connections, transaction mode",
+                     "rps": rps, "pgbench_tps": tps, "cpu_us_per_request": cpus,
+                     "service_ratio": ratio(rps["pooled"], rps["direct"]),
+                     "pgbench_ratio": ratio(tps["pooled"], tps["direct"]),
+                     "commands": commands[:4]}
+    log(f"  through PgBouncer: the service keeps {res['pooler']['service_ratio']} of its direct "
+        f"throughput, pgbench {res['pooler']['pgbench_ratio']}; service CPU {cpus['pooled']} vs "
+        f"{cpus['direct']} µs/request")
 
 
 def telemetry(svc, args, res):
@@ -976,6 +1076,14 @@ def summary(res):
                      f"(ratio {d['service_ratio']}), pgbench {statistics.mean(d['pgbench_tps']['tls']):.0f} vs "
                      f"{statistics.mean(d['pgbench_tps']['plain']):.0f} tps (ratio {d['pgbench_ratio']}); "
                      f"service CPU {d['cpu_us_per_request']['tls']} vs {d['cpu_us_per_request']['plain']} µs/request.")
+    if "pooler" in res and "skipped" not in res["pooler"]:
+        d = res["pooler"]
+        lines.append(f"Through PgBouncer, transaction mode (get-one, c=64, interleaved): service "
+                     f"{statistics.mean(d['rps']['pooled']):.0f} vs {statistics.mean(d['rps']['direct']):.0f} rps "
+                     f"direct (ratio {d['service_ratio']}), pgbench -M extended "
+                     f"{statistics.mean(d['pgbench_tps']['pooled']):.0f} vs "
+                     f"{statistics.mean(d['pgbench_tps']['direct']):.0f} tps (ratio {d['pgbench_ratio']}); "
+                     f"service CPU {d['cpu_us_per_request']['pooled']} vs {d['cpu_us_per_request']['direct']} µs/request.")
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "

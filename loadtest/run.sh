@@ -29,6 +29,8 @@ if ! command -v openssl >/dev/null 2>&1; then
   as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends openssl >/dev/null
   installed+=("openssl (apt)")
 fi
+# The pooler scenario runs a PgBouncer of its own.
+pg_ensure_pgbouncer
 OHA_VERSION=1.16.0
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v oha >/dev/null 2>&1; then
