@@ -521,6 +521,45 @@ def set_server_tls(database_url, data_dir, on):
     time.sleep(0.5)
 
 
+def side_by_side(targets, args, protocol="prepared"):
+    """GET one todo at oha -c 64 against each service in `targets` (two, by name), and pgbench on
+    the same database URL beside each, interleaved twice so drift hits both alike. Starts and
+    stops the services. Returns rps, pgbench tps, the service's CPU per request and the first
+    commands, and the ratios of the first target to the second."""
+    extra, script = WORKLOADS["get-one"]
+    out = {"rps": {n: [] for n in targets}, "pgbench_tps": {n: [] for n in targets}}
+    cpu = {n: [] for n in targets}
+    commands = []
+    try:
+        for t in targets.values():
+            t.start()
+        for _ in range(2):
+            for name, target in targets.items():
+                r, cmd, us = oha_cpu(target, extra, args.duration)
+                b, bcmd = pgbench(target.database_url, script, args.duration, 64,
+                                  min(args.rows, 999), protocol=protocol)
+                out["rps"][name].append(r["rps"])
+                out["pgbench_tps"][name].append(b["tps"])
+                cpu[name].append(us)
+                commands += [cmd, bcmd]
+                log(f"  {name}: service {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, non-2xx "
+                    f"{r['non_2xx']}, {us} µs/request), pgbench -M {protocol} {b['tps']:.0f} tps")
+    finally:
+        for t in targets.values():
+            t.stop()
+
+    def ratio(a, b):
+        return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
+
+    first, second = targets
+    out["cpu_us_per_request"] = {k: round(statistics.mean(v), 1) if None not in v else None
+                                 for k, v in cpu.items()}
+    out["service_ratio"] = ratio(out["rps"][first], out["rps"][second])
+    out["pgbench_ratio"] = ratio(out["pgbench_tps"][first], out["pgbench_tps"][second])
+    out["commands"] = commands[:4]
+    return out
+
+
 def db_tls(svc, args, res):
     """What TLS to PostgreSQL costs: get-one at c=64 with the service's connections over TLS
     (sslmode=require) against the same build in plain text (sslmode=disable), on the same server
@@ -535,45 +574,20 @@ def db_tls(svc, args, res):
     sep = "&" if "?" in svc.database_url else "?"
     targets = {"tls": Service(None, svc.database_url + sep + "sslmode=require"),
                "plain": Service(None, svc.database_url + sep + "sslmode=disable")}
-    extra, script = WORKLOADS["get-one"]
-    rps = {"tls": [], "plain": []}
-    tps = {"tls": [], "plain": []}
-    cpu = {"tls": [], "plain": []}
-    commands = []
     set_server_tls(svc.database_url, pg.data, True)
     try:
         encrypted = psql(svc.database_url + sep + "sslmode=require",
                          "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").strip()
         if encrypted != "t":
             raise RuntimeError(f"the server did not turn TLS on (pg_stat_ssl says {encrypted!r})")
-        for t in targets.values():
-            t.start()
-        for _ in range(2):
-            for name, target in targets.items():
-                r, cmd, us = oha_cpu(target, extra, args.duration)
-                b, bcmd = pgbench(target.database_url, script, args.duration, 64, min(args.rows, 999))
-                rps[name].append(r["rps"])
-                tps[name].append(b["tps"])
-                cpu[name].append(us)
-                commands += [cmd, bcmd]
-                log(f"  db {name}: service {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
-                    f"{us} µs/request), pgbench {b['tps']:.0f} tps")
+        out = side_by_side(targets, args)
     finally:
-        for t in targets.values():
-            t.stop()
         set_server_tls(svc.database_url, pg.data, False)
-
-    def ratio(a, b):
-        return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
-
-    cpus = {k: round(statistics.mean(v), 1) if None not in v else None for k, v in cpu.items()}
     res["db_tls"] = {"workload": "get-one, oha c=64; pgbench get-one.sql c=64; sslmode=require vs disable",
-                     "rps": rps, "pgbench_tps": tps, "cpu_us_per_request": cpus,
-                     "service_ratio": ratio(rps["tls"], rps["plain"]),
-                     "pgbench_ratio": ratio(tps["tls"], tps["plain"]),
-                     "commands": commands[:4]}
-    log(f"  TLS to PostgreSQL: the service keeps {res['db_tls']['service_ratio']} of its plain "
-        f"throughput, pgbench {res['db_tls']['pgbench_ratio']}; service CPU {cpus['tls']} vs "
+                     **out}
+    cpus = out["cpu_us_per_request"]
+    log(f"  TLS to PostgreSQL: the service keeps {out['service_ratio']} of its plain "
+        f"throughput, pgbench {out['pgbench_ratio']}; service CPU {cpus['tls']} vs "
         f"{cpus['plain']} µs/request")
 
 
@@ -632,46 +646,20 @@ def pooler(svc, args, res):
         log("  skipped: needs a service this script starts")
         return
     bouncer = PgBouncer(svc.database_url, 16)
-    targets = {"direct": Service(None, svc.database_url),
-               "pooled": Service(None, bouncer.url, {"DB_POOLER_MODE": "transaction",
-                                                     "DATABASE_MIGRATION_URL": svc.database_url})}
-    extra, script = WORKLOADS["get-one"]
-    rps = {"direct": [], "pooled": []}
-    tps = {"direct": [], "pooled": []}
-    cpu = {"direct": [], "pooled": []}
-    commands = []
+    targets = {"pooled": Service(None, bouncer.url, {"DB_POOLER_MODE": "transaction",
+                                                     "DATABASE_MIGRATION_URL": svc.database_url}),
+               "direct": Service(None, svc.database_url)}
     try:
         bouncer.start()
-        for t in targets.values():
-            t.start()
-        for _ in range(2):
-            for name, target in targets.items():
-                r, cmd, us = oha_cpu(target, extra, args.duration)
-                b, bcmd = pgbench(target.database_url, script, args.duration, 64,
-                                  min(args.rows, 999), protocol="extended")
-                rps[name].append(r["rps"])
-                tps[name].append(b["tps"])
-                cpu[name].append(us)
-                commands += [cmd, bcmd]
-                log(f"  {name}: service {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
-                    f"non-2xx {r['non_2xx']}, {us} µs/request), pgbench -M extended {b['tps']:.0f} tps")
+        out = side_by_side(targets, args, protocol="extended")
     finally:
-        for t in targets.values():
-            t.stop()
         bouncer.stop()
-
-    def ratio(a, b):
-        return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
-
-    cpus = {k: round(statistics.mean(v), 1) if None not in v else None for k, v in cpu.items()}
     res["pooler"] = {"workload": "get-one, oha c=64; pgbench -M extended get-one.sql c=64; "
                                  "PgBouncer 16 server connections, transaction mode",
-                     "rps": rps, "pgbench_tps": tps, "cpu_us_per_request": cpus,
-                     "service_ratio": ratio(rps["pooled"], rps["direct"]),
-                     "pgbench_ratio": ratio(tps["pooled"], tps["direct"]),
-                     "commands": commands[:4]}
-    log(f"  through PgBouncer: the service keeps {res['pooler']['service_ratio']} of its direct "
-        f"throughput, pgbench {res['pooler']['pgbench_ratio']}; service CPU {cpus['pooled']} vs "
+                     **out}
+    cpus = out["cpu_us_per_request"]
+    log(f"  through PgBouncer: the service keeps {out['service_ratio']} of its direct "
+        f"throughput, pgbench {out['pgbench_ratio']}; service CPU {cpus['pooled']} vs "
         f"{cpus['direct']} µs/request")
 
 

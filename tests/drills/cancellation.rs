@@ -348,7 +348,7 @@ enum Seen {
     Abandoned,
 }
 
-/// Drill 11c: writers with very short client timeouts (1-30 ms) under concurrent load, keyed and
+/// Drill 11c: writers with very short client timeouts (1-60 ms) under concurrent load, keyed and
 /// unkeyed. Afterwards, and after the service stopped: every acknowledged write is in the table
 /// with the acknowledged id and content; nothing exists that was never acknowledged except
 /// writes whose client went away, each at most once; and retrying an abandoned keyed write with
@@ -377,7 +377,7 @@ async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() 
                 while started.elapsed() < run_for {
                     n += 1;
                     // A cheap, well-spread pseudo-random timeout per request.
-                    let mix = (n.wrapping_mul(2_654_435_761) ^ (w as u64 * 40_503)) % 30;
+                    let mix = (n.wrapping_mul(2_654_435_761) ^ (w as u64 * 40_503)) % 60;
                     let keyed = n.is_multiple_of(2);
                     let title = format!("s{w}-{n}");
                     let mut request = client
