@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The test command: runs the whole test suite (unit + integration) against PostgreSQL, and then
-# the contract test (scripts/contract.sh: property-based tests from the OpenAPI document).
+# The test command: runs the whole test suite (unit + integration) against PostgreSQL, then the
+# integration suite again through PgBouncer in transaction mode, then the contract test
+# (scripts/contract.sh: property-based tests from the OpenAPI document).
 #
 #   scripts/test.sh [cargo test args...]
 #
-# The contract test runs when the whole suite does: no arguments, or only options for the test
-# binaries after `--` (as CI passes `-- --show-output`). A selection (`--lib`, `--test api`, a
-# name filter) runs just that.
+# The PgBouncer pass and the contract test run when the whole suite does: no arguments, or only
+# options for the test binaries after `--` (as CI passes `-- --show-output`). A selection
+# (`--lib`, `--test api`, a name filter) runs just that.
 # Without DATABASE_URL it starts a throwaway PostgreSQL under target/pg (stopped and removed on exit,
 # also on failure or Ctrl-C). With DATABASE_URL it uses that server: the URL must be allowed to
 # CREATE DATABASE, because every integration test gets a fresh, uniquely named database.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/pg.sh
 
 if [ -z "${DATABASE_URL:-}" ]; then
-  trap pg_stop EXIT
+  trap 'pg_stop_pgbouncer; pg_stop' EXIT
   trap 'exit 130' INT TERM
   pg_start test
   export TEST_DATABASE_URL="$PG_URL"
@@ -32,13 +33,26 @@ export TEST_PGBOUNCER
 # Load drills open thousands of sockets.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo test --locked "$@"
-
 whole=1
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then whole=0; fi
 for arg in "${@:2}"; do
   case "$arg" in -*) ;; *) whole=0 ;; esac
 done
+
+cargo test --locked "$@"
+
 if [ "$whole" = 1 ]; then
+  # The integration suite again, every app reaching its database through PgBouncer in
+  # transaction mode (DB_POOLER_MODE=transaction, migrations direct): what users behind a pooler
+  # run. Tests that pick their own route (fault proxies, TLS servers) keep it.
+  if [ -n "${PG_PORT:-}" ] && [ -z "${DATABASE_URL:-}" ]; then
+    pg_start_pgbouncer test "$PG_PORT" 4
+    echo "==> the integration suite through PgBouncer (127.0.0.1:$PGB_PORT, transaction mode)" >&2
+    TEST_THROUGH_PGBOUNCER="127.0.0.1:$PGB_PORT" cargo test --locked --test api -- "${@:2}"
+    pg_stop_pgbouncer
+  else
+    echo "note: DATABASE_URL is set, so the suite's pass through PgBouncer is skipped (it runs in" >&2
+    echo "      front of the throwaway cluster this script starts without DATABASE_URL)." >&2
+  fi
   scripts/contract.sh
 fi

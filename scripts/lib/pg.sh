@@ -103,6 +103,64 @@ pg_ensure_pgbouncer() {
   }
 }
 
+# `pg_start_pgbouncer NAME SERVER_PORT POOL_SIZE`: PgBouncer in transaction mode on a free
+# 127.0.0.1 port, in front of the throwaway cluster on SERVER_PORT, every database name passed
+# through (`*`), trust auth as the cluster has. Exports PGB_PORT and PGB_DIR; `pg_stop_pgbouncer`
+# stops it. It runs as the postgres user when we are root (PgBouncer refuses root).
+pg_start_pgbouncer() {
+  local name="$1" server_port="$2" pool_size="$3"
+  local binary
+  pg_ensure_pgbouncer || return 1
+  binary="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+  PGB_PORT=$(pg_free_port) || { echo "error: no free port found" >&2; return 1; }
+  PGB_DIR=$(mktemp -d "/tmp/todo-service-pgbouncer-$name.XXXXXX")
+  chmod 755 "$PGB_DIR"
+  printf '"postgres" ""\n' >"$PGB_DIR/userlist.txt"
+  cat >"$PGB_DIR/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$server_port
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $PGB_DIR/userlist.txt
+pool_mode = transaction
+default_pool_size = $pool_size
+max_client_conn = 2000
+ignore_startup_parameters = extra_float_digits,options
+logfile = $PGB_DIR/pgbouncer.log
+pidfile = $PGB_DIR/pgbouncer.pid
+INI
+  if [ "$(id -u)" = "0" ]; then chown -R postgres: "$PGB_DIR"; fi
+  if ! pg_as_owner "$binary" -d "$PGB_DIR/pgbouncer.ini"; then
+    cat "$PGB_DIR/pgbouncer.log" >&2 2>/dev/null
+    return 1
+  fi
+  local _
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null; then
+      echo "started PgBouncer (transaction mode, $pool_size server connections per database) on 127.0.0.1:$PGB_PORT" >&2
+      export PGB_PORT PGB_DIR
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "error: PgBouncer did not listen on $PGB_PORT; its log follows" >&2
+  cat "$PGB_DIR/pgbouncer.log" >&2 2>/dev/null
+  return 1
+}
+
+pg_stop_pgbouncer() {
+  if [ -n "${PGB_DIR:-}" ] && [ -d "$PGB_DIR" ]; then
+    if [ -f "$PGB_DIR/pgbouncer.pid" ]; then kill "$(cat "$PGB_DIR/pgbouncer.pid")" 2>/dev/null || true; fi
+    rm -rf "$PGB_DIR"
+    echo "stopped PgBouncer" >&2
+  fi
+  PGB_DIR=""
+}
+
 pg_start() {
   local name="${1:-default}"
   local bindir

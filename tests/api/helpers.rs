@@ -198,8 +198,35 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }
 
-pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
+/// The PgBouncer every app should reach its database through, when the suite runs a second time
+/// in front of one (`scripts/test.sh` sets `TEST_THROUGH_PGBOUNCER=host:port`).
+pub fn suite_pooler() -> Option<(String, u16)> {
+    let raw = std::env::var("TEST_THROUGH_PGBOUNCER").ok()?;
+    let (host, port) = raw
+        .rsplit_once(':')
+        .expect("TEST_THROUGH_PGBOUNCER is host:port");
+    Some((
+        host.to_owned(),
+        port.parse().expect("TEST_THROUGH_PGBOUNCER's port"),
+    ))
+}
+
+pub async fn spawn_app_with(mut opts: AppOptions) -> TestApp {
     init_logging();
+    // Under TEST_THROUGH_PGBOUNCER the apps of ordinary tests go through the pooler in
+    // transaction mode, migrations straight to the server. Tests that choose the route themselves
+    // (a fault proxy, a server of their own, TLS settings, a pooler mode) keep it.
+    if let Some(pooler) = suite_pooler()
+        && opts.db_via.is_none()
+        && opts.db_server.is_none()
+        && opts.db_query.is_none()
+        && !opts.env.contains_key("DB_POOLER_MODE")
+    {
+        opts.db_via = Some(pooler);
+        opts.env
+            .insert("DB_POOLER_MODE".into(), "transaction".into());
+        opts.migration_direct = true;
+    }
     let test_db = Arc::new(match opts.db_server {
         Some(admin) => TestDb::create_on(admin).await,
         None => TestDb::create().await,

@@ -34,7 +34,12 @@ async fn health_answers_and_ready_reports_the_database_in_detail_only_to_operato
     let db = &body["checks"]["database"];
     assert_eq!(db["status"], "ok", "{body}");
     assert_eq!(db["migrations_applied"], true);
-    assert_eq!(db["address"], crate::helpers::server_addr().to_string());
+    // The address the app pinned at startup: the pooler's when the suite runs through one.
+    let expected = match crate::helpers::suite_pooler() {
+        Some((host, port)) => format!("{host}:{port}"),
+        None => crate::helpers::server_addr().to_string(),
+    };
+    assert_eq!(db["address"], expected);
     assert_eq!(db["circuit"]["state"], "closed");
     assert!(db["pool"]["max_size"].is_u64(), "{body}");
     assert!(db["pool"]["in_use"].is_u64(), "{body}");
@@ -213,6 +218,11 @@ async fn connections_carry_the_configured_application_name_and_timeouts() {
         !names.is_empty() && names.iter().all(|n| n.as_deref() == Some("todo-test-app")),
         "{names:?}"
     );
+    if crate::helpers::suite_pooler().is_some() {
+        // Through a transaction pooler the timeouts are `SET LOCAL` in each call's transaction,
+        // not session settings; `statement_timeout_ends_a_statement_held_by_a_lock` shows they act.
+        return;
+    }
     // The setting is visible from a pooled connection: ask through a query the app would run.
     let pool = app.db.pool();
     let mut pooled = pool.get().await.unwrap();
@@ -226,6 +236,42 @@ async fn connections_carry_the_configured_application_name_and_timeouts() {
         .await
         .unwrap();
     assert_eq!(backstop, "2500ms");
+}
+
+/// DB_STATEMENT_TIMEOUT acts, whether it is a login setting (direct) or `SET LOCAL` in each
+/// call's transaction (through a transaction pooler, as the suite's second pass runs): a read
+/// stuck behind a lock ends at the timeout with a 503 the client may retry, not when the lock goes.
+#[tokio::test]
+async fn statement_timeout_ends_a_statement_held_by_a_lock() {
+    let mut opts = AppOptions::default();
+    opts.env
+        .insert("DB_STATEMENT_TIMEOUT".into(), "300ms".into());
+    opts.env.insert("REQUEST_TIMEOUT".into(), "10s".into());
+    let app = spawn_app_with(opts).await;
+    assert_eq!(app.get("/todos").await.status(), 200);
+
+    let mut locker = app.test_db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE todos IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = app.get("/todos").await;
+    let took = start.elapsed();
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    assert_problem(r, 503, "database_timeout").await;
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "answered after {took:?}, with the statement timeout at 300 ms"
+    );
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    eprintln!(
+        "a read behind a lock: 503 database_timeout after {took:?} (DB_STATEMENT_TIMEOUT=300ms)"
+    );
+    assert_eq!(app.get("/todos").await.status(), 200);
 }
 
 #[tokio::test]
