@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# A local cluster on 127.0.0.1, one command: a PostgreSQL primary with a synchronous streaming
+# standby, PgBouncer in transaction mode, three service replicas and HAProxy in front.
+#
+#   scripts/cluster.sh up [--port P]   start it and leave it running (prints where everything is)
+#   scripts/cluster.sh status          where everything is, and what HAProxy thinks of each replica
+#   scripts/cluster.sh drill [--keep]  the drills under load (rolling restart, kill -9 of a replica,
+#                                      PgBouncer restart and PAUSE, throughput at 1-3 replicas,
+#                                      primary failover); exits 1 when a bound is broken. Brings a
+#                                      cluster up and down itself unless one is up.
+#   scripts/cluster.sh down            stop everything and remove its files
+#
+# Installs what is missing (PostgreSQL, PgBouncer and HAProxy from apt; oha with cargo) and says so,
+# and builds the release binary. The engine is scripts/cluster.py; see README "Scaling out".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=lib/pg.sh
+. scripts/lib/pg.sh
+
+command="${1:-}"
+case "$command" in
+  up|drill|status|down) ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
+
+if [ "$command" = up ] || [ "$command" = drill ]; then
+  pg_ensure_server
+  pg_ensure_pgbouncer
+  if ! command -v haproxy >/dev/null 2>&1; then
+    if [ "$(pg_installer)" = none ]; then
+      echo "error: haproxy is not installed and cannot be installed from here;" >&2
+      echo "       install it (Debian/Ubuntu: sudo apt-get install -y haproxy)." >&2
+      exit 1
+    fi
+    echo "haproxy not found: installing it (apt-get install haproxy)..." >&2
+    pg_apt_install --no-install-recommends haproxy
+  fi
+  if [ "$command" = drill ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+    if ! command -v oha >/dev/null 2>&1; then
+      echo "installing oha 1.16.0 for the throughput drill (cargo install --locked; a few minutes)..." >&2
+      cargo install --locked --quiet oha --version 1.16.0
+    fi
+  fi
+  cargo build --locked --release --quiet --bin todo-service
+  ulimit -n 65536 2>/dev/null || true
+fi
+PG_BIN="$(pg_find_bindir || true)"
+export PG_BIN
+exec python3 scripts/cluster.py "$@"
