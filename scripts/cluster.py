@@ -706,6 +706,7 @@ def drill_failover(state, load, checks, detect):
     sh(as_owner([pg_bin("pg_ctl"), "-D", n["data"], "-w", "promote"]))
     promoted = time.monotonic() - t0
     state["writer"] = new
+    state["failed_over"] = True
     save_state(state)
     pgbouncer_write_config(state)
     pgbouncer_admin(state, "RELOAD")
@@ -833,7 +834,11 @@ def drill(args):
         load = Load(state, tok, clients=args.clients)
         load.known = known_ids(state)
         load.start()
-        result["drills"]["failover"] = drill_failover(state, load, checks, args.detect)
+        if state.get("failed_over"):
+            log("\n== failover: skipped, an earlier drill promoted this cluster's standby and it has "
+                "none now (`scripts/cluster.sh down` and `up` for a fresh one)")
+        else:
+            result["drills"]["failover"] = drill_failover(state, load, checks, args.detect)
     finally:
         if load:
             load.stop()

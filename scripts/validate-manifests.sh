@@ -19,11 +19,12 @@ if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$VERSION";
 fi
 
 manifests=()
-for f in deploy/kubernetes/*.yaml; do
+# The base and the PgBouncer overlay; the overlay's patches are whole objects, so they validate too.
+for f in deploy/kubernetes/*.yaml deploy/kubernetes/pgbouncer/*.yaml; do
   # The kustomization is kustomize's own file, not an API object.
   [ "$(basename "$f")" = kustomization.yaml ] || manifests+=("$f")
 done
 for k8s in 1.29.0 1.37.0; do
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$k8s" "${manifests[@]}"
-  echo "deploy/kubernetes: ${#manifests[@]} manifests valid against Kubernetes $k8s (strict)"
+  echo "deploy/kubernetes (base and pgbouncer overlay): ${#manifests[@]} manifests valid against Kubernetes $k8s (strict)"
 done

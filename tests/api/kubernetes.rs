@@ -1,7 +1,8 @@
-//! `deploy/kubernetes/`, checked statically: no cluster runs here. CI also validates each manifest
-//! against the Kubernetes schemas (`scripts/validate-manifests.sh`); this checks what a schema
-//! cannot: that the settings are the service's own and valid, that the drain fits in the grace
-//! period, that the probes and ports are the service's, and that the pieces select each other.
+//! `deploy/kubernetes/` and its PgBouncer overlay, checked statically: no cluster runs here. CI also
+//! validates each manifest against the Kubernetes schemas (`scripts/validate-manifests.sh`); this
+//! checks what a schema cannot: that the settings are the service's own and valid, that the drain
+//! fits in the grace period, that the probes and ports are the service's, that the pieces select
+//! each other, and that the overlay's service reaches PgBouncer the way PgBouncer listens.
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
@@ -32,6 +33,17 @@ fn string_map(v: &Value, what: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The `.yaml` files in `sub` (of deploy/kubernetes) other than the kustomization, sorted.
+fn manifests_in(sub: &str) -> Vec<String> {
+    let mut present: Vec<String> = std::fs::read_dir(dir().join(sub))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    present.sort();
+    present
+}
+
 #[test]
 fn kustomization_lists_every_manifest_and_only_existing_ones() {
     let k = yaml("kustomization.yaml");
@@ -42,13 +54,169 @@ fn kustomization_lists_every_manifest_and_only_existing_ones() {
         .map(|r| r.as_str().unwrap().to_owned())
         .collect();
     listed.sort();
-    let mut present: Vec<String> = std::fs::read_dir(dir())
+    assert_eq!(listed, manifests_in(""));
+
+    // The overlay: the base, its own resources, and its patches.
+    let k = yaml("pgbouncer/kustomization.yaml");
+    let mut listed: Vec<String> = k["resources"]
+        .as_sequence()
         .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .iter()
+        .chain(
+            k["patches"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|p| &p["path"]),
+        )
+        .map(|r| r.as_str().unwrap().to_owned())
+        .filter(|r| r != "../")
         .collect();
-    present.sort();
-    assert_eq!(listed, present);
+    listed.sort();
+    assert_eq!(listed, manifests_in("pgbouncer"));
+    assert!(
+        k["resources"]
+            .as_sequence()
+            .unwrap()
+            .contains(&"../".into())
+    );
+}
+
+/// `key = value` lines of one `[section]` of an ini file.
+fn ini_section(text: &str, section: &str) -> HashMap<String, String> {
+    let mut current = String::new();
+    let mut out = HashMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            current = line.trim_matches(['[', ']']).to_owned();
+        } else if current == section
+            && !line.starts_with(';')
+            && let Some((k, v)) = line.split_once('=')
+        {
+            out.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_pgbouncer_overlay_routes_the_service_through_a_transaction_pooler_it_can_use() {
+    // The service's settings as the overlay merges them over the base.
+    let mut env = string_map(&yaml("configmap.yaml")["data"], "ConfigMap data");
+    env.extend(string_map(
+        &yaml("pgbouncer/todo-service-configmap-patch.yaml")["data"],
+        "ConfigMap patch",
+    ));
+    env.extend(string_map(&yaml("secret.yaml")["stringData"], "Secret"));
+    env.extend(string_map(
+        &yaml("pgbouncer/todo-service-secret-patch.yaml")["stringData"],
+        "Secret patch",
+    ));
+    let known: Vec<&str> = todo_service::config::VARS.iter().map(|v| v.name).collect();
+    for key in env.keys() {
+        assert!(known.contains(&key.as_str()), "{key} is not a setting");
+    }
+    env.insert("AUTH_JWT_SECRET".into(), "x".repeat(48));
+    let parsed = Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+    let db = &parsed.database;
+    assert_eq!(
+        db.pooler_mode,
+        todo_service::config::PoolerMode::Transaction
+    );
+
+    // DATABASE_URL names PgBouncer's Service and port; PgBouncer listens where that port leads.
+    let service = yaml("pgbouncer/pgbouncer-service.yaml");
+    assert_eq!(db.host, service["metadata"]["name"].as_str().unwrap());
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(u64::from(db.port), port["port"].as_u64().unwrap());
+    let deployment = yaml("pgbouncer/pgbouncer-deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["ports"][0]["name"], port["targetPort"]);
+    let ini_text = yaml("pgbouncer/pgbouncer-configmap.yaml")["data"]["pgbouncer.ini"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ini = ini_section(&ini_text, "pgbouncer");
+    assert_eq!(
+        ini["listen_port"],
+        container["ports"][0]["containerPort"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    );
+    assert_eq!(
+        ini["pool_mode"], "transaction",
+        "DB_POOLER_MODE=transaction needs it"
+    );
+    // The pooler must not refuse the parameters the service and sqlx send at login.
+    for param in ["extra_float_digits", "options"] {
+        assert!(
+            ini["ignore_startup_parameters"].contains(param),
+            "{ini_text}"
+        );
+    }
+
+    // Migrations go to the server PgBouncer pools, not through it.
+    let migration = db
+        .migration
+        .as_ref()
+        .expect("DATABASE_MIGRATION_URL is set");
+    let databases = ini_section(&ini_text, "databases");
+    let target = &databases[db.connect_options.get_database().unwrap()];
+    assert!(
+        target.contains(&format!("host={} ", migration.host))
+            && target.contains(&format!("port={}", migration.port)),
+        "{target} vs the migration URL's {}:{}",
+        migration.host,
+        migration.port
+    );
+
+    // The userlist is mounted where auth_file points, under the key the Secret has.
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "userlist")
+        .unwrap();
+    let userlist = yaml("pgbouncer/pgbouncer-secret.yaml");
+    let key = userlist["stringData"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        ini["auth_file"],
+        format!("{}/{key}", mount["mountPath"].as_str().unwrap())
+    );
+    assert!(
+        userlist["stringData"][key.as_str()]
+            .as_str()
+            .unwrap()
+            .contains(&format!("\"{}\"", db.connect_options.get_username())),
+        "the service's user is in the userlist"
+    );
+
+    // The server's budget is PgBouncer's now: its pods × default_pool_size, within the default
+    // max_connections (100) less superuser_reserved_connections (3).
+    let pods = deployment["spec"]["replicas"].as_u64().unwrap();
+    let per_pod: u64 = ini["default_pool_size"].parse().unwrap();
+    assert!(pods * per_pod <= 97, "{pods} × {per_pod}");
+
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    for (k, v) in selector.as_mapping().unwrap() {
+        assert_eq!(&labels[k.as_str().unwrap()], v);
+    }
+    assert_eq!(service["spec"]["selector"], *selector);
+    assert_eq!(
+        yaml("pgbouncer/pgbouncer-poddisruptionbudget.yaml")["spec"]["selector"]["matchLabels"],
+        *selector
+    );
 }
 
 #[test]
