@@ -34,9 +34,9 @@ STATE_FILE = os.path.join(STATE_DIR, "state.json")
 BINARY = os.path.join(ROOT, "target", "release", "todo-service")
 RESULTS_DIR = os.path.join(ROOT, "loadtest", "results")
 REPLICAS = 3
-# HAProxy checks /ready every 500 ms and takes a replica out after 2 failures: a replica that is
-# shutting down says not-ready for longer than that before it closes its listener.
-CHECK_INTER_MS = 500
+# HAProxy checks /ready every 500 ms and takes a replica out after 2 failures (deploy/compose/
+# haproxy.cfg): a replica that is shutting down says not-ready for longer than that before it
+# closes its listener.
 READINESS_DELAY = "2s"
 # A request that has had no answer after this long counts as hung (REQUEST_TIMEOUT is 10 s).
 CLIENT_TIMEOUT = 15.0
@@ -258,54 +258,50 @@ def get_status(port, path):
 
 # --- HAProxy --------------------------------------------------------------------------------
 
-# What HAProxy answers itself when no replica can take a request: a problem like the service's,
-# with Retry-After, rather than its HTML page.
-def haproxy_error(status, code, title, detail):
-    body = json.dumps({"type": f"urn:todo-service:problem:{code}", "title": title, "status": status,
-                       "detail": detail, "code": code, "hint": "Retry after the Retry-After delay."})
-    return (f"    http-error status {status} content-type application/problem+json "
-            f"hdr Retry-After 1 string '{body}'\n")
+# The balancing policy is the one docker-compose.yml's `scale` profile ships (health checks on
+# /ready, which requests are sent again, the problems HAProxy answers itself), so the drills test
+# that file; only where the replicas are and what HAProxy listens on differ here.
+COMPOSE_HAPROXY = os.path.join(ROOT, "deploy", "compose", "haproxy.cfg")
+
+
+def haproxy_sections(text):
+    """[(header, [lines])] of an HAProxy configuration, comments and blank lines dropped."""
+    sections = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace():
+            sections.append((line, []))
+        else:
+            sections[-1][1].append(line)
+    return sections
 
 
 def haproxy_write_config(state):
     h = state["haproxy"]
-    servers = "".join(f"    server {r['name']} 127.0.0.1:{r['port']} check\n" for r in state["replicas"])
-    cfg = f"""global
-    maxconn 4000
-    pidfile {h['dir']}/haproxy.pid
-    stats socket {h['dir']}/haproxy.sock mode 600 level admin
-    daemon
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 30s
-    # Above the service's REQUEST_TIMEOUT (10 s), which answers first.
-    timeout server 15s
-    timeout http-keep-alive 10s
-    # A connection refused or reset before any answer is tried again, on another replica.
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response response-timeout
-{haproxy_error(502, "bad_gateway", "Bad gateway", "a replica failed while answering")}\
-{haproxy_error(503, "no_replica", "No replica available", "no replica is ready to answer")}\
-{haproxy_error(504, "gateway_timeout", "Gateway timeout", "no replica answered in time")}
-frontend api
-    bind 127.0.0.1:{h['port']}
-    option forwardfor
-    default_backend replicas
-
-backend replicas
-    balance leastconn
-    option httpchk GET /ready
-    http-check expect status 200
-    default-server inter {CHECK_INTER_MS}ms fall 2 rise 2
-    # A request that reached a replica is sent again only when repeating it cannot apply it
-    # twice: reads, and creates that carry an Idempotency-Key (the service replays those).
-    http-request disable-l7-retry if !{{ method GET HEAD }} !{{ req.hdr(idempotency-key) -m found }}
-{servers}"""
+    with open(COMPOSE_HAPROXY) as f:
+        shipped = haproxy_sections(f.read())
+    out = [f"global\n    maxconn 4000\n    pidfile {h['dir']}/haproxy.pid\n"
+           f"    stats socket {h['dir']}/haproxy.sock mode 600 level admin\n    daemon\n"]
+    for header, lines in shipped:
+        kind = header.split()[0]
+        if kind in ("global", "resolvers"):
+            continue  # ours above; the replicas' addresses are known here, no DNS
+        body = []
+        for line in lines:
+            words = line.split()
+            if kind == "frontend" and words[0] == "bind":
+                line = f"    bind 127.0.0.1:{h['port']}"
+            elif words[0] == "server-template":
+                continue
+            elif words[0] == "default-server":
+                line = line.replace(" resolvers docker init-addr none", "")
+            body.append(line)
+        if kind == "backend":
+            body += [f"    server {r['name']} 127.0.0.1:{r['port']} check" for r in state["replicas"]]
+        out.append("\n".join([header] + body) + "\n")
     with open(h["cfg"], "w") as f:
-        f.write(cfg)
+        f.write("\n".join(out))
     sh(["haproxy", "-c", "-q", "-f", h["cfg"]])
 
 
@@ -366,6 +362,9 @@ def up(args):
                       "log": os.path.join(STATE_DIR, f"r{i}.log")} for i in range(1, args.replicas + 1)],
     }
     save_state(state)
+    for r in state["replicas"]:
+        if os.path.exists(r["log"]):
+            os.remove(r["log"])  # a previous cluster's
     for d in ("primary", "standby", "pgbouncer", "haproxy"):
         os.makedirs(state[d]["dir"])
     if os.geteuid() == 0:
@@ -462,7 +461,8 @@ def status(_args=None):
     print(f"PgBouncer:     127.0.0.1:{state['pgbouncer']['port']} -> {state['writer']}")
     for node in ("primary", "standby"):
         n = state[node]
-        role = "writer" if node == state["writer"] else "standby"
+        role = ("writer" if node == state["writer"] else
+                "former writer, failed over" if state.get("failed_over") else "synchronous standby")
         print(f"{node}:{' ' * (14 - len(node))}127.0.0.1:{n['port']} ({role}, "
               f"{'running' if pid_alive(postmaster_pid(n)) else 'stopped'})")
     return 0
@@ -485,10 +485,12 @@ class Load:
         self.stop_flag = threading.Event()
         self.known = []
         self.threads = []
+        # Every create's title is unique, so a create applied twice shows as a repeated title.
+        self.tag = uuid.uuid4().hex[:8]
 
     def seed(self, n=50):
         for i in range(n):
-            st, _, body, _ = self.request(None, "POST", "/todos", {"title": f"seed {i}"})
+            st, _, body, _ = self.request(None, "POST", "/todos", {"title": f"seed {self.tag} {i}"})
             if st == 201:
                 self.known.append(json.loads(body)["id"])
         if not self.known:
@@ -527,7 +529,7 @@ class Load:
             i += 1
             roll = rng.random()
             if roll < self.write_share:
-                method, path, body = "POST", "/todos", {"title": f"drill {n}-{i}"}
+                method, path, body = "POST", "/todos", {"title": f"drill {self.tag} {n}-{i}"}
             elif roll < self.write_share + 0.1:
                 method, path, body = "GET", "/todos?limit=10", None
             else:
@@ -636,6 +638,8 @@ def drill_kill_replica(state, load, checks):
     log(f"    HAProxy took it out {detected:.2f} s after the kill; {in_flight} requests were in flight on it just before")
     log(f"    {t}")
     checks.expect(t["failed_gets"] == 0, f"kill -9: 0 failed GETs ({t['failed_gets']})")
+    twice = applied_twice(state)
+    checks.expect(twice == 0, f"kill -9: no create sent again by HAProxy was applied twice ({twice})")
     checks.expect(t["failed"] <= load.clients,
                   f"kill -9: failures ({t['failed']}) bounded by the requests in flight (at most {load.clients} clients)")
     replica_start(state, r)
@@ -730,9 +734,16 @@ def drill_failover(state, load, checks, detect):
     lost = len(acked) - found
     log(f"    acknowledged writes: {len(acked)}; on the new primary: {found}")
     checks.expect(lost == 0, f"failover: every acknowledged write is on the new primary ({lost} lost of {len(acked)})")
+    twice = applied_twice(state)
+    checks.expect(twice == 0, f"failover: no create was applied twice ({twice})")
     return {"detect_s": detect, "promoted_s": round(promoted, 2), "repointed_s": round(repointed, 2),
             "recovered_s": round(rec - t0, 2), "writes_refused_503": writes_refused,
             "acknowledged_writes": len(acked), "lost": lost, **t}
+
+
+def applied_twice(state):
+    """Creates applied more than once: todos sharing a title (every drill create's is unique)."""
+    return int(psql(state[state["writer"]]["port"], "SELECT count(*) - count(DISTINCT title) FROM todos"))
 
 
 def cpu_by_process():

@@ -171,6 +171,129 @@ fn compose_brings_up_postgres_the_service_and_signoz_wired_together() {
     }
 }
 
+/// The `scale` profile: replicas behind HAProxy through PgBouncer, wired so each piece reaches the
+/// next where it listens, with settings the service accepts.
+#[test]
+fn the_scale_profile_puts_replicas_behind_haproxy_and_pgbouncer_wired_together() {
+    let compose = yaml("docker-compose.yml");
+    let services = &compose["services"];
+    for name in ["pgbouncer", "todo-replica", "haproxy"] {
+        assert_eq!(
+            services[name]["profiles"],
+            serde_yaml_ng::from_str::<Value>("[scale]").unwrap(),
+            "{name} is in the scale profile only"
+        );
+    }
+    assert!(
+        services["todo-service"]["profiles"].is_null(),
+        "the default stack is unchanged"
+    );
+
+    // The replicas' settings are the service's and parse, once compose fills in the variables.
+    let replica = &services["todo-replica"];
+    let known = known_variables();
+    let mut env = std::collections::HashMap::new();
+    for (k, v) in replica["environment"].as_mapping().unwrap() {
+        let k = s(k, "variable");
+        assert!(known.contains(k), "todo-replica: {k} is not a setting");
+        let v = s(v, k).replace("${POSTGRES_PASSWORD:-todo}", "pw");
+        let v = if v.starts_with("${AUTH_JWT_SECRET") {
+            "x".repeat(48)
+        } else {
+            v
+        };
+        env.insert(k.to_owned(), v);
+    }
+    let config = todo_service::config::Config::from_lookup(|k| env.get(k).cloned()).unwrap();
+    assert_eq!(
+        config.database.pooler_mode,
+        todo_service::config::PoolerMode::Transaction
+    );
+    assert_eq!(config.database.host, "pgbouncer");
+    assert_eq!(
+        config.database.migration.as_ref().map(|m| m.host.as_str()),
+        Some("postgres"),
+        "migrations go straight to Postgres"
+    );
+    assert!(replica["deploy"]["replicas"].as_u64().unwrap() >= 2);
+    let grace = humantime::parse_duration(s(&replica["stop_grace_period"], "grace")).unwrap();
+    assert!(grace > config.shutdown_readiness_delay + config.shutdown_timeout);
+
+    // PgBouncer pools in transaction mode, lets the service's login through, and its server
+    // connections fit in Postgres' default max_connections (100, 3 reserved) with the single
+    // service's pool beside them.
+    let bouncer = &services["pgbouncer"]["environment"];
+    assert_eq!(s(&bouncer["POOL_MODE"], "POOL_MODE"), "transaction");
+    for param in ["extra_float_digits", "options"] {
+        assert!(s(&bouncer["IGNORE_STARTUP_PARAMETERS"], "ignore").contains(param));
+    }
+    let server_side: usize = s(&bouncer["DEFAULT_POOL_SIZE"], "size").parse().unwrap();
+    let single: usize = s(
+        &services["todo-service"]["environment"]["DB_POOL_MAX_SIZE"],
+        "pool",
+    )
+    .parse()
+    .unwrap();
+    assert!(server_side + single <= 97, "{server_side} + {single}");
+    assert_eq!(
+        config.database.port, 5432,
+        "PgBouncer's LISTEN_PORT default"
+    );
+
+    // HAProxy: its configuration is the shipped one, its backend is the replicas' service name and
+    // port, its frontend the published container port, and it checks /ready.
+    let haproxy = &services["haproxy"];
+    assert!(
+        haproxy["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| s(v, "volume")
+                == "./deploy/compose/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro")
+    );
+    let cfg = std::fs::read_to_string(root().join("deploy/compose/haproxy.cfg")).unwrap();
+    let line = |start: &str| -> String {
+        cfg.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("haproxy.cfg: no {start}"))
+            .to_owned()
+    };
+    assert!(
+        line("server-template").ends_with(&format!(
+            " todo-replica:{} check",
+            config.listen_addr.port()
+        )),
+        "{}",
+        line("server-template")
+    );
+    let published = s(&haproxy["ports"][0], "port");
+    assert!(
+        line("bind").ends_with(&format!(":{}", published.rsplit(':').next().unwrap())),
+        "{published} vs {}",
+        line("bind")
+    );
+    assert_eq!(line("option httpchk"), "option httpchk GET /ready");
+    // What HAProxy answers itself is a problem the client can act on: JSON with Retry-After.
+    let errors: Vec<String> = cfg
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("http-error"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(errors.len(), 3, "502, 503 and 504");
+    for e in &errors {
+        assert!(e.contains("hdr Retry-After 1"), "{e}");
+        let body = e.split_once(" string '").unwrap().1.trim_end_matches('\'');
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+        let status = e.split_whitespace().nth(2).unwrap();
+        assert_eq!(problem["status"].to_string(), status, "{e}");
+        for key in ["type", "title", "detail", "code", "hint"] {
+            assert!(problem[key].is_string(), "{key} in {e}");
+        }
+    }
+}
+
 #[test]
 fn the_image_is_multi_stage_non_root_and_healthchecked() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
