@@ -695,6 +695,37 @@ def drill_pgbouncer_pause(state, load, checks, hold):
     return {"held_s": hold, "recovered_s": round(rec - t0, 2), "during": during, "after": after}
 
 
+def drill_doctor(state, checks):
+    """`todo-service doctor` with a replica's settings passes (the pooler, the migration route,
+    a writable primary), and pointed at the standby it fails, naming why: what an operator runs
+    when writes fail after a failover."""
+    log("\n== doctor: with a replica's settings, and with DATABASE_URL at the standby")
+
+    def doctor(env):
+        out = subprocess.run([BINARY, "doctor"], env=env, capture_output=True, text=True, timeout=60)
+        return out.returncode, out.stdout
+
+    def line(report, name):
+        return next((l.strip() for l in report.splitlines() if f"] {name}:" in l), f"(no {name} line)")
+
+    env = replica_env(state, state["replicas"][0])
+    code, report = doctor(env)
+    for name in ("writable", "connection budget", "migration route"):
+        log(f"    {line(report, name)[:160]}")
+    checks.expect(code == 0 and line(report, "migration route").startswith("[pass]")
+                  and line(report, "writable").startswith("[pass]"),
+                  f"doctor passes with a replica's settings (exit {code})")
+    standby = state["standby" if state["writer"] == "primary" else "primary"]
+    env = dict(env, DATABASE_URL=f"postgres://postgres@127.0.0.1:{standby['port']}/todos?sslmode=disable",
+               DB_POOLER_MODE="none")
+    env.pop("DATABASE_MIGRATION_URL")
+    code, report = doctor(env)
+    log(f"    {line(report, 'writable')[:160]}")
+    checks.expect(code == 1 and line(report, "writable").startswith("[FAIL]"),
+                  f"doctor fails at 'writable' against the standby (exit {code})")
+    return {"replica_settings_exit": code == 0, "standby_line": line(report, "writable")}
+
+
 def drill_failover(state, load, checks, detect):
     old, new = state["writer"], ("standby" if state["writer"] == "primary" else "primary")
     o, n = state[old], state[new]
@@ -845,6 +876,8 @@ def drill(args):
         load = Load(state, tok, clients=args.clients)
         load.known = known_ids(state)
         load.start()
+        if not state.get("failed_over"):
+            result["drills"]["doctor"] = drill_doctor(state, checks)
         if state.get("failed_over"):
             log("\n== failover: skipped, an earlier drill promoted this cluster's standby and it has "
                 "none now (`scripts/cluster.sh down` and `up` for a fresh one)")

@@ -16,7 +16,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{
     auth::{Mint, READ_SCOPE, Verifier, jwks, mint_hs256},
-    config::{AuthMode, Config, SslMode},
+    config::{AuthMode, Config, PoolerMode, SslMode, Target},
     db::{
         MIGRATOR,
         budget::ServerConnections,
@@ -128,6 +128,8 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                 "TCP reach",
                 "TLS",
                 "login",
+                "writable",
+                "connection budget",
                 "migrations",
             ] {
                 checks.push(Check::new(
@@ -232,12 +234,13 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
             // (DB_POOLER_MODE=transaction) that keeps both queries on one server connection.
             match conn.begin().await {
                 Ok(mut tx) => {
-                    checks.push(budget(&mut tx, db.pool_max_size).await);
+                    checks.push(writable(&mut tx, "DATABASE_URL").await);
+                    checks.push(budget(&mut tx, db.pool_max_size, db.pooler_mode).await);
                     checks.push(migrations(&mut tx).await);
                     let _ = tx.rollback().await;
                 }
                 Err(e) => {
-                    for name in ["connection budget", "migrations"] {
+                    for name in ["writable", "connection budget", "migrations"] {
                         checks.push(Check::new(name, Status::Fail, format!("cannot begin: {e}")));
                     }
                 }
@@ -245,9 +248,14 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
             let _ = conn.close().await;
         }
         None => {
-            checks.push(Check::new("connection budget", Status::Skip, "needs login"));
-            checks.push(Check::new("migrations", Status::Skip, "needs login"));
+            for name in ["writable", "connection budget", "migrations"] {
+                checks.push(Check::new(name, Status::Skip, "needs login"));
+            }
         }
+    }
+    if let Some(target) = &db.migration {
+        let pooler = (db.pooler_mode == PoolerMode::Transaction).then_some((&*db.host, db.port));
+        checks.push(migration_route(target, pooler, resolver.as_ref()).await);
     }
     checks.push(otlp(&lookup).await);
     Report { checks }
@@ -306,8 +314,32 @@ async fn tls(connector: &Connector, addr: SocketAddr, host: &str) -> Check {
     }
 }
 
+/// Whether the server takes writes: after a failover, a URL (or a pooler) left pointing at the
+/// former primary reaches a standby, where every write fails.
+async fn writable(conn: &mut PgConnection, var: &str) -> Check {
+    let in_recovery: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await;
+    match in_recovery {
+        Ok(false) => Check::new("writable", Status::Pass, "a primary: it takes writes"),
+        Ok(true) => Check::new(
+            "writable",
+            Status::Fail,
+            format!("{var} reaches a standby (in recovery): every write fails there"),
+        )
+        .hint(format!(
+            "Point {var} (or the pooler in front) at the primary; after a failover, at the \
+             promoted server."
+        )),
+        Err(e) => Check::new("writable", Status::Warn, format!("cannot tell: {e}")),
+    }
+}
+
 /// This replica's pool beside the server's `max_connections`, which every replica shares.
-async fn budget(conn: &mut PgConnection, pool_max_size: usize) -> Check {
+/// Through a transaction pooler the pool's connections are the pooler's clients, and the server's
+/// are the pooler's to spend.
+async fn budget(conn: &mut PgConnection, pool_max_size: usize, pooler: PoolerMode) -> Check {
     let s = match ServerConnections::read(conn, false).await {
         Ok(s) => s,
         Err(e) => {
@@ -319,6 +351,25 @@ async fn budget(conn: &mut PgConnection, pool_max_size: usize) -> Check {
         }
     };
     let usable = s.max_connections - s.reserved;
+    if pooler == PoolerMode::Transaction {
+        let detail = format!(
+            "through a transaction pooler (DB_POOLER_MODE=transaction): this replica's pool of up \
+             to {pool_max_size} are the pooler's clients; the server: max_connections {} ({} \
+             reserved), {} in use (the pooler's among them), {} free",
+            s.max_connections,
+            s.reserved,
+            s.in_use,
+            s.free()
+        );
+        return if s.free() == 0 {
+            Check::new("connection budget", Status::Warn, detail).hint(
+                "The server has no connection left for the pooler to open: lower the pooler's \
+                 pool size (default_pool_size) or raise max_connections.",
+            )
+        } else {
+            Check::new("connection budget", Status::Pass, detail)
+        };
+    }
     let detail = format!(
         "server max_connections {} ({} reserved), {} in use, {} free; this replica's pool up to \
          {pool_max_size} (DB_POOL_MAX_SIZE): room for {} more replicas of that size",
@@ -340,6 +391,93 @@ async fn budget(conn: &mut PgConnection, pool_max_size: usize) -> Check {
         )
     } else {
         Check::new("connection budget", Status::Pass, detail)
+    }
+}
+
+/// `DATABASE_MIGRATION_URL`, end to end. The service takes that route only at startup, so a
+/// broken one (a typo, a password rotated, a primary that moved) would otherwise show at the next
+/// deploy, as a replica that cannot start. `pooler`: DATABASE_URL's address when it is a
+/// transaction pooler, which migrations must not go through.
+async fn migration_route(
+    target: &Target,
+    pooler: Option<(&str, u16)>,
+    resolver: &dyn Resolver,
+) -> Check {
+    const NAME: &str = "migration route";
+    const VAR: &str = "DATABASE_MIGRATION_URL";
+    let fail = |step: &str, inner: Check| {
+        let check = Check::new(NAME, Status::Fail, format!("{step}: {}", inner.detail));
+        match inner.hint {
+            Some(h) => check.hint(h.replace("DATABASE_URL", VAR)),
+            None => check,
+        }
+    };
+    if pooler == Some((target.host.as_str(), target.port)) {
+        return Check::new(
+            NAME,
+            Status::Fail,
+            format!(
+                "{VAR} names {}:{}, as DATABASE_URL does",
+                target.host, target.port
+            ),
+        )
+        .hint(
+            "Migrations hold an advisory lock for their session, which a transaction pooler does \
+             not keep: point DATABASE_MIGRATION_URL at the server itself.",
+        );
+    }
+    let addr = match resolve(&target.host, target.port, resolver).await {
+        Ok((addr, _)) => addr,
+        Err(c) => return fail("DNS", c),
+    };
+    let reach = tcp(addr).await;
+    if reach.status != Status::Pass {
+        return fail("TCP", reach);
+    }
+    let connector = match Connector::new(
+        target
+            .connect_options
+            .clone()
+            .application_name("todo-service-doctor"),
+        &target.tls,
+        &target.host,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::new(NAME, Status::Fail, format!("TLS: {e:#}"))
+                .hint(format!("Fix the TLS parameters in {VAR}."));
+        }
+    };
+    let mut conn = match tokio::time::timeout(STEP_TIMEOUT, connector.connect(addr)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            return Check::new(NAME, Status::Fail, format!("login: {e}")).hint(format!(
+                "Check the user, password and database name in {VAR}, and pg_hba.conf on the server."
+            ));
+        }
+        Err(_) => {
+            return Check::new(
+                NAME,
+                Status::Fail,
+                format!("login: no answer within {STEP_TIMEOUT:?}"),
+            );
+        }
+    };
+    let primary = writable(&mut conn, VAR).await;
+    let _ = conn.close().await;
+    match primary.status {
+        Status::Pass => Check::new(
+            NAME,
+            Status::Pass,
+            format!(
+                "{}:{} ({addr}, sslmode={}) logged in as {:?}: a primary, where migrations can run",
+                target.host,
+                target.port,
+                connector.mode(),
+                target.connect_options.get_username()
+            ),
+        ),
+        _ => fail("writable", primary),
     }
 }
 

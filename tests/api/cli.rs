@@ -195,6 +195,81 @@ async fn doctor_passes_against_a_healthy_database() {
     );
 }
 
+/// DATABASE_MIGRATION_URL is checked end to end, because the service only takes that route at
+/// startup: a broken one would otherwise show as a replica that cannot start at the next deploy.
+#[tokio::test]
+async fn doctor_checks_the_migration_route() {
+    let app = crate::helpers::spawn_app().await;
+    let url = app.test_db.url();
+    let run = move |extra: Vec<(&'static str, String)>| {
+        let url = url.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut env = vec![("DATABASE_URL", url)];
+            env.extend(extra);
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            doctor(&env)
+        })
+    };
+    let direct = app.test_db.url().to_string();
+
+    let (code, report) = run(vec![("DATABASE_MIGRATION_URL", direct.clone())])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{report}");
+    let route = line(&report, "migration route");
+    assert!(
+        route.contains("[pass]") && route.contains("a primary, where migrations can run"),
+        "{report}"
+    );
+    assert!(line(&report, "writable").contains("[pass]"), "{report}");
+
+    // Through a transaction pooler, the migration URL must not be the pooler.
+    let (code, report) = run(vec![
+        ("DB_POOLER_MODE", "transaction".into()),
+        ("DATABASE_MIGRATION_URL", direct.clone()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        line(&report, "migration route").contains("[FAIL]")
+            && report.contains("as DATABASE_URL does")
+            && report.contains("point DATABASE_MIGRATION_URL at the server itself"),
+        "{report}"
+    );
+
+    // A role the server does not know: the login step, named, and no password shown.
+    let mut wrong = app.test_db.url();
+    wrong.set_username("nobody-here").unwrap();
+    wrong.set_password(Some("s3cret-pw")).unwrap();
+    let (code, report) = run(vec![("DATABASE_MIGRATION_URL", wrong.to_string())])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{report}");
+    let route = line(&report, "migration route");
+    assert!(
+        route.contains("[FAIL]") && route.contains("login:"),
+        "{report}"
+    );
+    assert!(
+        report.contains("password and database name in DATABASE_MIGRATION_URL"),
+        "{report}"
+    );
+    assert!(!report.contains("s3cret-pw"), "password printed:\n{report}");
+
+    let (code, report) = run(vec![(
+        "DATABASE_MIGRATION_URL",
+        "postgres://app@127.0.0.1:1/todos".into(),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        line(&report, "migration route").contains("[FAIL] migration route: TCP: 127.0.0.1:1"),
+        "{report}"
+    );
+}
+
 #[test]
 fn doctor_names_the_failing_step_and_what_to_do() {
     let (code, report) = doctor(&[("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/todos")]);
