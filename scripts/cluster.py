@@ -543,6 +543,13 @@ class Load:
                     created = json.loads(payload)["id"]
                 except (ValueError, KeyError):
                     pass
+            elif st >= 400 and not err:
+                # The problem's code says who answered: the service (circuit_open,
+                # database_unavailable, ...) or HAProxy (no_replica, bad_gateway).
+                try:
+                    err = json.loads(payload)["code"]
+                except (ValueError, KeyError, TypeError):
+                    err = "not a problem+json body"
             with self.lock:
                 self.records.append((t0, t1, method, st, ra, err, created))
             if st in (0, 502, 503, 504):
@@ -569,7 +576,7 @@ def tally(records):
     5xx without Retry-After."""
     by = {}
     for _, _, m, st, ra, err, _ in records:
-        key = f"{m} {st if st else err}"
+        key = f"{m} {st} {err}" if st and err else f"{m} {st if st else err}"
         by[key] = by.get(key, 0) + 1
     bad = [r for r in records if r[3] == 0 or (r[3] >= 500 and not r[4])]
     lat = sorted(r[1] - r[0] for r in records) or [0.0]

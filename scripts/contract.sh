@@ -40,9 +40,12 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 secret=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')
 
-# start NAME VAR=VALUE...: the service on a free port; prints its base URL.
+# start RESULT VAR=VALUE...: the service on a free port; its base URL goes into the variable
+# named RESULT. Not `url=$(start ...)`: in that subshell the pid would never reach `pids`, and
+# cleanup would leave the service running.
 start() {
-  local port
+  local result=$1 port
+  shift
   port=$(free_port)
   env DATABASE_URL="$database_url" LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR=off \
     RATE_LIMIT_PER_SECOND=0 RATE_LIMIT_UNAUTHENTICATED_PER_SECOND=0 LOG_LEVEL=warn \
@@ -50,7 +53,7 @@ start() {
   pids+=($!)
   for _ in $(seq 1 100); do
     if curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then
-      echo "http://127.0.0.1:$port"
+      printf -v "$result" '%s' "http://127.0.0.1:$port"
       return
     fi
     sleep 0.2
@@ -74,8 +77,8 @@ run() {
     --no-color "$@")
 }
 
-open=$(start AUTH_MODE=none)
-jwt=$(start AUTH_MODE=jwt)
+start open AUTH_MODE=none
+start jwt AUTH_MODE=jwt
 token=$(AUTH_JWT_SECRET="$secret" "$binary" token --sub contract --ttl 1h)
 run "AUTH_MODE=none, no token" "$open"
 run "AUTH_MODE=jwt, with a token" "$jwt" --header "Authorization: Bearer $token"
