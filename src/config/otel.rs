@@ -69,6 +69,14 @@ pub const VARS: &[Var] = &[
                loadtest/RESULTS.md); metrics and logs are never sampled.",
     },
     Var {
+        name: "TRACES_FORCED_PER_SECOND",
+        default: Some("10"),
+        help: "Traces per second (per replica) that callers may add beyond the sampler's own \
+               choice by sending a sampled traceparent to a parentbased_* sampler that keeps less \
+               than every trace; past it their requests are not traced. 0: a caller's flag never \
+               adds a trace. Without it any client could have every request traced.",
+    },
+    Var {
         name: "OTEL_SDK_DISABLED",
         default: Some("false"),
         help: "true turns telemetry export off even when an endpoint is set.",
@@ -137,6 +145,8 @@ pub struct TraceSampler {
     pub parent_based: bool,
     /// Fraction of new traces kept, 0.0 to 1.0 (always_off is 0, always_on is 1).
     pub ratio: f64,
+    /// `TRACES_FORCED_PER_SECOND`: traces a caller's sampled flag may add beyond `ratio`.
+    pub forced_per_second: u32,
 }
 
 pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
@@ -238,5 +248,6 @@ fn trace_sampler(env: &Env<'_>) -> Result<TraceSampler, ConfigError> {
     Ok(TraceSampler {
         parent_based,
         ratio,
+        forced_per_second: env.bounded("TRACES_FORCED_PER_SECOND", 0, 1_000_000)? as u32,
     })
 }

@@ -156,6 +156,7 @@ fn trace_samplers_follow_the_otel_names() {
     let s = |parent_based, ratio| TraceSampler {
         parent_based,
         ratio,
+        forced_per_second: 10,
     };
     assert_eq!(sampler(&[]).unwrap(), s(true, 1.0));
     assert_eq!(
@@ -175,6 +176,14 @@ fn trace_samplers_follow_the_otel_names() {
         sampler(&[("OTEL_TRACES_SAMPLER", "traceidratio")]).unwrap(),
         s(false, 1.0)
     );
+    assert_eq!(
+        sampler(&[("TRACES_FORCED_PER_SECOND", "0")])
+            .unwrap()
+            .forced_per_second,
+        0
+    );
+    let err = sampler(&[("TRACES_FORCED_PER_SECOND", "-1")]).unwrap_err();
+    assert_eq!(err.var, "TRACES_FORCED_PER_SECOND", "{err}");
     for bad in ["1.5", "-0.1", "half", "NaN"] {
         let err = sampler(&[
             ("OTEL_TRACES_SAMPLER", "traceidratio"),

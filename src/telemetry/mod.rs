@@ -303,7 +303,11 @@ fn tracer_provider(
         .build();
     // The configured sampler decides per request before any span exists (see `sampling`); what
     // reaches the SDK was chosen already.
-    sampling::install(sampler(otel.sampler));
+    sampling::install(
+        sampler(otel.sampler),
+        forced_bound(otel.sampler),
+        otel.sampler.forced_per_second,
+    );
     Ok(SdkTracerProvider::builder()
         .with_resource(resource)
         .with_sampler(Sampler::AlwaysOn)
@@ -311,19 +315,30 @@ fn tracer_provider(
         .build())
 }
 
-fn sampler(config: TraceSampler) -> Sampler {
-    let root = if config.ratio >= 1.0 {
+/// The rule for new traces: the ratio.
+fn root_sampler(ratio: f64) -> Sampler {
+    if ratio >= 1.0 {
         Sampler::AlwaysOn
-    } else if config.ratio <= 0.0 {
+    } else if ratio <= 0.0 {
         Sampler::AlwaysOff
     } else {
-        Sampler::TraceIdRatioBased(config.ratio)
-    };
+        Sampler::TraceIdRatioBased(ratio)
+    }
+}
+
+fn sampler(config: TraceSampler) -> Sampler {
+    let root = root_sampler(config.ratio);
     if config.parent_based {
         Sampler::ParentBased(Box::new(root))
     } else {
         root
     }
+}
+
+/// The rule a caller's sampled flag can overrule, when there is one: a parentbased_* sampler that
+/// keeps less than every trace. Traces kept only because the caller asked are then bounded.
+fn forced_bound(config: TraceSampler) -> Option<Sampler> {
+    (config.parent_based && config.ratio < 1.0).then(|| root_sampler(config.ratio))
 }
 
 fn logger_provider(

@@ -877,6 +877,72 @@ async fn a_sampler_keeps_only_the_chosen_traces_and_every_metric() {
     assert_eq!(counted, 7.0);
 }
 
+/// A caller that sends the sampled flag on every request cannot have them all traced: past
+/// `TRACES_FORCED_PER_SECOND` its requests are served untraced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_cannot_force_more_traces_than_the_bound() {
+    let (receiver, _metrics, _logs, collector) = start_receiver().await;
+    let db = TestDb::create().await;
+    let addr = free_addr();
+    let child = spawn_service(
+        &db,
+        addr,
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            ),
+            // Every trace is one a caller forces.
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+            ("TRACES_FORCED_PER_SECOND", "5"),
+            ("RATE_LIMIT_PER_SECOND", "0"),
+        ],
+        false,
+    );
+    let client = crate::helpers::http_client().no_proxy().build().unwrap();
+    wait_ready(&client, addr).await;
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..200u32).map(|n| {
+        let req = client.get(format!("http://{addr}/todos?limit=1")).header(
+            "traceparent",
+            format!("00-{:032x}-b7ad6b7169203331-01", n + 1),
+        );
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers().contains_key("x-trace-id")
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    terminate(child).await;
+
+    let traced = answers.iter().filter(|t| **t).count();
+    let exported = receiver
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| &b.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .filter(|s| s.name == "GET /todos")
+        .count();
+    // The burst of 5, and what refilled at 5 a second while the 200 requests ran.
+    let bound = 5 + (took.as_secs_f64() * 5.0).ceil() as usize;
+    eprintln!(
+        "200 requests with a sampled traceparent in {took:?}: {traced} traced, {exported} exported (bound {bound})"
+    );
+    assert_eq!(
+        traced, exported,
+        "x-trace-id on exactly the traced requests"
+    );
+    assert!(
+        (5..=bound).contains(&exported),
+        "{exported} traces exported, bound {bound}"
+    );
+}
+
 /// A collector that wants a key (as SigNoz Cloud does): with `OTEL_EXPORTER_OTLP_HEADERS` every
 /// export carries it and the spans arrive; without it the collector refuses them, and the loss
 /// shows up in `todo.otel.export.lost`, not in the requests.
