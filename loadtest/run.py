@@ -354,7 +354,9 @@ def pgbench(database_url, script, seconds, conc, rows, protocol="prepared"):
 
 
 def sustained(svc, args, res):
-    """oha at c=64 per workload, each interleaved with pgbench running the same SQL."""
+    """oha at c=64 per workload, each interleaved with pgbench running the same SQL, and then the
+    lean twin (examples/lean_service.rs) on the same workload: the ratio to pgbench says what the
+    HTTP service costs over the database, the ratio to the twin what this service's layers cost."""
     seconds = args.duration
     out = {}
     for name, (extra, script) in WORKLOADS.items():
@@ -362,19 +364,25 @@ def sustained(svc, args, res):
             seed(svc.database_url, args.rows)  # writes grow the table; each run starts alike
         base, base_cmd = pgbench(svc.database_url, script, seconds, 64, min(args.rows, 999))
         seed(svc.database_url, args.rows)
-        http_r, cmd = oha(svc, extra, seconds, 64)
+        http_r, cmd, us = oha_cpu(svc, extra, seconds)
         ratio = (http_r["rps"] / base["tps"]) if base["tps"] else None
         out[name] = {"http": http_r, "http_command": cmd, "pgbench": base,
-                     "pgbench_command": base_cmd, "ratio_to_pgbench": ratio}
+                     "pgbench_command": base_cmd, "ratio_to_pgbench": ratio, "cpu_us_per_request": us}
         log(f"  {name}: {http_r['rps']:.0f} rps (p99 {http_r['p99_ms']:.2f} ms, non-2xx "
-            f"{http_r['non_2xx']}) vs pgbench {base['tps']:.0f} tps (p99 {base['p99_ms']:.2f} ms): "
-            f"{ratio:.2f}x")
-        if name == "get-one":
-            twin = lean_twin(svc, extra, seconds)
-            if twin:
-                twin["ratio_to_pgbench"] = (twin["http"]["rps"] / base["tps"]) if base["tps"] else None
-                twin["pgbench"] = base
-                out["get-one, lean twin"] = twin
+            f"{http_r['non_2xx']}, CPU {us} µs/request) vs pgbench {base['tps']:.0f} tps "
+            f"(p99 {base['p99_ms']:.2f} ms): {ratio:.2f}x")
+        if name in ("post", "patch"):
+            seed(svc.database_url, args.rows)
+        twin = lean_twin(svc, name, extra, seconds)
+        if twin:
+            twin["ratio_to_pgbench"] = (twin["http"]["rps"] / base["tps"]) if base["tps"] else None
+            twin["pgbench"] = base
+            out[f"{name}, lean twin"] = twin
+            t = twin["http"]
+            out[name]["ratio_to_twin"] = round(http_r["rps"] / t["rps"], 3) if t["rps"] else None
+            out[name]["p99_to_twin"] = round(http_r["p99_ms"] / t["p99_ms"], 2) if t["p99_ms"] else None
+            log(f"  {name}: service / lean twin {out[name]['ratio_to_twin']}x throughput, "
+                f"{out[name]['p99_to_twin']}x p99")
     # Mixed 80/20 read/write: two oha processes at once, 51 + 13 connections.
     seed(svc.database_url, args.rows)
     results = {}
@@ -396,21 +404,21 @@ def sustained(svc, args, res):
     res["sustained"] = {"concurrency": 64, "seconds": seconds, "workloads": out}
 
 
-def lean_twin(svc, extra, seconds):
-    """The same GET against examples/lean_service.rs (axum + deadpool + sqlx, no middleware), right
-    after the service's run: what the service's layers cost, in the same minute."""
+def lean_twin(svc, name, extra, seconds):
+    """The same workload against examples/lean_service.rs (axum + deadpool + sqlx, no middleware),
+    right after the service's run: what the service's layers cost, in the same minute."""
     if not svc.proc or not os.path.exists(LEAN_TWIN_BINARY):
         log("  lean twin: skipped (needs a service this script starts and the built example)")
         return None
     twin = Service(None, svc.database_url, binary=LEAN_TWIN_BINARY, ready_path="/todos/1")
     try:
         twin.start()
-        r, cmd = oha(twin, extra, seconds, 64)
+        r, cmd, us = oha_cpu(twin, extra, seconds)
     finally:
         twin.stop()
-    log(f"  get-one, lean twin (no middleware): {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
-        f"non-2xx {r['non_2xx']})")
-    return {"http": r, "http_command": cmd}
+    log(f"  {name}, lean twin (no middleware): {r['rps']:.0f} rps (p99 {r['p99_ms']:.2f} ms, "
+        f"non-2xx {r['non_2xx']}, CPU {us} µs/request)")
+    return {"http": r, "http_command": cmd, "cpu_us_per_request": us}
 
 
 class OtlpSink:
@@ -1031,15 +1039,17 @@ def summary(res):
              f"commit `{res['commit']}`, {res['machine']['cpus']} CPUs ({res['machine']['cpu']}), "
              f"{'quick' if res['quick'] else 'full'} run", ""]
     if "sustained" in res:
-        lines += ["| workload (c=64) | service rps | p50 ms | p99 ms | non-2xx | pgbench tps | pgbench p99 ms | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| workload (c=64) | service rps | p50 ms | p99 ms | non-2xx | CPU µs/req | pgbench tps | pgbench p99 ms | ratio | to the twin (rps, p99) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, w in res["sustained"]["workloads"].items():
             h, b = w["http"], w.get("pgbench")
             f = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
             non2xx = h.get("non_2xx", (h.get("read") or {}).get("non_2xx", 0) + (h.get("write") or {}).get("non_2xx", 0))
+            twin = (f"{w['ratio_to_twin']}×, {w['p99_to_twin']}×" if w.get("ratio_to_twin") is not None else "–")
             lines.append(f"| {name} | {f(h['rps'], 0)} | {f(h.get('p50_ms'), 2)} | {f(h.get('p99_ms'), 2)} | {non2xx} | "
+                         f"{f(w.get('cpu_us_per_request'))} | "
                          f"{f(b['tps'], 0) if b else '–'} | {f(b['p99_ms'], 2) if b else '–'} | "
-                         f"{f(w.get('ratio_to_pgbench'), 2)} |")
+                         f"{f(w.get('ratio_to_pgbench'), 2)} | {twin} |")
         lines.append("")
     if "steps" in res:
         lines += ["| ab concurrency | rps | p50 ms | p99 ms | failed | non-2xx |", "|---|---|---|---|---|---|"]

@@ -42,7 +42,9 @@ if [ "$command" = up ] || [ "$command" = drill ]; then
       cargo install --locked --quiet oha --version 1.16.0
     fi
   fi
-  cargo build --locked --release --quiet --bin todo-service
+  # The same build as loadtest/run.sh's (with the example, so the dependencies' features are the
+  # same): after a load test, nothing to rebuild.
+  cargo build --release --locked --quiet --bin todo-service --example lean_service
   ulimit -n 65536 2>/dev/null || true
 fi
 PG_BIN="$(pg_find_bindir || true)"
