@@ -37,6 +37,20 @@ use crate::helpers::{KillOnDrop, TestDb};
 #[derive(Clone, Default)]
 struct Receiver(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
 
+impl Receiver {
+    /// Every span received so far, across batches and resources.
+    fn spans(&self) -> Vec<Span> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| &b.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| ss.spans.iter().cloned())
+            .collect()
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Receiver {
     async fn export(
@@ -841,21 +855,15 @@ async fn a_sampler_keeps_only_the_chosen_traces_and_every_metric() {
     );
     terminate(child).await;
 
-    let batches = receiver.0.lock().unwrap().clone();
-    let spans: Vec<&Span> = batches
-        .iter()
-        .flat_map(|b| &b.resource_spans)
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| &ss.spans)
-        .collect();
+    let spans = receiver.spans();
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-    let server: Vec<&&Span> = spans.iter().filter(|s| s.name == "GET /todos").collect();
+    let server: Vec<&Span> = spans.iter().filter(|s| s.name == "GET /todos").collect();
     assert_eq!(
         server.len(),
         1,
         "only the sampled caller's request: {names:?}"
     );
-    let db_spans: Vec<&&Span> = spans
+    let db_spans: Vec<&Span> = spans
         .iter()
         .filter(|s| s.kind == SPAN_KIND_CLIENT)
         .collect();
@@ -919,13 +927,8 @@ async fn callers_cannot_force_more_traces_than_the_bound() {
 
     let traced = answers.iter().filter(|t| **t).count();
     let exported = receiver
-        .0
-        .lock()
-        .unwrap()
+        .spans()
         .iter()
-        .flat_map(|b| &b.resource_spans)
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| &ss.spans)
         .filter(|s| s.name == "GET /todos")
         .count();
     // The burst of 5, and what refilled at 5 a second while the 200 requests ran.
