@@ -61,8 +61,12 @@ pub fn classify(e: sqlx::Error) -> DbError {
         }
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // 08: connection exception; 53: insufficient resources (too many connections, disk
-            // full); 57P0x: admin/crash shutdown, cannot connect now.
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+            // full); 57P0x: admin/crash shutdown, cannot connect now; 25006: a write on a
+            // read-only server, which is what a standby is: after a failover, the URL (or the
+            // pooler behind it) still reaching the former primary. Retrying later succeeds once
+            // it points at the new one, and counting it toward the breaker is what makes the
+            // service look the host up again (`re_resolve`).
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "25006"
         }),
         _ => false,
     };

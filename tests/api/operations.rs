@@ -274,6 +274,81 @@ async fn statement_timeout_ends_a_statement_held_by_a_lock() {
     assert_eq!(app.get("/todos").await.status(), 200);
 }
 
+/// A write that reaches a read-only server (a standby: after a failover, a URL or pooler still
+/// pointing at the former primary) is a 503 to retry, not a 500, and nothing is written; once the
+/// server takes writes again, so does the service, without a restart. The server is made
+/// read-only here the way a standby refuses writes: SQLSTATE 25006.
+#[tokio::test]
+async fn writes_on_a_read_only_server_are_a_503_to_retry_and_recover() {
+    let mut opts = AppOptions::default();
+    // Reads keep working meanwhile: the breaker stays closed through the few refused writes.
+    opts.env
+        .insert("BREAKER_FAILURE_THRESHOLD".into(), "50".into());
+    let app = spawn_app_with(opts).await;
+    let kept = app.create(json!({"title": "before"})).await;
+    let mut admin = app.test_db.connect().await;
+    let set = |on: bool| {
+        format!(
+            r#"ALTER DATABASE "{}" SET default_transaction_read_only = {on}"#,
+            app.test_db.name
+        )
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(set(true)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // Sessions opened from now on are read-only; the pool's open ones are ended, as a failover
+    // ends them.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        app.test_db.name
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let before = app.row_count().await;
+    let mut refused = 0;
+    for i in 0..5 {
+        let r = app
+            .post_json("/todos", &json!({"title": format!("on a standby {i}")}))
+            .await;
+        if r.status() == 503 {
+            assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+            let body = assert_problem(r, 503, "database_unavailable").await;
+            assert!(!body.to_string().contains("25006"), "{body}");
+            refused += 1;
+        } else {
+            panic!("a write on a read-only server answered {}", r.status());
+        }
+    }
+    assert_eq!(refused, 5);
+    assert_eq!(app.row_count().await, before, "nothing written");
+    let r = app.get(&format!("/todos/{}", kept["id"])).await;
+    assert_eq!(r.status(), 200, "reads still work");
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(set(false)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        app.test_db.name
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.post_json("/todos", &json!({"title": "after"})).await;
+        if r.status() == 201 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(Instant::now() < deadline, "writes did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let app = spawn_app().await;
