@@ -819,12 +819,31 @@ def oha(url, tok, seconds, conc=64):
 
 def drill_throughput(state, tok, todo_id, seconds):
     log(f"\n== throughput: GET one todo, oha -c 64 for {seconds} s, through HAProxy with 1, 2 and 3 "
-        "replicas in service, and straight to one replica (no balancer)")
+        "replicas in service, straight to one replica (no balancer), and to a replica straight to "
+        "PostgreSQL (no balancer, no pooler)")
+    # A fourth replica for the last: DB_POOLER_MODE=none, named statements, one exchange per call.
+    unpooled = {"name": "unpooled", "port": free_port(), "admin_port": free_port()}
+    env = dict(replica_env(state, unpooled), DB_POOLER_MODE="none",
+               DATABASE_URL=f"postgres://postgres@127.0.0.1:{state[state['writer']]['port']}/todos?sslmode=disable")
+    del env["DATABASE_MIGRATION_URL"]
+    with open(os.path.join(STATE_DIR, "unpooled.log"), "w") as logf:
+        proc = subprocess.Popen([BINARY], env=env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=ROOT)
+    try:
+        wait_for("the unpooled replica ready", lambda: get_status(unpooled["port"], "/ready") == 200, 30)
+        return throughput_runs(state, tok, todo_id, seconds, unpooled["port"])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def throughput_runs(state, tok, todo_id, seconds, unpooled_port):
     hz = os.sysconf("SC_CLK_TCK")
     results = {}
     path = f"/todos/{todo_id}"
     names = [r["name"] for r in state["replicas"]]
-    runs = [("direct, 1 replica", f"http://127.0.0.1:{state['replicas'][0]['port']}{path}", names)]
+    runs = [("1 replica straight to PostgreSQL", f"http://127.0.0.1:{unpooled_port}{path}", names),
+            ("1 replica through PgBouncer", f"http://127.0.0.1:{state['replicas'][0]['port']}{path}", names)]
     runs += [(f"HAProxy, {k} replica{'s' if k > 1 else ''}", f"http://127.0.0.1:{state['haproxy']['port']}{path}", names[:k])
              for k in range(1, len(names) + 1)]
     # Each configuration twice, in an order and its reverse, so a drift of the machine's speed
@@ -841,7 +860,7 @@ def drill_throughput(state, tok, todo_id, seconds):
         us = {k: round((after.get(k, 0) - before.get(k, 0)) / hz * 1e6 / total, 1) for k in after if total}
         results.setdefault(label, []).append({"rps": round(rps), "statuses": statuses, "cpu_us_per_request": us,
                                               "cpu_us_total": round(sum(us.values()), 1)})
-        log(f"    {label:22} {rps:8.0f} rps  statuses {statuses}  CPU µs/request {us} (total {sum(us.values()):.0f})")
+        log(f"    {label:33} {rps:8.0f} rps  statuses {statuses}  CPU µs/request {us} (total {sum(us.values()):.0f})")
     for name in names:
         haproxy_cmd(state, f"set server replicas/{name} state ready")
     summary = {}
@@ -851,7 +870,7 @@ def drill_throughput(state, tok, todo_id, seconds):
                           "cpu_us_per_request": {k: round(sum(r["cpu_us_per_request"].get(k, 0) for r in rs) / len(rs), 1)
                                                  for k in kinds},
                           "runs": rs}
-        log(f"    mean {label:17} {summary[label]['rps']:8} rps  CPU µs/request {summary[label]['cpu_us_per_request']}")
+        log(f"    mean {label:28} {summary[label]['rps']:8} rps  CPU µs/request {summary[label]['cpu_us_per_request']}")
     return summary
 
 
