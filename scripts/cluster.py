@@ -17,6 +17,7 @@ import datetime
 import http.client
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -47,11 +48,27 @@ def log(msg):
 
 
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port free now, below the kernel's ephemeral range. A port that `bind(0)` hands out comes
+    from that range, where any outgoing connection (a replica's to PgBouncer, PgBouncer's to the
+    server) may take it before the process meant to listen on it starts: a CI run lost a replica's
+    admin port that way."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 10000 if ephemeral_low > 11000 else 1024
+    for _ in range(200):
+        port = random.randint(low, ephemeral_low - 1)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def as_owner(cmd):
@@ -362,6 +379,16 @@ def up(args):
                       "log": os.path.join(STATE_DIR, f"r{i}.log")} for i in range(1, args.replicas + 1)],
     }
     save_state(state)
+    try:
+        return start(state)
+    except BaseException:
+        down()  # whatever came up before the failure
+        raise
+
+
+def start(state):
+    """Brings up what `state` describes, saving each process in it as it starts."""
+    base = state["base"]
     for r in state["replicas"]:
         if os.path.exists(r["log"]):
             os.remove(r["log"])  # a previous cluster's
@@ -522,7 +549,7 @@ class Load:
                 conn.close()
 
     def worker(self, n):
-        rng = __import__("random").Random(n)
+        rng = random.Random(n)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=CLIENT_TIMEOUT)
         i = 0
         while not self.stop_flag.is_set():
