@@ -290,12 +290,12 @@ impl Db {
     async fn probe(&self) -> Result<(), DbError> {
         let limit = self.inner.wait_timeout.min(Duration::from_secs(1));
         tokio::time::timeout(limit, async {
-            let span = self.span("PING", "postgres", "-- connection check");
-            let (mut lease, permit) = self.lease(&span).await?;
+            let mut span = self.span("PING", "postgres", "-- connection check");
+            let (mut lease, permit) = self.lease(&mut span).await?;
             let reused = lease.reused();
             let r = within(self.inner.query_deadline, lease.ping()).await;
             self.finish(Some(lease), reused, permit, r.and_then(|r| r))
-                .map_err(|f| f.recorded_on(&span))
+                .map_err(|f| f.recorded_on(&mut span))
         })
         .await
         .unwrap_or_else(|_| Err(DbError::Unavailable(format!("no answer within {limit:?}"))))

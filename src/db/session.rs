@@ -31,10 +31,13 @@
 use std::time::Duration;
 
 use deadpool::managed::{Object, PoolError, TimeoutType};
+use opentelemetry::{
+    KeyValue,
+    trace::{Span as _, Status},
+};
 use sqlx::PgConnection;
-use tracing::{Instrument, Span, field::Empty};
 
-use crate::telemetry::sampling;
+use crate::telemetry::spans;
 
 /// Retries of a call that met a stale connection. Each retry is on another connection, and a
 /// failure on a freshly opened one ends the call (see [`Failure::Other`]), so this bounds the
@@ -152,6 +155,34 @@ impl Drop for Lease {
     }
 }
 
+/// The client span of one database call, when it runs inside a traced request (see
+/// `telemetry::spans`). Ends when dropped, so a call dropped part-way ends it too.
+pub(super) struct CallSpan(Option<opentelemetry_sdk::trace::Span>);
+
+impl CallSpan {
+    fn set(&mut self, attribute: impl FnOnce() -> KeyValue) {
+        if let Some(span) = &mut self.0 {
+            span.set_attribute(attribute());
+        }
+    }
+
+    /// Marks the call failed, with the failure's class.
+    pub(super) fn record_error(&mut self, err: &DbError) {
+        if let Some(span) = &mut self.0 {
+            span.set_status(Status::error(""));
+            span.set_attribute(KeyValue::new(
+                "error.type",
+                match err {
+                    DbError::Unavailable(_) => "unavailable",
+                    DbError::CircuitOpen { .. } => "circuit_open",
+                    DbError::Timeout(_) => "statement_timeout",
+                    DbError::Unexpected(_) => "unexpected",
+                },
+            ));
+        }
+    }
+}
+
 impl Db {
     /// The client span of one database call. Named `{operation} {table}` as SigNoz's DB views
     /// expect, with the older `db.system` attribute SigNoz still counts, the parameterised SQL
@@ -161,42 +192,27 @@ impl Db {
         operation: &'static str,
         table: &'static str,
         sql: &'static str,
-    ) -> Span {
-        // Two callsites because a callsite's target is fixed: spans of untraced requests (see
-        // `telemetry::sampling`) go under the target the exporter ignores.
-        macro_rules! db_span {
-            ($target:expr) => {
-                tracing::info_span!(
-                    target: $target,
-                    "db",
-                    otel.name = %format_args!("{operation} {table}"),
-                    otel.kind = "client",
-                    db.system = "postgresql",
-                    db.system.name = "postgresql",
-                    db.namespace = %self.inner.db_name,
-                    db.operation.name = operation,
-                    db.collection.name = table,
-                    db.query.text = sql,
-                    server.address = %self.inner.address.host(),
-                    server.port = i64::from(self.inner.address.port()),
-                    network.peer.address = Empty,
-                    db.client.connection.wait_time_ms = Empty,
-                    otel.status_code = Empty,
-                    error.type = Empty,
-                )
-            };
-        }
-        let span = if sampling::in_traced_request() {
-            db_span!("todo_service::db")
-        } else {
-            db_span!(sampling::UNTRACED)
-        };
-        if !span.is_disabled()
-            && let Some(addr) = self.inner.address.get()
-        {
-            span.record("network.peer.address", addr.ip().to_string());
-        }
-        span
+    ) -> CallSpan {
+        CallSpan(spans::start_client(
+            || format!("{operation} {table}").into(),
+            || {
+                let address = &self.inner.address;
+                let mut attributes = vec![
+                    KeyValue::new("db.system", "postgresql"),
+                    KeyValue::new("db.system.name", "postgresql"),
+                    KeyValue::new("db.namespace", self.inner.db_name.to_string()),
+                    KeyValue::new("db.operation.name", operation),
+                    KeyValue::new("db.collection.name", table),
+                    KeyValue::new("db.query.text", sql),
+                    KeyValue::new("server.address", address.host().to_string()),
+                    KeyValue::new("server.port", i64::from(address.port())),
+                ];
+                if let Some(addr) = address.get() {
+                    attributes.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+                }
+                attributes
+            },
+        ))
     }
 
     /// Runs `f` on a pooled connection under the breaker, the call's span and its deadline, and
@@ -212,17 +228,17 @@ impl Db {
     where
         Fut: Future<Output = (Lease, Result<T, sqlx::Error>)>,
     {
-        let span = self.span(stmt.operation, stmt.table, stmt.sql);
+        let mut span = self.span(stmt.operation, stmt.table, stmt.sql);
         if !self.migrations_applied() {
             let err = DbError::Unavailable(
                 "the database schema is not ready yet (migrations pending)".into(),
             );
-            record_error(&span, &err);
+            span.record_error(&err);
             return Err(err);
         }
         let mut retries = 0;
         loop {
-            let (lease, permit) = self.lease(&span).await?;
+            let (lease, permit) = self.lease(&mut span).await?;
             let reused = lease.reused();
             let run = async {
                 match &self.inner.begin {
@@ -239,7 +255,7 @@ impl Db {
                     tracing::debug!("stale pooled connection; retrying the call on another");
                     retries += 1;
                 }
-                Err(failure) => return Err(failure.recorded_on(&span)),
+                Err(failure) => return Err(failure.recorded_on(&mut span)),
                 Ok(v) => return Ok(v),
             }
         }
@@ -247,24 +263,26 @@ impl Db {
 
     /// A breaker permit and a pooled connection, waited for under `span`. Refused at once,
     /// without touching the pool, while the breaker is open.
-    pub(super) async fn lease(&self, span: &Span) -> Result<(Lease, Permit), DbError> {
+    pub(super) async fn lease(&self, span: &mut CallSpan) -> Result<(Lease, Permit), DbError> {
         let permit = match self.inner.breaker.try_acquire() {
             Ok(p) => p,
             Err(r) => {
                 let err = DbError::CircuitOpen {
                     retry_after: r.retry_after,
                 };
-                record_error(span, &err);
+                span.record_error(&err);
                 return Err(err);
             }
         };
         let waited = tokio::time::Instant::now();
-        let got = self.inner.pool.get().instrument(span.clone()).await;
+        let got = self.inner.pool.get().await;
         let waited = waited.elapsed();
-        span.record(
-            "db.client.connection.wait_time_ms",
-            waited.as_secs_f64() * 1000.0,
-        );
+        span.set(|| {
+            KeyValue::new(
+                "db.client.connection.wait_time_ms",
+                waited.as_secs_f64() * 1000.0,
+            )
+        });
         if let Some(observe) = self.inner.pool_wait_observer.get() {
             observe(waited);
         }
@@ -282,7 +300,7 @@ impl Db {
                 // must not open the breaker while the database answers.
                 let busy = matches!(e, PoolError::Timeout(TimeoutType::Wait));
                 let err = super::error::pool_error(e);
-                record_error(span, &err);
+                span.record_error(&err);
                 if busy {
                     drop(permit);
                 } else {
@@ -355,9 +373,9 @@ impl Failure {
     }
 
     /// The error, marked on the call's span.
-    pub(super) fn recorded_on(self, span: &Span) -> DbError {
+    pub(super) fn recorded_on(self, span: &mut CallSpan) -> DbError {
         let (Failure::Other(err) | Failure::Stale { err, .. }) = self;
-        record_error(span, &err);
+        span.record_error(&err);
         err
     }
 }
@@ -422,20 +440,6 @@ impl Db {
 /// shutdown, cannot connect now).
 fn is_termination_notice(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P")))
-}
-
-/// Marks a database span failed, with the failure's class.
-pub(super) fn record_error(span: &Span, err: &DbError) {
-    span.record("otel.status_code", "ERROR");
-    span.record(
-        "error.type",
-        match err {
-            DbError::Unavailable(_) => "unavailable",
-            DbError::CircuitOpen { .. } => "circuit_open",
-            DbError::Timeout(_) => "statement_timeout",
-            DbError::Unexpected(_) => "unexpected",
-        },
-    );
 }
 
 /// Only outage-class failures count against the breaker; any other answer proves the database is

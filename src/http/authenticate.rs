@@ -32,9 +32,9 @@ use governor::{
     clock::{Clock, DefaultClock},
     middleware::NoOpMiddleware,
 };
+use opentelemetry::{KeyValue, StringValue};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
-use tracing::Span;
 
 use super::{
     code::Code,
@@ -44,6 +44,7 @@ use super::{
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
     config::AuthConfig,
+    telemetry::spans,
 };
 
 /// `realm` of every `WWW-Authenticate` challenge.
@@ -307,10 +308,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        // Called inside the request span (the trace layer enters it), so these land on it.
-        let span = Span::current();
+        // Called while the request's span (when traced) is current: these land on it.
         let Some(verifier) = &self.auth.verifier else {
-            span.record("todo.authenticated", false);
+            spans::on_current(|span| {
+                span.set_attribute(KeyValue::new("todo.authenticated", false));
+            });
             req.extensions_mut().insert(Caller::Anonymous);
             return AuthenticateFuture::Passed {
                 inner: self.inner.call(req),
@@ -318,20 +320,25 @@ where
         };
         match self.auth.authenticate(verifier, &req) {
             Ok(principal) => {
-                span.record("todo.authenticated", true);
-                if self.auth.span_subject {
-                    span.record("user.id", &*principal.sub);
-                }
+                spans::on_current(|span| {
+                    span.set_attribute(KeyValue::new("todo.authenticated", true));
+                    if self.auth.span_subject {
+                        span.set_attribute(KeyValue::new(
+                            "user.id",
+                            StringValue::from(principal.sub.clone()),
+                        ));
+                    }
+                });
                 req.extensions_mut().insert(Caller::Principal(principal));
                 AuthenticateFuture::Passed {
                     inner: self.inner.call(req),
                 }
             }
             Err(failure) => {
-                span.record(
-                    "todo.authenticated",
-                    matches!(failure, Failure::InsufficientScope(_)),
-                );
+                let authenticated = matches!(failure, Failure::InsufficientScope(_));
+                spans::on_current(|span| {
+                    span.set_attribute(KeyValue::new("todo.authenticated", authenticated));
+                });
                 AuthenticateFuture::Refused {
                     res: Some(self.auth.refuse(failure, &req)),
                 }
@@ -404,41 +411,53 @@ mod tests {
         }
     }
 
+    use std::time::SystemTime;
+
+    use opentelemetry::trace::SpanContext;
+
     use crate::config::AuthMode;
 
-    /// The span fields a request's authentication records, as (name, value) pairs.
-    #[derive(Clone, Default)]
-    struct Recorded(Arc<std::sync::Mutex<Vec<(String, String)>>>);
+    /// A request's span that keeps the attributes it is given, as (name, value) pairs.
+    #[derive(Clone)]
+    struct Recorded(Arc<std::sync::Mutex<Vec<(String, String)>>>, SpanContext);
 
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
-        fn on_record(
-            &self,
-            _: &tracing::span::Id,
-            values: &tracing::span::Record<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            struct Visit<'a>(&'a mut Vec<(String, String)>);
-            impl tracing::field::Visit for Visit<'_> {
-                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                    self.0.push((f.name().into(), format!("{v:?}")));
-                }
-                fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
-                    self.0.push((f.name().into(), v.into()));
-                }
-            }
-            values.record(&mut Visit(&mut self.0.lock().unwrap()));
+    impl opentelemetry::trace::Span for Recorded {
+        fn add_event_with_timestamp<T>(&mut self, _: T, _: SystemTime, _: Vec<KeyValue>)
+        where
+            T: Into<std::borrow::Cow<'static, str>>,
+        {
         }
+        fn span_context(&self) -> &SpanContext {
+            &self.1
+        }
+        fn is_recording(&self) -> bool {
+            true
+        }
+        fn set_attribute(&mut self, attribute: KeyValue) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((attribute.key.to_string(), attribute.value.to_string()));
+        }
+        fn set_status(&mut self, _: opentelemetry::trace::Status) {}
+        fn update_name<T>(&mut self, _: T)
+        where
+            T: Into<std::borrow::Cow<'static, str>>,
+        {
+        }
+        fn add_link(&mut self, _: SpanContext, _: Vec<KeyValue>) {}
+        fn end_with_timestamp(&mut self, _: SystemTime) {}
     }
 
-    /// Runs one request through the layer inside a request-like span; the status and what the
+    /// Runs one request through the layer while a request's span is current; the status and what the
     /// span was told.
     fn authenticate(
         mode: AuthMode,
         span_subject: bool,
         authorization: Option<&str>,
     ) -> (StatusCode, Vec<(String, String)>) {
+        use opentelemetry::trace::TraceContextExt as _;
         use tower::ServiceExt as _;
-        use tracing_subscriber::layer::SubscriberExt as _;
         let verifier = matches!(mode, AuthMode::Jwt(_))
             .then(|| Arc::new(Verifier::hs256(SECRET.as_bytes(), None, None)));
         let config = AuthConfig {
@@ -464,20 +483,16 @@ mod tests {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         }
-        let recorded = Recorded::default();
-        let subscriber = tracing_subscriber::registry().with(recorded.clone());
+        let recorded = Recorded(Default::default(), SpanContext::empty_context());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let status = tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!(
-                "request",
-                todo.authenticated = tracing::field::Empty,
-                user.id = tracing::field::Empty
-            );
-            let _entered = span.enter();
+        let status = {
+            let _attached = opentelemetry::Context::new()
+                .with_span(recorded.clone())
+                .attach();
             runtime.block_on(service.oneshot(req)).unwrap().status()
-        });
+        };
         let fields = recorded.0.lock().unwrap().clone();
         (status, fields)
     }

@@ -37,7 +37,6 @@ use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
 };
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -133,40 +132,33 @@ fn with_layers(
                 x_request_id.clone(),
                 MakeRequestUuid,
             ))
-            // 2. One server span per request, named by the matched route (low cardinality), a
-            //    child of the caller's `traceparent` if any; see trace.rs.
-            .layer(
-                TraceLayer::new_for_http()
-                    .make_span_with(trace::request_span)
-                    .on_response(trace::on_response)
-                    // Errors are logged once, where they happen (ApiError), with the request's
-                    // identity; the span notes them in on_response.
-                    .on_failure(()),
-            )
-            // 3. The request's duration is recorded for the metrics, every log line written
-            //    while serving it names it (id, method, route), and the trace id goes back to the
-            //    client (x-trace-id), so a report can quote it.
+            // 2. One server span per request when it is traced, named by the matched route (low
+            //    cardinality), a child of the caller's `traceparent` if any; the request's
+            //    duration is recorded for the metrics, every log line written while serving it
+            //    names it (id, method, route), and the trace id goes back to the client
+            //    (x-trace-id), so a report can quote it. See trace.rs. Errors are logged once,
+            //    where they happen (ApiError), with the request's identity.
             .layer(trace::ObserveLayer)
-            // 4. The request id is copied to the response (clients quote it when reporting
+            // 3. The request id is copied to the response (clients quote it when reporting
             //    problems).
             .layer(PropagateRequestIdLayer::new(x_request_id))
-            // 5. For the data routes: when admission would refuse at once, refuse here, before
+            // 4. For the data routes: when admission would refuse at once, refuse here, before
             //    the layers below cost anything (admission.rs); still counted and traced above.
             .option_layer(early)
-            // 6. CORS outside everything that can answer, so errors carry the CORS headers too
+            // 5. CORS outside everything that can answer, so errors carry the CORS headers too
             //    and browsers can read them; preflights are answered here without reaching a
             //    handler.
             .layer(cors_layer(&config.cors_allowed_origins))
-            // 7. Any error response that is not yet problem+json (a library's own) is rewritten.
+            // 6. Any error response that is not yet problem+json (a library's own) is rewritten.
             .then(error::ensure_problem_result)
             .map_response(from_catch_panic)
-            // 8. A panicking handler becomes a logged 500 problem instead of a dropped
+            // 7. A panicking handler becomes a logged 500 problem instead of a dropped
             //    connection.
             .layer(CatchPanicLayer::custom(panic_response))
-            // 9. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
+            // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
             //    (413), never buffered whole.
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            // 10. For the data routes: rate limit, body read, admission, timeout (resilience.rs).
+            // 9. For the data routes: rate limit, body read, admission, timeout (resilience.rs).
             .option_layer(protect),
     )
 }

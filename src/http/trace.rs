@@ -5,6 +5,8 @@
 //! semantic-convention attributes. Rejections by the protective layers are spans too, with
 //! `todo.rejected_by` naming the layer that answered. Data requests say whether their caller was
 //! authenticated (`todo.authenticated`), and name it (`user.id`) only if `AUTH_SPAN_SUBJECT` allows.
+//! The span is built with the OpenTelemetry SDK directly (see `telemetry::spans` for why), only for
+//! requests that are traced.
 
 use std::{
     convert::Infallible,
@@ -12,7 +14,6 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     task::{Context, Poll, ready},
-    time::Duration,
 };
 
 use axum::{
@@ -20,15 +21,16 @@ use axum::{
     http::{HeaderMap, HeaderValue, Method, header},
     response::Response,
 };
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::{
+    KeyValue,
+    trace::{SpanRef, Status, TraceContextExt as _},
+};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
-use tracing::{Span, field::Empty};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProblemCode;
-use crate::telemetry::sampling;
+use crate::telemetry::{sampling, spans};
 
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
@@ -76,101 +78,79 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The server span under `target`: traced requests and the rest (see `telemetry::sampling`) need
-/// two callsites with the same fields, since a callsite's target is fixed.
-macro_rules! server_span {
-    ($target:expr, $req:expr, $header:expr) => {
-        tracing::info_span!(
-            target: $target,
-            "request",
-            otel.name = Empty,
-            otel.kind = "server",
-            http.request.method = %$req.method(),
-            http.route = Empty,
-            url.path = %$req.uri().path(),
-            client.address = Empty,
-            user_agent.original = $header(header::USER_AGENT.as_str()),
-            request_id = $header(REQUEST_ID),
-            http.response.status_code = Empty,
-            otel.status_code = Empty,
-            error.type = Empty,
-            todo.rejected_by = Empty,
-            todo.authenticated = Empty,
-            user.id = Empty,
-        )
-    };
-}
-
-pub(crate) fn request_span(req: &Request) -> Span {
-    let method = req.method();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    // The caller's trace context matters only when spans are exported; it decides (with the
-    // configured sampler) whether this request is traced at all.
-    let parent = sampling::exporting().then(|| {
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        })
-    });
-    let traced = parent.as_ref().is_none_or(sampling::sampled);
-    // Field values inside the macro are only computed when the span is enabled; what is computed
-    // outside it (name, client, parent) is recorded below, after the same check, so requests
-    // cost nothing extra when nothing listens (no export or not sampled, and quiet logs).
-    let span = if traced {
-        server_span!("todo_service::http::trace", req, header)
-    } else {
-        server_span!(sampling::UNTRACED, req, header)
-    };
-    if span.is_disabled() {
-        return span;
+/// The request's server span in the context that carries it, when the request is traced: spans
+/// are exported and the sampler (see `telemetry::sampling`) keeps this request, given the
+/// caller's `traceparent`. Nothing is read or built otherwise.
+fn server_span(req: &Request) -> Option<opentelemetry::Context> {
+    if !sampling::exporting() {
+        return None;
     }
-    match req
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HeaderExtractor(req.headers()))
+    });
+    if !sampling::sampled(&parent) {
+        return None;
+    }
+    let method = req.method().as_str();
+    let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-    {
-        Some(route) => {
-            span.record("otel.name", format!("{method} {route}"));
-            span.record("http.route", route);
-        }
-        None => {
-            span.record("otel.name", method.as_str());
-        }
+        .map(MatchedPath::as_str);
+    let name = match route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_owned(),
+    };
+    let mut attributes = Vec::with_capacity(8);
+    attributes.push(KeyValue::new("http.request.method", method.to_owned()));
+    if let Some(route) = route {
+        attributes.push(KeyValue::new("http.route", route.to_owned()));
     }
+    attributes.push(KeyValue::new("url.path", req.uri().path().to_owned()));
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        span.record("client.address", peer.ip().to_string());
+        attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
     }
-    if traced && let Some(parent) = parent {
-        // Without a valid incoming traceparent this leaves the span a root.
-        let _ = span.set_parent(parent);
+    for (key, header) in [
+        ("user_agent.original", header::USER_AGENT.as_str()),
+        ("request_id", REQUEST_ID),
+    ] {
+        if let Some(value) = req.headers().get(header).and_then(|v| v.to_str().ok()) {
+            attributes.push(KeyValue::new(key, value.to_owned()));
+        }
     }
-    span
+    // Without a valid incoming traceparent `parent` is empty and the span is a root.
+    spans::start_server(name.into(), attributes, &parent)
 }
 
-pub(crate) fn on_response(res: &Response, _latency: Duration, span: &Span) {
+/// What the response says about the request, on its server span, which it then ends. SigNoz
+/// counts errors by span status, so server errors are ERROR; a refusal names the protective
+/// layer that answered.
+fn end_server_span(span: &SpanRef<'_>, res: &Response) {
     let status = res.status();
-    // As i64: tracing hands narrower integers to the OTel layer as strings, and SigNoz filters
-    // on this attribute as a number.
-    span.record("http.response.status_code", i64::from(status.as_u16()));
+    // As i64: SigNoz filters on this attribute as a number.
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    ));
     if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
+        span.set_status(Status::error(""));
     }
     if let Some(&ProblemCode(code)) = res.extensions().get::<ProblemCode>() {
-        span.record("error.type", code.as_str());
+        span.set_attribute(KeyValue::new("error.type", code.as_str()));
         if let Some(layer) = code.rejected_by() {
-            span.record("todo.rejected_by", layer);
+            span.set_attribute(KeyValue::new("todo.rejected_by", layer));
         }
     }
+    span.end();
 }
 
-/// Records `http.server.request.duration` (and rejections) for every request, gives the log lines
-/// written while serving it the request's id, method and route (see `telemetry::log_format`), and
-/// sends the trace id back to the client (`x-trace-id`), so a report can quote it. Sits inside the
-/// router's layers so the matched route is known, and inside the request span.
+/// One server span per request when it is traced (named by the matched route, low cardinality; a
+/// child of the caller's `traceparent` if any), `http.server.request.duration` (and rejections)
+/// for every request, the request's id, method and route on the log lines written while serving
+/// it (see `telemetry::log_format`), and the trace id back to the client (`x-trace-id`), so a
+/// report can quote it. Sits inside the router's layers so the matched route is known.
+///
+/// The span's context is attached to the thread while the layers beneath are called and while
+/// the request's future is polled, so the database spans and log lines find it there.
 ///
 /// A tower layer of our own rather than `axum::middleware::from_fn`: that clones (and boxes) the
 /// whole stack beneath it on every request, since `Next` owns its service; here the inner service
@@ -212,23 +192,33 @@ where
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
         };
+        let traced = server_span(&req);
+        let inner = {
+            // The layers beneath record on the span while called (who the caller is).
+            let _attached = traced.clone().map(opentelemetry::Context::attach);
+            REQUEST.scope(fields, self.inner.call(req))
+        };
         // Polled in place: an `async` block would move the inner future (the whole stack's,
         // hundreds of bytes) from state to state on its first poll. The layers beneath log while
         // polled, inside the scope; what they decide while called (a rate-limit refusal) is
         // logged by the response line below.
         ObserveFuture {
-            inner: REQUEST.scope(fields, self.inner.call(req)),
+            inner,
             started,
+            traced,
         }
     }
 }
 
 pin_project! {
-    /// The future of [`Observe`].
+    /// The future of [`Observe`]. Dropped before it completes (the client left), it drops the
+    /// span's context with it, which ends the span without a status.
     pub struct ObserveFuture<F: Future> {
         #[pin]
         inner: TaskLocalFuture<RequestFields, F>,
         started: tokio::time::Instant,
+        // The request's span, when traced.
+        traced: Option<opentelemetry::Context>,
     }
 }
 
@@ -240,6 +230,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _attached = this.traced.clone().map(opentelemetry::Context::attach);
         let Ok(mut res) = ready!(this.inner.as_mut().poll(cx));
         let latency = this.started.elapsed();
         let fields = this
@@ -265,23 +256,15 @@ where
                 "response"
             );
         });
-        if sampling::exporting() {
-            add_trace_id(&mut res);
+        if let Some(traced) = this.traced.take() {
+            let span = traced.span();
+            let sc = span.span_context();
+            if let Ok(v) = HeaderValue::from_str(&sc.trace_id().to_string()) {
+                res.headers_mut().insert("x-trace-id", v);
+            }
+            end_server_span(&span, &res);
         }
         Poll::Ready(Ok(res))
-    }
-}
-
-/// Adds `x-trace-id` when the request is being traced (its span, the current one, has a valid
-/// OTel context).
-fn add_trace_id(res: &mut Response) {
-    let cx = Span::current().context();
-    let span_ref = cx.span();
-    let sc = span_ref.span_context();
-    if sc.is_valid()
-        && let Ok(v) = HeaderValue::from_str(&sc.trace_id().to_string())
-    {
-        res.headers_mut().insert("x-trace-id", v);
     }
 }
 

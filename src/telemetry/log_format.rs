@@ -10,8 +10,8 @@
 //! layer, which knows what a request is, keeps it in a task-local set once per request, read only
 //! when a line is actually written. It is there whatever `LOG_LEVEL` hides, which a span-based
 //! prefix never was (at `warn` it vanished with the span). The ids come from the OpenTelemetry
-//! context, which `tracing-opentelemetry` activates on the thread whenever one of our exported
-//! spans is entered. No maintained formatter does either (json-subscriber reads the spans its
+//! context, which the HTTP layer attaches to the thread while a traced request is served (see
+//! `spans`). No maintained formatter does either (json-subscriber reads the spans its
 //! layer can see, the same limit), hence this small wrapper around the stock ones.
 
 use std::{fmt, time::Duration};
@@ -210,7 +210,7 @@ where
 pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
-    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing_subscriber::{
         EnvFilter, Layer as _, filter::FilterExt as _, layer::SubscriberExt as _,
@@ -275,13 +275,15 @@ pub(crate) mod tests {
                 .with_filter(filter)
                 .boxed()
         };
-        let subscriber = tracing_subscriber::registry()
-            .with(fmt)
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let subscriber = tracing_subscriber::registry().with(fmt);
         let ids = tracing::subscriber::with_default(subscriber, || {
             tracing::warn!("outside");
+            // A tracing span the log layer could show, and a traced request's context.
             let span = tracing::info_span!("request", url.path = "/secret");
             let _entered = span.enter();
+            let _attached = opentelemetry::Context::new()
+                .with_span(provider.tracer("test").start("request"))
+                .attach();
             IN_REQUEST.set(true);
             tracing::warn!(answer = 42, "inside");
             IN_REQUEST.set(false);

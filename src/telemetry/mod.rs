@@ -6,22 +6,24 @@
 //! inside a traced request its `trace_id` and `span_id` (see `log_format`).
 //!
 //! When `OTEL_EXPORTER_OTLP_ENDPOINT` is set and `OTEL_SDK_DISABLED` is not, three signals go to an
-//! OTLP collector (SigNoz): the service's own spans (one per request, one per database call) through
-//! `tracing-opentelemetry`; the metrics of `metrics`; and the same log events as stdout, through
-//! `opentelemetry-appender-tracing`, stamped with the active trace so SigNoz shows them beside it.
+//! OTLP collector (SigNoz): the service's own spans (one per traced request, one per database call
+//! in it), built with the SDK directly (see `spans`); the metrics of `metrics`; and the same log
+//! events as stdout, through `opentelemetry-appender-tracing`, stamped with the active trace so
+//! SigNoz shows them beside it.
 //! Export never blocks a request: spans and log records are queued in bounded buffers and sent by
 //! the SDK's batch processors on their own threads; if the collector is down the queues fill and
 //! further records are dropped — counted (see `counted`) — and the service keeps serving. The
 //! collector's host is resolved once here, like the database's: each exporter keeps one long-lived
 //! channel to that address.
 //!
-//! The span export filter is separate from `LOG_LEVEL` and limited to this crate's spans, so
-//! quieting the logs cannot silence the traces. The exporters' own HTTP/gRPC internals are never
-//! exported, so that exporting cannot feed on itself.
+//! `LOG_LEVEL` governs the logs only, so quieting them cannot silence the traces. The exporters'
+//! own HTTP/gRPC internals are never exported as log records, so that exporting cannot feed on
+//! itself.
 
 mod counted;
 pub mod log_format;
 pub mod sampling;
+pub mod spans;
 
 use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 
@@ -36,11 +38,8 @@ use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
 };
-use tracing::{Level, level_filters::LevelFilter};
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry,
-    filter::{FilterExt as _, Targets},
-    layer::SubscriberExt,
+    EnvFilter, Layer, Registry, filter::FilterExt as _, layer::SubscriberExt,
     util::SubscriberInitExt,
 };
 use url::Url;
@@ -137,7 +136,7 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
         _ => (None, None, None),
     };
     tracing_subscriber::registry()
-        .with(layers(config, request, provider.as_ref(), logs.as_ref())?)
+        .with(layers(config, request, logs.as_ref())?)
         .try_init()?;
     if let (Some(endpoint), Some(_)) = (&config.otel.endpoint, &provider) {
         tracing::info!(%endpoint, protocol = ?config.otel.protocol, service = %config.otel.service_name, "exporting traces, metrics and logs over OTLP");
@@ -149,34 +148,14 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
     })
 }
 
-/// The subscriber's layers: stdout, and span and log export when their providers exist. Every
-/// layer carries its own filter, and only the layers that exist are listed: an absent `Option`
-/// layer answers "always interested" for every callsite, which made each request's INFO span,
-/// wanted by no layer, a live span in the registry at `LOG_LEVEL=info` (its price is in
-/// loadtest/RESULTS.md).
+/// The subscriber's layers: stdout, and log export when its provider exists. Every layer carries
+/// its own filter, and only the layers that exist are listed: an absent `Option` layer answers
+/// "always interested" for every callsite (its price is in loadtest/RESULTS.md).
 fn layers(
     config: &Config,
     request: RequestContext,
-    provider: Option<&SdkTracerProvider>,
     logs: Option<&SdkLoggerProvider>,
 ) -> anyhow::Result<Vec<Box<dyn Layer<Registry> + Send + Sync>>> {
-    let otel_layer = provider.map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("todo-service"))
-            // Source location, thread, target and busy/idle time are attributes no SigNoz view or
-            // alert of ours reads; together they were ~7 more attributes per span (allocated,
-            // encoded and shipped for every request and every database call) plus two clock
-            // reads per poll. See loadtest/RESULTS.md.
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_filter(
-                Targets::new()
-                    .with_target("todo_service", Level::INFO)
-                    .with_target(sampling::UNTRACED, LevelFilter::OFF),
-            )
-    });
     // Exported log records follow LOG_LEVEL like stdout, minus the exporters' internals.
     let log_export_layer = match logs {
         Some(logs) => {
@@ -213,7 +192,6 @@ fn layers(
             .boxed(),
     };
     let mut layers = vec![fmt_layer];
-    layers.extend(otel_layer.map(Layer::boxed));
     layers.extend(log_export_layer.map(Layer::boxed));
     Ok(layers)
 }
@@ -308,11 +286,13 @@ fn tracer_provider(
         forced_bound(otel.sampler),
         otel.sampler.forced_per_second,
     );
-    Ok(SdkTracerProvider::builder()
+    let provider = SdkTracerProvider::builder()
         .with_resource(resource)
         .with_sampler(Sampler::AlwaysOn)
         .with_span_processor(processor)
-        .build())
+        .build();
+    spans::install(provider.tracer("todo-service"));
+    Ok(provider)
 }
 
 /// The rule for new traces: the ratio.
@@ -478,59 +458,5 @@ impl Collector {
                 })
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use opentelemetry_sdk::trace::SdkTracerProvider;
-    use tracing_subscriber::layer::SubscriberExt as _;
-
-    use super::*;
-    use crate::telemetry::log_format::tests::take_turn;
-
-    fn config(log_level: &str) -> Config {
-        let vars = [
-            ("DATABASE_URL", "postgres://app@127.0.0.1:5432/todos"),
-            ("LOG_LEVEL", log_level),
-        ];
-        Config::from_lookup(|k| {
-            vars.iter()
-                .find(|(name, _)| *name == k)
-                .map(|(_, v)| v.to_string())
-        })
-        .unwrap()
-    }
-
-    /// With logs on at `info` and nothing exported, a request's span is never created (the log
-    /// layer takes events only); with export on, only traced requests' spans are.
-    #[test]
-    fn spans_exist_only_for_the_exporter() {
-        let _turn = take_turn();
-        let subscriber = tracing_subscriber::registry()
-            .with(layers(&config("info"), log_format::no_request, None, None).unwrap());
-        tracing::subscriber::with_default(subscriber, || {
-            assert!(
-                tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
-            );
-            assert!(tracing::enabled!(target: "todo_service::http::trace", Level::INFO));
-        });
-
-        let provider = SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry().with(
-            layers(
-                &config("info"),
-                log_format::no_request,
-                Some(&provider),
-                None,
-            )
-            .unwrap(),
-        );
-        tracing::subscriber::with_default(subscriber, || {
-            assert!(
-                !tracing::info_span!(target: "todo_service::http::trace", "request").is_disabled()
-            );
-            assert!(tracing::info_span!(target: sampling::UNTRACED, "request").is_disabled());
-        });
     }
 }

@@ -1,16 +1,10 @@
 //! Head sampling, decided before a request's span exists.
 //!
-//! The SDK samples when a span starts, but `tracing-opentelemetry` has by then built the span in
-//! the registry, collected its attributes, and it keeps activating its context on every poll: an
-//! unsampled request still cost about half the extra CPU of a traced one (measured in
-//! loadtest/RESULTS.md). So the configured sampler (`OTEL_TRACES_SAMPLER`, the SDK's own
-//! implementation) is asked here first, and an unsampled request gets its spans under the
-//! [`UNTRACED`] target, which the export layer never listens to: with quiet logs those spans are
-//! disabled outright and cost nothing. The SDK itself then samples always-on, since everything that
-//! reaches it was already chosen.
-//!
-//! Database spans follow their request: they are traced only inside a traced request span (work
-//! outside any request, like the idempotency-key sweeper, is not traced).
+//! The configured sampler (`OTEL_TRACES_SAMPLER`, the SDK's own implementation) is asked here, once
+//! per request, before anything else is built for its trace: an unsampled request gets no span and
+//! no context at all (see `spans`). The SDK itself then samples always-on, since everything that
+//! reaches it was already chosen. Database spans follow their request: they exist only inside a
+//! traced request.
 //!
 //! A parentbased_* sampler follows the caller's `traceparent`, so any client that sends the
 //! sampled flag would have every one of its requests traced, whatever the ratio: tracing is the
@@ -31,11 +25,6 @@ use opentelemetry::{
 use opentelemetry_sdk::trace::{
     IdGenerator as _, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample as _,
 };
-use tracing::Span;
-
-/// Target of the spans of requests that are not sampled; the export layer filters it out. A
-/// `LOG_LEVEL` directive for these spans in the logs names this target, not the module.
-pub const UNTRACED: &str = "todo_service::untraced";
 
 /// The configured sampler, and the bound on what callers add to it.
 struct Head {
@@ -73,10 +62,9 @@ pub fn exporting() -> bool {
     HEAD.get().is_some()
 }
 
-/// Whether a request with this incoming context is traced. True while nothing is exported, so the
-/// spans keep their usual targets for the logs.
+/// Whether a request with this incoming context is traced, while spans are exported.
 pub fn sampled(parent: &Context) -> bool {
-    HEAD.get().is_none_or(|head| decide(head, parent))
+    HEAD.get().is_some_and(|head| decide(head, parent))
 }
 
 fn decide(head: &Head, parent: &Context) -> bool {
@@ -110,16 +98,6 @@ fn keeps(sampler: &Sampler, parent: Option<&Context>, trace_id: TraceId) -> bool
             .decision,
         SamplingDecision::RecordAndSample
     )
-}
-
-/// Whether a span started now belongs to a traced request (see the module doc).
-pub fn in_traced_request() -> bool {
-    if !exporting() {
-        return true;
-    }
-    Span::current()
-        .metadata()
-        .is_some_and(|m| m.target() != UNTRACED)
 }
 
 #[cfg(test)]

@@ -293,19 +293,18 @@ async fn writes_on_a_read_only_server_are_a_503_to_retry_and_recover() {
             app.test_db.name
         )
     };
-    sqlx::raw_sql(sqlx::AssertSqlSafe(set(true)))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    // Sessions opened from now on are read-only; the pool's open ones are ended, as a failover
-    // ends them.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+    // Sessions opened from now on see the setting; the pool's open ones are ended, as a
+    // failover ends them.
+    let end_sessions = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
         app.test_db.name
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    );
+    for sql in [set(true), end_sessions.clone()] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
     let before = app.row_count().await;
     let mut refused = 0;
     for i in 0..5 {
@@ -326,17 +325,12 @@ async fn writes_on_a_read_only_server_are_a_503_to_retry_and_recover() {
     let r = app.get(&format!("/todos/{}", kept["id"])).await;
     assert_eq!(r.status(), 200, "reads still work");
 
-    sqlx::raw_sql(sqlx::AssertSqlSafe(set(false)))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
-        app.test_db.name
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    for sql in [set(false), end_sessions] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = app.post_json("/todos", &json!({"title": "after"})).await;
