@@ -23,8 +23,10 @@ use axum::{
 };
 use opentelemetry::{
     KeyValue,
+    propagation::TextMapPropagator as _,
     trace::{SpanRef, Status, TraceContextExt as _},
 };
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
@@ -85,9 +87,11 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
     if !sampling::exporting() {
         return None;
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
+    // Our own propagator and an empty base: the global one sits behind a lock, and `extract`
+    // would clone the thread's current context. Allocates only when the caller sent a
+    // `traceparent`.
+    let parent = TraceContextPropagator::new()
+        .extract_with_context(&opentelemetry::Context::new(), &HeaderExtractor(req.headers()));
     if !sampling::sampled(&parent) {
         return None;
     }

@@ -35,7 +35,6 @@ use opentelemetry_sdk::{
     Resource,
     logs::{BatchLogProcessor, SdkLoggerProvider},
     metrics::{PeriodicReader, SdkMeterProvider},
-    propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
 };
 use tracing_subscriber::{
@@ -114,7 +113,6 @@ impl Telemetry {
 pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Telemetry> {
     // The http/protobuf exporter's client panics without it.
     crate::net::install_tls_provider();
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
             let collector = Collector::resolve_once(&config.otel, endpoint).await?;
