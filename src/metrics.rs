@@ -14,7 +14,7 @@ use std::{sync::OnceLock, time::Duration};
 use axum::http::{Method, StatusCode};
 use opentelemetry::{
     KeyValue,
-    metrics::{Counter, Histogram, Meter},
+    metrics::{BoundHistogram, Counter, Histogram, Meter},
 };
 
 use crate::db::{Db, breaker::BreakerState};
@@ -26,6 +26,8 @@ fn meter() -> Meter {
 /// Instruments recorded per request.
 pub struct HttpMetrics {
     duration: Histogram<f64>,
+    /// `duration` bound to the attribute sets requests usually have (see [`Bound`]).
+    bound: Bound,
     rejections: Counter<u64>,
 }
 
@@ -45,6 +47,7 @@ pub fn http() -> &'static HttpMetrics {
                     5.0, 10.0,
                 ])
                 .build(),
+            bound: Bound::default(),
             rejections: meter
                 .u64_counter("todo.http.rejections")
                 .with_description(
@@ -65,27 +68,62 @@ impl HttpMetrics {
         elapsed: Duration,
         rejected_by: Option<&'static str>,
     ) {
-        // Static strings where possible: this runs for every request, and an owned String per
-        // attribute was a measurable share of the allocations on the hot path.
-        let method = KeyValue::new("http.request.method", method_name(method));
-        let status = KeyValue::new("http.response.status_code", i64::from(status.as_u16()));
-        match route {
-            Some(route) => {
-                let route = match KNOWN_ROUTES.iter().find(|r| **r == route) {
-                    Some(r) => KeyValue::new("http.route", *r),
-                    None => KeyValue::new("http.route", route.to_owned()),
-                };
-                self.duration
-                    .record(elapsed.as_secs_f64(), &[method, status, route]);
+        let method_index = KNOWN_METHODS.iter().position(|m| m == method);
+        let route_index = match route {
+            None => Some(KNOWN_ROUTES.len()),
+            Some(route) => KNOWN_ROUTES.iter().position(|r| *r == route),
+        };
+        let status_index = KNOWN_STATUSES.iter().position(|s| *s == status.as_u16());
+        let attributes = || {
+            // Static strings where possible: an owned String per attribute was a measurable share
+            // of the allocations on the hot path.
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method_name(method)),
+                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+            ];
+            if let Some(route) = route {
+                attributes.push(KeyValue::new("http.route", route_value(route)));
             }
-            None => self
-                .duration
-                .record(elapsed.as_secs_f64(), &[method, status]),
+            attributes
+        };
+        match (method_index, route_index, status_index) {
+            (Some(m), Some(r), Some(s)) => self
+                .bound
+                .get(m, r, s, || self.duration.bind(&attributes()))
+                .record(elapsed.as_secs_f64()),
+            _ => self.duration.record(elapsed.as_secs_f64(), &attributes()),
         }
         if let Some(layer) = rejected_by {
             self.rejections
                 .add(1, &[KeyValue::new("todo.rejected_by", layer)]);
         }
+    }
+}
+
+/// The request-duration histogram bound once per (method, route, status) among the known ones,
+/// on first use: recording into a bound instrument skips hashing the three attributes and looking
+/// them up on every request, which was the largest part of the metrics' cost per request
+/// (loadtest/RESULTS.md, "Tracing every request"). Other combinations are recorded unbound.
+struct Bound(Box<[OnceLock<BoundHistogram<f64>>]>);
+
+impl Default for Bound {
+    fn default() -> Self {
+        let slots = KNOWN_METHODS.len() * (KNOWN_ROUTES.len() + 1) * KNOWN_STATUSES.len();
+        Bound((0..slots).map(|_| OnceLock::new()).collect())
+    }
+}
+
+impl Bound {
+    /// `route` may be `KNOWN_ROUTES.len()`: no route matched.
+    fn get(
+        &self,
+        method: usize,
+        route: usize,
+        status: usize,
+        bind: impl FnOnce() -> BoundHistogram<f64>,
+    ) -> &BoundHistogram<f64> {
+        let index = (method * (KNOWN_ROUTES.len() + 1) + route) * KNOWN_STATUSES.len() + status;
+        self.0[index].get_or_init(bind)
     }
 }
 
@@ -108,8 +146,30 @@ pub fn auth_failure(reason: &'static str) {
 /// The routes requests usually match (others are recorded too, at the price of a copy).
 const KNOWN_ROUTES: &[&str] = &["/todos", "/todos/{id}", "/health", "/ready"];
 
+/// `route` as an attribute value: a static string for the known routes, a copy otherwise.
+pub(crate) fn route_value(route: &str) -> opentelemetry::Value {
+    match KNOWN_ROUTES.iter().find(|r| **r == route) {
+        Some(r) => (*r).into(),
+        None => route.to_owned().into(),
+    }
+}
+
+/// The methods and statuses the service usually answers with, for [`Bound`].
+const KNOWN_METHODS: &[Method] = &[
+    Method::GET,
+    Method::POST,
+    Method::PATCH,
+    Method::DELETE,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::PUT,
+];
+const KNOWN_STATUSES: &[u16] = &[
+    200, 201, 204, 304, 400, 401, 403, 404, 405, 409, 412, 413, 415, 422, 428, 429, 500, 503, 504,
+];
+
 /// The method as OpenTelemetry's semantic conventions name it (`_OTHER` for non-standard ones).
-fn method_name(method: &Method) -> &'static str {
+pub(crate) fn method_name(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",

@@ -83,8 +83,10 @@ struct Inner {
     /// enforces its own timeout only while it can still talk to us; on a half-open TCP connection
     /// (peer gone without a FIN) nothing would ever answer, so this is what ends the wait.
     query_deadline: Option<Duration>,
-    /// Database name, for the spans' `db.namespace`.
-    db_name: String,
+    /// Database name and host as configured, for the spans' `db.namespace` and `server.address`:
+    /// shared strings, so a span takes them without a copy.
+    db_name: opentelemetry::StringValue,
+    db_host: opentelemetry::StringValue,
     /// Told how long each call waited for a pooled connection (see [`Db::on_pool_wait`]).
     pool_wait_observer: OnceLock<fn(Duration)>,
     /// The last readiness round trip; its lock makes probes single-flight.
@@ -204,17 +206,20 @@ impl Db {
             inner: Arc::new(Inner {
                 pool,
                 breaker: Breaker::new(breaker_config),
+                db_host: Arc::<str>::from(address.host()).into(),
                 address,
                 migrated: AtomicBool::new(false),
                 migration_error: Mutex::new(None),
                 wait_timeout: config.pool_wait_timeout,
                 query_deadline: (!config.statement_timeout.is_zero())
                     .then(|| config.statement_timeout + QUERY_DEADLINE_MARGIN),
-                db_name: config
-                    .connect_options
-                    .get_database()
-                    .unwrap_or(config.connect_options.get_username())
-                    .to_owned(),
+                db_name: Arc::<str>::from(
+                    config
+                        .connect_options
+                        .get_database()
+                        .unwrap_or(config.connect_options.get_username()),
+                )
+                .into(),
                 pool_wait_observer: OnceLock::new(),
                 probe: tokio::sync::Mutex::new(None),
                 probes: AtomicU64::new(0),

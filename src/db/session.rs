@@ -185,8 +185,9 @@ impl CallSpan {
 
 impl Db {
     /// The client span of one database call. Named `{operation} {table}` as SigNoz's DB views
-    /// expect, with the older `db.system` attribute SigNoz still counts, the parameterised SQL
-    /// (never values), the host as configured and the pinned address actually used.
+    /// expect, with the older `db.system` attribute SigNoz counts (not the newer `db.system.name`,
+    /// which it ignores: SigNoz/signoz#8164), the parameterised SQL (never values), the host as
+    /// configured and the pinned address actually used.
     pub(super) fn span(
         &self,
         operation: &'static str,
@@ -197,16 +198,16 @@ impl Db {
             || format!("{operation} {table}").into(),
             || {
                 let address = &self.inner.address;
-                let mut attributes = vec![
+                let mut attributes = Vec::with_capacity(9);
+                attributes.extend([
                     KeyValue::new("db.system", "postgresql"),
-                    KeyValue::new("db.system.name", "postgresql"),
-                    KeyValue::new("db.namespace", self.inner.db_name.to_string()),
+                    KeyValue::new("db.namespace", self.inner.db_name.clone()),
                     KeyValue::new("db.operation.name", operation),
                     KeyValue::new("db.collection.name", table),
                     KeyValue::new("db.query.text", sql),
-                    KeyValue::new("server.address", address.host().to_string()),
+                    KeyValue::new("server.address", self.inner.db_host.clone()),
                     KeyValue::new("server.port", i64::from(address.port())),
-                ];
+                ]);
                 if let Some(addr) = address.get() {
                     attributes.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
                 }

@@ -32,7 +32,10 @@ use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
 use super::error::ProblemCode;
-use crate::telemetry::{sampling, spans};
+use crate::{
+    metrics,
+    telemetry::{sampling, spans},
+};
 
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
@@ -90,8 +93,10 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
     // Our own propagator and an empty base: the global one sits behind a lock, and `extract`
     // would clone the thread's current context. Allocates only when the caller sent a
     // `traceparent`.
-    let parent = TraceContextPropagator::new()
-        .extract_with_context(&opentelemetry::Context::new(), &HeaderExtractor(req.headers()));
+    let parent = TraceContextPropagator::new().extract_with_context(
+        &opentelemetry::Context::new(),
+        &HeaderExtractor(req.headers()),
+    );
     if !sampling::sampled(&parent) {
         return None;
     }
@@ -105,9 +110,12 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
         None => method.to_owned(),
     };
     let mut attributes = Vec::with_capacity(8);
-    attributes.push(KeyValue::new("http.request.method", method.to_owned()));
+    attributes.push(KeyValue::new(
+        "http.request.method",
+        metrics::method_name(req.method()),
+    ));
     if let Some(route) = route {
-        attributes.push(KeyValue::new("http.route", route.to_owned()));
+        attributes.push(KeyValue::new("http.route", metrics::route_value(route)));
     }
     attributes.push(KeyValue::new("url.path", req.uri().path().to_owned()));
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
@@ -245,7 +253,7 @@ where
             .extensions()
             .get::<ProblemCode>()
             .and_then(|ProblemCode(code)| code.rejected_by());
-        crate::metrics::http().record(
+        metrics::http().record(
             &fields.method,
             fields.route.as_ref().map(MatchedPath::as_str),
             res.status(),
@@ -263,7 +271,10 @@ where
         if let Some(traced) = this.traced.take() {
             let span = traced.span();
             let sc = span.span_context();
-            if let Ok(v) = HeaderValue::from_str(&sc.trace_id().to_string()) {
+            // Hex digits: always a valid value; built from the string's own buffer.
+            if let Ok(v) =
+                HeaderValue::from_maybe_shared(axum::body::Bytes::from(sc.trace_id().to_string()))
+            {
                 res.headers_mut().insert("x-trace-id", v);
             }
             end_server_span(&span, &res);
