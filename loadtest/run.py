@@ -100,6 +100,7 @@ def run(cmd, timeout, **kw):
 
 SERVICE_BINARY = os.path.join(ROOT, "target", "release", "todo-service")
 LEAN_TWIN_BINARY = os.path.join(ROOT, "target", "release", "examples", "lean_service")
+OTLP_SINK_BINARY = os.path.join(ROOT, "target", "release", "examples", "otlp_sink")
 
 
 class Service:
@@ -673,12 +674,13 @@ def pooler(svc, args, res):
 
 def telemetry(svc, args, res):
     """What observability costs: throughput and the service's CPU per request with spans, metrics
-    and logs exported to a receiver, and with logs at the default level, against neither. Three
+    and logs exported to a receiver, and with logs at the default level, against neither. Four
     more services: two export OTLP/HTTP to an in-process sink, one tracing every request, one
-    sampling 10 % (OTEL_TRACES_SAMPLER=parentbased_traceidratio), both at LOG_LEVEL=warn like the
-    baseline; one exports nothing at LOG_LEVEL=info (the default). Runs interleaved (off, all,
-    sampled, info, ...) so drift in the machine hits all alike; CPU per request is the steadier
-    figure on a noisy machine."""
+    sampling 10 % (OTEL_TRACES_SAMPLER=parentbased_traceidratio); one traces every request over
+    gRPC (the default protocol) to examples/otlp_sink.rs, which decodes and counts; all at
+    LOG_LEVEL=warn like the baseline; one exports nothing at LOG_LEVEL=info (the default). Runs
+    interleaved (off, all, sampled, ...) so drift in the machine hits all alike; CPU per request is
+    the steadier figure on a noisy machine."""
     if not svc.proc:
         res["telemetry"] = {"skipped": "needs a service this script starts (no --url)"}
         log("  skipped: needs a service this script starts")
@@ -694,10 +696,20 @@ def telemetry(svc, args, res):
     sampled = Service(None, svc.database_url, dict(export, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
                                                     OTEL_TRACES_SAMPLER_ARG="0.1"))
     logs_info = Service(None, svc.database_url, {"LOG_LEVEL": "info"})
-    extras = (traced_all, sampled, logs_info)
-    variants = (("off", svc), ("all", traced_all), ("sampled_10pct", sampled), ("logs_info", logs_info))
+    extras = [traced_all, sampled, logs_info]
+    variants = [("off", svc), ("all", traced_all), ("sampled_10pct", sampled), ("logs_info", logs_info)]
+    grpc_sink = None
+    if os.path.exists(OTLP_SINK_BINARY):
+        grpc_addr = f"127.0.0.1:{free_port()}"
+        grpc_sink = subprocess.Popen([OTLP_SINK_BINARY, grpc_addr], stdout=subprocess.PIPE, text=True)
+        grpc_sink.stdout.readline()
+        grpc = Service(None, svc.database_url, dict(export, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{grpc_addr}",
+                                                    OTEL_EXPORTER_OTLP_PROTOCOL="grpc"))
+        extras.append(grpc)
+        variants.insert(2, ("all_grpc", grpc))
     runs = {name: [] for name, _ in variants}
     cpu = {name: [] for name, _ in variants}
+    grpc_counts = None
     try:
         for extra_svc in extras:
             extra_svc.start()
@@ -714,6 +726,13 @@ def telemetry(svc, args, res):
             extra_svc.stop()
         time.sleep(0.5)
         sink.stop()
+        if grpc_sink:
+            grpc_sink.terminate()
+            try:
+                out, _ = grpc_sink.communicate(timeout=10)
+                grpc_counts = json.loads(out.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, ValueError, IndexError):
+                grpc_sink.kill()
     off_rps = statistics.mean(runs["off"])
 
     def cost(name):
@@ -731,7 +750,11 @@ def telemetry(svc, args, res):
                         "cost_pct_logs_info": cost("logs_info"),
                         "cpu_us_per_request": {name: cpu_us(name) for name, _ in variants},
                         "sink": sink.counts}
-    log(f"  telemetry costs {cost('all')} % of get-one throughput tracing every request, "
+    if "all_grpc" in runs:
+        res["telemetry"].update(rps_on_grpc=runs["all_grpc"], cost_pct_grpc=cost("all_grpc"),
+                                grpc_sink=grpc_counts)
+    log(f"  telemetry costs {cost('all')} % of get-one throughput tracing every request "
+        f"(http/protobuf; {cost('all_grpc') if 'all_grpc' in runs else '-'} % over gRPC), "
         f"{cost('sampled_10pct')} % sampling 10 %; logs at info cost {cost('logs_info')} %; "
         f"service CPU µs/request {res['telemetry']['cpu_us_per_request']}; sink got {sink.counts}")
 
@@ -1085,7 +1108,9 @@ def summary(res):
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "
-                     f"every request traced {statistics.mean(t['rps_on']):.0f} rps (cost {t['cost_pct']} %); "
+                     f"every request traced {statistics.mean(t['rps_on']):.0f} rps (cost {t['cost_pct']} %"
+                     + (f"; over gRPC {statistics.mean(t['rps_on_grpc']):.0f} rps, cost {t['cost_pct_grpc']} %"
+                        if "rps_on_grpc" in t else "") + "); "
                      f"10 % sampled {statistics.mean(t['rps_on_sampled_10pct']):.0f} rps "
                      f"(cost {t['cost_pct_sampled_10pct']} %); no export but LOG_LEVEL=info "
                      f"{statistics.mean(t['rps_logs_info']):.0f} rps (cost {t['cost_pct_logs_info']} %); "

@@ -65,8 +65,9 @@ if [ -z "${DATABASE_URL:-}" ] && [ "$url_given" = 0 ]; then
 fi
 
 if [ "$url_given" = 0 ]; then
-  # The lean twin (no middleware) is measured beside the service on the single-todo GET.
-  cargo build --release --locked --quiet --bin todo-service --example lean_service
+  # The lean twin (no middleware) is measured beside the service on every workload; the OTLP/gRPC
+  # sink receives the telemetry scenario's gRPC export.
+  cargo build --release --locked --quiet --bin todo-service --example lean_service --example otlp_sink
 fi
 # Not exec: the trap above must still stop PostgreSQL.
 # The flood and the open-loop overload hold thousands of sockets at once, on both ends.
