@@ -40,6 +40,7 @@ import sys
 import secrets
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 # The variants run authenticated, as loadtest/run.py runs the service: one caller, the owner of the
@@ -74,6 +75,9 @@ def wait_until_answering(port, proc, seconds=30):
             sys.exit(f"a variant on port {port} exited during startup")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            # Any HTTP answer means it serves: the lean twin has no /health and answers 404.
             return
         except OSError:
             time.sleep(0.2)
