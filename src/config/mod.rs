@@ -34,7 +34,7 @@ pub use database::{DatabaseConfig, PoolerMode, Target, redact_url};
 pub use database_tls::{ClientCert, DbTlsSettings, RootCert, SslMode};
 pub use env::ConfigError;
 pub use logging::LogFormat;
-pub use otel::{OtelConfig, OtlpProtocol, TraceSampler};
+pub use otel::{ExportHeaders, OtelConfig, OtlpProtocol, TraceSampler};
 pub use resilience::{BreakerConfig, Clients, RateLimit};
 pub use server::CorsOrigins;
 

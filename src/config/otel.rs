@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use axum::http::{HeaderName, HeaderValue};
 use url::Url;
 
 use super::{
@@ -94,9 +95,10 @@ pub enum OtlpProtocol {
 #[derive(Debug, Clone)]
 pub struct OtelConfig {
     pub endpoint: Option<Url>,
-    /// The names of `OTEL_EXPORTER_OTLP_HEADERS` (the values are secrets: the exporter reads them
-    /// from the environment itself, this only checks them).
-    pub header_names: Vec<String>,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`, for the span exporter (`telemetry::otlp_spans`); the stock
+    /// metric and log exporters read the variable themselves. The values are secrets: marked
+    /// sensitive, and never shown by `Debug`.
+    pub headers: ExportHeaders,
     /// `OTEL_EXPORTER_OTLP_CERTIFICATE`: a PEM file, read when the exporters are built.
     pub certificate: Option<std::path::PathBuf>,
     pub protocol: OtlpProtocol,
@@ -107,34 +109,52 @@ pub struct OtelConfig {
     pub sampler: TraceSampler,
 }
 
-/// Checks `OTEL_EXPORTER_OTLP_HEADERS` as opentelemetry-otlp reads it (comma-separated
-/// `key=value`, values percent-decoded) and returns the names. The exporter would drop an entry
-/// it cannot use without a word, and the collector would then refuse every export; here it is a
-/// startup error naming the variable and the entry's key, never its value.
-fn headers(raw: &str) -> Result<Vec<String>, ConfigError> {
+/// The headers every OTLP export carries (`OTEL_EXPORTER_OTLP_HEADERS`).
+#[derive(Clone, Default)]
+pub struct ExportHeaders(pub Vec<(HeaderName, HeaderValue)>);
+
+impl ExportHeaders {
+    /// The header names, lower-case; the values stay out of sight.
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_str()).collect()
+    }
+}
+
+impl std::fmt::Debug for ExportHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+/// Reads `OTEL_EXPORTER_OTLP_HEADERS` as opentelemetry-otlp reads it (comma-separated
+/// `key=value`, values percent-decoded). The exporter would drop an entry it cannot use without a
+/// word, and the collector would then refuse every export; here it is a startup error naming the
+/// variable and the entry's key, never its value.
+fn headers(raw: &str) -> Result<ExportHeaders, ConfigError> {
     const VAR: &str = "OTEL_EXPORTER_OTLP_HEADERS";
     const FORM: &str = "key=value pairs separated by commas, each key a header name and each \
                         value (URL-decoded) a header value";
-    let mut names = Vec::new();
+    let mut headers = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let Some((key, value)) = entry.split_once('=') else {
             return Err(invalid(VAR, "an entry without `=`".into(), FORM));
         };
         let key = key.trim();
-        if axum::http::HeaderName::from_bytes(key.as_bytes()).is_err() {
+        let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
             return Err(invalid(VAR, format!("the key {key:?}"), FORM));
-        }
-        let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8();
-        if value.is_err()
-            || value
-                .as_deref()
-                .is_ok_and(|v| v.is_empty() || axum::http::HeaderValue::from_str(v).is_err())
-        {
+        };
+        let value = percent_encoding::percent_decode_str(value.trim())
+            .decode_utf8()
+            .ok()
+            .filter(|v| !v.is_empty())
+            .and_then(|v| HeaderValue::from_str(&v).ok());
+        let Some(mut value) = value else {
             return Err(invalid(VAR, format!("the value of {key:?}"), FORM));
-        }
-        names.push(key.to_ascii_lowercase());
+        };
+        value.set_sensitive(true);
+        headers.push((name, value));
     }
-    Ok(names)
+    Ok(ExportHeaders(headers))
 }
 
 /// The head sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Parsed here rather than
@@ -162,7 +182,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
             )),
         })
         .transpose()?;
-    let header_names = env
+    let headers = env
         .optional("OTEL_EXPORTER_OTLP_HEADERS")
         .map(|raw| headers(&raw))
         .transpose()?
@@ -199,7 +219,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
         .unwrap_or_default();
     Ok(OtelConfig {
         endpoint,
-        header_names,
+        headers,
         certificate: env
             .optional("OTEL_EXPORTER_OTLP_CERTIFICATE")
             .map(|p| std::path::PathBuf::from(p.trim())),

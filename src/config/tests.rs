@@ -398,7 +398,7 @@ fn a_jwk_set_is_a_file_or_a_url_and_can_stand_in_for_the_secret() {
 }
 
 #[test]
-fn otlp_headers_are_checked_and_only_their_names_kept() {
+fn otlp_headers_are_checked_decoded_and_kept_out_of_sight() {
     let c = config(&[
         URL,
         (
@@ -407,7 +407,9 @@ fn otlp_headers_are_checked_and_only_their_names_kept() {
         ),
     ])
     .unwrap();
-    assert_eq!(c.otel.header_names, ["signoz-ingestion-key", "x-tenant"]);
+    assert_eq!(c.otel.headers.names(), ["signoz-ingestion-key", "x-tenant"]);
+    assert_eq!(c.otel.headers.0[0].1, "s3cr=t-value", "percent-decoded");
+    assert!(c.otel.headers.0.iter().all(|(_, v)| v.is_sensitive()));
     assert!(!format!("{c:?}").contains("s3cr"), "no value in Debug");
     for bad in [
         "signoz-ingestion-key",

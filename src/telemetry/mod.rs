@@ -22,6 +22,7 @@
 
 mod counted;
 pub mod log_format;
+mod otlp_spans;
 pub mod sampling;
 pub mod spans;
 
@@ -264,19 +265,31 @@ fn tracer_provider(
     collector: &Collector,
     resource: Resource,
 ) -> anyhow::Result<SdkTracerProvider> {
-    let exporter = exporter!(
-        opentelemetry_otlp::SpanExporter::builder(),
-        otel,
-        collector,
-        "/v1/traces"
-    );
-    let processor = BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
-        .with_batch_config(
-            BatchConfigBuilder::default()
-                .with_max_queue_size(MAX_QUEUED_SPANS)
-                .build(),
-        )
+    let batch = BatchConfigBuilder::default()
+        .with_max_queue_size(MAX_QUEUED_SPANS)
         .build();
+    let processor = match (&otel.protocol, &collector.http_client) {
+        // Over http/protobuf, spans are encoded straight from the SDK's data (see `otlp_spans`).
+        (OtlpProtocol::HttpProtobuf, Some(client)) => {
+            let url = format!("{}/v1/traces", collector.url.as_str().trim_end_matches('/'));
+            let exporter =
+                otlp_spans::HttpSpanExporter::new(client.clone(), url, otel.headers.clone());
+            BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
+                .with_batch_config(batch)
+                .build()
+        }
+        _ => {
+            let exporter = exporter!(
+                opentelemetry_otlp::SpanExporter::builder(),
+                otel,
+                collector,
+                "/v1/traces"
+            );
+            BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
+                .with_batch_config(batch)
+                .build()
+        }
+    };
     // The configured sampler decides per request before any span exists (see `sampling`); what
     // reaches the SDK was chosen already.
     sampling::install(
