@@ -7,9 +7,9 @@
 //!
 //! When `OTEL_EXPORTER_OTLP_ENDPOINT` is set and `OTEL_SDK_DISABLED` is not, three signals go to an
 //! OTLP collector (SigNoz): the service's own spans (one per traced request, one per database call
-//! in it), built with the SDK directly (see `spans`); the metrics of `metrics`; and the same log
-//! events as stdout, through `opentelemetry-appender-tracing`, stamped with the active trace so
-//! SigNoz shows them beside it.
+//! in it), built with the SDK directly (see `spans`) and, over http/protobuf, encoded directly too
+//! (see `otlp_spans`); the metrics of `metrics`; and the same log events as stdout, through
+//! `opentelemetry-appender-tracing`, stamped with the active trace so SigNoz shows them beside it.
 //! Export never blocks a request: spans and log records are queued in bounded buffers and sent by
 //! the SDK's batch processors on their own threads; if the collector is down the queues fill and
 //! further records are dropped — counted (see `counted`) — and the service keeps serving. The

@@ -282,24 +282,38 @@ fn any_value(buf: &mut Vec<u8>, value: &Value) {
     }
 }
 
-/// A nested message: `write` appends its fields, then its length goes in front of them. Moving
-/// the body by the few bytes of the length once is cheaper than computing every nested length
-/// ahead, which is what prost does level by level.
+/// A nested message: `write` appends its fields, then their length is filled in ahead of them.
+/// One byte is kept for it, which is enough for the attributes and values that make up most
+/// messages; a longer body (a span, the batch) has the extra bytes inserted once it is written,
+/// which moves it once. prost instead computes every nested length ahead, once per level.
 fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
     tag(buf, field, LEN);
-    let start = buf.len();
+    let at = buf.len();
+    buf.push(0);
     write(buf);
-    let (prefix, n) = varint_bytes((buf.len() - start) as u64);
-    buf.splice(start..start, prefix[..n].iter().copied());
+    let len = buf.len() - at - 1;
+    if len < 0x80 {
+        buf[at] = len as u8;
+    } else {
+        let (prefix, n) = varint_bytes(len as u64);
+        buf[at] = prefix[0];
+        buf.splice(at + 1..at + 1, prefix[1..n].iter().copied());
+    }
 }
 
+#[inline]
 fn tag(buf: &mut Vec<u8>, field: u32, wire: u32) {
     varint(buf, u64::from((field << 3) | wire));
 }
 
+#[inline]
 fn varint(buf: &mut Vec<u8>, v: u64) {
-    let (bytes, n) = varint_bytes(v);
-    buf.extend_from_slice(&bytes[..n]);
+    if v < 0x80 {
+        buf.push(v as u8);
+    } else {
+        let (bytes, n) = varint_bytes(v);
+        buf.extend_from_slice(&bytes[..n]);
+    }
 }
 
 /// `v` as a protobuf varint: seven bits a byte, low first, the high bit saying more follow.
