@@ -11,9 +11,10 @@
 //! The transport is what opentelemetry-otlp's http/protobuf exporter uses. The same reqwest
 //! blocking client is shared (built in `telemetry::Collector`: the collector's pinned address, its
 //! TLS roots, the export timeout), and `OTEL_EXPORTER_OTLP_HEADERS` goes on every request. A
-//! refused or failed export loses its batch, and `Counted` counts the loss; opentelemetry-otlp
-//! does the same. gRPC keeps the stock exporter, and so do metrics and logs (a few records a
-//! second).
+//! refused or failed export loses its batch at once, and `Counted` counts the loss:
+//! opentelemetry-otlp would first retry a 429 or 5xx with backoff within the export timeout; here
+//! the next batch is the retry. gRPC keeps the stock exporter, and so do metrics and logs (a few
+//! records a second).
 //!
 //! A test decodes what this writes with opentelemetry-proto and compares it with the stock
 //! conversion of the same spans.
