@@ -7,9 +7,10 @@
 //!
 //! When `OTEL_EXPORTER_OTLP_ENDPOINT` is set and `OTEL_SDK_DISABLED` is not, three signals go to an
 //! OTLP collector (SigNoz): the service's own spans (one per traced request, one per database call
-//! in it), built with the SDK directly (see `spans`) and, over http/protobuf, encoded directly too
-//! (see `otlp_spans`); the metrics of `metrics`; and the same log events as stdout, through
-//! `opentelemetry-appender-tracing`, stamped with the active trace so SigNoz shows them beside it.
+//! in it), built with the SDK directly (see `spans`), encoded directly too (see `otlp_spans`) and
+//! sent with OTLP's retries (see `otlp_send`); the metrics of `metrics`; and the same log events
+//! as stdout, through `opentelemetry-appender-tracing`, stamped with the active trace so SigNoz
+//! shows them beside it.
 //! Export never blocks a request: spans and log records are queued in bounded buffers and sent by
 //! the SDK's batch processors on their own threads; if the collector is down the queues fill and
 //! further records are dropped — counted (see `counted`) — and the service keeps serving. The
@@ -22,6 +23,7 @@
 
 mod counted;
 pub mod log_format;
+mod otlp_send;
 mod otlp_spans;
 pub mod sampling;
 pub mod spans;
@@ -52,7 +54,8 @@ use log_format::RequestContext;
 const MAX_QUEUED_SPANS: usize = 4096;
 /// Log records waiting for export, likewise.
 const MAX_QUEUED_LOGS: usize = 4096;
-/// One export attempt; a dead collector costs at most this per batch, on the exporter's thread.
+/// One export, retries included; a dead collector costs at most this per batch, on the exporter's
+/// thread.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Crates that carry the export itself: their events are never exported, or a failing export
 /// would log about itself over the same failing path.
@@ -265,31 +268,38 @@ fn tracer_provider(
     collector: &Collector,
     resource: Resource,
 ) -> anyhow::Result<SdkTracerProvider> {
-    let batch = BatchConfigBuilder::default()
-        .with_max_queue_size(MAX_QUEUED_SPANS)
-        .build();
-    let processor = match (&otel.protocol, &collector.http_client) {
-        // Over http/protobuf, spans are encoded straight from the SDK's data (see `otlp_spans`).
-        (OtlpProtocol::HttpProtobuf, Some(client)) => {
-            let url = format!("{}/v1/traces", collector.url.as_str().trim_end_matches('/'));
-            let exporter =
-                otlp_spans::HttpSpanExporter::new(client.clone(), url, otel.headers.clone());
-            BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
-                .with_batch_config(batch)
-                .build()
-        }
+    // Spans are encoded straight from the SDK's data (see `otlp_spans`) and sent by `otlp_send`.
+    let base = collector.url.as_str().trim_end_matches('/');
+    let sender = match (&otel.protocol, &collector.http_client) {
+        (OtlpProtocol::HttpProtobuf, Some(client)) => otlp_send::Sender::http(
+            client.clone(),
+            format!("{base}/v1/traces"),
+            otel.headers.clone(),
+            EXPORT_TIMEOUT,
+        ),
         _ => {
-            let exporter = exporter!(
-                opentelemetry_otlp::SpanExporter::builder(),
-                otel,
-                collector,
-                "/v1/traces"
-            );
-            BatchSpanProcessor::builder(Counted::new(exporter, "traces"))
-                .with_batch_config(batch)
-                .build()
+            let endpoint = tonic::transport::Endpoint::from_shared(base.to_owned())
+                .context("OTEL_EXPORTER_OTLP_ENDPOINT is not a gRPC endpoint")?
+                .timeout(EXPORT_TIMEOUT);
+            let endpoint = match &collector.grpc_tls {
+                Some(tls) => endpoint
+                    .tls_config(tls.clone())
+                    .context("TLS to the OTLP collector")?,
+                None => endpoint,
+            };
+            otlp_send::Sender::grpc(endpoint.connect_lazy(), &otel.headers, EXPORT_TIMEOUT)
         }
     };
+    let processor = BatchSpanProcessor::builder(Counted::new(
+        otlp_spans::SpanExporterDirect::new(sender),
+        "traces",
+    ))
+    .with_batch_config(
+        BatchConfigBuilder::default()
+            .with_max_queue_size(MAX_QUEUED_SPANS)
+            .build(),
+    )
+    .build();
     // The configured sampler decides per request before any span exists (see `sampling`); what
     // reaches the SDK was chosen already.
     sampling::install(

@@ -1,4 +1,4 @@
-//! Spans to an OTLP/HTTP collector, written as protobuf straight from the SDK's span data.
+//! Spans to an OTLP collector, written as protobuf straight from the SDK's span data.
 //!
 //! opentelemetry-otlp's exporter first converts each batch into opentelemetry-proto's message
 //! structs, which copies every name and attribute a second time. prost then computes each nested
@@ -8,12 +8,8 @@
 //! message it needs (`ExportTraceServiceRequest`). Each value is written once, and a nested
 //! message's length is put in front of it as soon as it is known.
 //!
-//! The transport is what opentelemetry-otlp's http/protobuf exporter uses. The same reqwest
-//! blocking client is shared (built in `telemetry::Collector`: the collector's pinned address, its
-//! TLS roots, the export timeout), and `OTEL_EXPORTER_OTLP_HEADERS` goes on every request. A
-//! refused or failed export loses its batch at once, and `Counted` counts the loss:
-//! opentelemetry-otlp would first retry a 429 or 5xx with backoff within the export timeout; here
-//! the next batch is the retry. gRPC keeps the stock exporter, and so do metrics and logs (a few
+//! The bytes go out through `otlp_send` (gRPC or http/protobuf, with OTLP's retries); a batch that
+//! still fails is lost, and `Counted` counts it. Metrics and logs keep the stock exporters (a few
 //! records a second).
 //!
 //! A test decodes what this writes with opentelemetry-proto and compares it with the stock
@@ -30,19 +26,16 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{
     Resource,
-    error::{OTelSdkError, OTelSdkResult},
+    error::OTelSdkResult,
     trace::{SpanData, SpanExporter},
 };
 
-use crate::config::ExportHeaders;
+use super::otlp_send::Sender;
 
-/// Exports spans over OTLP/HTTP (see the module doc).
+/// Exports spans, encoded here, through `otlp_send` (see the module doc).
 #[derive(Debug)]
-pub(super) struct HttpSpanExporter {
-    client: reqwest::blocking::Client,
-    /// The collector's `/v1/traces`.
-    url: String,
-    headers: ExportHeaders,
+pub(super) struct SpanExporterDirect {
+    sender: Sender,
     /// The `Resource` message, encoded once when the provider hands it over.
     resource: Vec<u8>,
     resource_schema: String,
@@ -50,16 +43,10 @@ pub(super) struct HttpSpanExporter {
     last_size: AtomicUsize,
 }
 
-impl HttpSpanExporter {
-    pub(super) fn new(
-        client: reqwest::blocking::Client,
-        url: String,
-        headers: ExportHeaders,
-    ) -> Self {
-        HttpSpanExporter {
-            client,
-            url,
-            headers,
+impl SpanExporterDirect {
+    pub(super) fn new(sender: Sender) -> Self {
+        SpanExporterDirect {
+            sender,
             resource: Vec::new(),
             resource_schema: String::new(),
             last_size: AtomicUsize::new(0),
@@ -67,32 +54,12 @@ impl HttpSpanExporter {
     }
 }
 
-impl SpanExporter for HttpSpanExporter {
+impl SpanExporter for SpanExporterDirect {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let mut body = Vec::with_capacity(self.last_size.load(Ordering::Relaxed));
         encode_request(&mut body, &self.resource, &self.resource_schema, &batch);
         self.last_size.store(body.len(), Ordering::Relaxed);
-        let mut request = self
-            .client
-            .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(body);
-        for (name, value) in &self.headers.0 {
-            request = request.header(name, value);
-        }
-        // The batch processor runs exports on its own thread, so a blocking call is what it
-        // expects (opentelemetry-otlp's blocking client does the same).
-        let response = request
-            .send()
-            .map_err(|e| OTelSdkError::InternalFailure(format!("span export failed: {e}")))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(OTelSdkError::InternalFailure(format!(
-                "the collector refused the spans: HTTP {}",
-                response.status()
-            )))
-        }
+        self.sender.send(body.into()).await
     }
 
     fn set_resource(&mut self, resource: &Resource) {
