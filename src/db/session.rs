@@ -37,7 +37,7 @@ use opentelemetry::{
 };
 use sqlx::PgConnection;
 
-use crate::telemetry::spans;
+use crate::{net, telemetry::spans};
 
 /// Retries of a call that met a stale connection. Each retry is on another connection, and a
 /// failure on a freshly opened one ends the call (see [`Failure::Other`]), so this bounds the
@@ -195,7 +195,7 @@ impl Db {
         sql: &'static str,
     ) -> CallSpan {
         CallSpan(spans::start_client(
-            || format!("{operation} {table}").into(),
+            || spans::name(operation, table),
             || {
                 let address = &self.inner.address;
                 let mut attributes = Vec::with_capacity(9);
@@ -209,7 +209,10 @@ impl Db {
                     KeyValue::new("server.port", i64::from(address.port())),
                 ]);
                 if let Some(addr) = address.get() {
-                    attributes.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+                    attributes.push(KeyValue::new(
+                        "network.peer.address",
+                        net::ip_text(addr.ip()),
+                    ));
                 }
                 attributes
             },

@@ -33,7 +33,7 @@ use tower::{Layer, Service};
 
 use super::error::ProblemCode;
 use crate::{
-    metrics,
+    metrics, net,
     telemetry::{sampling, spans},
 };
 
@@ -106,8 +106,8 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
         .get::<MatchedPath>()
         .map(MatchedPath::as_str);
     let name = match route {
-        Some(route) => format!("{method} {route}"),
-        None => method.to_owned(),
+        Some(route) => spans::name(method, route),
+        None => method.to_owned().into(),
     };
     let mut attributes = Vec::with_capacity(8);
     attributes.push(KeyValue::new(
@@ -119,7 +119,7 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
     }
     attributes.push(KeyValue::new("url.path", req.uri().path().to_owned()));
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
+        attributes.push(KeyValue::new("client.address", net::ip_text(peer.ip())));
     }
     for (key, header) in [
         ("user_agent.original", header::USER_AGENT.as_str()),
@@ -130,7 +130,7 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
         }
     }
     // Without a valid incoming traceparent `parent` is empty and the span is a root.
-    spans::start_server(name.into(), attributes, &parent)
+    spans::start_server(name, attributes, &parent)
 }
 
 /// What the response says about the request, on its server span, which it then ends. SigNoz
@@ -272,9 +272,9 @@ where
             let span = traced.span();
             let sc = span.span_context();
             // Hex digits: always a valid value; built from the string's own buffer.
-            if let Ok(v) =
-                HeaderValue::from_maybe_shared(axum::body::Bytes::from(sc.trace_id().to_string()))
-            {
+            if let Ok(v) = HeaderValue::from_maybe_shared(axum::body::Bytes::from(
+                spans::trace_id_hex(sc.trace_id()),
+            )) {
                 res.headers_mut().insert("x-trace-id", v);
             }
             end_server_span(&span, &res);

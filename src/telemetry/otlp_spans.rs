@@ -39,8 +39,9 @@ pub(super) struct SpanExporterDirect {
     /// The `Resource` message, encoded once when the provider hands it over.
     resource: Vec<u8>,
     resource_schema: String,
-    /// The last request's size, so the next buffer is allocated once.
-    last_size: AtomicUsize,
+    /// The last request's bytes per span, so the next buffer is allocated once at its size
+    /// (batches range from one span to thousands).
+    bytes_per_span: AtomicUsize,
 }
 
 impl SpanExporterDirect {
@@ -49,16 +50,21 @@ impl SpanExporterDirect {
             sender,
             resource: Vec::new(),
             resource_schema: String::new(),
-            last_size: AtomicUsize::new(0),
+            bytes_per_span: AtomicUsize::new(0),
         }
     }
 }
 
 impl SpanExporter for SpanExporterDirect {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let mut body = Vec::with_capacity(self.last_size.load(Ordering::Relaxed));
+        // A few percent over the last batch's average, so that a batch like it never grows.
+        let per_span = self.bytes_per_span.load(Ordering::Relaxed);
+        let mut body =
+            Vec::with_capacity(self.resource.len() + 64 + batch.len() * (per_span + per_span / 16));
         encode_request(&mut body, &self.resource, &self.resource_schema, &batch);
-        self.last_size.store(body.len(), Ordering::Relaxed);
+        if let Some(per_span) = body.len().checked_div(batch.len()) {
+            self.bytes_per_span.store(per_span, Ordering::Relaxed);
+        }
         self.sender.send(body.into()).await
     }
 

@@ -19,7 +19,7 @@ use std::{borrow::Cow, sync::OnceLock};
 
 use opentelemetry::{
     Context, KeyValue,
-    trace::{SpanBuilder, SpanKind, TraceContextExt as _, Tracer as _},
+    trace::{SpanBuilder, SpanKind, TraceContextExt as _, TraceId, Tracer as _},
 };
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
@@ -69,6 +69,28 @@ pub fn start_client(
     })
 }
 
+/// A span's name from two parts, `"{first} {second}"` (`GET /todos/{id}`, `SELECT todos`),
+/// allocated once at its size rather than through `format!`'s machinery.
+pub fn name(first: &str, second: &str) -> Cow<'static, str> {
+    let mut name = String::with_capacity(first.len() + 1 + second.len());
+    name.push_str(first);
+    name.push(' ');
+    name.push_str(second);
+    name.into()
+}
+
+/// A trace id as W3C writes it, 32 lower-case hex digits (for `x-trace-id`); `TraceId`'s
+/// `Display` goes through `format!`'s padding machinery.
+pub fn trace_id_hex(id: TraceId) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for byte in id.to_bytes() {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    hex
+}
+
 /// Runs `f` on the current request's server span, when the request is traced. For the layers
 /// and handlers that learn something about the request on its way (who the caller is).
 pub fn on_current(f: impl FnOnce(&opentelemetry::trace::SpanRef<'_>)) {
@@ -77,4 +99,23 @@ pub fn on_current(f: impl FnOnce(&opentelemetry::trace::SpanRef<'_>)) {
             f(&cx.span());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_trace_ids_read_as_display_writes_them() {
+        assert_eq!(name("GET", "/todos/{id}"), "GET /todos/{id}");
+        assert_eq!(name("SELECT", "todos"), format!("{} {}", "SELECT", "todos"));
+        for id in [
+            TraceId::INVALID,
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            TraceId::from_bytes([0xff; 16]),
+            TraceId::from_bytes([0x0a; 16]),
+        ] {
+            assert_eq!(trace_id_hex(id), id.to_string());
+        }
+    }
 }
