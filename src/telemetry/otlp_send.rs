@@ -55,7 +55,6 @@ pub(super) struct Sender {
     deadline: Duration,
 }
 
-#[derive(Debug)]
 enum Transport {
     Grpc {
         client: tonic::client::Grpc<Channel>,
@@ -67,6 +66,23 @@ enum Transport {
         url: String,
         headers: ExportHeaders,
     },
+}
+
+/// The headers' values are secrets (an ingestion key): only their names are shown.
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Grpc { metadata, .. } => f
+                .debug_struct("Grpc")
+                .field("metadata", &metadata.keys().collect::<Vec<_>>())
+                .finish_non_exhaustive(),
+            Transport::Http { url, headers, .. } => f
+                .debug_struct("Http")
+                .field("url", url)
+                .field("headers", headers)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// How a failed attempt is treated.
@@ -568,6 +584,11 @@ mod tests {
             .timeout(DEADLINE)
             .connect_lazy();
         let sender = Arc::new(Sender::grpc(channel, &key_header(), DEADLINE));
+        let shown = format!("{sender:?}");
+        assert!(
+            shown.contains("signoz-ingestion-key") && !shown.contains("k-1"),
+            "{shown}"
+        );
         let (body, message) = request();
         let (result, _) = send_from_a_plain_thread(sender, body).await;
         assert!(result.is_ok(), "{result:?}");
