@@ -227,14 +227,7 @@ fn attributes(buf: &mut Vec<u8>, field: u32, attributes: &[KeyValue]) {
 /// `KeyValue { key, value: AnyValue { string_value: value } }` as field `field`.
 fn text_attribute(buf: &mut Vec<u8>, field: u32, key: &[u8], value: &[u8]) {
     let any = 1 + varint_len(value.len() as u64) + value.len();
-    let key_len = key_len(key);
-    let kv = key_len + 1 + varint_len(any as u64) + any;
-    buf.reserve(2 + varint_len(kv as u64) + kv);
-    tag(buf, field, LEN);
-    varint(buf, kv as u64);
-    key_field(buf, key);
-    tag(buf, 2, LEN);
-    varint(buf, any as u64);
+    attribute_head(buf, field, key, any);
     tag(buf, 1, LEN);
     varint(buf, value.len() as u64);
     buf.extend_from_slice(value);
@@ -243,16 +236,22 @@ fn text_attribute(buf: &mut Vec<u8>, field: u32, key: &[u8], value: &[u8]) {
 /// `KeyValue { key, value: AnyValue { <any_field>: value } }` as field `field`, for the varint
 /// kinds (bool 2, int64 3).
 fn int_attribute(buf: &mut Vec<u8>, field: u32, key: &[u8], any_field: u32, value: u64) {
-    let any = 1 + varint_len(value);
-    let kv = key_len(key) + 1 + 1 + any;
+    attribute_head(buf, field, key, 1 + varint_len(value));
+    tag(buf, any_field, VARINT);
+    varint(buf, value);
+}
+
+/// A `KeyValue` up to its `AnyValue`'s body, which is `any` bytes long and comes next; with room
+/// reserved for the whole attribute.
+#[inline]
+fn attribute_head(buf: &mut Vec<u8>, field: u32, key: &[u8], any: usize) {
+    let kv = key_len(key) + 1 + varint_len(any as u64) + any;
     buf.reserve(2 + varint_len(kv as u64) + kv);
     tag(buf, field, LEN);
     varint(buf, kv as u64);
     key_field(buf, key);
     tag(buf, 2, LEN);
     varint(buf, any as u64);
-    tag(buf, any_field, VARINT);
-    varint(buf, value);
 }
 
 /// The bytes `key_field` writes: nothing for an empty key (proto3's default).
