@@ -35,7 +35,6 @@ use tonic::{
     metadata::MetadataMap,
     transport::Channel,
 };
-
 use tonic_types::StatusExt as _;
 
 use crate::config::ExportHeaders;
