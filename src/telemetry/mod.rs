@@ -213,8 +213,9 @@ fn resource(otel: &OtelConfig) -> Resource {
         .build()
 }
 
-/// Builds an OTLP exporter for the configured protocol. The span, metric and log exporter builders
-/// share no trait in opentelemetry-otlp, so a macro is what keeps the three identical.
+/// Builds an OTLP exporter for the configured protocol. The metric and log exporter builders
+/// share no trait in opentelemetry-otlp, so a macro is what keeps the two identical (spans have
+/// their own exporter, `otlp_spans`).
 macro_rules! exporter {
     ($builder:expr, $otel:expr, $collector:expr, $path:literal) => {{
         let base = $collector.url.as_str().trim_end_matches('/');

@@ -345,13 +345,16 @@ mod tests {
         sender: Arc<Sender>,
         body: Bytes,
     ) -> (OTelSdkResult, Duration) {
-        tokio::task::spawn_blocking(move || {
+        // A std thread, not tokio's blocking pool: the batch processor's thread has no runtime
+        // context, and the gRPC path must work without one.
+        let thread = std::thread::spawn(move || {
             let start = Instant::now();
             let result = futures::executor::block_on(sender.send(body));
             (result, start.elapsed())
-        })
-        .await
-        .unwrap()
+        });
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap()
     }
 
     #[test]

@@ -249,12 +249,13 @@ fn attribute_head(buf: &mut Vec<u8>, field: u32, key: &[u8], any: usize) {
     buf.reserve(2 + varint_len(kv as u64) + kv);
     tag(buf, field, LEN);
     varint(buf, kv as u64);
-    key_field(buf, key);
+    bytes(buf, 1, key);
     tag(buf, 2, LEN);
     varint(buf, any as u64);
 }
 
-/// The bytes `key_field` writes: nothing for an empty key (proto3's default).
+/// The bytes of a `KeyValue`'s key field: nothing for an empty key (proto3's default, as `bytes`
+/// writes it).
 #[inline]
 fn key_len(key: &[u8]) -> usize {
     if key.is_empty() {
@@ -262,11 +263,6 @@ fn key_len(key: &[u8]) -> usize {
     } else {
         1 + varint_len(key.len() as u64) + key.len()
     }
-}
-
-#[inline]
-fn key_field(buf: &mut Vec<u8>, key: &[u8]) {
-    bytes(buf, 1, key);
 }
 
 #[inline]
