@@ -11,7 +11,7 @@
 //!   the source of `--help`. Imports nothing of the crate.
 //! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
 //! - [`auth`]: who is calling: bearer tokens verified into a principal, and minted for
-//!   development. Imports nothing of the crate (the HTTP side is `http::authenticate`).
+//!   development. Imports nothing of the crate (the HTTP side is `http::guard::authenticate`).
 //! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
 //!   logs (the request span itself is in `http`).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool
@@ -21,8 +21,8 @@
 //!   ([`db::todos`], [`db::idempotency`]). Knows nothing of HTTP, OpenAPI or the metrics.
 //! - [`metrics`]: request, pool, breaker and DNS metrics, read from `db`, exported with the traces.
 //! - [`http`]: the router and all middleware in one place; handlers per resource
-//!   ([`http::todos`], [`http::health`]); the problem codes and error type ([`http::code`],
-//!   [`http::error`]).
+//!   ([`http::routes::todos`], [`http::routes::health`]); the problem codes and error type
+//!   ([`http::problem::code`], [`http::problem`]).
 //! - [`startup`]: binds the listener, builds the database handle and router, runs until shutdown.
 //! - [`doctor`]: `todo-service doctor`, the connectivity checks an operator runs when it is down.
 

@@ -72,7 +72,7 @@ pub struct Application {
     shutdown_timeout: Duration,
     readiness_delay: Duration,
     draining: Arc<AtomicBool>,
-    limits: http::serve::Limits,
+    limits: http::server::Limits,
 }
 
 impl Application {
@@ -128,7 +128,7 @@ impl Application {
         crate::metrics::register_db(&db);
         let verifier = verifier(&config.auth).await?;
         let router = http::router(state.clone(), &config, verifier);
-        let admin = admin_listener.map(|l| (l, http::admin::router(state)));
+        let admin = admin_listener.map(|l| (l, http::routes::admin::router(state)));
         Ok(Application {
             listener,
             router,
@@ -137,7 +137,7 @@ impl Application {
             shutdown_timeout: config.shutdown_timeout,
             readiness_delay: config.shutdown_readiness_delay,
             draining,
-            limits: http::serve::Limits {
+            limits: http::server::Limits {
                 header_read_timeout: config.header_read_timeout,
                 max_connections: config.max_connections,
             },
@@ -176,16 +176,16 @@ impl Application {
         if let Some((listener, router)) = self.admin {
             let mut stop = admin_stopped;
             // Operators' requests are few: a small cap, the same header timeout.
-            let limits = http::serve::Limits {
+            let limits = http::server::Limits {
                 max_connections: 100,
                 ..self.limits
             };
-            tokio::spawn(http::serve::serve(listener, router, limits, async move {
+            tokio::spawn(http::server::serve(listener, router, limits, async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             }));
         }
         let (draining, readiness_delay) = (self.draining, self.readiness_delay);
-        let server = http::serve::serve(self.listener, self.router, self.limits, async move {
+        let server = http::server::serve(self.listener, self.router, self.limits, async move {
             shutdown.await;
             draining.store(true, Ordering::Relaxed);
             if !readiness_delay.is_zero() {

@@ -6,7 +6,7 @@
 //! `sub` are required, `nbf` is honoured, `aud` and `iss` are checked when configured, and every
 //! rejection has a reason that metrics can count and `WWW-Authenticate` can describe (RFC 6750).
 //!
-//! The HTTP side (the bearer header, 401/403 answers, the rate-limit key) is `http::authenticate`.
+//! The HTTP side (the bearer header, 401/403 answers, the rate-limit key) is `http::guard::authenticate`.
 
 pub mod jwks;
 pub mod jwt;

@@ -4,23 +4,10 @@
 //! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
 //! the layers, whose order is commented there.
 
-pub mod admin;
-pub mod admission;
-pub mod authenticate;
-pub mod base_url;
-pub mod client_ip;
-pub mod code;
-pub mod conditional;
-pub mod error;
-pub mod extract;
-pub mod health;
-pub mod linger;
-pub mod openapi;
-pub mod rate_limit;
-pub mod read_body;
-pub mod resilience;
-pub mod serve;
-pub mod todos;
+pub mod guard;
+pub mod problem;
+pub mod routes;
+pub mod server;
 pub(crate) mod trace;
 
 use std::{any::Any, sync::Arc, time::Duration};
@@ -45,10 +32,13 @@ use crate::{
     config::{Config, CorsOrigins},
     db::Db,
 };
-use admission::EarlyRefusalLayer;
-pub use base_url::BaseUrl;
-use error::ApiError;
-use openapi::{ApiRoutes, api_routes};
+use guard::admission::EarlyRefusalLayer;
+use problem::ApiError;
+pub use routes::base_url::BaseUrl;
+use routes::{
+    extract,
+    openapi::{ApiRoutes, api_routes},
+};
 pub use trace::log_context;
 
 /// What every handler can reach. One `Arc`: axum clones the state for every request, and one
@@ -91,11 +81,11 @@ pub struct Shared {
 pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>) -> Router {
     let ApiRoutes { data, ops, openapi } = api_routes(verifier.is_some());
     // Rate limit, load shedding and the request timeout guard only the data routes; probes and
-    // docs must answer even when clients are being refused (see resilience.rs).
+    // docs must answer even when clients are being refused (see guard/mod.rs).
     let data = with_layers(
         data.method_not_allowed_fallback(method_not_allowed),
         config,
-        Some(resilience::layer(config, verifier)),
+        Some(guard::layer(config, verifier)),
     );
     let open = with_layers(
         ops
@@ -120,7 +110,7 @@ pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>)
 fn with_layers(
     router: Router<AppState>,
     config: &Config,
-    protect: Option<(EarlyRefusalLayer, resilience::Protect)>,
+    protect: Option<(EarlyRefusalLayer, guard::Protect)>,
 ) -> Router<AppState> {
     let (early, protect) = protect.unzip();
     let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
@@ -143,14 +133,14 @@ fn with_layers(
             //    problems).
             .layer(PropagateRequestIdLayer::new(x_request_id))
             // 4. For the data routes: when admission would refuse at once, refuse here, before
-            //    the layers below cost anything (admission.rs); still counted and traced above.
+            //    the layers below cost anything (guard/admission.rs); still counted and traced above.
             .option_layer(early)
             // 5. CORS outside everything that can answer, so errors carry the CORS headers too
             //    and browsers can read them; preflights are answered here without reaching a
             //    handler.
             .layer(cors_layer(&config.cors_allowed_origins))
             // 6. Any error response that is not yet problem+json (a library's own) is rewritten.
-            .then(error::ensure_problem_result)
+            .then(problem::ensure_problem_result)
             .map_response(from_catch_panic)
             // 7. A panicking handler becomes a logged 500 problem instead of a dropped
             //    connection.
@@ -158,7 +148,7 @@ fn with_layers(
             // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
             //    (413), never buffered whole.
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            // 9. For the data routes: rate limit, body read, admission, timeout (resilience.rs).
+            // 9. For the data routes: rate limit, body read, admission, timeout (guard/mod.rs).
             .option_layer(protect),
     )
 }

@@ -31,7 +31,7 @@ use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
-use super::error::ProblemCode;
+use super::problem::ProblemCode;
 use crate::{
     metrics, net,
     telemetry::{sampling, spans},
@@ -312,7 +312,7 @@ mod tests {
             let mut res = Response::new(Body::empty());
             *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
             res.extensions_mut()
-                .insert(ProblemCode(crate::http::code::Code::RateLimited));
+                .insert(ProblemCode(crate::http::problem::code::Code::RateLimited));
             Ok::<_, Infallible>(res)
         }));
         let mut req = Request::new(Body::empty());

@@ -31,9 +31,10 @@ async fn create_returns_201_with_location_and_rfc3339_timestamps() {
     }
     // The database builds this JSON; the OpenAPI type must describe it exactly (it refuses
     // unknown fields).
-    let typed: todo_service::http::todos::Todo = serde_json::from_value(todo.clone()).unwrap();
+    let typed: todo_service::http::routes::todos::Todo =
+        serde_json::from_value(todo.clone()).unwrap();
     assert_eq!(typed.url, location);
-    let listed: Vec<todo_service::http::todos::Todo> =
+    let listed: Vec<todo_service::http::routes::todos::Todo> =
         app.get("/todos").await.json().await.unwrap();
     assert_eq!(listed.len(), 1);
     let keys: HashSet<&str> = todo

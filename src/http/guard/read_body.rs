@@ -29,7 +29,7 @@ use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt as _};
 
-use super::error::ApiError;
+use crate::http::problem::ApiError;
 
 /// How bodies are read.
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +147,7 @@ async fn read(req: Request<Body>, limits: Limits) -> Result<Request<Body>, Respo
         Err(_) => {
             let mut res = ApiError::body_too_slow(limits.deadline).into_response();
             // The rest of the body is still on its way: the connection cannot carry another
-            // request. Closed lingering (see linger.rs), so the client reads this answer.
+            // request. Closed lingering (see server/linger.rs), so the client reads this answer.
             res.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             Err(res)
@@ -158,7 +158,7 @@ async fn read(req: Request<Body>, limits: Limits) -> Result<Request<Body>, Respo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{code::Code, error::ProblemCode};
+    use crate::http::problem::{ProblemCode, code::Code};
     use axum::{body::Bytes, http::StatusCode};
     use std::convert::Infallible;
 

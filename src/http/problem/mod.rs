@@ -1,10 +1,12 @@
 //! The one error shape: RFC 9457 problem details (`application/problem+json`).
 //!
 //! Every error the service answers with goes through [`ApiError`]: handler failures, extractor
-//! rejections (see `extract.rs`), unknown routes and methods, panics. Besides the RFC's `type`,
+//! rejections (see `routes/extract.rs`), unknown routes and methods, panics. Besides the RFC's `type`,
 //! `title`, `status` and `detail`, each problem carries a stable machine-readable `code`, a `hint`
 //! saying what the client can do, and for validation failures an `errors` list naming each field.
 //! Internal details (SQL errors, panics) are logged inside the request span and never returned.
+
+pub mod code;
 
 use std::{borrow::Cow, convert::Infallible, time::Duration};
 
@@ -15,7 +17,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use super::code::Code;
+use self::code::Code;
 use crate::db::DbError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -220,7 +222,7 @@ impl ApiError {
     }
 
     /// 503 from admission control: the request could not start within `max_wait`. Answered with
-    /// a per-response `Retry-After` (see `admission.rs`).
+    /// a per-response `Retry-After` (see `guard/admission.rs`).
     pub fn overloaded(max_wait: Duration) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -315,7 +317,7 @@ impl From<DbError> for ApiError {
 }
 
 /// A problem rendered once, answered many times: for refusals, which must cost as little as
-/// possible when they come by the thousand (see `admission.rs`).
+/// possible when they come by the thousand (see `guard/admission.rs`).
 #[derive(Debug, Clone)]
 pub struct Prerendered {
     status: StatusCode,

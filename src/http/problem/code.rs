@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn the_readme_error_table_lists_every_code() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let table = &readme[readme.find("### Errors").expect("an Errors section")..];
         for code in Code::ALL {
             assert!(

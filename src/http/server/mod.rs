@@ -8,7 +8,9 @@
 //! sent a whole request head in that time is closed), at most `MAX_CONNECTIONS` are open at once
 //! (beyond that, new ones wait in the kernel's listen backlog), and shutdown uses hyper-util's
 //! graceful watcher: stop accepting, let requests in flight finish. Connections close lingering
-//! ([`super::linger`]).
+//! ([`linger`]).
+
+pub mod linger;
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,8 +23,6 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tower::ServiceExt;
-
-use super::linger;
 
 /// How the server treats connections.
 #[derive(Debug, Clone, Copy)]

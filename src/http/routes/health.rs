@@ -18,12 +18,11 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::{
-    AppState,
-    code::Code,
-    error::{ApiError, Problem},
-};
 use crate::db::{DbStatus, breaker::BreakerState, budget::ServerConnections};
+use crate::http::{
+    AppState,
+    problem::{ApiError, Problem, code::Code},
+};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -266,7 +265,7 @@ fn not_ready(detail: &str, checks: serde_json::Value) -> Response {
         detail,
     )
     .with_hint("The service retries by itself. Operators: the admin listener's /ready and `todo-service doctor` say why.")
-    .with_retry_after(crate::http::error::DB_RETRY_AFTER_SECS)
+    .with_retry_after(crate::http::problem::DB_RETRY_AFTER_SECS)
     .with_extra(checks)
     .into_response()
 }

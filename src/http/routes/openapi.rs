@@ -5,7 +5,8 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{AppState, conditional, error, extract, health, todos};
+use super::{extract, health, todos, todos::conditional};
+use crate::http::{AppState, problem as error};
 
 /// The OpenAPI document's root; paths are added by `routes!` in [`api_routes`].
 #[derive(OpenApi)]
@@ -103,7 +104,7 @@ fn state_exact_rules(api: &mut utoipa::openapi::OpenApi) {
 }
 
 /// Declares the bearer scheme, each data operation's scope (`todos:read` for GET, `todos:write`
-/// otherwise, as `http::authenticate` checks) and the 401/403 answers.
+/// otherwise, as `http::guard::authenticate` checks) and the 401/403 answers.
 fn require_bearer_tokens(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{
         Content, Ref, ResponseBuilder,

@@ -47,7 +47,7 @@ use rand::Rng as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt as _};
 
-use super::error::{ApiError, Prerendered};
+use crate::http::problem::{ApiError, Prerendered};
 
 /// The weight of a new sample in the average time a slot is held: 1/8, as TCP's smoothed RTT.
 const EWMA_SHIFT: u32 = 3;
@@ -407,7 +407,7 @@ fn retry_after(expected: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{code::Code, error::ProblemCode};
+    use crate::http::problem::{ProblemCode, code::Code};
     use axum::http::{StatusCode, header};
     use std::convert::Infallible;
     use tokio::sync::Notify;

@@ -36,11 +36,8 @@ use opentelemetry::{KeyValue, StringValue};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::{
-    code::Code,
-    error::ApiError,
-    rate_limit::{self, CallerKey, Keyed},
-};
+use super::rate_limit::{self, CallerKey, Keyed};
+use crate::http::problem::{ApiError, code::Code};
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
     config::AuthConfig,
@@ -468,7 +465,7 @@ mod tests {
         let layer = AuthenticateLayer::new(
             &config,
             verifier,
-            CallerKey(crate::http::client_ip::ClientAddr::new(&[], 64)),
+            CallerKey(crate::http::guard::client_ip::ClientAddr::new(&[], 64)),
             1000,
         );
         let service = layer.layer(tower::service_fn(|req: Request<Body>| async move {

@@ -12,7 +12,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, header, request::Parts},
 };
 
-use super::{code::Code, error::ApiError};
+use crate::http::problem::{ApiError, code::Code};
 
 /// What `If-Match` and `If-None-Match` accept, as the OpenAPI document states it: `*`, or a list of
 /// `[W/]"…"` entity tags (RFC 9110 §8.8.3) separated by commas, with empty elements and optional

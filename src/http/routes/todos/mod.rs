@@ -2,7 +2,7 @@
 //!
 //! The handlers; the wire format and its validation are in `wire`, SQL in `db::todos`. The
 //! problem responses every route shares (503, and 400/413/415/422 for bodies, 400/404 for ids) are
-//! added to the OpenAPI document centrally (`http::openapi`). The collection GET answers a
+//! added to the OpenAPI document centrally (`http::routes::openapi`). The collection GET answers a
 //! plain JSON array (what TodoBackend clients expect), so the next page is announced in a
 //! `Link: <…>; rel="next"` header rather than in an envelope.
 
@@ -14,19 +14,19 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{
-    AppState, BaseUrl,
-    authenticate::Owner,
-    code::Code,
-    conditional::{IfMatch, IfNoneMatch, etag},
-    error::ApiError,
-    extract::{IdempotencyKey, JsonBody, Query, TodoId},
-};
+use self::conditional::{IfMatch, IfNoneMatch, etag};
+use super::extract::{IdempotencyKey, JsonBody, Query, TodoId};
 use crate::db::{
     idempotency::Idempotent,
     todos::{Conditional, Cursor},
 };
+use crate::http::{
+    AppState, BaseUrl,
+    guard::authenticate::Owner,
+    problem::{ApiError, code::Code},
+};
 
+pub mod conditional;
 mod wire;
 
 use wire::encode_cursor;
@@ -42,7 +42,7 @@ pub use wire::{
     responses(
         (status = 200, description = "One page of todos. When more follow, the `Link` header holds the next page's URL.",
          body = [Todo], headers(("link" = String, description = "`<URL>; rel=\"next\"` when another page exists"))),
-        (status = 422, description = "A query parameter is invalid", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter is invalid", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list_todos(
@@ -216,7 +216,7 @@ pub async fn get_todo(
         (status = 200, description = "The updated todo", body = Todo,
          headers(("etag" = String, description = "The todo's new version"))),
         (status = 412, description = "The todo is no longer at a version named in If-Match; nothing changed",
-         body = super::error::Problem, content_type = "application/problem+json"),
+         body = crate::http::problem::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update_todo(
@@ -252,7 +252,7 @@ pub async fn update_todo(
     responses(
         (status = 204, description = "Deleted"),
         (status = 412, description = "The todo is no longer at a version named in If-Match; nothing changed",
-         body = super::error::Problem, content_type = "application/problem+json"),
+         body = crate::http::problem::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete_todo(

@@ -14,7 +14,7 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{code::Code, error::ApiError};
+use crate::http::problem::{ApiError, code::Code};
 
 /// A JSON request body of type `T`.
 pub struct JsonBody<T>(pub T);

@@ -3,15 +3,15 @@
 //! so an operator can always see whether the service is alive and why it refuses work.
 //!
 //! From the outside in (see [`layer`]):
-//! 0. **Authentication** ([`super::authenticate`]): who the caller is, 401/403 for those who may
+//! 0. **Authentication** ([`authenticate`]): who the caller is, 401/403 for those who may
 //!    not, themselves throttled per address; a cheap check, and the rate limit needs its answer.
-//! 1. **Rate limit** ([`super::rate_limit`], per caller: the token's `sub`, or the client's
+//! 1. **Rate limit** ([`rate_limit`], per caller: the token's `sub`, or the client's
 //!    address): the cheapest refusal after that, so a runaway caller is stopped before any work
 //!    is done for it and never takes a place in the queue. 429 with `Retry-After`.
-//! 2. **Body read** ([`super::read_body`]): the whole body, under `HTTP_BODY_READ_TIMEOUT` and
+//! 2. **Body read** ([`read_body`]): the whole body, under `HTTP_BODY_READ_TIMEOUT` and
 //!    `MAX_BODY_BYTES`, before the request may take a slot: slow senders hold a connection, not
 //!    a slot. 408 / 413.
-//! 3. **Admission** ([`super::admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
+//! 3. **Admission** ([`admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
 //!    next ones wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that
 //!    is refused with 503 + a jittered `Retry-After`.
 //! 4. **Request timeout** (tower-http): inside admission, so a request that times out frees its
@@ -19,6 +19,12 @@
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
+
+pub mod admission;
+pub mod authenticate;
+pub mod client_ip;
+pub mod rate_limit;
+pub mod read_body;
 
 use std::sync::Arc;
 
@@ -30,12 +36,12 @@ use tower::{
 };
 use tower_http::timeout::TimeoutLayer;
 
-use super::{
-    admission::{self, AdmissionLayer, EarlyRefusalLayer},
+use self::{
+    admission::{AdmissionLayer, EarlyRefusalLayer},
     authenticate::AuthenticateLayer,
     client_ip::ClientAddr,
-    rate_limit::{self, CallerKey, RateLimitLayer},
-    read_body::{self, ReadBodyLayer},
+    rate_limit::{CallerKey, RateLimitLayer},
+    read_body::ReadBodyLayer,
 };
 use crate::{auth::Verifier, config::Config};
 
@@ -60,7 +66,7 @@ pub type Protect = Stack<
 /// the governor one limiter, authentication one verifier.
 ///
 /// Also returns admission's early refusal, for the router to place in front of its costlier
-/// layers (see [`super::admission::EarlyRefusal`]).
+/// layers (see [`admission::EarlyRefusal`]).
 pub fn layer(config: &Config, verifier: Option<Arc<Verifier>>) -> (EarlyRefusalLayer, Protect) {
     let admission = AdmissionLayer::new(admission::Limits {
         max_in_flight: config.max_in_flight,

@@ -11,7 +11,8 @@
 
 use axum::{Router, routing::get};
 
-use super::{AppState, health, method_not_allowed, route_not_found};
+use super::health;
+use crate::http::{AppState, method_not_allowed, route_not_found};
 
 /// The admin listener's routes.
 pub fn router(state: AppState) -> Router {

@@ -30,8 +30,9 @@ use tower_governor::{
     key_extractor::KeyExtractor,
 };
 
-use super::{authenticate::Caller, client_ip::ClientAddr, code::Code, error::ApiError};
+use super::{authenticate::Caller, client_ip::ClientAddr};
 use crate::config::RateLimit;
+use crate::http::problem::{ApiError, code::Code};
 
 /// How often idle callers' rate-limit state is dropped, so memory stays bounded however many
 /// distinct callers have called.

@@ -9,7 +9,7 @@ use crate::{
     db::todos::{Cursor, NewTodo, TodoChanges, TodoRow},
     http::{
         BaseUrl,
-        error::{ApiError, FieldError},
+        problem::{ApiError, FieldError},
     },
 };
 
