@@ -11,7 +11,7 @@
 //!   the source of `--help`. Imports nothing of the crate.
 //! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
 //! - [`auth`]: who is calling: bearer tokens verified into a principal, and minted for
-//!   development. Imports nothing of the crate (the HTTP side is `http::guard::authenticate`).
+//!   development. Imports only `config` (the HTTP side is `http::guard::authenticate`).
 //! - [`telemetry`]: logging (with trace ids on every line) and OTLP export of traces, metrics and
 //!   logs (the request span itself is in `http`).
 //! - [`db`]: connection policy — the host resolved once and pinned ([`db::resolve`]), the deadpool

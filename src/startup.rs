@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
     auth::{Verifier, jwks},
-    config::{AuthConfig, AuthMode, Config, JwksSource},
+    config::{AuthConfig, AuthMode, Config},
     db::{
         Db,
         resolve::{Resolver, SystemResolver},
@@ -35,9 +35,9 @@ async fn verifier(auth: &AuthConfig) -> anyhow::Result<Option<Arc<Verifier>>> {
     };
     let set = match &jwt.jwks {
         Some(source) => Some(
-            jwks::start(jwks_source(source), jwt.jwks_refresh)
+            jwks::start(source.clone(), jwt.jwks_refresh)
                 .await
-                .with_context(|| format!("cannot use the JWK Set {}", jwks_source(source)))?,
+                .with_context(|| format!("cannot use the JWK Set {source}"))?,
         ),
         None => None,
     };
@@ -47,14 +47,6 @@ async fn verifier(auth: &AuthConfig) -> anyhow::Result<Option<Arc<Verifier>>> {
         jwt.audience.as_deref(),
         jwt.issuer.as_deref(),
     ))))
-}
-
-/// The configured key source, as `auth` reads it.
-pub fn jwks_source(source: &JwksSource) -> jwks::Source {
-    match source {
-        JwksSource::File(path) => jwks::Source::File(path.clone()),
-        JwksSource::Url(url) => jwks::Source::Url(url.clone()),
-    }
 }
 
 /// Pending connections the kernel queues before `accept`. Tokio's default (mio) is 128, which a

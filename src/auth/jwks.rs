@@ -15,7 +15,6 @@
 //! fails keeps the keys already loaded.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -31,6 +30,7 @@ use tokio::{sync::Notify, time::Instant};
 use url::Url;
 
 use super::jwt::Key;
+use crate::config::JwksSource;
 
 /// At most one refresh asked for by an unknown `kid` per this interval.
 pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -38,22 +38,6 @@ pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest key set read: a real one is a few kilobytes.
 const MAX_BYTES: usize = 1 << 20;
-
-/// Where the key set comes from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    File(PathBuf),
-    Url(Url),
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Source::File(path) => write!(f, "{}", path.display()),
-            Source::Url(url) => write!(f, "{url}"),
-        }
-    }
-}
 
 /// Why a key set could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -211,9 +195,9 @@ fn client() -> Result<reqwest::Client, JwksError> {
 }
 
 /// Reads and parses the set once.
-pub async fn load(source: &Source) -> Result<Vec<Key>, JwksError> {
+pub async fn load(source: &JwksSource) -> Result<Vec<Key>, JwksError> {
     let bytes = match source {
-        Source::File(path) => {
+        JwksSource::File(path) => {
             let read = |e: std::io::Error| JwksError::Read(source.to_string(), e.to_string());
             let meta = tokio::fs::metadata(path).await.map_err(read)?;
             if meta.len() > MAX_BYTES as u64 {
@@ -221,7 +205,7 @@ pub async fn load(source: &Source) -> Result<Vec<Key>, JwksError> {
             }
             tokio::fs::read(path).await.map_err(read)?
         }
-        Source::Url(url) => fetch(&client()?, url).await?,
+        JwksSource::Url(url) => fetch(&client()?, url).await?,
     };
     parse(&bytes)
 }
@@ -252,13 +236,13 @@ async fn fetch(client: &reqwest::Client, url: &Url) -> Result<Vec<u8>, JwksError
 /// fetched now is retried in the background every [`UNKNOWN_KID_REFRESH_INTERVAL`] until it
 /// loads; meanwhile tokens signed with its keys are refused (401) rather than the service not
 /// starting because the issuer is briefly away.
-pub async fn start(source: Source, every: Duration) -> Result<Arc<KeySet>, JwksError> {
+pub async fn start(source: JwksSource, every: Duration) -> Result<Arc<KeySet>, JwksError> {
     let (keys, loaded) = match load(&source).await {
         Ok(keys) => {
             tracing::info!(source = %source, keys = keys.len(), "loaded the JWK Set");
             (keys, true)
         }
-        Err(e) if matches!(source, Source::Url(_)) => {
+        Err(e) if matches!(source, JwksSource::Url(_)) => {
             tracing::error!(source = %source, error = %e,
                 "cannot load the JWK Set; retrying in the background, tokens it signs are refused until then");
             (Vec::new(), false)
@@ -272,7 +256,7 @@ pub async fn start(source: Source, every: Duration) -> Result<Arc<KeySet>, JwksE
 
 /// The background refresher; ends at its first wake-up after the verifier (the set's only
 /// other owner) is dropped.
-async fn refresh(source: Source, set: Arc<KeySet>, every: Duration, mut loaded: bool) {
+async fn refresh(source: JwksSource, set: Arc<KeySet>, every: Duration, mut loaded: bool) {
     let mut last_asked: Option<Instant> = None;
     let delay = |loaded: bool| {
         if loaded {

@@ -108,6 +108,15 @@ pub enum JwksSource {
     Url(Url),
 }
 
+impl std::fmt::Display for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksSource::File(path) => write!(f, "{}", path.display()),
+            JwksSource::Url(url) => write!(f, "{url}"),
+        }
+    }
+}
+
 /// How tokens are verified in `jwt` mode: with the shared secret, the key set, or both.
 #[derive(Clone)]
 pub struct JwtConfig {

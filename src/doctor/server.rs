@@ -1,0 +1,162 @@
+//! What the server reached says about itself: whether it takes writes, how many connections it
+//! has left for this replica's pool, and which migrations it has applied.
+
+use sqlx::{Connection, PgConnection};
+
+use super::{
+    database::SERVER,
+    report::{Check, Status},
+};
+use crate::{
+    config::{DatabaseConfig, PoolerMode},
+    db::{MIGRATOR, budget::ServerConnections},
+};
+
+/// What the server says about itself ([`SERVER`]). Read-only, in one transaction with unnamed
+/// statements: through a transaction pooler (DB_POOLER_MODE=transaction) that keeps the queries
+/// on one server connection.
+pub(super) async fn checks(conn: &mut PgConnection, db: &DatabaseConfig) -> Vec<Check> {
+    match conn.begin().await {
+        Ok(mut tx) => {
+            let checks = vec![
+                writable(&mut tx, "DATABASE_URL").await,
+                budget(&mut tx, db.pool_max_size, db.pooler_mode).await,
+                migrations(&mut tx).await,
+            ];
+            let _ = tx.rollback().await;
+            checks
+        }
+        Err(e) => SERVER
+            .iter()
+            .map(|name| Check::new(name, Status::Fail, format!("cannot begin: {e}")))
+            .collect(),
+    }
+}
+
+/// Whether the server takes writes: after a failover, a URL (or a pooler) left pointing at the
+/// former primary reaches a standby, where every write fails.
+pub(super) async fn writable(conn: &mut PgConnection, var: &str) -> Check {
+    let in_recovery: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await;
+    match in_recovery {
+        Ok(false) => Check::new("writable", Status::Pass, "a primary: it takes writes"),
+        Ok(true) => Check::new(
+            "writable",
+            Status::Fail,
+            format!("{var} reaches a standby (in recovery): every write fails there"),
+        )
+        .hint(format!(
+            "Point {var} (or the pooler in front) at the primary; after a failover, at the \
+             promoted server."
+        )),
+        Err(e) => Check::new("writable", Status::Warn, format!("cannot tell: {e}")),
+    }
+}
+
+/// This replica's pool beside the server's `max_connections`, which every replica shares.
+/// Through a transaction pooler the pool's connections are the pooler's clients, and the server's
+/// are the pooler's to spend.
+async fn budget(conn: &mut PgConnection, pool_max_size: usize, pooler: PoolerMode) -> Check {
+    let s = match ServerConnections::read(conn, false).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Check::new(
+                "connection budget",
+                Status::Warn,
+                format!("cannot read: {e}"),
+            );
+        }
+    };
+    let usable = s.max_connections - s.reserved;
+    if pooler == PoolerMode::Transaction {
+        let detail = format!(
+            "through a transaction pooler (DB_POOLER_MODE=transaction): this replica's pool of up \
+             to {pool_max_size} are the pooler's clients; the server: max_connections {} ({} \
+             reserved), {} in use (the pooler's among them), {} free",
+            s.max_connections,
+            s.reserved,
+            s.in_use,
+            s.free()
+        );
+        return if s.free() == 0 {
+            Check::new("connection budget", Status::Warn, detail).hint(
+                "The server has no connection left for the pooler to open: lower the pooler's \
+                 pool size (default_pool_size) or raise max_connections.",
+            )
+        } else {
+            Check::new("connection budget", Status::Pass, detail)
+        };
+    }
+    let detail = format!(
+        "server max_connections {} ({} reserved), {} in use, {} free; this replica's pool up to \
+         {pool_max_size} (DB_POOL_MAX_SIZE): room for {} more replicas of that size",
+        s.max_connections,
+        s.reserved,
+        s.in_use,
+        s.free(),
+        s.more_replicas(pool_max_size)
+    );
+    if pool_max_size as i64 > i64::from(usable) {
+        Check::new("connection budget", Status::Warn, detail).hint(
+            "One replica's pool can take every connection the server allows: lower \
+             DB_POOL_MAX_SIZE, or put a pooler (PgBouncer) in front.",
+        )
+    } else if (s.free() as usize) < pool_max_size {
+        Check::new("connection budget", Status::Warn, detail).hint(
+            "Another replica of this size would not fit: keep replicas × DB_POOL_MAX_SIZE below \
+             max_connections less the reserved and other clients' connections, or use a pooler.",
+        )
+    } else {
+        Check::new("connection budget", Status::Pass, detail)
+    }
+}
+
+async fn migrations(conn: &mut PgConnection) -> Check {
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let applied: Result<Vec<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await;
+    match applied {
+        Ok(applied) => {
+            let pending: Vec<&i64> = known.iter().filter(|v| !applied.contains(v)).collect();
+            let unknown: Vec<&i64> = applied.iter().filter(|v| !known.contains(v)).collect();
+            if !unknown.is_empty() {
+                Check::new(
+                    "migrations",
+                    Status::Warn,
+                    format!("the database has migrations this build does not know: {unknown:?}"),
+                )
+                .hint("A newer version of the service ran against this database; deploy that version.")
+            } else if pending.is_empty() {
+                Check::new(
+                    "migrations",
+                    Status::Pass,
+                    format!("all {} applied", known.len()),
+                )
+            } else {
+                Check::new(
+                    "migrations",
+                    Status::Warn,
+                    format!("{} of {} pending: {pending:?}", pending.len(), known.len()),
+                )
+                .hint("The service applies them at startup; nothing to do unless it cannot start.")
+            }
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Check::new(
+            "migrations",
+            Status::Warn,
+            format!("none applied yet ({} pending)", known.len()),
+        )
+        .hint("The service applies them at startup."),
+        Err(e) => Check::new(
+            "migrations",
+            Status::Fail,
+            format!("cannot read the migration table: {e}"),
+        )
+        .hint("The user in DATABASE_URL needs read access to _sqlx_migrations."),
+    }
+}
