@@ -1,5 +1,5 @@
 //! The bearer-token check in front of the data routes: who is calling ([`Caller`], left in the
-//! request's extensions for the rate limiter and the handlers' [`Owner`]), and the RFC 6750
+//! request's extensions for the rate limiter and the handlers' [`Owner`](super::caller::Owner)), and the RFC 6750
 //! answers for those who may not call: 401 with `WWW-Authenticate: Bearer …` for a missing or bad
 //! token, 403 `insufficient_scope` for a token without the scope the method needs
 //! (`todos:read` for GET and HEAD, `todos:write` for the rest).
@@ -23,12 +23,10 @@ use std::{
 
 use axum::{
     body::Body,
-    extract::FromRequestParts,
-    http::{HeaderValue, Method, Request, Response, StatusCode, header, request::Parts},
+    http::{HeaderValue, Method, Request, Response, StatusCode, header},
     response::IntoResponse,
 };
 use governor::{
-    Quota, RateLimiter,
     clock::{Clock, DefaultClock},
     middleware::NoOpMiddleware,
 };
@@ -36,60 +34,19 @@ use opentelemetry::{KeyValue, StringValue};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::rate_limit::{self, CallerKey, Keyed};
-use crate::http::problem::{ApiError, code::Code};
+use super::{
+    caller::{Caller, CallerKey},
+    limiter::{self, Keyed},
+};
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
     config::AuthConfig,
+    http::problem::{ApiError, code::Code},
     telemetry::spans,
 };
 
 /// `realm` of every `WWW-Authenticate` challenge.
 const REALM: &str = "todo-service";
-
-/// Who is calling, as the authentication layer found out.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    /// `AUTH_MODE=none`: everyone is the one anonymous owner.
-    Anonymous,
-    Principal(Principal),
-}
-
-impl Caller {
-    /// The owner of the todos this caller sees: the token's `sub`, or `""` for the anonymous one.
-    pub fn owner(&self) -> &str {
-        match self {
-            Caller::Anonymous => "",
-            Caller::Principal(p) => &p.sub,
-        }
-    }
-}
-
-/// The caller whose todos a handler works on.
-#[derive(Debug)]
-pub struct Owner(pub Caller);
-
-impl Owner {
-    pub fn as_str(&self) -> &str {
-        self.0.owner()
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Owner {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        // Taken, not cloned: nothing after the handler's extractors reads it. Missing only if a
-        // route were served without the authentication layer, which must fail closed.
-        match parts.extensions.remove::<Caller>() {
-            Some(caller) => Ok(Owner(caller)),
-            None => {
-                tracing::error!("a data route was reached without the authentication layer");
-                Err(ApiError::unexpected())
-            }
-        }
-    }
-}
 
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,14 +206,9 @@ impl AuthenticateLayer {
         key: CallerKey,
         max_clients: usize,
     ) -> Self {
-        let throttle = config.unauthenticated_limit.map(|(per_second, burst)| {
-            let quota = Quota::with_period(rate_limit::period(per_second))
-                .expect("the period of a positive rate is not zero")
-                .allow_burst(std::num::NonZeroU32::new(burst.max(1)).expect("at least 1"));
-            let limiter = Arc::new(RateLimiter::keyed(quota));
-            rate_limit::spawn_pruner(Arc::downgrade(&limiter), max_clients);
-            limiter
-        });
+        let throttle = config
+            .unauthenticated_limit
+            .map(|(per_second, burst)| limiter::keyed(per_second, burst, max_clients));
         AuthenticateLayer(Arc::new(Authenticator {
             verifier,
             throttle,

@@ -22,7 +22,9 @@
 
 pub mod admission;
 pub mod authenticate;
+pub mod caller;
 pub mod client_ip;
+pub mod limiter;
 pub mod rate_limit;
 pub mod read_body;
 
@@ -39,8 +41,9 @@ use tower_http::timeout::TimeoutLayer;
 use self::{
     admission::{AdmissionLayer, EarlyRefusalLayer},
     authenticate::AuthenticateLayer,
+    caller::CallerKey,
     client_ip::ClientAddr,
-    rate_limit::{CallerKey, RateLimitLayer},
+    rate_limit::RateLimitLayer,
     read_body::ReadBodyLayer,
 };
 use crate::{auth::Verifier, config::Config};

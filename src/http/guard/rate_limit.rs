@@ -1,83 +1,32 @@
-//! Per-caller rate limits (tower_governor over governor): whom a request is counted against, how
-//! the limiters' memory stays bounded, and the 429 a refused caller reads.
+//! Per-caller rate limits (tower_governor over governor), and the 429 a refused caller reads.
 //!
-//! The key is the caller: the token's `sub` when the request is authenticated (two people behind
-//! one address have their own limits), else the client's address as [`ClientAddr`] finds it. The
-//! authentication layer runs first and leaves the caller in the request's extensions.
+//! The key is the caller ([`CallerKey`]): the token's `sub` when the request is authenticated (two
+//! people behind one address have their own limits), else the client's address. The
+//! authentication layer runs first and leaves the caller in the request's extensions; the
+//! limiter's memory is bounded as the `limiter` module says.
 
-use std::{
-    hash::Hash,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::ConnectInfo,
-    http::{Request, Response, header},
+    http::{Response, header},
     response::IntoResponse,
 };
-use governor::{
-    RateLimiter,
-    clock::{Clock, DefaultClock},
-    middleware::{RateLimitingMiddleware, StateInformationMiddleware},
-    state::keyed::DefaultKeyedStateStore,
-};
+use governor::middleware::StateInformationMiddleware;
 use tower_governor::{
     GovernorError, GovernorLayer,
     governor::{GovernorConfig, GovernorConfigBuilder},
-    key_extractor::KeyExtractor,
 };
 
-use super::{authenticate::Caller, client_ip::ClientAddr};
+use super::{
+    caller::CallerKey,
+    limiter::{period, spawn_pruner},
+};
 use crate::config::RateLimit;
 use crate::http::problem::{ApiError, code::Code};
 
-/// How often idle callers' rate-limit state is dropped, so memory stays bounded however many
-/// distinct callers have called.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-
-/// How often the number of tracked callers is checked against `RATE_LIMIT_MAX_CLIENTS`.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
-
 /// The rate limiter of the data routes.
 pub type RateLimitLayer = GovernorLayer<CallerKey, StateInformationMiddleware, Body>;
-
-/// Whom a request counts against.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Key {
-    /// An unauthenticated caller, by address (IPv6 by prefix).
-    Addr(IpAddr),
-    /// An authenticated caller, by the token's `sub`.
-    Sub(Arc<str>),
-}
-
-/// Extracts the [`Key`]: the authenticated caller's `sub`, else the client's address.
-#[derive(Debug, Clone)]
-pub struct CallerKey(pub ClientAddr);
-
-impl CallerKey {
-    /// The client's address as a key, from the TCP peer and (behind trusted proxies)
-    /// `X-Forwarded-For`.
-    pub fn addr<T>(&self, req: &Request<T>) -> Option<IpAddr> {
-        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>()?.0.ip();
-        Some(self.0.key(self.0.client(peer, req.headers())))
-    }
-}
-
-impl KeyExtractor for CallerKey {
-    type Key = Key;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<Key, GovernorError> {
-        if let Some(Caller::Principal(p)) = req.extensions().get::<Caller>() {
-            return Ok(Key::Sub(p.sub.clone()));
-        }
-        self.addr(req)
-            .map(Key::Addr)
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
 
 type Governor = GovernorConfig<CallerKey, StateInformationMiddleware>;
 
@@ -99,60 +48,6 @@ fn governor(limit: RateLimit, key: CallerKey) -> Arc<Governor> {
             .finish()
             .expect("per_second and burst are validated non-zero"),
     )
-}
-
-/// The interval at which one request's quota comes back.
-pub fn period(per_second: u32) -> Duration {
-    Duration::from_nanos(1_000_000_000 / u64::from(per_second.max(1)))
-}
-
-/// A keyed limiter whose state can be pruned.
-pub type Keyed<K, M> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, M>;
-
-/// Forgets callers whose quota is whole again (their state says nothing a fresh one would not):
-/// every `PRUNE_EVERY`, and within a second whenever more than `max_clients` are tracked. Callers
-/// still being limited are kept, so rotating addresses to fill the table frees nobody from a
-/// limit; the table holds at most `max_clients` plus the new callers of one second. Ends when the
-/// app (and so the limiter) is dropped.
-pub fn spawn_pruner<K, M>(limiter: Weak<Keyed<K, M>>, max_clients: usize)
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    M: RateLimitingMiddleware<<DefaultClock as Clock>::Instant> + Send + Sync + 'static,
-{
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CHECK_EVERY);
-        let mut last_prune = tokio::time::Instant::now();
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(limiter) = limiter.upgrade() else {
-                return;
-            };
-            if prune(&limiter, max_clients, last_prune.elapsed() >= PRUNE_EVERY) {
-                last_prune = tokio::time::Instant::now();
-            }
-        }
-    });
-}
-
-/// Prunes when `due` or when over `max_clients`; says whether it did.
-fn prune<K, M>(limiter: &Keyed<K, M>, max_clients: usize, due: bool) -> bool
-where
-    K: Hash + Eq + Clone,
-    M: RateLimitingMiddleware<<DefaultClock as Clock>::Instant>,
-{
-    let tracked = limiter.len();
-    if tracked <= max_clients && !due {
-        return false;
-    }
-    limiter.retain_recent();
-    limiter.shrink_to_fit();
-    tracing::debug!(
-        before = tracked,
-        after = limiter.len(),
-        "pruned rate-limit state"
-    );
-    true
 }
 
 fn response(err: GovernorError) -> Response<Body> {
@@ -194,7 +89,10 @@ fn response(err: GovernorError) -> Response<Body> {
 mod tests {
     use axum::http::StatusCode;
 
+    use std::{net::IpAddr, time::Duration};
+
     use super::*;
+    use crate::http::guard::{caller::Key, client_ip::ClientAddr, limiter::prune};
 
     #[test]
     fn over_the_bound_callers_with_a_whole_quota_are_forgotten_and_limited_ones_kept() {

@@ -22,7 +22,7 @@ use crate::db::{
 };
 use crate::http::{
     AppState, BaseUrl,
-    guard::authenticate::Owner,
+    guard::caller::Owner,
     problem::{ApiError, code::Code},
 };
 
