@@ -17,6 +17,7 @@ use axum::{
 };
 use serde::Serialize;
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::db::{DbStatus, breaker::BreakerState, budget::ServerConnections};
 use crate::http::{
@@ -164,6 +165,13 @@ impl From<DbStatus> for DatabaseCheck {
             error: s.error,
         }
     }
+}
+
+/// The probes, each with its part of the OpenAPI document.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
 }
 
 /// Liveness: answers as long as the process serves HTTP. Never touches the database.

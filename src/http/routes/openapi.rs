@@ -3,12 +3,12 @@
 
 use axum::Router;
 use utoipa::OpenApi;
-use utoipa_axum::{router::OpenApiRouter, routes};
+use utoipa_axum::router::OpenApiRouter;
 
 use super::{extract, health, todos, todos::conditional};
-use crate::http::{AppState, problem as error};
+use crate::http::{AppState, problem};
 
-/// The OpenAPI document's root; paths are added by `routes!` in [`api_routes`].
+/// The OpenAPI document's root; each feature router adds its paths (see [`api_routes`]).
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -20,7 +20,7 @@ use crate::http::{AppState, problem as error};
         (name = "todos", description = "The todo collection and its items"),
         (name = "operations", description = "Liveness and readiness probes")
     ),
-    components(schemas(error::Problem, error::FieldError))
+    components(schemas(problem::Problem, problem::FieldError))
 )]
 pub struct ApiDoc;
 
@@ -36,21 +36,9 @@ pub struct ApiRoutes {
 /// `bearer`: the data routes need a bearer token (`AUTH_MODE=jwt`), and the document says so.
 pub fn api_routes(bearer: bool) -> ApiRoutes {
     let (data, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(
-            todos::list_todos,
-            todos::create_todo,
-            todos::delete_all_todos
-        ))
-        .routes(routes!(
-            todos::get_todo,
-            todos::update_todo,
-            todos::delete_todo
-        ))
+        .merge(todos::router())
         .split_for_parts();
-    let (ops, ops_doc) = OpenApiRouter::new()
-        .routes(routes!(health::health))
-        .routes(routes!(health::ready))
-        .split_for_parts();
+    let (ops, ops_doc) = health::router().split_for_parts();
     openapi.merge(ops_doc);
     add_common_problems(&mut openapi);
     state_exact_rules(&mut openapi);
@@ -127,7 +115,7 @@ fn require_bearer_tokens(api: &mut utoipa::openapi::OpenApi) {
                     .build(),
             )
             .content(
-                error::PROBLEM_JSON,
+                problem::PROBLEM_JSON,
                 Content::new(Some(Ref::from_schema_name("Problem"))),
             )
             .build()
@@ -197,7 +185,7 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
         ResponseBuilder::new()
             .description(description)
             .content(
-                error::PROBLEM_JSON,
+                problem::PROBLEM_JSON,
                 Content::new(Some(Ref::from_schema_name("Problem"))),
             )
             .build()

@@ -14,6 +14,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use self::conditional::{IfMatch, IfNoneMatch, etag};
 use super::extract::{IdempotencyKey, JsonBody, Query, TodoId};
 use crate::db::{
@@ -34,6 +36,13 @@ pub use wire::{
     CURSOR_PATTERN, CreateTodo, DEFAULT_LIMIT, ListQuery, MAX_LIMIT, MAX_TITLE_CHARS,
     TITLE_PATTERN, Todo, UpdateTodo,
 };
+
+/// The collection and item routes, each with its part of the OpenAPI document.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_todos, create_todo, delete_all_todos))
+        .routes(routes!(get_todo, update_todo, delete_todo))
+}
 
 /// List todos, ordered by `order` (missing last) then `id`, one page at a time.
 #[utoipa::path(
