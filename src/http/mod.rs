@@ -2,7 +2,11 @@
 //!
 //! Read [`router`] first: it merges the feature routers (`todos`, `health`), the OpenAPI document
 //! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
-//! the layers, whose order is commented there.
+//! the layers, whose order is written once, in `layered`.
+//!
+//! The rooms: [`routes`] (handlers, each module with its `router()`, and the OpenAPI document),
+//! [`guard`] (who is calling, and whether the data routes let the request in), [`problem`] (the
+//! one error shape and its codes), [`server`] (the accept loop), and `trace` (the request's span).
 
 pub mod guard;
 pub mod problem;
@@ -32,7 +36,7 @@ use crate::{
     config::{Config, CorsOrigins},
     db::Db,
 };
-use guard::admission::EarlyRefusalLayer;
+use guard::Guard;
 use problem::ApiError;
 pub use routes::base_url::BaseUrl;
 use routes::{
@@ -80,14 +84,14 @@ pub struct Shared {
 /// the anonymous caller.
 pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>) -> Router {
     let ApiRoutes { data, ops, openapi } = api_routes(verifier.is_some());
-    // Rate limit, load shedding and the request timeout guard only the data routes; probes and
-    // docs must answer even when clients are being refused (see guard/mod.rs).
-    let data = with_layers(
+    // The guard protects only the data routes; probes and docs must answer even when clients are
+    // being refused.
+    let data = layered(
         data.method_not_allowed_fallback(method_not_allowed),
         config,
-        Some(guard::layer(config, verifier)),
+        Some(Guard::new(config, verifier)),
     );
-    let open = with_layers(
+    let open = layered(
         ops
             // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs
             // works offline, with no CDN.
@@ -100,20 +104,25 @@ pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>)
     data.merge(open).with_state(state)
 }
 
-/// Wraps every route of `router` in one stack of layers: the common ones, and `protect` innermost
-/// when given.
+/// Wraps every route of `router` in the one stack of layers: the order every request crosses,
+/// written here and nowhere else. `guard`'s layers are placed for the data routes.
 ///
 /// One `Router::layer` call per route, because each call boxes the route once more and each box
-/// is cloned, with everything beneath it, on every request: the data routes carry their
-/// protective layers in the same stack rather than in a `layer` call of their own (measured in
-/// loadtest/RESULTS.md).
-fn with_layers(
-    router: Router<AppState>,
-    config: &Config,
-    protect: Option<(EarlyRefusalLayer, guard::Protect)>,
-) -> Router<AppState> {
-    let (early, protect) = protect.unzip();
+/// is cloned, with everything beneath it, on every request: the data routes carry their guard in
+/// the same stack rather than in a `layer` call of their own (measured in loadtest/RESULTS.md).
+fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> Router<AppState> {
     let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
+    let (early_refusal, authenticate, rate_limit, read_body, admission, timeout) = match guard {
+        Some(g) => (
+            Some(g.early_refusal),
+            Some(g.authenticate),
+            g.rate_limit,
+            Some(g.read_body),
+            Some(g.admission),
+            Some(g.timeout),
+        ),
+        None => Default::default(),
+    };
     // Listed outermost first:
     router.layer(
         ServiceBuilder::new()
@@ -132,9 +141,9 @@ fn with_layers(
             // 3. The request id is copied to the response (clients quote it when reporting
             //    problems).
             .layer(PropagateRequestIdLayer::new(x_request_id))
-            // 4. For the data routes: when admission would refuse at once, refuse here, before
-            //    the layers below cost anything (guard/admission.rs); still counted and traced above.
-            .option_layer(early)
+            // 4. Data routes: when admission would refuse at once, refuse here, before the layers
+            //    below cost anything; still counted and traced above.
+            .option_layer(early_refusal)
             // 5. CORS outside everything that can answer, so errors carry the CORS headers too
             //    and browsers can read them; preflights are answered here without reaching a
             //    handler.
@@ -148,8 +157,20 @@ fn with_layers(
             // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
             //    (413), never buffered whole.
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            // 9. For the data routes: rate limit, body read, admission, timeout (guard/mod.rs).
-            .option_layer(protect),
+            // 9. Data routes: authentication, a cheap check whose answer the rate limit needs
+            //    (who the caller is); 401/403, throttled per address.
+            .option_layer(authenticate)
+            // 10. Data routes: the rate limit, the cheapest refusal after that, so a runaway
+            //     caller is stopped before any work is done for it and never takes a place in
+            //     the queue (admission takes its slot when called, never in `poll_ready`).
+            .option_layer(rate_limit)
+            // 11. Data routes: the whole body, before the request may take a slot.
+            .option_layer(read_body)
+            // 12. Data routes: admission, a slot or a bounded wait for one.
+            .option_layer(admission)
+            // 13. Data routes: the request timeout, inside admission so a request that times
+            //     out frees its slot.
+            .option_layer(timeout),
     )
 }
 

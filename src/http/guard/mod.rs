@@ -1,21 +1,21 @@
-//! The protective layers in front of the data routes (`/todos…`): authentication, rate limit,
-//! admission control and a request timeout. Probes and docs are deliberately outside them,
-//! so an operator can always see whether the service is alive and why it refuses work.
+//! The request's guard: the protective layers in front of the data routes (`/todos…`), built
+//! once from the settings, their state shared across the router's per-route clones. Probes and
+//! docs are deliberately outside them, so an operator can always see whether the service is
+//! alive and why it refuses work. Where each sits in the stack, and why there, is written once,
+//! in `http::layered`.
 //!
-//! From the outside in (see [`layer`]):
-//! 0. **Authentication** ([`authenticate`]): who the caller is, 401/403 for those who may
-//!    not, themselves throttled per address; a cheap check, and the rate limit needs its answer.
-//! 1. **Rate limit** ([`rate_limit`], per caller: the token's `sub`, or the client's
-//!    address): the cheapest refusal after that, so a runaway caller is stopped before any work
-//!    is done for it and never takes a place in the queue. 429 with `Retry-After`.
-//! 2. **Body read** ([`read_body`]): the whole body, under `HTTP_BODY_READ_TIMEOUT` and
-//!    `MAX_BODY_BYTES`, before the request may take a slot: slow senders hold a connection, not
-//!    a slot. 408 / 413.
-//! 3. **Admission** ([`admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the
-//!    next ones wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that
-//!    is refused with 503 + a jittered `Retry-After`.
-//! 4. **Request timeout** (tower-http): inside admission, so a request that times out frees its
-//!    slot; answered 504 (turned into a problem by `error::ensure_problem`).
+//! - **Authentication** ([`authenticate`]): who the caller is ([`caller`]), 401/403 for those who
+//!   may not, themselves throttled per address.
+//! - **Rate limit** ([`rate_limit`], per caller: the token's `sub`, or the client's address as
+//!   [`client_ip`] finds it): 429 with `Retry-After`.
+//! - **Body read** ([`read_body`]): the whole body, under `HTTP_BODY_READ_TIMEOUT` and
+//!   `MAX_BODY_BYTES`, before the request may take a slot: slow senders hold a connection, not
+//!   a slot. 408 / 413.
+//! - **Admission** ([`admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the next ones
+//!   wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that is refused
+//!   with 503 + a jittered `Retry-After`; its early refusal answers before any other guard when
+//!   the wait is already hopeless.
+//! - **Request timeout** (tower-http): 504, turned into a problem by `problem::ensure_problem`.
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.
@@ -31,11 +31,6 @@ pub mod read_body;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use tower::{
-    ServiceBuilder,
-    layer::util::{Identity, Stack},
-    util::Either,
-};
 use tower_http::timeout::TimeoutLayer;
 
 use self::{
@@ -48,59 +43,45 @@ use self::{
 };
 use crate::{auth::Verifier, config::Config};
 
-/// The layers described in the module doc (tower's `Stack` names them innermost first).
-pub type Protect = Stack<
-    TimeoutLayer,
-    Stack<
-        AdmissionLayer,
-        Stack<
-            ReadBodyLayer,
-            Stack<Either<RateLimitLayer, Identity>, Stack<AuthenticateLayer, Identity>>,
-        >,
-    >,
->;
+/// The guard's layers, for `http::layered` to place.
+pub struct Guard {
+    pub early_refusal: EarlyRefusalLayer,
+    pub authenticate: AuthenticateLayer,
+    /// `None` when `RATE_LIMIT_PER_SECOND` is off.
+    pub rate_limit: Option<RateLimitLayer>,
+    pub read_body: ReadBodyLayer,
+    pub admission: AdmissionLayer,
+    pub timeout: TimeoutLayer,
+}
 
-/// The layers for the data routes, to sit innermost in the router's one layer stack (see
-/// `http::router`).
-///
-/// The rate limiter sits outside admission, so a refused client is answered before it can take a
-/// place in the queue or a slot (admission takes its slot when called, never in `poll_ready`).
-/// Anything stateful shares its state across the router's per-route clones: admission one gate,
-/// the governor one limiter, authentication one verifier.
-///
-/// Also returns admission's early refusal, for the router to place in front of its costlier
-/// layers (see [`admission::EarlyRefusal`]).
-pub fn layer(config: &Config, verifier: Option<Arc<Verifier>>) -> (EarlyRefusalLayer, Protect) {
-    let admission = AdmissionLayer::new(admission::Limits {
-        max_in_flight: config.max_in_flight,
-        max_queue_wait: config.max_queue_wait,
-    });
-    let early = admission.early();
-    let key = CallerKey(ClientAddr::new(
-        &config.clients.trusted_proxies,
-        config.clients.ipv6_prefix,
-    ));
-    let protect = ServiceBuilder::new()
-        .layer(AuthenticateLayer::new(
-            &config.auth,
-            verifier,
-            key.clone(),
-            config.clients.max_clients,
-        ))
-        .option_layer(
-            config
+impl Guard {
+    /// `verifier` checks bearer tokens (`AUTH_MODE=jwt`); `None` lets everyone through as the
+    /// anonymous caller.
+    pub fn new(config: &Config, verifier: Option<Arc<Verifier>>) -> Guard {
+        let admission = AdmissionLayer::new(admission::Limits {
+            max_in_flight: config.max_in_flight,
+            max_queue_wait: config.max_queue_wait,
+        });
+        let key = CallerKey(ClientAddr::new(
+            &config.clients.trusted_proxies,
+            config.clients.ipv6_prefix,
+        ));
+        let max_clients = config.clients.max_clients;
+        Guard {
+            early_refusal: admission.early(),
+            authenticate: AuthenticateLayer::new(&config.auth, verifier, key.clone(), max_clients),
+            rate_limit: config
                 .rate_limit
-                .map(|limit| rate_limit::layer(limit, key, config.clients.max_clients)),
-        )
-        .layer(ReadBodyLayer(read_body::Limits {
-            max_bytes: config.max_body_bytes,
-            deadline: config.body_read_timeout,
-        }))
-        .layer(admission)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            config.request_timeout,
-        ))
-        .into_inner();
-    (early, protect)
+                .map(|limit| rate_limit::layer(limit, key, max_clients)),
+            read_body: ReadBodyLayer(read_body::Limits {
+                max_bytes: config.max_body_bytes,
+                deadline: config.body_read_timeout,
+            }),
+            admission,
+            timeout: TimeoutLayer::with_status_code(
+                StatusCode::GATEWAY_TIMEOUT,
+                config.request_timeout,
+            ),
+        }
+    }
 }
