@@ -11,7 +11,7 @@
 #   scripts/cluster.sh down            stop everything and remove its files
 #
 # Installs what is missing (PostgreSQL, PgBouncer and HAProxy from apt; oha with cargo) and says so,
-# and builds the release binary. The engine is scripts/cluster.py; see README "Scaling out".
+# and builds the release binary. The engine is scripts/cluster.py; see docs/scaling-out.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/pg.sh

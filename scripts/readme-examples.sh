@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Keeps the README honest: starts the service with the README's run command (scripts/run.sh, on a
-# free port) and runs every `curl` line of README.md's "API" section as printed, checking the
-# HTTP status written in its trailing comment (`# 201`). Then it starts it again as the
-# "Authentication" section does (AUTH_MODE=jwt, a fresh AUTH_JWT_SECRET) and runs that section's
+# Keeps the README and docs/ honest: starts the service with the README's run command
+# (scripts/run.sh, on a free port) and runs every `curl` line of README.md's "API" section as
+# printed, checking the HTTP status written in its trailing comment (`# 201`), then those of
+# docs/api.md's "Concurrent edits: ETags", which continue them. Then it starts it again as
+# docs/authentication.md says (AUTH_MODE=jwt, a fresh AUTH_JWT_SECRET) and runs that page's
 # `TOKEN=` and `curl` lines the same way. Stops everything it started on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,11 +37,19 @@ serve() {
 
 failed=0
 total=0
-# check SECTION: runs the section's curl lines (and TOKEN= lines), in order.
+# check FILE SECTION: runs the curl lines (and TOKEN= lines) of the section headed SECTION (at
+# any level, up to the next heading of its level or above), in order.
 check() {
-  local section=$1 line expected cmd out status
-  mapfile -t examples < <(awk -v s="## $section" '$0 == s {on=1; next} /^## /{on=0} on && (/^curl / || /^TOKEN=/)' README.md)
-  [ "${#examples[@]}" -ge 2 ] || { echo "found only ${#examples[@]} examples in README.md's $section section" >&2; exit 1; }
+  local file=$1 section=$2 line expected cmd out status
+  mapfile -t examples < <(awk -v s="$section" '
+    /^```/ { fence = !fence }
+    !fence && /^#+ / {
+      level = index($0, " ") - 1
+      if (on && level <= depth) on = 0
+      if (substr($0, level + 2) == s) { on = 1; depth = level; next }
+    }
+    on && (/^curl / || /^TOKEN=/)' "$file")
+  [ "${#examples[@]}" -ge 2 ] || { echo "found only ${#examples[@]} examples in $file's $section section" >&2; exit 1; }
   for line in "${examples[@]}"; do
     cmd=${line//localhost:8080/127.0.0.1:$port}
     cmd=${cmd//localhost:9091/127.0.0.1:$admin_port}
@@ -65,7 +74,8 @@ check() {
 }
 
 serve
-check API
+check README.md API
+check docs/api.md "Concurrent edits: ETags"
 stop_service
 
 # The section's first line, with python in place of openssl (not on every machine): the service
@@ -73,7 +83,7 @@ stop_service
 AUTH_JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')
 export AUTH_JWT_SECRET
 serve AUTH_MODE=jwt
-check Authentication
+check docs/authentication.md Authentication
 stop_service
 
 [ "$failed" = 0 ] && echo "$total passed, 0 failed" || { echo "README examples failed"; exit 1; }

@@ -1,5 +1,5 @@
 //! Settings as a whole: defaults, errors naming variables, secrets, and the documents that list
-//! every variable (`.env.example`, the README, `--help`).
+//! every variable (`.env.example`, docs/configuration.md, `--help`).
 
 use std::collections::HashMap;
 
@@ -275,12 +275,12 @@ fn env_example_documents_exactly_the_variables_read() {
 }
 
 #[test]
-fn the_readme_configuration_table_lists_every_variable() {
-    let readme = include_str!("../../README.md");
+fn the_documented_configuration_table_lists_every_variable() {
+    let page = include_str!("../../docs/configuration.md");
     for var in VARS {
         assert!(
-            readme.contains(&format!("| `{}` |", var.name)),
-            "README.md's configuration table lacks {}",
+            page.contains(&format!("| `{}` |", var.name)),
+            "docs/configuration.md's table lacks {}",
             var.name
         );
     }

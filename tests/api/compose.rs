@@ -1,6 +1,6 @@
 //! `docker-compose.yml`, the `Dockerfile` and the SigNoz collector config, checked statically: no
 //! Docker engine runs on these machines. CI also runs `docker-compose config -q` on the compose
-//! file; this test checks what that cannot: that the stack is the one the README describes and is
+//! file; this test checks what that cannot: that the stack is the one docs/observability.md describes and is
 //! wired to this service's real settings.
 
 use std::{collections::HashSet, path::PathBuf};

@@ -84,7 +84,7 @@ async fn ipv6_addresses_from_one_64_share_a_quota() {
 
 /// hyper arms its header-read timer again as soon as a response is written, so a keep-alive
 /// connection that stays idle is closed after `HTTP_HEADER_READ_TIMEOUT` too: that one setting is
-/// the idle keep-alive timeout (the README says so; this holds it to it).
+/// the idle keep-alive timeout (docs/resilience.md says so; this holds it to it).
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
     use std::time::{Duration, Instant};

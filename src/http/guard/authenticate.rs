@@ -78,7 +78,7 @@ impl Failure {
                 )
                 .with_hint(
                     "Send Authorization: Bearer <token>, a JWT with sub, exp and the \
-                     todos:read / todos:write scopes (see the README's Authentication section).",
+                     todos:read / todos:write scopes (see docs/authentication.md).",
                 ),
                 // RFC 6750 §3.1: no error code when the request had no credentials.
                 format!("Bearer realm=\"{REALM}\""),

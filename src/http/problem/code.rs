@@ -1,5 +1,5 @@
 //! Every problem `code` the service answers with, in one enum: its wire name, and which protective
-//! layer a refusal came from. The spans, the metrics and the README's error table all read it, so
+//! layer a refusal came from. The spans, the metrics and the error table of docs/api.md all read it, so
 //! a new code cannot be half-wired.
 
 use serde::{Serialize, Serializer};
@@ -168,13 +168,13 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_error_table_lists_every_code() {
-        let readme = include_str!("../../../README.md");
-        let table = &readme[readme.find("### Errors").expect("an Errors section")..];
+    fn the_documented_error_table_lists_every_code() {
+        let page = include_str!("../../../docs/api.md");
+        let table = &page[page.find("## Errors").expect("an Errors section")..];
         for code in Code::ALL {
             assert!(
                 table.contains(&format!("`{}`", code.as_str())),
-                "README.md's error table lacks `{}`",
+                "docs/api.md's error table lacks `{}`",
                 code.as_str()
             );
         }

@@ -130,8 +130,7 @@ fn require_bearer_tokens(api: &mut utoipa::openapi::OpenApi) {
                     .bearer_format("JWT")
                     .description(Some(
                         "A JWT (HS256) with `sub` (the owner of the todos), `exp`, and `scope` \
-                         holding todos:read and/or todos:write; see the README's Authentication \
-                         section",
+                         holding todos:read and/or todos:write; see docs/authentication.md",
                     ))
                     .build(),
             ),
