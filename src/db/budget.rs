@@ -7,15 +7,21 @@
 
 use sqlx::PgConnection;
 
-use super::{Db, DbError, session::Statement};
+use super::{
+    Db, DbError,
+    session::{Effect, Statement},
+};
 
 /// `reserved_connections` exists from PostgreSQL 16 on; `current_setting(…, true)` is NULL before.
-const SQL: &str = "SELECT current_setting('max_connections')::int4, \
-     current_setting('superuser_reserved_connections')::int4 \
-     + coalesce(current_setting('reserved_connections', true)::int4, 0), \
-     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int4";
-
-const READ: Statement = Statement::read("SELECT", "pg_stat_activity", SQL);
+const READ: Statement = Statement {
+    effect: Effect::Read,
+    operation: "SELECT",
+    table: "pg_stat_activity",
+    sql: "SELECT current_setting('max_connections')::int4, \
+          current_setting('superuser_reserved_connections')::int4 \
+          + coalesce(current_setting('reserved_connections', true)::int4, 0), \
+          (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int4",
+};
 
 /// The server's connection limit and use, as one snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +39,7 @@ impl ServerConnections {
         conn: &mut PgConnection,
         named: bool,
     ) -> Result<ServerConnections, sqlx::Error> {
-        let (max_connections, reserved, in_use) = sqlx::query_as(SQL)
+        let (max_connections, reserved, in_use) = sqlx::query_as(READ.sql)
             .persistent(named)
             .fetch_one(conn)
             .await?;

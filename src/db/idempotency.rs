@@ -41,32 +41,29 @@ impl<'r> sqlx::FromRow<'r, PgRow> for Replay {
     }
 }
 
-// Named so their text can go on the database spans (parameterised: never values).
-const SQL_CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (key, request, expires_at, owner) \
-         VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
-                 now() + make_interval(secs => $5::float8), $6) \
-         ON CONFLICT (owner, key) DO NOTHING";
-// SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
-const SQL_DELETE_EXPIRED_KEYS: &str = "DELETE FROM idempotency_keys WHERE (owner, key) IN \
-             (SELECT owner, key FROM idempotency_keys WHERE expires_at < now() \
-              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)";
-
 /// Expired idempotency keys deleted per statement: each batch is short, whatever the backlog.
 pub const SWEEP_BATCH: i64 = 1000;
-/// The span names and retry class of each call (see [`Effect`]).
-const CREATE_KEYED: Statement = Statement::write(
-    "INSERT",
-    "todos",
-    SQL_CLAIM_IDEMPOTENCY_KEY,
-    Effect::IdempotentWrite,
-);
-const SWEEP_KEYS: Statement = Statement::write(
-    "DELETE",
-    "idempotency_keys",
-    SQL_DELETE_EXPIRED_KEYS,
-    // Deleting expired keys twice deletes nothing more.
-    Effect::IdempotentWrite,
-);
+/// A keyed create's span is named for its key claim, the statement that decides its outcome.
+/// Running it twice is safe: a retry replays the first attempt's answer.
+const CREATE_KEYED: Statement = Statement {
+    effect: Effect::IdempotentWrite,
+    operation: "INSERT",
+    table: "todos",
+    sql: "INSERT INTO idempotency_keys (key, request, expires_at, owner) \
+          VALUES ($1, jsonb_build_object('title', $2::text, 'completed', $3::boolean, 'order', $4::bigint), \
+                  now() + make_interval(secs => $5::float8), $6) \
+          ON CONFLICT (owner, key) DO NOTHING",
+};
+/// SKIP LOCKED: a key being re-claimed by a request, or swept by another replica, is left alone.
+/// Deleting expired keys twice deletes nothing more.
+const SWEEP_KEYS: Statement = Statement {
+    effect: Effect::IdempotentWrite,
+    operation: "DELETE",
+    table: "idempotency_keys",
+    sql: "DELETE FROM idempotency_keys WHERE (owner, key) IN \
+          (SELECT owner, key FROM idempotency_keys WHERE expires_at < now() \
+           ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+};
 
 impl Db {
     /// Creates a todo once per `key`: a retry with the same key and request replays the first
@@ -88,16 +85,7 @@ impl Db {
 
     /// Deletes up to `batch` expired idempotency keys, oldest first; returns how many.
     pub async fn delete_expired_idempotency_keys(&self, batch: i64) -> Result<u64, DbError> {
-        self.call(SWEEP_KEYS, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_EXPIRED_KEYS)
-                .persistent(c.named())
-                .bind(batch)
-                .execute(&mut *c)
-                .await;
-            (c, r)
-        })
-        .await
-        .map(|done| done.rows_affected())
+        self.execute(SWEEP_KEYS, |q| q.bind(batch)).await
     }
 
     /// Deletes every expired idempotency key, [`SWEEP_BATCH`] per statement, so the sweep makes
@@ -133,7 +121,7 @@ async fn create_idempotent(
     .execute(&mut *tx)
     .await?;
     // A concurrent claim of the same key makes this wait until that transaction ends.
-    let claimed = sqlx::query(SQL_CLAIM_IDEMPOTENCY_KEY)
+    let claimed = sqlx::query(CREATE_KEYED.sql)
         .persistent(named)
         .bind(key)
         .bind(&new.title)

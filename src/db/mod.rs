@@ -26,6 +26,7 @@ pub mod breaker;
 pub mod budget;
 pub mod connect;
 mod error;
+mod fetch;
 pub mod idempotency;
 mod migrate;
 pub mod pool;

@@ -62,37 +62,14 @@ pub(super) enum Effect {
     Write,
 }
 
-/// The span-naming parts of a call: `{operation} {table}` and the parameterised SQL.
+/// A call's statement, named once: its SQL (parameterised: it goes on the span, never values),
+/// the span's `{operation} {table}`, and what it does to the data.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Statement {
+    pub effect: Effect,
     pub operation: &'static str,
     pub table: &'static str,
     pub sql: &'static str,
-    pub effect: Effect,
-}
-
-impl Statement {
-    pub(super) const fn read(
-        operation: &'static str,
-        table: &'static str,
-        sql: &'static str,
-    ) -> Statement {
-        Statement::write(operation, table, sql, Effect::Read)
-    }
-
-    pub(super) const fn write(
-        operation: &'static str,
-        table: &'static str,
-        sql: &'static str,
-        effect: Effect,
-    ) -> Statement {
-        Statement {
-            operation,
-            table,
-            sql,
-            effect,
-        }
-    }
 }
 
 /// A pooled connection lent to one call. Dropped before [`Lease::release`] (the call's future
@@ -220,10 +197,12 @@ impl Db {
     }
 
     /// Runs `f` on a pooled connection under the breaker, the call's span and its deadline, and
-    /// retries it once on another connection when `stmt.effect` allows (see [`Effect`]).
+    /// retries it on another connection when `stmt.effect` allows (see [`Effect`]).
     ///
     /// `f` owns the [`Lease`] while it runs and hands it back with its result, so a call dropped
-    /// part-way drops the lease with it, and the connection is discarded rather than reused.
+    /// part-way drops the lease with it, and the connection is discarded rather than reused. A
+    /// call of one statement uses [`Db::fetch`], which writes that hand-back once; `f` is for
+    /// calls of several statements.
     pub(super) async fn call<T, Fut>(
         &self,
         stmt: Statement,

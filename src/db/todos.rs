@@ -102,39 +102,65 @@ impl TodoChanges {
     }
 }
 
-// Statements are named so their text can go on the database spans (parameterised: never values),
-// and so loadtest/pgbench can run the very same text (a test compares them).
-const SQL_CREATE_TODO: &str = "INSERT INTO todos (title, completed, position, owner) VALUES ($1, $2, $3, $4) \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
-const SQL_DELETE_ALL_TODOS: &str = "DELETE FROM todos WHERE owner = $1";
-const SQL_DELETE_TODO: &str = "DELETE FROM todos \
-             WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2)) AND owner = $3";
-const SQL_GET_VERSION: &str = "SELECT version FROM todos WHERE id = $1 AND owner = $2";
-const SQL_GET_TODO: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
-             FROM todos WHERE id = $1 AND owner = $2";
-const SQL_LIST_TODOS: &str = "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
-             FROM todos \
-             WHERE owner = $5 AND ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
-             ORDER BY sort_key, id \
-             LIMIT $4";
-const SQL_UPDATE_TODO: &str = "UPDATE todos SET \
-               title = COALESCE($2, title), \
-               completed = COALESCE($3, completed), \
-               position = CASE WHEN $4 THEN $5 ELSE position END, \
-               updated_at = now(), \
-               version = version + 1 \
-             WHERE id = $1 AND ($6::bigint[] IS NULL OR version = ANY($6)) AND owner = $7 \
-             RETURNING id, title, completed, position, sort_key, created_at, updated_at, version";
+// Each statement is named once, here: its text goes on the database spans (parameterised: never
+// values), and loadtest/pgbench runs the very same text (a test compares them).
+const LIST: Statement = Statement {
+    effect: Effect::Read,
+    operation: "SELECT",
+    table: "todos",
+    sql: "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
+          FROM todos \
+          WHERE owner = $5 AND ($1::boolean IS NULL OR completed = $1) AND (sort_key, id) > ($2, $3) \
+          ORDER BY sort_key, id \
+          LIMIT $4",
+};
+const GET: Statement = Statement {
+    effect: Effect::Read,
+    operation: "SELECT",
+    table: "todos",
+    sql: "SELECT id, title, completed, position, sort_key, created_at, updated_at, version \
+          FROM todos WHERE id = $1 AND owner = $2",
+};
+const GET_VERSION: Statement = Statement {
+    effect: Effect::Read,
+    operation: "SELECT",
+    table: "todos",
+    sql: "SELECT version FROM todos WHERE id = $1 AND owner = $2",
+};
+const CREATE: Statement = Statement {
+    effect: Effect::Write,
+    operation: "INSERT",
+    table: "todos",
+    sql: "INSERT INTO todos (title, completed, position, owner) VALUES ($1, $2, $3, $4) \
+          RETURNING id, title, completed, position, sort_key, created_at, updated_at, version",
+};
+const UPDATE: Statement = Statement {
+    effect: Effect::Write,
+    operation: "UPDATE",
+    table: "todos",
+    sql: "UPDATE todos SET \
+            title = COALESCE($2, title), \
+            completed = COALESCE($3, completed), \
+            position = CASE WHEN $4 THEN $5 ELSE position END, \
+            updated_at = now(), \
+            version = version + 1 \
+          WHERE id = $1 AND ($6::bigint[] IS NULL OR version = ANY($6)) AND owner = $7 \
+          RETURNING id, title, completed, position, sort_key, created_at, updated_at, version",
+};
+const DELETE: Statement = Statement {
+    effect: Effect::Write,
+    operation: "DELETE",
+    table: "todos",
+    sql: "DELETE FROM todos \
+          WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY($2)) AND owner = $3",
+};
+const DELETE_ALL: Statement = Statement {
+    effect: Effect::Write,
+    operation: "DELETE",
+    table: "todos",
+    sql: "DELETE FROM todos WHERE owner = $1",
+};
 
-/// The span names and retry class of each call (see [`Effect`]).
-const LIST: Statement = Statement::read("SELECT", "todos", SQL_LIST_TODOS);
-const GET: Statement = Statement::read("SELECT", "todos", SQL_GET_TODO);
-const GET_VERSION: Statement = Statement::read("SELECT", "todos", SQL_GET_VERSION);
-const CREATE: Statement = Statement::write("INSERT", "todos", SQL_CREATE_TODO, Effect::Write);
-const UPDATE: Statement = Statement::write("UPDATE", "todos", SQL_UPDATE_TODO, Effect::Write);
-const DELETE: Statement = Statement::write("DELETE", "todos", SQL_DELETE_TODO, Effect::Write);
-const DELETE_ALL: Statement =
-    Statement::write("DELETE", "todos", SQL_DELETE_ALL_TODOS, Effect::Write);
 impl Db {
     /// Up to `limit` of `owner`'s todos after `after`, optionally only those with
     /// `completed = filter`.
@@ -145,45 +171,26 @@ impl Db {
         after: Cursor,
         limit: i64,
     ) -> Result<Vec<TodoRow>, DbError> {
-        self.call(LIST, |mut c| async move {
-            let r = sqlx::query_as::<_, TodoRow>(SQL_LIST_TODOS)
-                .persistent(c.named())
-                .bind(completed)
+        self.fetch_all(LIST, |q| {
+            q.bind(completed)
                 .bind(after.sort_key)
                 .bind(after.id)
                 .bind(limit)
                 .bind(owner)
-                .fetch_all(&mut *c)
-                .await;
-            (c, r)
         })
         .await
     }
 
     pub async fn get_todo(&self, owner: &str, id: i64) -> Result<Option<TodoRow>, DbError> {
-        self.call(GET, |mut c| async move {
-            let r = sqlx::query_as::<_, TodoRow>(SQL_GET_TODO)
-                .persistent(c.named())
-                .bind(id)
-                .bind(owner)
-                .fetch_optional(&mut *c)
-                .await;
-            (c, r)
-        })
-        .await
+        self.fetch_optional(GET, |q| q.bind(id).bind(owner)).await
     }
 
     pub async fn create_todo(&self, owner: &str, new: &NewTodo) -> Result<TodoRow, DbError> {
-        self.call(CREATE, |mut c| async move {
-            let r = sqlx::query_as::<_, TodoRow>(SQL_CREATE_TODO)
-                .persistent(c.named())
-                .bind(&new.title)
+        self.fetch_one(CREATE, |q| {
+            q.bind(&new.title)
                 .bind(new.completed)
                 .bind(new.position)
                 .bind(owner)
-                .fetch_one(&mut *c)
-                .await;
-            (c, r)
         })
         .await
     }
@@ -207,19 +214,14 @@ impl Db {
             });
         }
         let updated = self
-            .call(UPDATE, |mut c| async move {
-                let r = sqlx::query_as::<_, TodoRow>(SQL_UPDATE_TODO)
-                    .persistent(c.named())
-                    .bind(id)
+            .fetch_optional(UPDATE, |q| {
+                q.bind(id)
                     .bind(changes.title.as_deref())
                     .bind(changes.completed)
                     .bind(changes.position.is_some())
                     .bind(changes.position.flatten())
                     .bind(if_match)
                     .bind(owner)
-                    .fetch_optional(&mut *c)
-                    .await;
-                (c, r)
             })
             .await?;
         match updated {
@@ -236,18 +238,8 @@ impl Db {
         if_match: Option<&[i64]>,
     ) -> Result<Conditional<()>, DbError> {
         let deleted = self
-            .call(DELETE, |mut c| async move {
-                let r = sqlx::query(SQL_DELETE_TODO)
-                    .persistent(c.named())
-                    .bind(id)
-                    .bind(if_match)
-                    .bind(owner)
-                    .execute(&mut *c)
-                    .await;
-                (c, r)
-            })
-            .await?
-            .rows_affected();
+            .execute(DELETE, |q| q.bind(id).bind(if_match).bind(owner))
+            .await?;
         if deleted == 1 {
             Ok(Conditional::Done(()))
         } else {
@@ -266,16 +258,8 @@ impl Db {
         if if_match.is_none() {
             return Ok(Conditional::NotFound);
         }
-        let version = self
-            .call(GET_VERSION, |mut c| async move {
-                let r = sqlx::query_scalar::<_, i64>(SQL_GET_VERSION)
-                    .persistent(c.named())
-                    .bind(id)
-                    .bind(owner)
-                    .fetch_optional(&mut *c)
-                    .await;
-                (c, r)
-            })
+        let version: Option<(i64,)> = self
+            .fetch_optional(GET_VERSION, |q| q.bind(id).bind(owner))
             .await?;
         Ok(match version {
             None => Conditional::NotFound,
@@ -285,16 +269,7 @@ impl Db {
 
     /// Deletes every todo of `owner`; returns how many there were.
     pub async fn delete_all_todos(&self, owner: &str) -> Result<u64, DbError> {
-        self.call(DELETE_ALL, |mut c| async move {
-            let r = sqlx::query(SQL_DELETE_ALL_TODOS)
-                .persistent(c.named())
-                .bind(owner)
-                .execute(&mut *c)
-                .await;
-            (c, r)
-        })
-        .await
-        .map(|done| done.rows_affected())
+        self.execute(DELETE_ALL, |q| q.bind(owner)).await
     }
 }
 
@@ -318,26 +293,26 @@ mod tests {
         let cases = [
             (
                 include_str!("../../loadtest/pgbench/get-one.sql"),
-                as_pgbench(SQL_GET_TODO, &[":id", ":owner"]),
+                as_pgbench(GET.sql, &[":id", ":owner"]),
             ),
             (
                 include_str!("../../loadtest/pgbench/list.sql"),
                 as_pgbench(
-                    SQL_LIST_TODOS,
+                    LIST.sql,
                     &["NULL::boolean", ":start", ":start", ":limit", ":owner"],
                 ),
             ),
             (
                 include_str!("../../loadtest/pgbench/post.sql"),
                 as_pgbench(
-                    SQL_CREATE_TODO,
+                    CREATE.sql,
                     &["'load test'", "false", "NULL::bigint", ":owner"],
                 ),
             ),
             (
                 include_str!("../../loadtest/pgbench/patch.sql"),
                 as_pgbench(
-                    SQL_UPDATE_TODO,
+                    UPDATE.sql,
                     &[
                         ":id",
                         "NULL::text",
