@@ -64,7 +64,7 @@ pub struct Application {
     shutdown_timeout: Duration,
     readiness_delay: Duration,
     draining: Arc<AtomicBool>,
-    limits: http::server::Limits,
+    limits: http::server::ConnectionLimits,
 }
 
 impl Application {
@@ -129,7 +129,7 @@ impl Application {
             shutdown_timeout: config.shutdown_timeout,
             readiness_delay: config.shutdown_readiness_delay,
             draining,
-            limits: http::server::Limits {
+            limits: http::server::ConnectionLimits {
                 header_read_timeout: config.header_read_timeout,
                 max_connections: config.max_connections,
             },
@@ -168,7 +168,7 @@ impl Application {
         if let Some((listener, router)) = self.admin {
             let mut stop = admin_stopped;
             // Operators' requests are few: a small cap, the same header timeout.
-            let limits = http::server::Limits {
+            let limits = http::server::ConnectionLimits {
                 max_connections: 100,
                 ..self.limits
             };

@@ -40,7 +40,7 @@ use sqlx::PgConnection;
 use crate::{net, telemetry::spans};
 
 /// Retries of a call that met a stale connection. Each retry is on another connection, and a
-/// failure on a freshly opened one ends the call (see [`Failure::Other`]), so this bounds the
+/// failure on a freshly opened one ends the call (see [`CallFailure::Other`]), so this bounds the
 /// calls a mass disconnect can cost a request, not a wait.
 pub(super) const STALE_RETRIES: u32 = 2;
 
@@ -201,8 +201,8 @@ impl Db {
     ///
     /// `f` owns the [`Lease`] while it runs and hands it back with its result, so a call dropped
     /// part-way drops the lease with it, and the connection is discarded rather than reused. A
-    /// call of one statement uses [`Db::fetch`], which writes that hand-back once; `f` is for
-    /// calls of several statements.
+    /// call of one statement uses `Db::fetch_*` or `Db::execute` (`db::fetch`), which write that
+    /// hand-back once; `f` is for calls of several statements.
     pub(super) async fn call<T, Fut>(
         &self,
         stmt: Statement,
@@ -327,7 +327,7 @@ where
 }
 
 /// How a finished call failed.
-pub(super) enum Failure {
+pub(super) enum CallFailure {
     /// The server answered, or the call failed in a way a retry would not mend (a fresh
     /// connection failing, the deadline running out on a connection that hangs).
     Other(DbError),
@@ -340,14 +340,14 @@ pub(super) enum Failure {
     },
 }
 
-impl Failure {
+impl CallFailure {
     /// Whether a call with `effect` may run again on another connection after this failure.
     fn retryable(&self, effect: Effect) -> bool {
         match (self, effect) {
-            (Failure::Other(_), _) => false,
-            (Failure::Stale { .. }, Effect::Read | Effect::IdempotentWrite) => true,
+            (CallFailure::Other(_), _) => false,
+            (CallFailure::Stale { .. }, Effect::Read | Effect::IdempotentWrite) => true,
             (
-                Failure::Stale {
+                CallFailure::Stale {
                     termination_notice, ..
                 },
                 Effect::Write,
@@ -357,7 +357,7 @@ impl Failure {
 
     /// The error, marked on the call's span.
     pub(super) fn recorded_on(self, span: &mut CallSpan) -> DbError {
-        let (Failure::Other(err) | Failure::Stale { err, .. }) = self;
+        let (CallFailure::Other(err) | CallFailure::Stale { err, .. }) = self;
         span.record_error(&err);
         err
     }
@@ -380,7 +380,7 @@ impl Db {
         reused: bool,
         permit: Permit,
         result: Result<T, sqlx::Error>,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, CallFailure> {
         let e = match result {
             Ok(v) => {
                 permit.success();
@@ -395,7 +395,7 @@ impl Db {
         if !matches!(err, DbError::Unavailable(_)) {
             drop(lease.map(Lease::release));
             record(permit, &err);
-            return Err(Failure::Other(err));
+            return Err(CallFailure::Other(err));
         }
         self.inner.pool.manager().mark_suspect();
         // A connection that answered with a failure is stale; one that did not answer in time
@@ -409,12 +409,12 @@ impl Db {
             record(permit, &err);
         }
         Err(if stale {
-            Failure::Stale {
+            CallFailure::Stale {
                 err,
                 termination_notice: termination,
             }
         } else {
-            Failure::Other(err)
+            CallFailure::Other(err)
         })
     }
 }

@@ -19,7 +19,6 @@ use std::{any::Any, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::Body,
-    extract::DefaultBodyLimit,
     http::{HeaderName, HeaderValue, Method, Uri, header},
     response::{IntoResponse, Response},
 };
@@ -154,21 +153,18 @@ fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> R
             // 7. A panicking handler becomes a logged 500 problem instead of a dropped
             //    connection.
             .layer(CatchPanicLayer::custom(panic_response))
-            // 8. Body limit: a body larger than MAX_BODY_BYTES is refused while it is read
-            //    (413), never buffered whole.
-            .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            // 9. Data routes: authentication, a cheap check whose answer the rate limit needs
+            // 8. Data routes: authentication, a cheap check whose answer the rate limit needs
             //    (who the caller is); 401/403, throttled per address.
             .option_layer(authenticate)
-            // 10. Data routes: the rate limit, the cheapest refusal after that, so a runaway
+            // 9. Data routes: the rate limit, the cheapest refusal after that, so a runaway
             //     caller is stopped before any work is done for it and never takes a place in
             //     the queue (admission takes its slot when called, never in `poll_ready`).
             .option_layer(rate_limit)
-            // 11. Data routes: the whole body, before the request may take a slot.
+            // 10. Data routes: the whole body, before the request may take a slot.
             .option_layer(read_body)
-            // 12. Data routes: admission, a slot or a bounded wait for one.
+            // 11. Data routes: admission, a slot or a bounded wait for one.
             .option_layer(admission)
-            // 13. Data routes: the request timeout, inside admission so a request that times
+            // 12. Data routes: the request timeout, inside admission so a request that times
             //     out frees its slot.
             .option_layer(timeout),
     )

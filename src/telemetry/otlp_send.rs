@@ -86,7 +86,7 @@ impl std::fmt::Debug for Transport {
 
 /// How a failed attempt is treated.
 #[derive(Debug, PartialEq)]
-enum Failure {
+enum ExportFailure {
     /// Not retried: the batch is lost.
     Final(String),
     /// Retried after the backoff.
@@ -140,9 +140,9 @@ impl Sender {
                 Err(failure) => failure,
             };
             let (wait, why) = match failure {
-                Failure::Final(why) => return Err(OTelSdkError::InternalFailure(why)),
-                Failure::Retry(why) => (delay + jitter(), why),
-                Failure::RetryAfter(wait, why) => (wait.max(delay) + jitter(), why),
+                ExportFailure::Final(why) => return Err(OTelSdkError::InternalFailure(why)),
+                ExportFailure::Retry(why) => (delay + jitter(), why),
+                ExportFailure::RetryAfter(wait, why) => (wait.max(delay) + jitter(), why),
             };
             let remaining = self.deadline.saturating_sub(start.elapsed());
             if attempt == MAX_RETRIES || wait >= remaining {
@@ -158,7 +158,7 @@ impl Sender {
         }
     }
 
-    async fn attempt(&self, body: Bytes, timeout: Duration) -> Result<(), Failure> {
+    async fn attempt(&self, body: Bytes, timeout: Duration) -> Result<(), ExportFailure> {
         match &self.transport {
             Transport::Grpc { client, metadata } => {
                 let mut client = client.clone();
@@ -171,7 +171,7 @@ impl Sender {
                 client
                     .ready()
                     .await
-                    .map_err(|e| Failure::Retry(format!("span export failed: {e}")))?;
+                    .map_err(|e| ExportFailure::Retry(format!("span export failed: {e}")))?;
                 let path = PathAndQuery::from_static(EXPORT_PATH);
                 match client.unary(request, path, RawCodec).await {
                     Ok(_) => Ok(()),
@@ -195,7 +195,7 @@ impl Sender {
                 // it expects (opentelemetry-otlp's blocking client does the same).
                 let response = request
                     .send()
-                    .map_err(|e| Failure::Retry(format!("span export failed: {e}")))?;
+                    .map_err(|e| ExportFailure::Retry(format!("span export failed: {e}")))?;
                 let status = response.status();
                 if status.is_success() {
                     return Ok(());
@@ -216,16 +216,16 @@ fn jitter() -> Duration {
     Duration::from_millis(rand::random_range(0..=MAX_JITTER_MS))
 }
 
-fn classify_http(status: u16, retry_after: Option<Duration>) -> Failure {
+fn classify_http(status: u16, retry_after: Option<Duration>) -> ExportFailure {
     let why = format!("the collector refused the spans: HTTP {status}");
     match (status, retry_after) {
-        (429 | 503, Some(wait)) => Failure::RetryAfter(wait, why),
-        (429 | 502 | 503 | 504, _) => Failure::Retry(why),
-        _ => Failure::Final(why),
+        (429 | 503, Some(wait)) => ExportFailure::RetryAfter(wait, why),
+        (429 | 502 | 503 | 504, _) => ExportFailure::Retry(why),
+        _ => ExportFailure::Final(why),
     }
 }
 
-fn classify_grpc(status: &Status) -> Failure {
+fn classify_grpc(status: &Status) -> ExportFailure {
     let why = format!(
         "the collector refused the spans: gRPC {:?}: {}",
         status.code(),
@@ -235,7 +235,9 @@ fn classify_grpc(status: &Status) -> Failure {
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
     match (status.code(), wait) {
-        (Code::ResourceExhausted | Code::Unavailable, Some(wait)) => Failure::RetryAfter(wait, why),
+        (Code::ResourceExhausted | Code::Unavailable, Some(wait)) => {
+            ExportFailure::RetryAfter(wait, why)
+        }
         (
             Code::Unavailable
             | Code::Cancelled
@@ -244,8 +246,8 @@ fn classify_grpc(status: &Status) -> Failure {
             | Code::OutOfRange
             | Code::DataLoss,
             _,
-        ) => Failure::Retry(why),
-        _ => Failure::Final(why),
+        ) => ExportFailure::Retry(why),
+        _ => ExportFailure::Final(why),
     }
 }
 
@@ -361,20 +363,20 @@ mod tests {
     fn failures_are_retried_as_otlp_says() {
         assert_eq!(
             classify_http(503, Some(Duration::from_secs(2))),
-            Failure::RetryAfter(
+            ExportFailure::RetryAfter(
                 Duration::from_secs(2),
                 "the collector refused the spans: HTTP 503".into()
             )
         );
         for status in [429, 502, 503, 504] {
             assert!(
-                matches!(classify_http(status, None), Failure::Retry(_)),
+                matches!(classify_http(status, None), ExportFailure::Retry(_)),
                 "{status}"
             );
         }
         for status in [400, 401, 403, 404, 413, 500] {
             assert!(
-                matches!(classify_http(status, None), Failure::Final(_)),
+                matches!(classify_http(status, None), ExportFailure::Final(_)),
                 "{status}"
             );
         }
@@ -385,7 +387,10 @@ mod tests {
             Code::Aborted,
         ] {
             assert!(
-                matches!(classify_grpc(&Status::new(code, "x")), Failure::Retry(_)),
+                matches!(
+                    classify_grpc(&Status::new(code, "x")),
+                    ExportFailure::Retry(_)
+                ),
                 "{code:?}"
             );
         }
@@ -397,7 +402,10 @@ mod tests {
             Code::Internal,
         ] {
             assert!(
-                matches!(classify_grpc(&Status::new(code, "x")), Failure::Final(_)),
+                matches!(
+                    classify_grpc(&Status::new(code, "x")),
+                    ExportFailure::Final(_)
+                ),
                 "{code:?}"
             );
         }
@@ -408,7 +416,7 @@ mod tests {
         );
         assert!(matches!(
             classify_grpc(&throttled),
-            Failure::RetryAfter(wait, _) if wait == Duration::from_millis(1500)
+            ExportFailure::RetryAfter(wait, _) if wait == Duration::from_millis(1500)
         ));
     }
 

@@ -47,6 +47,7 @@ use rand::Rng as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt as _};
 
+use super::BoxedResponse;
 use crate::http::problem::{ApiError, Prerendered};
 
 /// The weight of a new sample in the average time a slot is held: 1/8, as TCP's smoothed RTT.
@@ -54,7 +55,7 @@ const EWMA_SHIFT: u32 = 3;
 
 /// What admission needs to know; see the module doc.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct AdmissionLimits {
     /// Requests worked on at once (`MAX_IN_FLIGHT`).
     pub max_in_flight: usize,
     /// Longest a request waits for a slot (`MAX_QUEUE_WAIT`); zero refuses at once.
@@ -68,7 +69,7 @@ pub struct AdmissionLayer {
 }
 
 impl AdmissionLayer {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: AdmissionLimits) -> Self {
         AdmissionLayer {
             gate: Arc::new(Gate::new(limits)),
         }
@@ -117,7 +118,7 @@ enum Refusal {
 }
 
 impl Gate {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: AdmissionLimits) -> Self {
         Gate {
             slots: Arc::new(Semaphore::new(limits.max_in_flight)),
             max_in_flight: limits.max_in_flight,
@@ -289,14 +290,12 @@ impl Held {
     }
 }
 
-type Boxed<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
-
 pin_project! {
     /// Admitted at once, or waiting for a slot.
     #[project = AdmissionProj]
     pub enum AdmissionFuture<F, E> {
         Admitted { #[pin] inner: F, held: Option<Held> },
-        Waiting { wait: Boxed<E> },
+        Waiting { wait: BoxedResponse<E> },
     }
 }
 
@@ -441,7 +440,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_for_a_slot_up_to_the_bound_then_is_refused_with_retry_after() {
         let release = Arc::new(Notify::new());
-        let svc = AdmissionLayer::new(Limits {
+        let svc = AdmissionLayer::new(AdmissionLimits {
             max_in_flight: 1,
             max_queue_wait: Duration::from_millis(300),
         })
@@ -478,7 +477,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_queue_that_cannot_start_within_the_bound_is_refused_at_once() {
-        let gate = Arc::new(Gate::new(Limits {
+        let gate = Arc::new(Gate::new(AdmissionLimits {
             max_in_flight: 2,
             max_queue_wait: Duration::from_millis(500),
         }));
@@ -505,7 +504,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_early_refusal_answers_what_admission_would_refuse_at_once_and_passes_the_rest() {
         let release = Arc::new(Notify::new());
-        let admission = AdmissionLayer::new(Limits {
+        let admission = AdmissionLayer::new(AdmissionLimits {
             max_in_flight: 1,
             max_queue_wait: Duration::from_millis(500),
         });
@@ -556,7 +555,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_abandoned_wait_leaves_the_queue_and_a_finished_request_frees_its_slot() {
         let release = Arc::new(Notify::new());
-        let layer = AdmissionLayer::new(Limits {
+        let layer = AdmissionLayer::new(AdmissionLimits {
             max_in_flight: 1,
             max_queue_wait: Duration::from_secs(5),
         });
@@ -577,7 +576,7 @@ mod tests {
 
     #[test]
     fn the_average_hold_moves_an_eighth_of_the_way_to_each_sample() {
-        let gate = Gate::new(Limits {
+        let gate = Gate::new(AdmissionLimits {
             max_in_flight: 1,
             max_queue_wait: Duration::ZERO,
         });

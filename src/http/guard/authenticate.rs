@@ -50,26 +50,26 @@ const REALM: &str = "todo-service";
 
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+enum AuthFailure {
     /// No `Authorization: Bearer` header (no header, or another scheme).
     Missing,
     Invalid(Rejection),
     InsufficientScope(&'static str),
 }
 
-impl Failure {
+impl AuthFailure {
     /// The metrics' `todo.auth.reason`.
     fn reason(self) -> &'static str {
         match self {
-            Failure::Missing => "missing",
-            Failure::Invalid(r) => r.as_str(),
-            Failure::InsufficientScope(_) => "insufficient_scope",
+            AuthFailure::Missing => "missing",
+            AuthFailure::Invalid(r) => r.as_str(),
+            AuthFailure::InsufficientScope(_) => "insufficient_scope",
         }
     }
 
     fn response(self) -> Response<Body> {
         let (error, challenge) = match self {
-            Failure::Missing => (
+            AuthFailure::Missing => (
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     Code::Unauthorized,
@@ -83,7 +83,7 @@ impl Failure {
                 // RFC 6750 §3.1: no error code when the request had no credentials.
                 format!("Bearer realm=\"{REALM}\""),
             ),
-            Failure::Invalid(rejection) => (
+            AuthFailure::Invalid(rejection) => (
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     Code::InvalidToken,
@@ -96,7 +96,7 @@ impl Failure {
                     rejection.description()
                 ),
             ),
-            Failure::InsufficientScope(scope) => (
+            AuthFailure::InsufficientScope(scope) => (
                 ApiError::new(
                     StatusCode::FORBIDDEN,
                     Code::InsufficientScope,
@@ -159,11 +159,15 @@ struct Authenticator {
 }
 
 impl Authenticator {
-    fn authenticate(&self, verifier: &Verifier, req: &Request<Body>) -> Result<Principal, Failure> {
+    fn authenticate(
+        &self,
+        verifier: &Verifier,
+        req: &Request<Body>,
+    ) -> Result<Principal, AuthFailure> {
         let token = bearer_token(req)
-            .map_err(Failure::Invalid)?
-            .ok_or(Failure::Missing)?;
-        let principal = verifier.verify(token).map_err(Failure::Invalid)?;
+            .map_err(AuthFailure::Invalid)?
+            .ok_or(AuthFailure::Missing)?;
+        let principal = verifier.verify(token).map_err(AuthFailure::Invalid)?;
         let scope = scope_for(req.method());
         let granted = if scope == READ_SCOPE {
             principal.scopes.read
@@ -173,13 +177,13 @@ impl Authenticator {
         if granted {
             Ok(principal)
         } else {
-            Err(Failure::InsufficientScope(scope))
+            Err(AuthFailure::InsufficientScope(scope))
         }
     }
 
     /// The answer to a failed request: its problem, or 429 once its address is over the
     /// unauthenticated limit.
-    fn refuse(&self, failure: Failure, req: &Request<Body>) -> Response<Body> {
+    fn refuse(&self, failure: AuthFailure, req: &Request<Body>) -> Response<Body> {
         crate::metrics::auth_failure(failure.reason());
         tracing::debug!(reason = failure.reason(), "request not authenticated");
         if let (Some(throttle), Some(addr)) = (&self.throttle, self.key.addr(req))
@@ -284,7 +288,7 @@ where
                 }
             }
             Err(failure) => {
-                let authenticated = matches!(failure, Failure::InsufficientScope(_));
+                let authenticated = matches!(failure, AuthFailure::InsufficientScope(_));
                 spans::on_current(|span| {
                     span.set_attribute(KeyValue::new("todo.authenticated", authenticated));
                 });

@@ -28,9 +28,12 @@ pub mod limiter;
 pub mod rate_limit;
 pub mod read_body;
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc};
 
-use axum::http::StatusCode;
+use axum::{
+    body::Body,
+    http::{Response, StatusCode},
+};
 use tower_http::timeout::TimeoutLayer;
 
 use self::{
@@ -42,6 +45,12 @@ use self::{
     read_body::ReadBodyLayer,
 };
 use crate::{auth::Verifier, config::Config};
+
+/// A guard's future that had to be boxed: one that waits (admission's queue, the body read)
+/// holds the inner service and the request across awaits, and a hand-written state machine for
+/// each would be longer than the allocation is dear (it is taken only by requests that wait or
+/// carry a body).
+pub type BoxedResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 /// The guard's layers, for `http::layered` to place.
 pub struct Guard {
@@ -58,7 +67,7 @@ impl Guard {
     /// `verifier` checks bearer tokens (`AUTH_MODE=jwt`); `None` lets everyone through as the
     /// anonymous caller.
     pub fn new(config: &Config, verifier: Option<Arc<Verifier>>) -> Guard {
-        let admission = AdmissionLayer::new(admission::Limits {
+        let admission = AdmissionLayer::new(admission::AdmissionLimits {
             max_in_flight: config.max_in_flight,
             max_queue_wait: config.max_queue_wait,
         });
@@ -73,7 +82,7 @@ impl Guard {
             rate_limit: config
                 .rate_limit
                 .map(|limit| rate_limit::layer(limit, key, max_clients)),
-            read_body: ReadBodyLayer(read_body::Limits {
+            read_body: ReadBodyLayer(read_body::BodyLimits {
                 max_bytes: config.max_body_bytes,
                 deadline: config.body_read_timeout,
             }),

@@ -29,11 +29,12 @@ use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt as _};
 
+use super::BoxedResponse;
 use crate::http::problem::ApiError;
 
 /// How bodies are read.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct BodyLimits {
     /// Largest body (`MAX_BODY_BYTES`).
     pub max_bytes: usize,
     /// The whole body must arrive within this (`HTTP_BODY_READ_TIMEOUT`).
@@ -41,7 +42,7 @@ pub struct Limits {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct ReadBodyLayer(pub Limits);
+pub struct ReadBodyLayer(pub BodyLimits);
 
 impl<S> Layer<S> for ReadBodyLayer {
     type Service = ReadBody<S>;
@@ -57,7 +58,7 @@ impl<S> Layer<S> for ReadBodyLayer {
 #[derive(Debug, Clone)]
 pub struct ReadBody<S> {
     inner: S,
-    limits: Limits,
+    limits: BodyLimits,
 }
 
 impl<S> Service<Request<Body>> for ReadBody<S>
@@ -95,14 +96,12 @@ where
     }
 }
 
-type Boxed<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
-
 pin_project! {
     /// A request without a body, passed on; or one whose body is being read first.
     #[project = ReadBodyProj]
     pub enum ReadBodyFuture<F, E> {
         Passed { #[pin] inner: F },
-        Reading { read: Boxed<E> },
+        Reading { read: BoxedResponse<E> },
     }
 }
 
@@ -121,7 +120,7 @@ where
 }
 
 /// The request with its body in memory, or the answer that refuses it.
-async fn read(req: Request<Body>, limits: Limits) -> Result<Request<Body>, Response<Body>> {
+async fn read(req: Request<Body>, limits: BodyLimits) -> Result<Request<Body>, Response<Body>> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -162,7 +161,7 @@ mod tests {
     use axum::{body::Bytes, http::StatusCode};
     use std::convert::Infallible;
 
-    const LIMITS: Limits = Limits {
+    const LIMITS: BodyLimits = BodyLimits {
         max_bytes: 16,
         deadline: Duration::from_secs(2),
     };

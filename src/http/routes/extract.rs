@@ -5,7 +5,6 @@
 //! is wrong, and it must tell malformed JSON (400) from well-formed JSON with wrong content (422).
 
 use axum::{
-    body::Bytes,
     extract::{
         FromRequest, FromRequestParts, Request,
         rejection::{PathRejection, QueryRejection},
@@ -22,7 +21,7 @@ pub struct JsonBody<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         if !is_json(req.headers().get(header::CONTENT_TYPE)) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -32,13 +31,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             )
             .with_hint("Send the header `Content-Type: application/json`."));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large()
-            } else {
-                ApiError::unreadable_body(&e.body_text())
-            }
-        })?;
+        // The guard's body read (guard::read_body) is the one place a body's size is checked: by
+        // now the body is in memory within MAX_BODY_BYTES, or empty.
+        let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+            .await
+            .map_err(|e| ApiError::unreadable_body(&e.to_string()))?;
         parse_json(&bytes).map(JsonBody)
     }
 }

@@ -26,7 +26,7 @@ use tower::ServiceExt;
 
 /// How the server treats connections.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ConnectionLimits {
     /// A connection must send a whole request head within this (`HTTP_HEADER_READ_TIMEOUT`).
     pub header_read_timeout: Duration,
     /// Open connections at most (`MAX_CONNECTIONS`).
@@ -38,7 +38,7 @@ pub struct Limits {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: Limits,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
