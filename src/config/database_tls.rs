@@ -89,7 +89,31 @@ pub(super) fn parse(url: &Url) -> Result<DbTlsSettings, ConfigError> {
             .last()
             .map(|(_, v)| v.into_owned())
     };
-    let explicit_mode = match param("sslmode").as_deref() {
+    let root_cert = match param("sslrootcert").as_deref() {
+        None | Some("") => RootCert::None,
+        Some("system") => RootCert::System,
+        Some(path) => RootCert::File(PathBuf::from(path)),
+    };
+    let mode = mode(param("sslmode").as_deref(), &root_cert)?;
+    if param("sslpassword").is_some() {
+        return Err(invalid(
+            "DATABASE_URL",
+            "sslpassword is set (the value is not shown)".into(),
+            "an unencrypted client key (e.g. `openssl pkey -in enc.key -out client.key`) kept \
+             readable by this service only; encrypted keys are not supported",
+        ));
+    }
+    Ok(DbTlsSettings {
+        mode,
+        client_cert: client_cert(param("sslcert"), param("sslkey"), mode)?,
+        root_cert,
+    })
+}
+
+/// The `sslmode` in force, from the one written (if any) and the root certificate, as libpq
+/// decides it; refused where libpq would refuse it or would silently verify nothing.
+fn mode(written: Option<&str>, root_cert: &RootCert) -> Result<SslMode, ConfigError> {
+    let explicit = match written {
         None => None,
         Some("disable") => Some(SslMode::Disable),
         Some("allow") => Some(SslMode::Allow),
@@ -105,20 +129,15 @@ pub(super) fn parse(url: &Url) -> Result<DbTlsSettings, ConfigError> {
             ));
         }
     };
-    let root_cert = match param("sslrootcert").as_deref() {
-        None | Some("") => RootCert::None,
-        Some("system") => RootCert::System,
-        Some(path) => RootCert::File(PathBuf::from(path)),
-    };
     // libpq's defaults: `prefer`; `verify-full` with the system store (PostgreSQL 16); and
     // `require` with a CA file verifies the chain, as libpq does for a present root file.
-    let mode = match (explicit_mode, &root_cert) {
+    let mode = match (explicit, root_cert) {
         (None, RootCert::System) => SslMode::VerifyFull,
         (None, _) => SslMode::Prefer,
         (Some(SslMode::Require), RootCert::File(_)) => SslMode::VerifyCa,
         (Some(mode), _) => mode,
     };
-    if root_cert == RootCert::System && mode != SslMode::VerifyFull {
+    if *root_cert == RootCert::System && mode != SslMode::VerifyFull {
         return Err(invalid(
             "DATABASE_URL",
             format!("sslrootcert=system with sslmode={mode}"),
@@ -126,19 +145,28 @@ pub(super) fn parse(url: &Url) -> Result<DbTlsSettings, ConfigError> {
              any name otherwise), as libpq requires",
         ));
     }
-    if mode.verifies_chain() && root_cert == RootCert::None {
+    if mode.verifies_chain() && *root_cert == RootCert::None {
         return Err(invalid(
             "DATABASE_URL",
             format!("sslmode={mode} without sslrootcert"),
             "sslrootcert=/path/to/ca.pem (your provider's CA bundle) or sslrootcert=system",
         ));
     }
-    let client_cert = match (param("sslcert"), param("sslkey")) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => Some(ClientCert {
+    Ok(mode)
+}
+
+/// The client certificate of `sslcert` and `sslkey`: both or neither, and only over TLS.
+fn client_cert(
+    cert: Option<String>,
+    key: Option<String>,
+    mode: SslMode,
+) -> Result<Option<ClientCert>, ConfigError> {
+    let client_cert = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => ClientCert {
             cert: cert.into(),
             key: key.into(),
-        }),
+        },
         _ => {
             return Err(invalid(
                 "DATABASE_URL",
@@ -147,26 +175,14 @@ pub(super) fn parse(url: &Url) -> Result<DbTlsSettings, ConfigError> {
             ));
         }
     };
-    if param("sslpassword").is_some() {
-        return Err(invalid(
-            "DATABASE_URL",
-            "sslpassword is set (the value is not shown)".into(),
-            "an unencrypted client key (e.g. `openssl pkey -in enc.key -out client.key`) kept \
-             readable by this service only; encrypted keys are not supported",
-        ));
-    }
-    if client_cert.is_some() && !mode.tries_tls() {
+    if !mode.tries_tls() {
         return Err(invalid(
             "DATABASE_URL",
             format!("sslcert/sslkey with sslmode={mode}"),
             "a client certificate needs TLS: sslmode=require or stronger",
         ));
     }
-    Ok(DbTlsSettings {
-        mode,
-        root_cert,
-        client_cert,
-    })
+    Ok(Some(client_cert))
 }
 
 #[cfg(test)]

@@ -50,9 +50,9 @@ use std::{
 };
 
 use deadpool::managed::Object;
-use sqlx::Connection;
+use sqlx::{Connection, postgres::PgConnectOptions};
 
-use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode};
+use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode, Target};
 use breaker::{Breaker, BreakerState};
 use connect::Connector;
 use pool::PgManager;
@@ -150,48 +150,11 @@ impl Db {
     ) -> anyhow::Result<Db> {
         let address =
             PinnedAddress::resolve(&config.host, config.port, Arc::clone(&resolver)).await;
-        let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
-        let idle_in_transaction = format!("{}ms", config.idle_in_transaction_timeout.as_millis());
-        let options = config
-            .connect_options
-            .clone()
-            .application_name(&config.application_name);
-        // A transaction pooler cannot pass `options` at login (and would not keep the settings
-        // for the session anyway): each call's transaction sets them instead.
-        let (options, begin) = match config.pooler_mode {
-            PoolerMode::None => (
-                options.options([
-                    ("statement_timeout", statement_timeout.as_str()),
-                    (
-                        "idle_in_transaction_session_timeout",
-                        idle_in_transaction.as_str(),
-                    ),
-                ]),
-                None,
-            ),
-            PoolerMode::Transaction => (
-                options,
-                Some(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(
-                    format!(
-                        "BEGIN; SET LOCAL statement_timeout = '{statement_timeout}'; \
-                         SET LOCAL idle_in_transaction_session_timeout = '{idle_in_transaction}'"
-                    ),
-                ))),
-            ),
-        };
+        let (options, begin) = session_settings(config);
         let migration = match &config.migration {
             None => None,
             Some(target) => {
-                let connector = Connector::new(
-                    target
-                        .connect_options
-                        .clone()
-                        .application_name(&format!("{}-migrate", config.application_name)),
-                    &target.tls,
-                    &target.host,
-                )?;
-                let address = PinnedAddress::resolve(&target.host, target.port, resolver).await;
-                Some((connector, address))
+                Some(migration_route(target, &config.application_name, resolver).await?)
             }
         };
         let connector = Connector::new(options, &config.tls, &config.host)?;
@@ -337,4 +300,56 @@ impl Db {
             breaker_opened_total: self.inner.breaker.opened_total(),
         }
     }
+}
+
+/// The connect options of the pool's connections and, through a transaction pooler, the
+/// statement that begins each call's transaction: the statement and idle-in-transaction timeouts
+/// go where the server keeps them. A transaction pooler cannot pass `options` at login (and would
+/// not keep the settings for the session anyway), so there each call's transaction sets them.
+fn session_settings(config: &DatabaseConfig) -> (PgConnectOptions, Option<sqlx::SqlStr>) {
+    let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
+    let idle_in_transaction = format!("{}ms", config.idle_in_transaction_timeout.as_millis());
+    let options = config
+        .connect_options
+        .clone()
+        .application_name(&config.application_name);
+    match config.pooler_mode {
+        PoolerMode::None => (
+            options.options([
+                ("statement_timeout", statement_timeout.as_str()),
+                (
+                    "idle_in_transaction_session_timeout",
+                    idle_in_transaction.as_str(),
+                ),
+            ]),
+            None,
+        ),
+        PoolerMode::Transaction => (
+            options,
+            Some(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(
+                format!(
+                    "BEGIN; SET LOCAL statement_timeout = '{statement_timeout}'; \
+                     SET LOCAL idle_in_transaction_session_timeout = '{idle_in_transaction}'"
+                ),
+            ))),
+        ),
+    }
+}
+
+/// `DATABASE_MIGRATION_URL`'s connector and its address, resolved once like the pool's.
+async fn migration_route(
+    target: &Target,
+    application_name: &str,
+    resolver: Arc<dyn Resolver>,
+) -> anyhow::Result<(Connector, Arc<PinnedAddress>)> {
+    let connector = Connector::new(
+        target
+            .connect_options
+            .clone()
+            .application_name(&format!("{application_name}-migrate")),
+        &target.tls,
+        &target.host,
+    )?;
+    let address = PinnedAddress::resolve(&target.host, target.port, resolver).await;
+    Ok((connector, address))
 }

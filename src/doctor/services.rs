@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     auth::{Mint, READ_SCOPE, Verifier, jwks, mint_hs256},
-    config::{AuthMode, Config},
+    config::{AuthMode, Config, JwksSource},
 };
 
 /// The OTLP collector, from the standard OpenTelemetry variable.
@@ -55,7 +55,6 @@ pub(super) async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
 /// secret and verified as a request's would be; the JWK Set is read and each key's algorithm
 /// shown. Never shows the secret, only its length.
 pub(super) async fn authentication(config: &Config) -> Check {
-    use secrecy::ExposeSecret as _;
     const NAME: &str = "authentication";
     let jwt = match &config.auth.mode {
         AuthMode::None { .. } if config.auth.is_open_to_the_network(config.listen_addr) => {
@@ -83,63 +82,23 @@ pub(super) async fn authentication(config: &Config) -> Check {
         AuthMode::Jwt(jwt) => jwt,
     };
     let (aud, iss) = (jwt.audience.as_deref(), jwt.issuer.as_deref());
-    let mut parts = vec![format!(
+    let mut parts = vec![Ok(format!(
         "jwt; audience {}; issuer {}",
         aud.unwrap_or("not checked"),
         iss.unwrap_or("not checked")
-    )];
-    let mut failed = false;
+    ))];
     if let Some(secret) = &jwt.secret {
-        let secret = secret.expose_secret().as_bytes();
-        let probe = Mint {
-            sub: "todo-service-doctor",
-            scope: READ_SCOPE,
-            aud,
-            iss,
-        };
-        let verified = mint_hs256(secret, &probe, Duration::from_secs(60))
-            .map_err(|e| e.to_string())
-            .and_then(|t| {
-                Verifier::hs256(secret, aud, iss)
-                    .verify(&t)
-                    .map_err(|r| r.description().to_owned())
-            });
-        parts.push(match verified {
-            Ok(_) => format!(
-                "HS256 secret of {} bytes: a test token verifies",
-                secret.len()
-            ),
-            Err(why) => {
-                failed = true;
-                format!(
-                    "HS256 secret of {} bytes: a test token does not verify: {why}",
-                    secret.len()
-                )
-            }
-        });
+        parts.push(secret_verifies(secret, aud, iss));
     }
     if let Some(source) = &jwt.jwks {
-        parts.push(
-            match tokio::time::timeout(STEP_TIMEOUT, jwks::load(source)).await {
-                Ok(Ok(keys)) => {
-                    let keys: Vec<String> = keys
-                        .iter()
-                        .map(|k| format!("{} {:?}", k.kid().unwrap_or("(no kid)"), k.algorithm()))
-                        .collect();
-                    format!("JWK Set {source}: {}", keys.join(", "))
-                }
-                Ok(Err(e)) => {
-                    failed = true;
-                    format!("JWK Set: {e}")
-                }
-                Err(_) => {
-                    failed = true;
-                    format!("JWK Set {source}: no answer within {STEP_TIMEOUT:?}")
-                }
-            },
-        );
+        parts.push(key_set(source).await);
     }
-    let detail = parts.join("; ");
+    let failed = parts.iter().any(Result::is_err);
+    let detail = parts
+        .into_iter()
+        .map(|p| p.unwrap_or_else(|e| e))
+        .collect::<Vec<_>>()
+        .join("; ");
     if failed {
         Check::new(NAME, Status::Fail, detail).hint(
             "Check AUTH_JWT_SECRET, AUTH_JWKS_FILE / AUTH_JWKS_URL (readable, a JWK Set of public \
@@ -147,5 +106,55 @@ pub(super) async fn authentication(config: &Config) -> Check {
         )
     } else {
         Check::new(NAME, Status::Pass, detail)
+    }
+}
+
+/// Whether a token signed with the HS256 secret verifies as a request's would; `Err` says why
+/// not. Names the secret's length, never the secret.
+fn secret_verifies(
+    secret: &secrecy::SecretString,
+    aud: Option<&str>,
+    iss: Option<&str>,
+) -> Result<String, String> {
+    use secrecy::ExposeSecret as _;
+    let secret = secret.expose_secret().as_bytes();
+    let probe = Mint {
+        sub: "todo-service-doctor",
+        scope: READ_SCOPE,
+        aud,
+        iss,
+    };
+    let verified = mint_hs256(secret, &probe, Duration::from_secs(60))
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            Verifier::hs256(secret, aud, iss)
+                .verify(&t)
+                .map_err(|r| r.description().to_owned())
+        });
+    let bytes = secret.len();
+    match verified {
+        Ok(_) => Ok(format!(
+            "HS256 secret of {bytes} bytes: a test token verifies"
+        )),
+        Err(why) => Err(format!(
+            "HS256 secret of {bytes} bytes: a test token does not verify: {why}"
+        )),
+    }
+}
+
+/// The JWK Set's keys (`kid` and algorithm), or why it cannot be read.
+async fn key_set(source: &JwksSource) -> Result<String, String> {
+    match tokio::time::timeout(STEP_TIMEOUT, jwks::load(source)).await {
+        Ok(Ok(keys)) => {
+            let keys: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{} {:?}", k.kid().unwrap_or("(no kid)"), k.algorithm()))
+                .collect();
+            Ok(format!("JWK Set {source}: {}", keys.join(", ")))
+        }
+        Ok(Err(e)) => Err(format!("JWK Set: {e}")),
+        Err(_) => Err(format!(
+            "JWK Set {source}: no answer within {STEP_TIMEOUT:?}"
+        )),
     }
 }

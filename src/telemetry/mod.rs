@@ -394,28 +394,7 @@ struct Collector {
 impl Collector {
     async fn resolve_once(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<Collector> {
         let host = endpoint.host_str().unwrap_or_default().to_owned();
-        let pinned = match crate::net::ip_literal(&host) {
-            Some(_) => None,
-            None => {
-                let port = endpoint.port_or_known_default().unwrap_or(4317);
-                let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map(Iterator::collect)
-                    .unwrap_or_default();
-                match crate::net::preferred(&found) {
-                    Some(addr) => {
-                        eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
-                        Some(addr)
-                    }
-                    None => {
-                        eprintln!(
-                            "warning: OTLP collector host {host} did not resolve; using the name"
-                        );
-                        None
-                    }
-                }
-            }
-        };
+        let pinned = pin(&host, endpoint.port_or_known_default().unwrap_or(4317)).await;
         let ca_pem = otel
             .certificate
             .as_ref()
@@ -429,56 +408,92 @@ impl Collector {
             })
             .transpose()?;
         match otel.protocol {
-            OtlpProtocol::Grpc => {
-                let mut url = endpoint.clone();
-                if let Some(addr) = pinned {
-                    let _ = url.set_ip_host(addr.ip());
-                }
-                let grpc_tls = (endpoint.scheme() == "https").then(|| {
-                    let tls = opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                        .domain_name(host.clone())
-                        .with_native_roots();
-                    match &ca_pem {
-                        Some(pem) => tls.ca_certificate(
-                            opentelemetry_otlp::tonic_types::transport::Certificate::from_pem(pem),
-                        ),
-                        None => tls,
-                    }
-                });
-                Ok(Collector {
-                    url,
-                    http_client: None,
-                    grpc_tls,
-                })
+            OtlpProtocol::Grpc => Ok(Collector::grpc(endpoint, host, pinned, ca_pem)),
+            OtlpProtocol::HttpProtobuf => Collector::http(endpoint, host, pinned, ca_pem),
+        }
+    }
+
+    /// Over gRPC: tonic connects to the pinned address, and TLS checks the certificate against
+    /// the host name.
+    fn grpc(
+        endpoint: &Url,
+        host: String,
+        pinned: Option<SocketAddr>,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Collector {
+        use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+        let mut url = endpoint.clone();
+        if let Some(addr) = pinned {
+            let _ = url.set_ip_host(addr.ip());
+        }
+        let grpc_tls = (endpoint.scheme() == "https").then(|| {
+            let tls = ClientTlsConfig::new().domain_name(host).with_native_roots();
+            match &ca_pem {
+                Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                None => tls,
             }
-            OtlpProtocol::HttpProtobuf => {
-                let ca = ca_pem
-                    .map(|pem| {
-                        reqwest::Certificate::from_pem(&pem).with_context(|| {
-                            "OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate".to_string()
-                        })
-                    })
-                    .transpose()?;
-                // reqwest's blocking client starts a runtime of its own, which cannot be done
-                // on one of ours: built on a thread, as the exporter builds its default one.
-                let client = std::thread::spawn(move || {
-                    let mut builder = reqwest::blocking::Client::builder().timeout(EXPORT_TIMEOUT);
-                    if let Some(addr) = pinned {
-                        builder = builder.resolve(&host, addr);
-                    }
-                    if let Some(ca) = ca {
-                        builder = builder.add_root_certificate(ca);
-                    }
-                    builder.build()
+        });
+        Collector {
+            url,
+            http_client: None,
+            grpc_tls,
+        }
+    }
+
+    /// Over http/protobuf: reqwest's blocking client, the host name mapped to the pinned address.
+    fn http(
+        endpoint: &Url,
+        host: String,
+        pinned: Option<SocketAddr>,
+        ca_pem: Option<Vec<u8>>,
+    ) -> anyhow::Result<Collector> {
+        let ca = ca_pem
+            .map(|pem| {
+                reqwest::Certificate::from_pem(&pem).with_context(|| {
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate".to_string()
                 })
-                .join()
-                .map_err(|_| anyhow::anyhow!("building the OTLP http client panicked"))??;
-                Ok(Collector {
-                    url: endpoint.clone(),
-                    http_client: Some(client),
-                    grpc_tls: None,
-                })
+            })
+            .transpose()?;
+        // reqwest's blocking client starts a runtime of its own, which cannot be done on one of
+        // ours: built on a thread, as the exporter builds its default one.
+        let client = std::thread::spawn(move || {
+            let mut builder = reqwest::blocking::Client::builder().timeout(EXPORT_TIMEOUT);
+            if let Some(addr) = pinned {
+                builder = builder.resolve(&host, addr);
             }
+            if let Some(ca) = ca {
+                builder = builder.add_root_certificate(ca);
+            }
+            builder.build()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the OTLP http client panicked"))??;
+        Ok(Collector {
+            url: endpoint.clone(),
+            http_client: Some(client),
+            grpc_tls: None,
+        })
+    }
+}
+
+/// The collector's address, looked up once; `None` for an IP literal (nothing to pin) or a name
+/// that did not resolve (then the exporter uses the name).
+async fn pin(host: &str, port: u16) -> Option<SocketAddr> {
+    if crate::net::ip_literal(host).is_some() {
+        return None;
+    }
+    let found: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    match crate::net::preferred(&found) {
+        Some(addr) => {
+            eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
+            Some(addr)
+        }
+        None => {
+            eprintln!("warning: OTLP collector host {host} did not resolve; using the name");
+            None
         }
     }
 }
