@@ -14,7 +14,7 @@ use std::{
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
-use todo_service::auth::{Verifier, jwks};
+use todo_service::auth::{Verifier, jwks, keys};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -67,7 +67,7 @@ fn main() {
                          "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be())});
     let set = json!({"keys": [ec_jwk, rsa_jwk]}).to_string();
     let keys = jwks::parse(set.as_bytes()).expect("the set parses");
-    let verifier = Verifier::new(Some(secret), Some(jwks::KeySet::new(keys)), None, None);
+    let verifier = Verifier::new(Some(secret), Some(keys::KeySet::new(keys)), None, None);
 
     let sign = |alg, kid: Option<&str>, key: &EncodingKey| {
         let header = Header {

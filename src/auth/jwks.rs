@@ -14,22 +14,16 @@
 //! cannot make the service hammer the issuer; the token itself is refused at once. A refresh that
 //! fails keeps the keys already loaded.
 
-use std::{
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey,
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse},
 };
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 use url::Url;
 
-use super::jwt::Key;
+use super::keys::{Key, KeySet};
 use crate::config::JwksSource;
 
 /// At most one refresh asked for by an unknown `kid` per this interval.
@@ -48,51 +42,6 @@ pub enum JwksError {
     Format(String),
     #[error("{0}")]
     Key(String),
-}
-
-/// The keys currently loaded, shared by the verifier and the refresher.
-pub struct KeySet {
-    keys: RwLock<Arc<[Key]>>,
-    /// Bumped whenever the keys are replaced, so tokens verified with the old ones are verified
-    /// again (see the verifier's cache).
-    generation: AtomicU64,
-    wanted: Notify,
-}
-
-impl KeySet {
-    pub fn new(keys: Vec<Key>) -> Arc<Self> {
-        Arc::new(KeySet {
-            keys: RwLock::new(keys.into()),
-            generation: AtomicU64::new(0),
-            wanted: Notify::new(),
-        })
-    }
-
-    /// The keys as of now (a cheap shared copy; verification runs without a lock).
-    pub fn current(&self) -> Arc<[Key]> {
-        match self.keys.read() {
-            Ok(keys) => keys.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub(super) fn replace(&self, keys: Vec<Key>) {
-        match self.keys.write() {
-            Ok(mut k) => *k = keys.into(),
-            Err(poisoned) => *poisoned.into_inner() = keys.into(),
-        }
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// Which load of the keys is current.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Asks the refresher for a refresh (it decides whether one is due).
-    pub fn want_refresh(&self) {
-        self.wanted.notify_one();
-    }
 }
 
 /// The signing keys of a JWK Set document.

@@ -12,7 +12,7 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::jwks::KeySet;
+use super::keys::{Key, KeySet};
 
 /// Longest accepted `sub`: it is stored with every todo and indexed, and keys the rate limits.
 pub const MAX_SUB_BYTES: usize = 255;
@@ -115,24 +115,6 @@ impl Rejection {
                 "the token was not issued for this service"
             }
         }
-    }
-}
-
-/// One verification key, with the one algorithm it accepts.
-pub struct Key {
-    /// `None`: the key for tokens without a `kid`.
-    pub(super) kid: Option<String>,
-    pub(super) alg: Algorithm,
-    pub(super) key: DecodingKey,
-}
-
-impl Key {
-    pub fn kid(&self) -> Option<&str> {
-        self.kid.as_deref()
-    }
-
-    pub fn algorithm(&self) -> Algorithm {
-        self.alg
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod jwks;
 pub mod jwt;
+pub mod keys;
 
 pub use jwt::{
     MAX_SUB_BYTES, Mint, Principal, READ_SCOPE, Rejection, Scopes, Verifier, WRITE_SCOPE,

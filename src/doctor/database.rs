@@ -9,7 +9,7 @@ use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use super::{
     STEP_TIMEOUT,
     report::{Check, Status},
-    server,
+    server::{self, SERVER},
 };
 use crate::{
     config::{DatabaseConfig, DbTlsSettings, PoolerMode, SslMode, Target},
@@ -21,7 +21,6 @@ use crate::{
 
 /// The steps to a logged-in connection, in order, then the checks made over it.
 const STEPS: [&str; 4] = ["DNS", "TCP reach", "TLS", "login"];
-pub(super) const SERVER: [&str; 3] = ["writable", "connection budget", "migrations"];
 
 /// Every database check's name, in the order of the report.
 pub(super) const CHECKS: [&str; 7] = [

@@ -3,14 +3,14 @@
 
 use sqlx::{Connection, PgConnection};
 
-use super::{
-    database::SERVER,
-    report::{Check, Status},
-};
+use super::report::{Check, Status};
 use crate::{
     config::{DatabaseConfig, PoolerMode},
     db::{MIGRATOR, budget::ServerConnections},
 };
+
+/// The checks made over a logged-in connection, in the order of the report.
+pub(super) const SERVER: [&str; 3] = ["writable", "connection budget", "migrations"];
 
 /// What the server says about itself ([`SERVER`]). Read-only, in one transaction with unnamed
 /// statements: through a transaction pooler (DB_POOLER_MODE=transaction) that keeps the queries

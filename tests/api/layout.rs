@@ -1,6 +1,7 @@
 //! The crate's module graph points one way: `config` at the bottom, `db` below `http` and
-//! `metrics`, nothing importing upwards. Read from the sources, so a new `use crate::…` that
-//! closes a cycle fails here before a reviewer has to spot it.
+//! `metrics`, nothing importing upwards, and no two sibling modules importing each other. Read
+//! from the sources, so a new `use` that closes a cycle fails here before a reviewer has to spot
+//! it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,6 +46,11 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
 
 /// The first segment after every `crate::` (also inside `crate::{a::…, b}`), comments skipped.
 fn crate_paths(text: &str) -> BTreeSet<String> {
+    paths_after(text, "crate::")
+}
+
+/// The first segment after every `prefix` (also inside `prefix{a::…, b}`), comments skipped.
+fn paths_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let code: String = text
         .lines()
         .map(|l| l.split("//").next().unwrap_or(""))
@@ -52,8 +58,8 @@ fn crate_paths(text: &str) -> BTreeSet<String> {
         .join("\n");
     let mut found = BTreeSet::new();
     let mut rest = code.as_str();
-    while let Some(at) = rest.find("crate::") {
-        rest = &rest[at + "crate::".len()..];
+    while let Some(at) = rest.find(prefix) {
+        rest = &rest[at + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             let mut depth = 1;
             let mut item = String::new();
@@ -154,6 +160,71 @@ fn config_and_net_are_the_bottom_and_db_and_telemetry_know_no_http() {
             }
         }
     }
+}
+
+/// Each directory's module path (`src/http/guard` -> `crate::http::guard::`) and its child
+/// modules, one per file or subdirectory (not `mod.rs`, the directory's own).
+fn children(dir: &Path, src: &Path) -> (String, BTreeMap<String, std::path::PathBuf>) {
+    let rel = dir.strip_prefix(src).unwrap();
+    let mut prefix = "crate::".to_owned();
+    for part in rel.components() {
+        prefix.push_str(part.as_os_str().to_str().unwrap());
+        prefix.push_str("::");
+    }
+    let mut kids = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if path.is_dir() {
+            kids.insert(name, path.join("mod.rs"));
+        } else if name != "mod" && path.extension().is_some_and(|e| e == "rs") {
+            kids.insert(name, path);
+        }
+    }
+    (prefix, kids)
+}
+
+#[test]
+fn no_two_sibling_modules_import_each_other() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut pairs = Vec::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        let (prefix, kids) = children(&dir, &src);
+        let mut uses: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for (name, path) in &kids {
+            if path.ends_with("mod.rs") {
+                stack.push(path.parent().unwrap().to_owned());
+            }
+            let Ok(text) = std::fs::read_to_string(path) else {
+                continue;
+            };
+            // A file's `super::` is its directory; a subdirectory's `mod.rs` reaches its
+            // siblings through `super::super::`.
+            let via_super = if path.ends_with("mod.rs") {
+                "super::super::"
+            } else {
+                "super::"
+            };
+            let named: BTreeSet<String> = paths_after(&text, via_super)
+                .into_iter()
+                .chain(paths_after(&text, &prefix))
+                .filter(|n| n != name && kids.contains_key(n))
+                .collect();
+            uses.insert(name, named);
+        }
+        for (a, named) in &uses {
+            for b in named {
+                if *a < b.as_str() && uses.get(b.as_str()).is_some_and(|n| n.contains(*a)) {
+                    pairs.push(format!("{prefix}{a} <-> {prefix}{b}"));
+                }
+            }
+        }
+    }
+    assert!(
+        pairs.is_empty(),
+        "sibling modules importing each other: {pairs:#?}"
+    );
 }
 
 #[test]
