@@ -14,20 +14,14 @@ pub mod routes;
 pub mod server;
 pub(crate) mod trace;
 
-use std::{any::Any, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    body::Body,
-    http::{HeaderName, HeaderValue, Method, Uri, header},
-    response::{IntoResponse, Response},
+    http::{HeaderName, Method, Uri, header},
 };
 use tower::ServiceBuilder;
-use tower_http::{
-    catch_panic::CatchPanicLayer,
-    cors::{AllowOrigin, CorsLayer},
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
@@ -110,7 +104,6 @@ pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>)
 /// is cloned, with everything beneath it, on every request: the data routes carry their guard in
 /// the same stack rather than in a `layer` call of their own (measured in loadtest/RESULTS.md).
 fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> Router<AppState> {
-    let x_request_id = HeaderName::from_static(trace::REQUEST_ID);
     let (early_refusal, authenticate, rate_limit, read_body, admission, timeout) = match guard {
         Some(g) => (
             Some(g.early_refusal),
@@ -125,56 +118,39 @@ fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> R
     // Listed outermost first:
     router.layer(
         ServiceBuilder::new()
-            // 1. Give every request an id (kept if the client sent one).
-            .layer(SetRequestIdLayer::new(
-                x_request_id.clone(),
-                MakeRequestUuid,
-            ))
-            // 2. One server span per request when it is traced, named by the matched route (low
-            //    cardinality), a child of the caller's `traceparent` if any; the request's
-            //    duration is recorded for the metrics, every log line written while serving it
-            //    names it (id, method, route), and the trace id goes back to the client
-            //    (x-trace-id), so a report can quote it. See trace.rs. Errors are logged once,
-            //    where they happen (ApiError), with the request's identity.
+            // 1. Every request gets an id (kept if the client sent one), which goes back on the
+            //    response; one server span per request when it is traced, named by the matched
+            //    route (low cardinality), a child of the caller's `traceparent` if any; the
+            //    request's duration is recorded for the metrics, every log line written while
+            //    serving it names it (id, method, route), and the trace id goes back to the
+            //    client (x-trace-id), so a report can quote it. See trace.rs. Errors are logged
+            //    once, where they happen (ApiError), with the request's identity.
             .layer(trace::ObserveLayer)
-            // 3. The request id is copied to the response (clients quote it when reporting
-            //    problems).
-            .layer(PropagateRequestIdLayer::new(x_request_id))
-            // 4. Data routes: when admission would refuse at once, refuse here, before the layers
+            // 2. Data routes: when admission would refuse at once, refuse here, before the layers
             //    below cost anything; still counted and traced above.
             .option_layer(early_refusal)
-            // 5. CORS outside everything that can answer, so errors carry the CORS headers too
+            // 3. CORS outside everything that can answer, so errors carry the CORS headers too
             //    and browsers can read them; preflights are answered here without reaching a
             //    handler.
             .layer(cors_layer(&config.cors_allowed_origins))
-            // 6. Any error response that is not yet problem+json (a library's own) is rewritten.
-            .then(problem::ensure_problem_result)
-            .map_response(from_catch_panic)
-            // 7. A panicking handler becomes a logged 500 problem instead of a dropped
-            //    connection.
-            .layer(CatchPanicLayer::custom(panic_response))
-            // 8. Data routes: authentication, a cheap check whose answer the rate limit needs
+            // 4. A panic becomes a logged 500 problem instead of a dropped connection, and an
+            //    error answer that is not yet problem+json (a library's own) is rewritten.
+            .layer(problem::SafetyNetLayer)
+            // 5. Data routes: authentication, a cheap check whose answer the rate limit needs
             //    (who the caller is); 401/403, throttled per address.
             .option_layer(authenticate)
-            // 9. Data routes: the rate limit, the cheapest refusal after that, so a runaway
-            //     caller is stopped before any work is done for it and never takes a place in
-            //     the queue (admission takes its slot when called, never in `poll_ready`).
+            // 6. Data routes: the rate limit, the cheapest refusal after that, so a runaway
+            //    caller is stopped before any work is done for it and never takes a place in
+            //    the queue (admission takes its slot when called, never in `poll_ready`).
             .option_layer(rate_limit)
-            // 10. Data routes: the whole body, before the request may take a slot.
+            // 7. Data routes: the whole body, before the request may take a slot.
             .option_layer(read_body)
-            // 11. Data routes: admission, a slot or a bounded wait for one.
+            // 8. Data routes: admission, a slot or a bounded wait for one.
             .option_layer(admission)
-            // 12. Data routes: the request timeout, inside admission so a request that times
-            //     out frees its slot.
+            // 9. Data routes: the request timeout, inside admission so a request that times
+            //    out frees its slot.
             .option_layer(timeout),
     )
-}
-
-/// CatchPanic boxes every response body; the layers above it take axum's body type.
-fn from_catch_panic(
-    res: Response<tower_http::body::UnsyncBoxBody<axum::body::Bytes, axum::BoxError>>,
-) -> Response {
-    res.map(Body::new)
 }
 
 fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
@@ -218,17 +194,4 @@ async fn route_not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
-}
-
-fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into());
-    tracing::error!(panic = %message, "handler panicked");
-    let mut res = ApiError::unexpected().into_response();
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
 }

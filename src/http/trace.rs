@@ -40,10 +40,17 @@ use crate::{
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
 
+/// A fresh request id: a random (v4) UUID, hyphenated.
+fn new_request_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+}
+
 /// The request a log line is written for: cheap clones of what the request already holds.
 pub(crate) struct RequestFields {
     /// `x-request-id` as the client sees it (theirs, or the one given to the request).
-    request_id: Option<HeaderValue>,
+    request_id: HeaderValue,
     method: Method,
     /// The matched route (`/todos/{id}`); none when no route matched.
     route: Option<MatchedPath>,
@@ -57,12 +64,10 @@ tokio::task_local! {
 /// served, read from the task-local the observing layer sets for each request.
 pub fn log_context(keys: &mut Vec<(&'static str, String)>) {
     let _ = REQUEST.try_with(|r| {
-        if let Some(id) = &r.request_id {
-            keys.push((
-                "request_id",
-                String::from_utf8_lossy(id.as_bytes()).into_owned(),
-            ));
-        }
+        keys.push((
+            "request_id",
+            String::from_utf8_lossy(r.request_id.as_bytes()).into_owned(),
+        ));
         keys.push(("http.request.method", r.method.as_str().to_owned()));
         if let Some(route) = &r.route {
             keys.push(("http.route", route.as_str().to_owned()));
@@ -197,10 +202,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&mut self, mut req: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
+        let request_id = match req.headers().get(REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
         let fields = RequestFields {
-            request_id: req.headers().get(REQUEST_ID).cloned(),
+            request_id,
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
         };
@@ -260,6 +273,7 @@ where
             latency,
             rejected,
         );
+        let request_id = fields.request_id.clone();
         REQUEST.sync_scope(fields, || {
             tracing::debug!(
                 status = res.status().as_u16(),
@@ -268,6 +282,9 @@ where
                 "response"
             );
         });
+        // The id goes back to the client, who quotes it when reporting a problem (unless the
+        // answer already names one).
+        res.headers_mut().entry(REQUEST_ID).or_insert(request_id);
         if let Some(traced) = this.traced.take() {
             let span = traced.span();
             let sc = span.span_context();

@@ -15,7 +15,7 @@
 //!   wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that is refused
 //!   with 503 + a jittered `Retry-After`; its early refusal answers before any other guard when
 //!   the wait is already hopeless.
-//! - **Request timeout** (tower-http): 504, turned into a problem by `problem::ensure_problem`.
+//! - **Request timeout** (tower-http): 504, turned into a problem by `problem::SafetyNetLayer`.
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
 //! sees exactly the failures that mean "database unavailable" and nothing else.

@@ -7,8 +7,11 @@
 //! Internal details (SQL errors, panics) are logged inside the request span and never returned.
 
 pub mod code;
+mod safety_net;
 
-use std::{borrow::Cow, convert::Infallible, time::Duration};
+pub use safety_net::SafetyNetLayer;
+
+use std::{borrow::Cow, time::Duration};
 
 use axum::{
     body::Body,
@@ -375,49 +378,4 @@ impl IntoResponse for ApiError {
         }
         res
     }
-}
-
-/// [`ensure_problem`] in the shape tower's `then` layer takes (no clone of the stack beneath it
-/// per request, unlike `axum::middleware::map_response`).
-pub async fn ensure_problem_result(
-    res: Result<Response, Infallible>,
-) -> Result<Response, Infallible> {
-    match res {
-        Ok(res) => Ok(ensure_problem(res).await),
-    }
-}
-
-/// Safety net behind the rule "every error is a problem": an error response that is not already
-/// `application/problem+json` (from a library's own router or layer, such as the docs UI's asset
-/// handler) is rewritten into one, keeping its status, headers and short text as the detail.
-pub async fn ensure_problem(res: Response) -> Response {
-    let status = res.status();
-    let is_problem = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
-        return res;
-    }
-    let (mut parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 4096)
-        .await
-        .ok()
-        .and_then(|b| String::from_utf8(b.to_vec()).ok())
-        .filter(|t| {
-            !t.trim().is_empty()
-                && parts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"))
-        });
-    let title = status.canonical_reason().unwrap_or("Error");
-    let detail = text.unwrap_or_else(|| title.to_lowercase());
-    let problem = ApiError::new(status, Code::for_status(status.as_u16()), title, detail);
-    let new = problem.into_response();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    for (name, value) in new.headers() {
-        parts.headers.insert(name.clone(), value.clone());
-    }
-    Response::from_parts(parts, Body::new(new.into_body()))
 }
