@@ -18,7 +18,7 @@
 //! `MAX_QUEUE_WAIT` as its deadline. The immediate refusal is also checked early, in front of the router's costlier
 //! layers ([`EarlyRefusal`]), and every refusal answers with a problem body rendered once: a
 //! refusal costs about a quarter of a served GET, most of it the kernel's socket work
-//! (loadtest/RESULTS.md). Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's
+//! (loadtest/archive.md). Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's
 //! semaphore is fair and cancel-safe) and frees the slot if it had one.
 //!
 //! Written here rather than with `little-loadshedder` (0.2.0, last released February 2024). That
@@ -169,7 +169,7 @@ impl Gate {
     /// noisy (one slow request moves the average), so only beyond twice the bound: between the
     /// bound and twice it, the request waits and its deadline decides. Refusing on a noisy
     /// estimate turned away requests a closed loop of 2000 clients would have had served within
-    /// 150 ms (loadtest/RESULTS.md).
+    /// 150 ms (loadtest/archive.md).
     fn hopeless(&self, expected: Duration) -> bool {
         self.max_wait.is_zero() || expected > self.max_wait * 2
     }
@@ -323,7 +323,7 @@ where
 /// the problem check, panic guard, rate limit, body read), a request that admission would refuse
 /// at once is refused here instead, with the same prerendered problem. Under sustained overload
 /// nearly every refusal is of that kind, and refusals then come by the thousand a second: what
-/// each costs is what is left for the requests being served (figures in loadtest/RESULTS.md).
+/// each costs is what is left for the requests being served (figures in loadtest/archive.md).
 /// It sits inside the trace span and the metrics, so refusals are still counted and traced.
 #[derive(Clone, Debug)]
 pub struct EarlyRefusalLayer {
