@@ -1,7 +1,7 @@
 //! The single-todo GET's query through two drivers, side by side: sqlx (what the service uses)
 //! and tokio-postgres (what the calibration service used), to measure what the driver's
 //! query path costs per query on this machine — evidence for the get-one gap in
-//! loadtest/archive.md, not a test.
+//! loadtest/archive.md#driver-and-layers, not a test.
 //!
 //! Both run the very statement the service runs (read from loadtest/pgbench/get-one.sql, which a
 //! unit test keeps identical to the service's), prepared once per connection, on 16 connections

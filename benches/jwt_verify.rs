@@ -2,7 +2,7 @@
 //! secret), ES256 and RS256 (JWK Set keys), through the service's own `Verifier` (header, key
 //! lookup, signature, claims), each beside a hit of the verifier's cache of accepted tokens (what
 //! every later request with the same token costs). Evidence for docs/authentication.md
-//! and loadtest/archive.md, not a test.
+//! and loadtest/archive.md#authentication, not a test.
 //!
 //! Run: `cargo bench --bench jwt_verify` (no database needed). `BENCH_ITERATIONS` (default 20000)
 //! sets the verifications per algorithm.

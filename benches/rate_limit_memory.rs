@@ -1,7 +1,7 @@
 //! What remembering clients costs the rate limiter: the memory for 1,000,000 distinct client keys in
 //! the store tower_governor uses (governor's keyed `DashMap` state, keyed by `IpAddr` as the
 //! service keys it), how long a prune of them takes, and how many a prune leaves. Evidence for
-//! `RATE_LIMIT_MAX_CLIENTS` in loadtest/archive.md and docs/resilience.md, not a test.
+//! `RATE_LIMIT_MAX_CLIENTS` in loadtest/archive.md#rate-limit-state and docs/resilience.md, not a test.
 //!
 //! Run: `cargo bench --bench rate_limit_memory` (no database needed). `BENCH_KEYS` (default
 //! 1000000) sets the number of keys. The service's allocator (mimalloc) is used, and memory is the

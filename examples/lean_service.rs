@@ -5,7 +5,7 @@
 //! metrics). It serves the four workloads the load test measures: GET one todo, a page of the list
 //! (with each todo's `url` and the next page's `Link`, as the service answers), POST and PATCH.
 //! Run beside the real service under the same load, the difference in CPU per request is what all
-//! of that costs; see "Where the get-one gap comes from" in loadtest/archive.md. A measuring
+//! of that costs; see loadtest/archive.md#get-one-gap. A measuring
 //! instrument, not a product: errors are bare status codes.
 //!
 //! `cargo build --release --example lean_service`, then

@@ -10,7 +10,7 @@ use todo_service::{
 
 // mimalloc instead of glibc's malloc: under load the request path allocates from both worker
 // threads at once, and glibc's arena locks and consolidation were a tenth of the service's CPU in
-// the profile (loadtest/archive.md). Built without transparent huge pages (Cargo.toml), which
+// the profile (loadtest/archive.md#tuning). Built without transparent huge pages (Cargo.toml), which
 // would otherwise make its arenas resident 2 MiB at a time.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -103,7 +103,7 @@ impl HttpMetrics {
 /// The request-duration histogram bound once per (method, route, status) among the known ones,
 /// on first use: recording into a bound instrument skips hashing the three attributes and looking
 /// them up on every request, which was the largest part of the metrics' cost per request
-/// (loadtest/archive.md, "Tracing every request"). Other combinations are recorded unbound.
+/// (loadtest/archive.md#tracing-sdk-spans). Other combinations are recorded unbound.
 struct Bound(Box<[OnceLock<BoundHistogram<f64>>]>);
 
 impl Default for Bound {

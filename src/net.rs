@@ -22,7 +22,7 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 /// An address as text, as `Display` writes it (`10.0.0.5`, `::1`): for the span attributes every
 /// traced request carries (`client.address`, `network.peer.address`). IPv4 is written here
 /// digit by digit, as `Display` goes through the formatting machinery and its padding support
-/// (its cost per call is in loadtest/archive.md, "Tracing every request").
+/// (its cost per call: loadtest/archive.md#tracing-sdk-spans).
 pub fn ip_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {

@@ -154,8 +154,8 @@ struct Claims {
 }
 
 /// Tokens verified recently, so a caller's next requests with the same token skip the signature:
-/// an ES256 or RS256 verification costs 150–200 µs in this build (`benches/jwt_verify.rs`), four
-/// to five times a whole cached request. An entry is the whole token (compared in full, never a
+/// an ES256 or RS256 verification costs several times a whole cached request
+/// (`benches/jwt_verify.rs`; loadtest/archive.md#authentication). An entry is the whole token (compared in full, never a
 /// hash of it), the principal it names, and when it stops counting: its `exp` plus the leeway,
 /// as verification would judge it. Entries verified with keys that have since been replaced are
 /// verified again. At [`CACHE_ENTRIES`] the expired entries go, and if that is not enough, all.

@@ -67,7 +67,7 @@ pub const VARS: &[Var] = &[
         default: Some("1.0"),
         help: "Fraction of traces kept by the *traceidratio samplers, from 0 to 1, e.g. 0.1. \
                At thousands of requests per second a fraction keeps export cheap (see \
-               loadtest/archive.md); metrics and logs are never sampled.",
+               loadtest/archive.md#tracing-sdk-spans); metrics and logs are never sampled.",
     },
     Var {
         name: "TRACES_FORCED_PER_SECOND",

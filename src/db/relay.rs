@@ -12,7 +12,7 @@
 //! and the TLS stream closes with the future; after it, the copying task sees sqlx's end close and
 //! closes the server's, and the server's end closing closes sqlx's.
 //!
-//! The hop costs two local copies per message; `loadtest/archive.md` measures it against pgbench
+//! The hop costs two local copies per message; loadtest/archive.md#db-tls measures it against pgbench
 //! over TLS. No crate offers "connect sqlx over this stream", so this is written here.
 
 use std::{

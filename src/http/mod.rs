@@ -102,7 +102,7 @@ pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>)
 ///
 /// One `Router::layer` call per route, because each call boxes the route once more and each box
 /// is cloned, with everything beneath it, on every request: the data routes carry their guard in
-/// the same stack rather than in a `layer` call of their own (measured in loadtest/archive.md).
+/// the same stack rather than in a `layer` call of their own (loadtest/archive.md#clones-boxes-moves).
 fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> Router<AppState> {
     let (early_refusal, authenticate, rate_limit, read_body, admission, timeout) = match guard {
         Some(g) => (

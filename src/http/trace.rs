@@ -172,7 +172,7 @@ fn end_server_span(span: &SpanRef<'_>, res: &Response) {
 /// A tower layer of our own rather than `axum::middleware::from_fn`: that clones (and boxes) the
 /// whole stack beneath it on every request, since `Next` owns its service; here the inner service
 /// is called in place: clones and drops of layer stacks were a visible share of the service's CPU
-/// (loadtest/archive.md, "Clones, boxes and moves").
+/// (loadtest/archive.md#clones-boxes-moves).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ObserveLayer;
 

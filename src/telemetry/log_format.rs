@@ -4,8 +4,7 @@
 //! tracing-subscriber's formatters show the fields of the spans the log layer itself sees. Letting
 //! it see the request and database spans costs every request a live span (registry slot, enter
 //! and exit on every poll, every field formatted into a string when the span opens) even when no
-//! line is ever written in it, a large share of a single-todo GET's cost (loadtest/archive.md,
-//! "Logs at the default level"). So the log layers see events only ([`EventsOnly`]) and the
+//! line is ever written in it, a large share of a single-todo GET's cost (loadtest/archive.md#logs-at-info). So the log layers see events only ([`EventsOnly`]) and the
 //! request's identity comes from a [`RequestContext`] the formatters are built with: the HTTP
 //! layer, which knows what a request is, keeps it in a task-local set once per request, read only
 //! when a line is actually written. It is there whatever `LOG_LEVEL` hides, which a span-based

@@ -152,7 +152,7 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
 
 /// The subscriber's layers: stdout, and log export when its provider exists. Every layer carries
 /// its own filter, and only the layers that exist are listed: an absent `Option` layer answers
-/// "always interested" for every callsite (its price is in loadtest/archive.md).
+/// "always interested" for every callsite (its price: loadtest/archive.md#logs-at-info).
 fn layers(
     config: &Config,
     request: RequestContext,

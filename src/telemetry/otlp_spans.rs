@@ -3,8 +3,7 @@
 //! opentelemetry-otlp's exporter first converts each batch into opentelemetry-proto's message
 //! structs, which copies every name and attribute a second time. prost then computes each nested
 //! message's length once for every level it is nested in. For a traced GET that was 30k of the 45k
-//! instructions tracing added, on the exporter's thread (loadtest/archive.md, "Tracing every
-//! request"). No maintained crate encodes `SpanData` directly, so this module does, for the one
+//! instructions tracing added, on the exporter's thread (loadtest/archive.md#tracing-sdk-spans). No maintained crate encodes `SpanData` directly, so this module does, for the one
 //! message it needs (`ExportTraceServiceRequest`). Each value is written once, and a nested
 //! message's length is put in front of it as soon as it is known.
 //!
@@ -221,7 +220,7 @@ fn attributes(buf: &mut Vec<u8>, field: u32, attributes: &[KeyValue]) {
 // Nearly every attribute is a short key with a text or integer value, a dozen of them on the two
 // spans of every traced request. Those are written with their lengths computed first, the buffer
 // reserved once and the small writers inlined, which is most of what the encoder's time went to
-// (callgrind; loadtest/archive.md). The bytes are `key_value`'s, which writes the other kinds;
+// (callgrind; loadtest/archive.md#issue-20-full-run). The bytes are `key_value`'s, which writes the other kinds;
 // the equivalence test covers both.
 
 /// `KeyValue { key, value: AnyValue { string_value: value } }` as field `field`.

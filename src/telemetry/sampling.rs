@@ -8,7 +8,7 @@
 //!
 //! A parentbased_* sampler follows the caller's `traceparent`, so any client that sends the
 //! sampled flag would have every one of its requests traced, whatever the ratio: tracing is the
-//! costliest part of a request (loadtest/archive.md), and a caller must not be able to buy that for
+//! costliest part of a request (loadtest/archive.md#tracing-sdk-spans), and a caller must not be able to buy that for
 //! the service. Traces kept only because the caller asked (the ratio alone would not have kept
 //! them) draw on `TRACES_FORCED_PER_SECOND`, a lock-free token bucket; past it the request is not
 //! traced. With the default sampler (parentbased_always_on) the ratio keeps everything, so nothing

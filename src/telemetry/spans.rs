@@ -4,8 +4,8 @@
 //! They used to be `tracing` spans exported through `tracing-opentelemetry`. That bridge gives
 //! each span a registry slot, converts every field through a visitor into an attribute, asks each
 //! layer's filter on every poll's enter and exit, and activates the OTel context on each enter:
-//! a traced request cost about a quarter of the single-todo GET's throughput
-//! (loadtest/archive.md, "Tracing every request"). Here a span is one SDK span with its
+//! tracing cost a large share of the single-todo GET's throughput
+//! (loadtest/archive.md#tracing-sdk-spans). Here a span is one SDK span with its
 //! attributes handed over in one `Vec`, and the request's context is attached to the thread only
 //! while the request's future is polled. `tracing` stays for the logs and the libraries'
 //! instrumentation; the log lines and exported log records read the trace and span ids from the

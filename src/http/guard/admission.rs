@@ -4,10 +4,10 @@
 //! jittered `Retry-After`.
 //!
 //! Why a wait and not tower's `LoadShed` + `ConcurrencyLimit`: refusing whatever exceeds a fixed
-//! count threw away work the service could have finished in well under a second. Under
-//! `oha -c 2000` it answered 1,226 × 200 and 18,774 × 503, about 720 successes a second, while a
-//! lean twin with no limit served 5,000 a second. A refusal costs nearly as much CPU as an answer,
-//! and a closed-loop client comes straight back. Limiting on *time spent waiting* keeps a burst's
+//! count threw away work the service could have finished in well under a second: under a
+//! 2000-connection flood a lean twin with no limit served several times the successes
+//! (loadtest/archive.md#overload). A refusal costs CPU too, and a closed-loop client comes
+//! straight back. Limiting on *time spent waiting* keeps a burst's
 //! requests and serves them within the bound. Under sustained overload latency stays at most
 //! `MAX_QUEUE_WAIT` plus the service time, and the excess is refused.
 //!
@@ -16,10 +16,10 @@
 //! a newcomer would face. When that is well beyond `MAX_QUEUE_WAIT` (twice it: the estimate is
 //! noisy), it is refused at once, with no timer and no wait. Any other request waits, with
 //! `MAX_QUEUE_WAIT` as its deadline. The immediate refusal is also checked early, in front of the router's costlier
-//! layers ([`EarlyRefusal`]), and every refusal answers with a problem body rendered once: a
-//! refusal costs about a quarter of a served GET, most of it the kernel's socket work
-//! (loadtest/archive.md). Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's
-//! semaphore is fair and cancel-safe) and frees the slot if it had one.
+//! layers ([`EarlyRefusal`]), and every refusal answers with a problem body rendered once, so
+//! what a refusal costs is mostly the kernel's socket work (loadtest/RESULTS.md#refusal-cost).
+//! Dropping the future (client gone, shutdown) leaves the queue on the spot (tokio's semaphore is
+//! fair and cancel-safe) and frees the slot if it had one.
 //!
 //! Written here rather than with `little-loadshedder` (0.2.0, last released February 2024). That
 //! crate holds an *average* latency target by resizing a queue through a `std::sync::Mutex` taken
@@ -168,8 +168,8 @@ impl Gate {
     /// Whether a request expected to wait `expected` is refused without waiting. The estimate is
     /// noisy (one slow request moves the average), so only beyond twice the bound: between the
     /// bound and twice it, the request waits and its deadline decides. Refusing on a noisy
-    /// estimate turned away requests a closed loop of 2000 clients would have had served within
-    /// 150 ms (loadtest/archive.md).
+    /// estimate turned away requests that would have been served well within the bound
+    /// (loadtest/archive.md#overload).
     fn hopeless(&self, expected: Duration) -> bool {
         self.max_wait.is_zero() || expected > self.max_wait * 2
     }
@@ -323,7 +323,7 @@ where
 /// the problem check, panic guard, rate limit, body read), a request that admission would refuse
 /// at once is refused here instead, with the same prerendered problem. Under sustained overload
 /// nearly every refusal is of that kind, and refusals then come by the thousand a second: what
-/// each costs is what is left for the requests being served (figures in loadtest/archive.md).
+/// each costs is what is left for the requests being served (figures in loadtest/archive.md#overload).
 /// It sits inside the trace span and the metrics, so refusals are still counted and traced.
 #[derive(Clone, Debug)]
 pub struct EarlyRefusalLayer {

@@ -7,7 +7,7 @@
 //! boxes every response body (its `UnsyncBoxBody`, then boxed again into axum's `Body`), two
 //! allocations per answer that only a panic needs; here the inner future is polled under
 //! `catch_unwind` in place, and only the rare rewrite allocates. The cost of each layer is in
-//! loadtest/archive.md.
+//! loadtest/RESULTS.md#layer-costs.
 
 use std::{
     any::Any,

@@ -14,7 +14,7 @@ use crate::http::AppState;
 ///
 /// Links are written straight into the string they end up in: every todo in a response carries
 /// one, and formatting a base string first, then each link from it, costs a measurable share of a
-/// single-todo GET (loadtest/archive.md, counted with `loadtest/compare.py --instructions`).
+/// single-todo GET (loadtest/archive.md#clones-boxes-moves, counted with `loadtest/compare.py --instructions`).
 pub struct BaseUrl(Base);
 
 enum Base {

@@ -47,7 +47,7 @@ enum Condition {
 /// way: RFC 9110 §13.2.1 has preconditions ignored when the answer would not be 2xx or 412.
 ///
 /// An extractor that reads the one header, rather than taking a copy of the whole `HeaderMap`
-/// (axum's `HeaderMap` extractor clones every header: `loadtest/archive.md` has its price).
+/// (axum's `HeaderMap` extractor clones every header: loadtest/archive.md#issue-14 has its price).
 pub struct IfMatch(pub Option<Vec<i64>>);
 
 impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
