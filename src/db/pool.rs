@@ -106,7 +106,11 @@ impl Manager for PgManager {
                 ),
             ))
         })?;
-        self.connector.connect(addr).await
+        // Boxed: deadpool's checkout future holds this one inline, and opening a connection
+        // (TCP, TLS, login) is a large future, so every checkout would carry (and move) its
+        // kilobytes though nearly all of them take an idle connection. The allocation is paid
+        // only when a connection is opened.
+        Box::pin(self.connector.connect(addr)).await
     }
 
     async fn recycle(
@@ -125,7 +129,8 @@ impl Manager for PgManager {
             return Err(RecycleError::message("connection reached DB_MAX_LIFETIME"));
         }
         if self.must_ping(metrics) {
-            conn.ping().await.map_err(RecycleError::Backend)?;
+            // Boxed for the same reason as `create`'s connect: paid only when a ping is due.
+            Box::pin(conn.ping()).await.map_err(RecycleError::Backend)?;
         }
         Ok(())
     }
@@ -176,5 +181,20 @@ mod tests {
         );
         let forever = manager(None).await;
         assert!(!forever.expired(&aged(Duration::from_secs(10 * 24 * 3600), 0)));
+    }
+
+    /// Every data call awaits a checkout, and its future is moved into each box between the
+    /// handler and hyper: opening a connection inline made it kilobytes (the instructions per
+    /// GET are in loadtest/RESULTS.md#layer-costs). Boxed, it stays small.
+    #[tokio::test]
+    async fn a_checkout_does_not_carry_the_connect_future() {
+        let pool: deadpool::managed::Pool<PgManager> =
+            deadpool::managed::Pool::builder(manager(None).await)
+                .max_size(1)
+                .build()
+                .unwrap();
+        let checkout = pool.get();
+        let size = std::mem::size_of_val(&checkout);
+        assert!(size < 2048, "the checkout future is {size} bytes");
     }
 }
