@@ -91,7 +91,7 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// The request's server span in the context that carries it, when the request is traced: spans
 /// are exported and the sampler (see `telemetry::sampling`) keeps this request, given the
 /// caller's `traceparent`. Nothing is read or built otherwise.
-fn server_span(req: &Request) -> Option<opentelemetry::Context> {
+fn server_span(req: &Request, request_id: &HeaderValue) -> Option<opentelemetry::Context> {
     if !sampling::exporting() {
         return None;
     }
@@ -126,11 +126,12 @@ fn server_span(req: &Request) -> Option<opentelemetry::Context> {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
         attributes.push(KeyValue::new("client.address", net::ip_text(peer.ip())));
     }
-    for (key, header) in [
-        ("user_agent.original", header::USER_AGENT.as_str()),
-        ("request_id", REQUEST_ID),
+    let user_agent = req.headers().get(header::USER_AGENT);
+    for (key, value) in [
+        ("user_agent.original", user_agent),
+        ("request_id", Some(request_id)),
     ] {
-        if let Some(value) = req.headers().get(header).and_then(|v| v.to_str().ok()) {
+        if let Some(value) = value.and_then(|v| v.to_str().ok()) {
             attributes.push(KeyValue::new(key, value.to_owned()));
         }
     }
@@ -202,22 +203,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
+    fn call(&mut self, req: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
+        // The client's id, or a fresh one. Not written into the request's headers: nothing
+        // beneath reads it there (the span and the log lines take it from here), and an insert
+        // into the header map is a hash and often a grow.
         let request_id = match req.headers().get(REQUEST_ID) {
             Some(id) => id.clone(),
-            None => {
-                let id = new_request_id();
-                req.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
+            None => new_request_id(),
         };
+        let traced = server_span(&req, &request_id);
         let fields = RequestFields {
             request_id,
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
         };
-        let traced = server_span(&req);
         let inner = {
             // The layers beneath record on the span while called (who the caller is).
             let _attached = traced.clone().map(opentelemetry::Context::attach);
