@@ -6,19 +6,22 @@
 //!
 //! The rooms: [`routes`] (handlers, each module with its `router()`, and the OpenAPI document),
 //! [`guard`] (who is calling, and whether the data routes let the request in), [`problem`] (the
-//! one error shape and its codes), [`server`] (the accept loop), and `trace` (the request's span).
+//! one error shape and its codes), [`server`] (the accept loop), [`state`] (what every handler
+//! can reach) and `trace` (the request's id and span). Imports point one way: this file uses the
+//! rooms, the rooms never use it.
 
 pub mod guard;
 pub mod problem;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub(crate) mod trace;
 
 use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    http::{HeaderName, Method, Uri, header},
+    http::{HeaderName, Method, header},
 };
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -27,49 +30,16 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::{
     auth::Verifier,
     config::{Config, CorsOrigins},
-    db::Db,
 };
 use guard::Guard;
-use problem::ApiError;
 pub use routes::base_url::BaseUrl;
 use routes::{
-    extract,
+    extract, method_not_allowed,
     openapi::{ApiRoutes, api_routes},
+    route_not_found,
 };
+pub use state::{AppState, Shared};
 pub use trace::log_context;
-
-/// What every handler can reach. One `Arc`: axum clones the state for every request, and one
-/// shared counter is cheaper than one per field when both cores touch it.
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-impl AppState {
-    pub fn new(shared: Shared) -> Self {
-        AppState(Arc::new(shared))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-/// The fields of [`AppState`].
-pub struct Shared {
-    pub db: Db,
-    /// `PUBLIC_BASE_URL` without a trailing slash, when configured.
-    pub public_base_url: Option<Arc<str>>,
-    /// Used when neither `PUBLIC_BASE_URL` nor a usable Host header is present.
-    pub fallback_base_url: Arc<str>,
-    /// How long an `Idempotency-Key` is remembered.
-    pub idempotency_key_ttl: Duration,
-    /// Set when a shutdown began: `/ready` answers 503 so load balancers stop routing here,
-    /// while every route still serves (`startup` sets it, `SHUTDOWN_READINESS_DELAY`).
-    pub draining: Arc<std::sync::atomic::AtomicBool>,
-}
 
 /// The whole application: routes, docs, fallbacks and layers.
 ///
@@ -186,12 +156,4 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
             HeaderName::from_static(trace::REQUEST_ID),
         ])
         .max_age(Duration::from_secs(3600))
-}
-
-async fn route_not_found(uri: Uri) -> ApiError {
-    ApiError::route_not_found(uri.path())
-}
-
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
 }

@@ -12,7 +12,8 @@
 use axum::{Router, routing::get};
 
 use super::health;
-use crate::http::{AppState, method_not_allowed, route_not_found};
+use super::{method_not_allowed, route_not_found};
+use crate::http::state::AppState;
 
 /// The admin listener's routes.
 pub fn router(state: AppState) -> Router {

@@ -8,7 +8,7 @@ use axum::{
     http::{HeaderValue, header, request::Parts},
 };
 
-use crate::http::AppState;
+use crate::http::state::AppState;
 
 /// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
 ///

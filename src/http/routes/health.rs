@@ -21,8 +21,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::db::{DbStatus, breaker::BreakerState, budget::ServerConnections};
 use crate::http::{
-    AppState,
     problem::{ApiError, Problem, code::Code},
+    state::AppState,
 };
 
 #[derive(Serialize, ToSchema)]

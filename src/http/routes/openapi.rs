@@ -6,7 +6,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use super::{extract, health, todos, todos::conditional};
-use crate::http::{AppState, problem};
+use crate::http::{problem, state::AppState};
 
 /// The OpenAPI document's root; each feature router adds its paths (see [`api_routes`]).
 #[derive(OpenApi)]

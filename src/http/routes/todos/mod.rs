@@ -17,15 +17,16 @@ use axum::{
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use self::conditional::{IfMatch, IfNoneMatch, etag};
+use super::base_url::BaseUrl;
 use super::extract::{IdempotencyKey, JsonBody, Query, TodoId};
 use crate::db::{
     idempotency::Idempotent,
     todos::{Conditional, Cursor},
 };
 use crate::http::{
-    AppState, BaseUrl,
     guard::caller::Owner,
     problem::{ApiError, code::Code},
+    state::AppState,
 };
 
 pub mod conditional;

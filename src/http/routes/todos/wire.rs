@@ -8,8 +8,8 @@ use utoipa::{IntoParams, ToSchema};
 use crate::{
     db::todos::{Cursor, NewTodo, TodoChanges, TodoRow},
     http::{
-        BaseUrl,
         problem::{ApiError, FieldError},
+        routes::base_url::BaseUrl,
     },
 };
 
