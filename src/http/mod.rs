@@ -7,9 +7,11 @@
 //! The rooms: [`routes`] (handlers, each module with its `router()`, and the OpenAPI document),
 //! [`guard`] (who is calling, and whether the data routes let the request in), [`problem`] (the
 //! one error shape and its codes), [`server`] (the accept loop), [`state`] (what every handler
-//! can reach) and `trace` (the request's id and span). Imports point one way: this file uses the
+//! can reach), `front` (the layer every request meets first) and `trace` (what it observes:
+//! the request's id, span and log fields). Imports point one way: this file uses the
 //! rooms, the rooms never use it.
 
+mod front;
 pub mod guard;
 pub mod problem;
 pub mod routes;
@@ -93,9 +95,9 @@ fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> R
             //    route (low cardinality), a child of the caller's `traceparent` if any; the
             //    request's duration is recorded for the metrics, every log line written while
             //    serving it names it (id, method, route), and the trace id goes back to the
-            //    client (x-trace-id), so a report can quote it. See trace.rs. Errors are logged
+            //    client (x-trace-id), so a report can quote it. See front.rs. Errors are logged
             //    once, where they happen (ApiError), with the request's identity.
-            .layer(trace::ObserveLayer)
+            .layer(front::ObserveLayer)
             // 2. Data routes: when admission would refuse at once, refuse here, before the layers
             //    below cost anything; still counted and traced above.
             .option_layer(early_refusal)
