@@ -2,15 +2,16 @@
 //!
 //! Read [`router`] first: it merges the feature routers (`todos`, `health`), the OpenAPI document
 //! and docs UI, the problem+json fallbacks for unknown routes and methods, and then wraps it all in
-//! the layers, whose order is written once, in `layered`.
+//! the layers, whose order is written once, in `guarded`.
 //!
 //! The rooms: [`routes`] (handlers, each module with its `router()`, and the OpenAPI document),
 //! [`guard`] (who is calling, and whether the data routes let the request in), [`problem`] (the
 //! one error shape and its codes), [`server`] (the accept loop), [`state`] (what every handler
-//! can reach), `front` (the layer every request meets first) and `trace` (what it observes:
-//! the request's id, span and log fields). Imports point one way: this file uses the
+//! can reach), `front` (the layer every request meets first), `cors` (its CORS policy) and
+//! `trace` (what it observes: the request's id, span and log fields). Imports point one way: this file uses the
 //! rooms, the rooms never use it.
 
+mod cors;
 mod front;
 pub mod guard;
 pub mod problem;
@@ -19,24 +20,19 @@ pub mod server;
 pub mod state;
 pub(crate) mod trace;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use axum::{
-    Router,
-    http::{HeaderName, Method, header},
-};
+use axum::Router;
 use tower::ServiceBuilder;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{
-    auth::Verifier,
-    config::{Config, CorsOrigins},
-};
+use crate::{auth::Verifier, config::Config};
+use cors::CorsPolicy;
+use front::FrontLayer;
 use guard::Guard;
 pub use routes::base_url::BaseUrl;
 use routes::{
-    extract, method_not_allowed,
+    method_not_allowed,
     openapi::{ApiRoutes, api_routes},
     route_not_found,
 };
@@ -49,113 +45,69 @@ pub use trace::log_context;
 /// the anonymous caller.
 pub fn router(state: AppState, config: &Config, verifier: Option<Arc<Verifier>>) -> Router {
     let ApiRoutes { data, ops, openapi } = api_routes(verifier.is_some());
-    // The guard protects only the data routes; probes and docs must answer even when clients are
-    // being refused.
-    let data = layered(
+    let cors = || CorsPolicy::new(&config.cors_allowed_origins);
+    let data = guarded(
         data.method_not_allowed_fallback(method_not_allowed),
-        config,
-        Some(Guard::new(config, verifier)),
+        cors(),
+        Guard::new(config, verifier),
     );
-    let open = layered(
+    let open = unguarded(
         ops
             // Swagger UI's assets are embedded at build time (the `vendored` feature): /docs
             // works offline, with no CDN.
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
             .fallback(route_not_found)
             .method_not_allowed_fallback(method_not_allowed),
-        config,
-        None,
+        cors(),
     );
     data.merge(open).with_state(state)
 }
 
-/// Wraps every route of `router` in the one stack of layers: the order every request crosses,
-/// written here and nowhere else. `guard`'s layers are placed for the data routes.
+/// The data routes' layers, in the order every request crosses them, written here and nowhere
+/// else; [`unguarded`] gives the other routes the first two.
 ///
-/// One `Router::layer` call per route, because each call boxes the route once more and each box
-/// is cloned, with everything beneath it, on every request: the data routes carry their guard in
-/// the same stack rather than in a `layer` call of their own (loadtest/archive.md#clones-boxes-moves).
-fn layered(router: Router<AppState>, config: &Config, guard: Option<Guard>) -> Router<AppState> {
-    let (early_refusal, authenticate, rate_limit, read_body, admission, timeout) = match guard {
-        Some(g) => (
-            Some(g.early_refusal),
-            Some(g.authenticate),
-            g.rate_limit,
-            Some(g.read_body),
-            Some(g.admission),
-            Some(g.timeout),
-        ),
-        None => Default::default(),
-    };
+/// One `Router::layer` call, with concrete layers (no `option_layer`), because each call boxes the
+/// route once more, each box is cloned with everything beneath it on every request, and each
+/// optional layer moves the future beneath it once more (loadtest/archive.md#clones-boxes-moves).
+fn guarded(router: Router<AppState>, cors: CorsPolicy, guard: Guard) -> Router<AppState> {
     // Listed outermost first:
     router.layer(
         ServiceBuilder::new()
-            // 1. Every request gets an id (kept if the client sent one), which goes back on the
-            //    response; one server span per request when it is traced, named by the matched
-            //    route (low cardinality), a child of the caller's `traceparent` if any; the
-            //    request's duration is recorded for the metrics, every log line written while
-            //    serving it names it (id, method, route), and the trace id goes back to the
-            //    client (x-trace-id), so a report can quote it. See front.rs. Errors are logged
-            //    once, where they happen (ApiError), with the request's identity.
-            .layer(front::ObserveLayer)
-            // 2. Data routes: when admission would refuse at once, refuse here, before the layers
-            //    below cost anything; still counted and traced above.
-            .option_layer(early_refusal)
-            // 3. CORS outside everything that can answer, so errors carry the CORS headers too
-            //    and browsers can read them; preflights are answered here without reaching a
-            //    handler.
-            .layer(cors_layer(&config.cors_allowed_origins))
-            // 4. A panic becomes a logged 500 problem instead of a dropped connection, and an
+            // 1. The front (front.rs): every request gets an id (kept if the client sent one),
+            //    which goes back on the answer with the trace id (x-trace-id) so a report can
+            //    quote them; one server span when it is traced, named by the matched route;
+            //    its duration recorded for the metrics; every log line written while serving it
+            //    names it (id, method, route). CORS: preflights answered here, and every answer
+            //    (errors and refusals too) carries the CORS headers so browsers can read it.
+            //    When admission would refuse at once, the 503 is given here, before the layers
+            //    below cost anything. Errors are logged once, where they happen (ApiError).
+            .layer(FrontLayer::new(cors, Some(guard.early_refusal)))
+            // 2. A panic becomes a logged 500 problem instead of a dropped connection, and an
             //    error answer that is not yet problem+json (a library's own) is rewritten.
             .layer(problem::SafetyNetLayer)
-            // 5. Data routes: authentication, a cheap check whose answer the rate limit needs
-            //    (who the caller is); 401/403, throttled per address.
-            .option_layer(authenticate)
-            // 6. Data routes: the rate limit, the cheapest refusal after that, so a runaway
-            //    caller is stopped before any work is done for it and never takes a place in
-            //    the queue (admission takes its slot when called, never in `poll_ready`).
-            .option_layer(rate_limit)
-            // 7. Data routes: the whole body, before the request may take a slot.
-            .option_layer(read_body)
-            // 8. Data routes: admission, a slot or a bounded wait for one.
-            .option_layer(admission)
-            // 9. Data routes: the request timeout, inside admission so a request that times
-            //    out frees its slot.
-            .option_layer(timeout),
+            // 3. Authentication, a cheap check whose answer the rate limit needs (who the
+            //    caller is); 401/403, throttled per address.
+            .layer(guard.authenticate)
+            // 4. The rate limit, the cheapest refusal after that, so a runaway caller is
+            //    stopped before any work is done for it and never takes a place in the queue
+            //    (admission takes its slot when called, never in `poll_ready`).
+            .option_layer(guard.rate_limit)
+            // 5. The whole body, before the request may take a slot.
+            .layer(guard.read_body)
+            // 6. Admission, a slot or a bounded wait for one.
+            .layer(guard.admission)
+            // 7. The request timeout, inside admission so a request that times out frees its
+            //    slot.
+            .layer(guard.timeout),
     )
 }
 
-fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
-    let allow_origin = match origins {
-        CorsOrigins::Any => AllowOrigin::any(),
-        CorsOrigins::List(list) => AllowOrigin::list(list.clone()),
-    };
-    CorsLayer::new()
-        .allow_origin(allow_origin)
-        .allow_methods([
-            Method::GET,
-            Method::HEAD,
-            Method::POST,
-            Method::PATCH,
-            Method::DELETE,
-            Method::OPTIONS,
-        ])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::ACCEPT,
-            header::AUTHORIZATION,
-            HeaderName::from_static(trace::REQUEST_ID),
-            HeaderName::from_static(extract::IDEMPOTENCY_KEY),
-            header::IF_MATCH,
-            header::IF_NONE_MATCH,
-        ])
-        .expose_headers([
-            HeaderName::from_static("idempotent-replayed"),
-            header::LOCATION,
-            header::LINK,
-            header::ETAG,
-            header::RETRY_AFTER,
-            HeaderName::from_static(trace::REQUEST_ID),
-        ])
-        .max_age(Duration::from_secs(3600))
+/// Probes, metrics and docs: the front and the safety net of [`guarded`], no guard, so they
+/// answer even when clients are being refused.
+fn unguarded(router: Router<AppState>, cors: CorsPolicy) -> Router<AppState> {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(FrontLayer::new(cors, None))
+            .layer(problem::SafetyNetLayer),
+    )
 }

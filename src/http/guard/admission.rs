@@ -75,10 +75,9 @@ impl AdmissionLayer {
         }
     }
 
-    /// The same gate's early refusal, to sit in front of the costlier layers (see
-    /// [`EarlyRefusal`]).
-    pub fn early(&self) -> EarlyRefusalLayer {
-        EarlyRefusalLayer {
+    /// The same gate's early refusal (see [`EarlyRefusal`]).
+    pub fn early(&self) -> EarlyRefusal {
+        EarlyRefusal {
             gate: Arc::clone(&self.gate),
         }
     }
@@ -319,80 +318,22 @@ where
     }
 }
 
-/// The early refusal: in front of the layers that cost the most per request (request id, CORS,
-/// the problem check, panic guard, rate limit, body read), a request that admission would refuse
-/// at once is refused here instead, with the same prerendered problem. Under sustained overload
-/// nearly every refusal is of that kind, and refusals then come by the thousand a second: what
-/// each costs is what is left for the requests being served (figures in loadtest/archive.md#overload).
-/// It sits inside the trace span and the metrics, so refusals are still counted and traced.
+/// The early refusal: the front layer (`http::front`) asks it first, in front of the layers that
+/// cost the most per request (the problem check, panic guard, authentication, rate limit, body
+/// read), and a request that admission would refuse at once is refused there instead, with the
+/// same prerendered problem. Under sustained overload nearly every refusal is of that kind, and
+/// refusals then come by the thousand a second: what each costs is what is left for the requests
+/// being served (loadtest/RESULTS.md#refusal-cost). The front layer still counts and traces them.
 #[derive(Clone, Debug)]
-pub struct EarlyRefusalLayer {
+pub struct EarlyRefusal {
     gate: Arc<Gate>,
 }
 
-impl<S> Layer<S> for EarlyRefusalLayer {
-    type Service = EarlyRefusal<S>;
-
-    fn layer(&self, inner: S) -> EarlyRefusal<S> {
-        EarlyRefusal {
-            inner,
-            gate: Arc::clone(&self.gate),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct EarlyRefusal<S> {
-    inner: S,
-    gate: Arc<Gate>,
-}
-
-impl<S, B> Service<Request<B>> for EarlyRefusal<S>
-where
-    S: Service<Request<B>, Response = Response<Body>>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = EarlyFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        match self.gate.full_now() {
-            Some(expected) => EarlyFuture::Refused {
-                res: Some(self.gate.refuse(Refusal::QueueTooLong, expected)),
-            },
-            None => EarlyFuture::Passed {
-                inner: self.inner.call(req),
-            },
-        }
-    }
-}
-
-pin_project! {
-    /// The refusal, or the inner service's future.
-    #[project = EarlyProj]
-    pub enum EarlyFuture<F> {
-        Refused { res: Option<Response<Body>> },
-        Passed { #[pin] inner: F },
-    }
-}
-
-impl<F, E> Future for EarlyFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, E>>,
-{
-    type Output = Result<Response<Body>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            EarlyProj::Refused { res } => {
-                Poll::Ready(Ok(res.take().expect("polled after it completed")))
-            }
-            EarlyProj::Passed { inner } => inner.poll(cx),
-        }
+impl EarlyRefusal {
+    /// The refusal, when admission would refuse a request arriving now without waiting.
+    pub fn refuse_now(&self) -> Option<Response<Body>> {
+        let expected = self.gate.full_now()?;
+        Some(self.gate.refuse(Refusal::QueueTooLong, expected))
     }
 }
 
@@ -502,52 +443,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_early_refusal_answers_what_admission_would_refuse_at_once_and_passes_the_rest() {
+    async fn the_early_refusal_answers_what_admission_would_refuse_at_once_and_only_that() {
         let release = Arc::new(Notify::new());
         let admission = AdmissionLayer::new(AdmissionLimits {
             max_in_flight: 1,
             max_queue_wait: Duration::from_millis(500),
         });
         let gate = Arc::clone(&admission.gate);
-        // What the early layer guards must never be reached when it refuses.
-        let reached = Arc::new(AtomicUsize::new(0));
-        let counted = {
-            let reached = Arc::clone(&reached);
-            let inner = admission.layer(held(Arc::clone(&release)));
-            tower::service_fn(move |req: Request<Body>| {
-                reached.fetch_add(1, Ordering::Relaxed);
-                inner.clone().oneshot(req)
-            })
-        };
-        let svc = admission.early().layer(counted);
+        let early = admission.early();
+        let svc = admission.layer(held(Arc::clone(&release)));
         let first = tokio::spawn(svc.clone().oneshot(Request::new(Body::empty())));
         tokio::task::yield_now().await;
         // The slot is busy, but nothing is known yet of how long it is held: pass on and wait.
-        assert!(gate.full_now().is_none());
+        assert!(early.refuse_now().is_none());
         gate.held(Duration::from_secs(1));
         gate.waiting.store(1, Ordering::Relaxed);
         // One already waiting a second: the next would start after 2 s, beyond twice 500 ms.
-        let refused = svc
-            .clone()
-            .oneshot(Request::new(Body::empty()))
-            .await
-            .unwrap();
+        let refused = early.refuse_now().expect("refused at once");
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             refused.extensions().get::<ProblemCode>().unwrap().0,
             Code::Overloaded
         );
         assert!((2..=4).contains(&retry_after_of(&refused)));
-        assert_eq!(
-            reached.load(Ordering::Relaxed),
-            1,
-            "only the first got through"
-        );
         gate.waiting.store(0, Ordering::Relaxed);
         release.notify_one();
         assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
         assert!(
-            gate.full_now().is_none(),
+            early.refuse_now().is_none(),
             "a free slot: nothing is refused early"
         );
     }

@@ -2,7 +2,7 @@
 //! once from the settings, their state shared across the router's per-route clones. Probes and
 //! docs are deliberately outside them, so an operator can always see whether the service is
 //! alive and why it refuses work. Where each sits in the stack, and why there, is written once,
-//! in `http::layered`.
+//! in `http::router`.
 //!
 //! - **Authentication** ([`authenticate`]): who the caller is ([`caller`]), 401/403 for those who
 //!   may not, themselves throttled per address.
@@ -13,8 +13,8 @@
 //!   a slot. 408 / 413.
 //! - **Admission** ([`admission`]): at most `MAX_IN_FLIGHT` requests are worked on; the next ones
 //!   wait their turn for at most `MAX_QUEUE_WAIT`, and what cannot start within that is refused
-//!   with 503 + a jittered `Retry-After`; its early refusal answers before any other guard when
-//!   the wait is already hopeless.
+//!   with 503 + a jittered `Retry-After`; its early refusal, asked by the front layer, answers
+//!   before any other layer when the wait is already hopeless.
 //! - **Request timeout** (tower-http): 504, turned into a problem by `problem::SafetyNetLayer`.
 //!
 //! The circuit breaker is not a layer here: it sits in `db`, around the database itself, where it
@@ -37,7 +37,7 @@ use axum::{
 use tower_http::timeout::TimeoutLayer;
 
 use self::{
-    admission::{AdmissionLayer, EarlyRefusalLayer},
+    admission::{AdmissionLayer, EarlyRefusal},
     authenticate::AuthenticateLayer,
     caller::CallerKey,
     client_ip::ClientAddr,
@@ -52,9 +52,10 @@ use crate::{auth::Verifier, config::Config};
 /// carry a body).
 pub type BoxedResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
-/// The guard's layers, for `http::layered` to place.
+/// The guard's layers, for `http::router` to place.
 pub struct Guard {
-    pub early_refusal: EarlyRefusalLayer,
+    /// Asked by the front layer (`http::front`), before everything else.
+    pub early_refusal: EarlyRefusal,
     pub authenticate: AuthenticateLayer,
     /// `None` when `RATE_LIMIT_PER_SECOND` is off.
     pub rate_limit: Option<RateLimitLayer>,
