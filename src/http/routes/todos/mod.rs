@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use axum::{
     extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 
@@ -32,11 +32,11 @@ use crate::http::{
 pub mod conditional;
 mod wire;
 
-use wire::encode_cursor;
 pub use wire::{
     CURSOR_PATTERN, CreateTodo, DEFAULT_LIMIT, ListQuery, MAX_LIMIT, MAX_TITLE_CHARS,
     TITLE_PATTERN, Todo, UpdateTodo,
 };
+use wire::{encode_cursor, json_answer};
 
 /// The collection and item routes, each with its part of the OpenAPI document.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -71,7 +71,7 @@ pub async fn list_todos(
             params.limit + 1,
         )
         .await?;
-    let mut headers = HeaderMap::new();
+    let mut link = None;
     if rows.len() as i64 > params.limit {
         rows.truncate(params.limit as usize);
         let last = rows.last().expect("limit >= 1");
@@ -93,12 +93,14 @@ pub async fn list_todos(
                 "&completed=false"
             });
         }
-        if let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
-            headers.insert(header::LINK, v);
-        }
+        link = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")).ok();
     }
     let todos: Vec<Todo> = rows.into_iter().map(|r| Todo::from_row(r, &base)).collect();
-    Ok((headers, axum::Json(todos)).into_response())
+    let mut res = json_answer(StatusCode::OK, &todos)?;
+    if let Some(link) = link {
+        res.headers_mut().insert(header::LINK, link);
+    }
+    Ok(res)
 }
 
 /// Create a todo. New todos start with `completed: false` unless told otherwise.
@@ -151,12 +153,7 @@ pub async fn create_todo(
     let version = row.version;
     let todo = Todo::from_row(row, &base);
     let location = HeaderValue::from_str(&todo.url).ok();
-    let mut res = (
-        StatusCode::CREATED,
-        [(header::ETAG, etag(version))],
-        axum::Json(todo),
-    )
-        .into_response();
+    let mut res = tagged(StatusCode::CREATED, &todo, version)?;
     if let Some(location) = location {
         res.headers_mut().insert(header::LOCATION, location);
     }
@@ -207,11 +204,15 @@ pub async fn get_todo(
     let Some(row) = state.db.get_todo(owner.as_str(), id).await? else {
         return Err(ApiError::todo_not_found(id));
     };
-    let tag = [(header::ETAG, etag(row.version))];
     if if_none_match.is_current(row.version) {
-        return Ok((StatusCode::NOT_MODIFIED, tag).into_response());
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag(row.version))],
+        )
+            .into_response());
     }
-    Ok((tag, axum::Json(Todo::from_row(row, &base))).into_response())
+    let version = row.version;
+    tagged(StatusCode::OK, &Todo::from_row(row, &base), version)
 }
 
 /// Change any of `title`, `completed` and `order`; other fields are rejected. With `If-Match` the
@@ -243,11 +244,10 @@ pub async fn update_todo(
         .update_todo(owner.as_str(), id, &changes, if_match.as_deref())
         .await?
     {
-        Conditional::Done(row) => Ok((
-            [(header::ETAG, etag(row.version))],
-            axum::Json(Todo::from_row(row, &base)),
-        )
-            .into_response()),
+        Conditional::Done(row) => {
+            let version = row.version;
+            tagged(StatusCode::OK, &Todo::from_row(row, &base), version)
+        }
         Conditional::NotFound => Err(ApiError::todo_not_found(id)),
         Conditional::VersionMismatch => Err(ApiError::precondition_failed(id)),
     }
@@ -280,4 +280,11 @@ pub async fn delete_todo(
         Conditional::NotFound => Err(ApiError::todo_not_found(id)),
         Conditional::VersionMismatch => Err(ApiError::precondition_failed(id)),
     }
+}
+
+/// A todo's JSON answer with its version's `ETag`.
+fn tagged(status: StatusCode, todo: &Todo, version: i64) -> Result<Response, ApiError> {
+    let mut res = json_answer(status, todo)?;
+    res.headers_mut().insert(header::ETAG, etag(version));
+    Ok(res)
 }

@@ -1,6 +1,11 @@
 //! The todos' wire format: what the API returns and accepts, and the validation that turns a
 //! request body or query into what the database layer takes (or a 422 naming each bad field).
 
+use axum::{
+    body::Body,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::Response,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -16,6 +21,28 @@ use crate::{
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
 pub const MAX_TITLE_CHARS: usize = 1000;
+
+/// Headers a JSON answer carries at most on its way out: the handler's (content type, `ETag`,
+/// `Location` or `Link`, `Idempotent-Replayed`), the rate limiter's two, the content length, and
+/// the front layer's request id, CORS pair and trace id.
+const ANSWER_HEADERS: usize = 12;
+
+/// A JSON answer, its header map allocated once with room for every header the layers add on
+/// its way out, where `axum::Json`'s grows on the way (~500 instructions of a single-todo GET,
+/// loadtest/RESULTS.md#layer-costs).
+pub(super) fn json_answer(status: StatusCode, body: &impl Serialize) -> Result<Response, ApiError> {
+    let mut bytes = Vec::with_capacity(256);
+    serde_json::to_writer(&mut bytes, body).map_err(|e| ApiError::internal(&e))?;
+    let mut res = Response::new(Body::from(bytes));
+    *res.status_mut() = status;
+    let mut headers = HeaderMap::with_capacity(ANSWER_HEADERS);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    *res.headers_mut() = headers;
+    Ok(res)
+}
 
 /// A todo as the API returns it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
