@@ -28,13 +28,18 @@
 //! before the server, still ending connections, ends it too (drill 4 met that once in CI). Anything else is a 503 with `Retry-After`, and a keyed `POST` is safe
 //! to retry.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use opentelemetry::{
     KeyValue,
     trace::{Span as _, Status},
 };
+use pin_project_lite::pin_project;
 use sqlx::PgConnection;
 
 use crate::{net, telemetry::spans};
@@ -223,13 +228,16 @@ impl Db {
         loop {
             let (lease, permit) = self.lease(&mut span).await?;
             let reused = lease.reused();
-            let run = async {
+            // Awaited where it is written, not bound to a name first: a named future's slot is
+            // kept beside the one it is moved into (see `within`).
+            let call = within(self.inner.query_deadline, async {
                 match &self.inner.begin {
                     None => f(lease).await,
                     Some(begin) => in_transaction(lease, begin, &f).await,
                 }
-            };
-            let (lease, result) = match within(self.inner.query_deadline, run).await {
+            })
+            .await;
+            let (lease, result) = match call {
                 Ok((lease, result)) => (Some(lease), result),
                 Err(elapsed) => (None, Err(elapsed)),
             };
@@ -437,17 +445,43 @@ fn record(permit: Permit, err: &DbError) {
 
 /// Runs one call under the client-side deadline; running out counts as a broken connection (it is
 /// discarded and its siblings checked), not as a slow query.
-pub(super) async fn within<T>(
-    deadline: Option<Duration>,
-    call: impl Future<Output = T>,
-) -> Result<T, sqlx::Error> {
+///
+/// A future of its own rather than an `async fn`: an `async fn` keeps its argument's slot after
+/// moving the call into tokio's `Timeout`, so the call's future (most of a request's state) was
+/// stored twice and copied once more (loadtest/RESULTS.md#layer-costs).
+pub(super) fn within<F: Future>(deadline: Option<Duration>, call: F) -> Within<F> {
     match deadline {
-        None => Ok(call.await),
-        Some(d) => tokio::time::timeout(d, call).await.map_err(|_| {
-            sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from the database connection within {d:?}"),
-            ))
-        }),
+        None => Within::Unbounded { call },
+        Some(limit) => Within::Bounded {
+            call: tokio::time::timeout(limit, call),
+            limit,
+        },
+    }
+}
+
+pin_project! {
+    /// The future of [`within`].
+    #[project = WithinProj]
+    pub(super) enum Within<F> {
+        Unbounded { #[pin] call: F },
+        Bounded { #[pin] call: tokio::time::Timeout<F>, limit: Duration },
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Result<F::Output, sqlx::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            WithinProj::Unbounded { call } => call.poll(cx).map(Ok),
+            WithinProj::Bounded { call, limit } => call.poll(cx).map(|done| {
+                done.map_err(|_| {
+                    sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer from the database connection within {limit:?}"),
+                    ))
+                })
+            }),
+        }
     }
 }
