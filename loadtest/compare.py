@@ -25,7 +25,9 @@ up with 500 requests, then serves N (oha -c 8) while callgrind counts the user-s
 it executes (its own code, libraries, allocator; not the kernel). On a noisy machine the CPU
 figures above move by ±15 % between runs; this count repeats within ~1 %, so it shows a change of
 a few hundred instructions per request that timing cannot. Needs valgrind (apt-get install -y
-valgrind); ~1 minute per variant. --keep DIR keeps the dumps, for callgrind_annotate.
+valgrind); ~1 minute per variant. --keep DIR keeps the dumps, for callgrind_annotate. With
+--refusals each variant runs again with MAX_IN_FLIGHT=1 MAX_QUEUE_WAIT=0, which refuses most
+requests with admission's 503, and the instructions per refusal are solved from the two runs.
 """
 
 import argparse
@@ -122,44 +124,68 @@ def workload(args):
     return "POST /todos" if args.post else f"GET {args.path}"
 
 
+def callgrind_run(name, binary, overrides, args, database_url, refusals=False):
+    """Instructions the variant executed while serving the counted requests, and their
+    statuses. Every answer must be 2xx, or with `refusals` 2xx or 503."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
+             "--dump-instr=no", binary],
+            env=variant_env(database_url, port, overrides),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until_answering(port, proc, 120)
+            oha(port, args, "-n", "500", "-c", "8")
+            # Startup and warm-up (connections, statement caches, allocator arenas) are
+            # dropped; only the requests below are counted.
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
+                           capture_output=True, timeout=60)
+            result = json.loads(oha(port, args, "-n", str(args.instructions), "-c", "8"))
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                           capture_output=True, timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        statuses = {str(k): v for k, v in (result.get("statusCodeDistribution") or {}).items()}
+        allowed = ("2", "503") if refusals else ("2",)
+        if not sum(statuses.values()) or any(not code.startswith(allowed) for code in statuses):
+            sys.exit(f"{name}: unexpected answers: {statuses}")
+        dumps = glob.glob(f"{out}/cg.*.1")
+        if not dumps:
+            sys.exit(f"{name}: callgrind wrote no dump")
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            suffix = "-shedding" if refusals else ""
+            shutil.copy(dumps[0], os.path.join(args.keep, f"{name}{suffix}.callgrind"))
+        with open(dumps[0]) as f:
+            total = next(int(line.split()[1]) for line in f
+                         if line.startswith(("summary:", "totals:")))
+    return total, statuses
+
+
 def count_instructions(args, database_url):
     print(f"{workload(args)}, {args.instructions} requests (oha -c 8) per variant under callgrind")
     for spec in args.variants:
         name, binary, overrides = parse_variant(spec)
-        port = free_port()
-        with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.Popen(
-                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
-                 "--dump-instr=no", binary],
-                env=variant_env(database_url, port, overrides),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_until_answering(port, proc, 120)
-                oha(port, args, "-n", "500", "-c", "8")
-                # Startup and warm-up (connections, statement caches, allocator arenas) are
-                # dropped; only the requests below are counted.
-                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
-                               capture_output=True, timeout=60)
-                result = json.loads(oha(port, args, "-n", str(args.instructions), "-c", "8"))
-                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                               capture_output=True, timeout=60)
-            finally:
-                proc.kill()
-                proc.wait()
-            statuses = result.get("statusCodeDistribution") or {}
-            done = sum(statuses.values())
-            if not done or any(not str(code).startswith("2") for code in statuses):
-                sys.exit(f"{name}: not every answer was 2xx: {statuses}")
-            dumps = glob.glob(f"{out}/cg.*.1")
-            if not dumps:
-                sys.exit(f"{name}: callgrind wrote no dump")
-            if args.keep:
-                os.makedirs(args.keep, exist_ok=True)
-                shutil.copy(dumps[0], os.path.join(args.keep, f"{name}.callgrind"))
-            with open(dumps[0]) as f:
-                total = next(int(line.split()[1]) for line in f
-                             if line.startswith(("summary:", "totals:")))
-        print(f"{name:>16}: {total / done:8.0f} instructions per request ({done} requests)")
+        total, statuses = callgrind_run(name, binary, overrides, args, database_url)
+        done = sum(statuses.values())
+        per_ok = total / done
+        print(f"{name:>16}: {per_ok:8.0f} instructions per request ({done} requests)")
+        if not args.refusals:
+            continue
+        # Solved from a second run where one slot and no wait refuse most requests: what the
+        # 2xx in it cost is known from the run above.
+        shedding = ",".join(filter(None, [overrides, "MAX_IN_FLIGHT=1", "MAX_QUEUE_WAIT=0"]))
+        total, statuses = callgrind_run(name, binary, shedding, args, database_url, refusals=True)
+        refused = statuses.get("503", 0)
+        ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+        if not refused:
+            print(f"{name:>16}: no request was refused in the shedding run ({statuses})")
+            continue
+        per_refusal = (total - ok * per_ok) / refused
+        print(f"{name:>16}: {per_refusal:8.0f} instructions per 503 ({refused} refused, {ok} served"
+              f" in the shedding run): {per_refusal / per_ok:.2f} of a served request")
 
 
 def main():
@@ -171,6 +197,9 @@ def main():
     p.add_argument("--post", action="store_true", help="POST /todos instead of the GET")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="count user-space instructions per request over N requests (callgrind)")
+    p.add_argument("--refusals", action="store_true",
+                   help="with --instructions: also what a 503 from admission costs (MAX_IN_FLIGHT=1 "
+                        "MAX_QUEUE_WAIT=0; solved from a second run)")
     p.add_argument("--keep", metavar="DIR",
                    help="with --instructions: keep each variant's dump as DIR/NAME.callgrind")
     args = p.parse_args()
