@@ -15,7 +15,7 @@ use std::{borrow::Cow, time::Duration};
 
 use axum::{
     body::Body,
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -326,19 +326,32 @@ pub struct Prerendered {
     status: StatusCode,
     code: Code,
     body: axum::body::Bytes,
+    /// `Retry-After` values for the first minute, rendered once too.
+    retry_after: Vec<HeaderValue>,
 }
 
+/// Headers a refusal carries on its way out: its own two, and the front layer's request id,
+/// CORS pair and trace id.
+const REFUSAL_HEADERS: usize = 6;
+
 impl Prerendered {
-    /// The answer, with `Retry-After` when given; the body is shared, not copied.
+    /// The answer, with `Retry-After` when given; the body and the header values are shared,
+    /// not copied, and the header map is allocated once.
     pub fn response(&self, retry_after_secs: Option<u64>) -> Response {
         let mut res = Response::new(Body::from(self.body.clone()));
         *res.status_mut() = self.status;
         res.extensions_mut().insert(ProblemCode(self.code));
-        let headers = res.headers_mut();
+        let mut headers = HeaderMap::with_capacity(REFUSAL_HEADERS);
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(secs) = retry_after_secs {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            let value = usize::try_from(secs)
+                .ok()
+                .and_then(|i| self.retry_after.get(i))
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from(secs));
+            headers.insert(header::RETRY_AFTER, value);
         }
+        *res.headers_mut() = headers;
         res
     }
 }
@@ -351,6 +364,7 @@ impl ApiError {
             status: self.status,
             code: self.problem.code,
             body: serde_json::to_vec(&self.problem).unwrap_or_default().into(),
+            retry_after: (0..=60u64).map(HeaderValue::from).collect(),
         }
     }
 }
