@@ -44,14 +44,13 @@ fn is_json(content_type: Option<&axum::http::HeaderValue>) -> bool {
     let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    // Compared without case rather than lowercased first: no allocation per request.
+    let (prefix, suffix) = (b"application/", b"+json");
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= prefix.len() + suffix.len()
+            && essence[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
 }
 
 /// Parses `bytes` as a JSON object into `T`: syntax errors are 400, type/shape errors 422 naming
