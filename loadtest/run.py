@@ -915,11 +915,27 @@ def overload(svc, args, res):
     finally:
         shedding.stop()
     per_refusal = ((cpu_mix - ok2 * per_ok) / refused) if (refused and per_ok) else None
+    # The floor beside it: the lean twin (axum, hyper, no middleware) answering a path it does not
+    # route, a 404 with no work behind it. No refusal through the same server can cost less.
+    twin = Service(None, svc.database_url, binary=LEAN_TWIN_BINARY, ready_path="/todos/1")
+    try:
+        twin.start()
+        before = twin.cpu_ticks()
+        j, _ = oha_json([twin.url + "/not/routed"], ["-z", f"{seconds}s", "-c", "64"],
+                        timeout=seconds + 60)
+        ticks = twin.cpu_ticks() - before
+    finally:
+        twin.stop()
+    answered = sum((j.get("statusCodeDistribution") or {}).values())
+    floor = ticks * 1e6 / os.sysconf("SC_CLK_TCK") / answered if answered else None
     out["cpu_us"] = {"per_200": None if per_ok is None else round(per_ok, 1),
                      "per_503": None if per_refusal is None else round(per_refusal, 1),
+                     "twin_404_floor": None if floor is None else round(floor, 1),
                      "refusals_in_run": refused, "command": cmd}
+    ratio = lambda x: f"{x / per_ok:.2f}" if (x is not None and per_ok) else "–"
     log(f"  CPU: {out['cpu_us']['per_200']} µs per 200, {out['cpu_us']['per_503']} µs per 503 "
-        f"({refused} refusals)")
+        f"({ratio(per_refusal)} of a 200; {refused} refusals); the lean twin's 404, the floor: "
+        f"{out['cpu_us']['twin_404_floor']} µs ({ratio(floor)})")
     res["overload"] = out
 
 
@@ -1135,7 +1151,8 @@ def summary(res):
                      f"{c['goodput_rps']} × 200/s (p99 of the 200s {c['p99_ok_ms']} ms, {c['statuses']}, "
                      f"errors {c['errors'] or 0}) vs lean twin {t['goodput_rps']} × 200/s (p99 "
                      f"{t['p99_ok_ms']} ms): {o['closed_ratio']}x; CPU {cpu['per_200']} µs per 200, "
-                     f"{cpu['per_503']} µs per 503")
+                     f"{cpu['per_503']} µs per 503 (the lean twin's 404, the floor: "
+                     f"{cpu.get('twin_404_floor')} µs)")
         lines.append("")
         for name, op in o["open"].items():
             lines.append(f"Overload, open loop, {name}: at {op['offered_rps']}/s (2 × capacity "
