@@ -67,8 +67,8 @@ pub struct Todo {
 /// machinery and was most of a 20-row page's serialisation cost in the profile.
 fn rfc3339_micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     use chrono::{Datelike, Timelike};
-    // The naive value, read once: each field read through `DateTime` converts to local time
-    // (an offset addition, even for UTC), which was half of this function's cost.
+    // The naive value, read once: each field read through `DateTime` would convert it to local
+    // time first (an offset addition, even for UTC).
     let t = t.naive_utc();
     let year = t.year();
     if !(0..=9999).contains(&year) {
