@@ -72,7 +72,10 @@ fn rfc3339_micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok
     let t = t.naive_utc();
     let year = t.year();
     if !(0..=9999).contains(&year) {
-        return s.collect_str(&t.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        return s.collect_str(
+            &t.and_utc()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        );
     }
     fn put(b: &mut [u8], at: usize, width: usize, mut v: u32) {
         for i in (at..at + width).rev() {
