@@ -112,7 +112,7 @@ async fn serve(config: Config) -> ExitCode {
 
 fn mint_token(args: &TokenArgs) -> ExitCode {
     use secrecy::ExposeSecret as _;
-    use todo_service::auth::{MAX_SUB_BYTES, Mint, mint_hs256};
+    use todo_service::auth::{MAX_SUB_BYTES, Mint, mint_hs256, usable_sub};
     let lookup = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let secret = match todo_service::config::auth::jwt_secret(lookup) {
         Ok(s) => s,
@@ -121,8 +121,8 @@ fn mint_token(args: &TokenArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.sub.trim().is_empty() || args.sub.len() > MAX_SUB_BYTES {
-        eprintln!("error: --sub must be 1 to {MAX_SUB_BYTES} bytes");
+    if !usable_sub(&args.sub) {
+        eprintln!("error: --sub must be 1 to {MAX_SUB_BYTES} bytes, without NUL");
         return ExitCode::from(2);
     }
     let (aud, iss) = (lookup("AUTH_JWT_AUDIENCE"), lookup("AUTH_JWT_ISSUER"));

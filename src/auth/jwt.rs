@@ -17,6 +17,12 @@ use super::keys::{Key, KeySet};
 /// Longest accepted `sub`: it is stored with every todo and indexed, and keys the rate limits.
 pub const MAX_SUB_BYTES: usize = 255;
 
+/// Whether `sub` can name an owner: not blank, at most [`MAX_SUB_BYTES`], and without NUL, which
+/// PostgreSQL's `text` cannot hold (a token naming such a subject would fail every query).
+pub fn usable_sub(sub: &str) -> bool {
+    !sub.trim().is_empty() && sub.len() <= MAX_SUB_BYTES && !sub.contains('\0')
+}
+
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
 
@@ -72,9 +78,12 @@ pub enum Rejection {
     AlgorithmNotAllowed,
     /// The header names a `kid` no configured key has.
     UnknownKey,
+    /// The header lists `crit` extensions: this service understands none, so the token is
+    /// invalid (RFC 7515 §4.1.11).
+    CriticalExtension,
     /// `exp`, `sub` (or a configured `aud`/`iss`) is missing or empty.
     MissingClaim,
-    /// `sub` is longer than [`MAX_SUB_BYTES`].
+    /// `sub` cannot name an owner (see [`usable_sub`]), or `iss` is not a string.
     InvalidClaim,
     Expired,
     NotYetValid,
@@ -90,6 +99,7 @@ impl Rejection {
             Rejection::BadSignature => "bad_signature",
             Rejection::AlgorithmNotAllowed => "algorithm_not_allowed",
             Rejection::UnknownKey => "unknown_key",
+            Rejection::CriticalExtension => "critical_extension",
             Rejection::MissingClaim => "missing_claim",
             Rejection::InvalidClaim => "invalid_claim",
             Rejection::Expired => "expired",
@@ -107,8 +117,11 @@ impl Rejection {
             Rejection::BadSignature | Rejection::AlgorithmNotAllowed | Rejection::UnknownKey => {
                 "the token's signature cannot be verified"
             }
+            Rejection::CriticalExtension => "the token requires extensions this service lacks",
             Rejection::MissingClaim => "the token lacks a required claim",
-            Rejection::InvalidClaim => "the token's subject is longer than 255 bytes",
+            Rejection::InvalidClaim => {
+                "the token's subject is over 255 bytes or holds NUL, or its issuer is not a string"
+            }
             Rejection::Expired => "the token has expired",
             Rejection::NotYetValid => "the token is not valid yet",
             Rejection::WrongAudience | Rejection::WrongIssuer => {
@@ -151,6 +164,10 @@ struct Claims {
     /// Required by the validation; read here for the cache.
     #[serde(default)]
     exp: u64,
+    /// Checked against `AUTH_JWT_ISSUER` by the validation, which also takes an array holding
+    /// it; RFC 7519 §4.1.1 makes it a string, so anything else is refused here.
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
 }
 
 /// Tokens verified recently, so a caller's next requests with the same token skip the signature:
@@ -244,9 +261,19 @@ impl Verifier {
         }
     }
 
+    /// The principal of a token this verifier accepted recently and that still counts, found
+    /// without checking a signature; `None` when [`Verifier::verify`] would have to check one.
+    pub fn cached(&self, token: &str) -> Option<Principal> {
+        self.cache.get(token, self.generation())
+    }
+
+    fn generation(&self) -> u64 {
+        self.jwks.as_ref().map_or(0, |s| s.generation())
+    }
+
     /// The principal a token names, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Principal, Rejection> {
-        let generation = self.jwks.as_ref().map_or(0, |s| s.generation());
+        let generation = self.generation();
         if let Some(principal) = self.cache.get(token, generation) {
             return Ok(principal);
         }
@@ -271,6 +298,9 @@ impl Verifier {
     /// Verification itself: the principal and the token's `exp`.
     fn verify_signed(&self, token: &str) -> Result<(Principal, u64), Rejection> {
         let header = decode_header(token).map_err(|_| Rejection::Malformed)?;
+        if header.crit.is_some() {
+            return Err(Rejection::CriticalExtension);
+        }
         let snapshot;
         let key = match self.keys.iter().find(|k| k.kid == header.kid) {
             Some(key) => key,
@@ -325,7 +355,7 @@ impl Verifier {
             .sub
             .filter(|s| !s.trim().is_empty())
             .ok_or(Rejection::MissingClaim)?;
-        if sub.len() > MAX_SUB_BYTES {
+        if !usable_sub(&sub) || claims.iss.as_ref().is_some_and(|iss| !iss.is_string()) {
             return Err(Rejection::InvalidClaim);
         }
         let principal = Principal {

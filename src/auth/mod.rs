@@ -14,5 +14,5 @@ pub mod keys;
 
 pub use jwt::{
     MAX_SUB_BYTES, Mint, Principal, READ_SCOPE, Rejection, Scopes, Verifier, WRITE_SCOPE,
-    mint_hs256,
+    mint_hs256, usable_sub,
 };
