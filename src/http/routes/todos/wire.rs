@@ -150,11 +150,12 @@ pub struct UpdateTodo {
 }
 
 /// An `order`: JSON Schema's (and so the document's) `integer` is any number without a fraction,
-/// so `2.0` is an integer too; serde's `i64` takes only `2`. Numbers beyond the 64-bit range, or
-/// with a fraction, are refused with a message naming the range.
+/// so `2.0` and `1e3` are integers too; serde's `i64` takes only `2`. A number that is not exactly
+/// an integer in the 64-bit range is refused with a message naming the range.
 ///
-/// Read from the number's own text: serde_json without `arbitrary_precision` turns an integer
-/// beyond 64 bits into the nearest float, which for -2^63 - 1 is -2^63 and would pass.
+/// Read from the number's own text, exactly: serde_json without `arbitrary_precision` turns a
+/// number into the nearest float, which rounds `9007199254740993.0` to …992, `1.0000000000000000001`
+/// to 1 and `1e-400` to 0, and would store them silently.
 fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     let Some(raw) = Option::<Box<serde_json::value::RawValue>>::deserialize(d)? else {
         return Ok(None);
@@ -163,27 +164,55 @@ fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     if text == "null" {
         return Ok(None);
     }
-    let refuse = || {
-        serde::de::Error::custom(format!(
-            "must be an integer from {} to {}, not {text}",
-            i64::MIN,
-            i64::MAX
-        ))
-    };
     if !text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) {
         return Err(serde::de::Error::custom(format!(
             "invalid type: {text}, expected an integer"
         )));
     }
-    if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
-        return text.parse::<i64>().map(Some).map_err(|_| refuse());
+    exact_integer(text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "must be an integer from {} to {}, not {text}",
+            i64::MIN,
+            i64::MAX
+        ))
+    })
+}
+
+/// The value of a JSON number's text when it is exactly an integer that fits an `i64`: its
+/// digits shifted by the exponent, every digit after the point zero.
+fn exact_integer(text: &str) -> Option<i64> {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e)),
+        None => (unsigned, "0"),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = [whole, fraction].concat();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    // -2^63 is exact as an f64; 2^63 is the first float past i64::MAX.
-    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
-    match text.parse::<f64>() {
-        Ok(f) if f.fract() == 0.0 && (-LIMIT..LIMIT).contains(&f) => Ok(Some(f as i64)),
-        _ => Err(refuse()),
+    let significant = digits.trim_start_matches('0');
+    if significant.is_empty() {
+        return Some(0);
     }
+    // Where the point falls among the significant digits.
+    let leading_zeros = (digits.len() - significant.len()) as i64;
+    let point = (whole.len() as i64 - leading_zeros).checked_add(exponent.parse::<i64>().ok()?)?;
+    // An i64 has at most 19 digits: beyond, or below 1, it is no integer in range.
+    if !(1..=19).contains(&point) {
+        return None;
+    }
+    let point = point as usize;
+    let (int_digits, rest) = significant.split_at(point.min(significant.len()));
+    if !rest.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let zeros = "0".repeat(point.saturating_sub(significant.len()));
+    let sign = if negative { "-" } else { "" };
+    format!("{sign}{int_digits}{zeros}").parse().ok()
 }
 
 /// [`integer`] for `PATCH`, where null (clear the order) differs from absent.
@@ -210,6 +239,11 @@ pub struct ListQuery {
     pub limit: Option<String>,
     /// Opaque position to continue from, taken from the previous page's `Link: rel="next"` URL.
     pub cursor: Option<String>,
+    /// Any other parameter, to be refused by name: a misspelt one (`?Limit=5`) silently ignored
+    /// would give the client a page it did not ask for.
+    #[serde(flatten)]
+    #[param(ignore)]
+    pub unknown: std::collections::BTreeMap<String, String>,
 }
 
 pub(super) struct ListParams {
@@ -244,6 +278,12 @@ impl ListQuery {
                 DEFAULT_LIMIT
             }
         };
+        for name in self.unknown.keys() {
+            errors.push(field(
+                name,
+                "is not a parameter of this list; it takes completed, limit and cursor".into(),
+            ));
+        }
         let after = match self.cursor.as_deref() {
             None => Cursor::START,
             Some(raw) => decode_cursor(raw).unwrap_or_else(|| {
@@ -365,6 +405,34 @@ impl UpdateTodo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_order_is_taken_only_when_its_text_is_exactly_an_integer_in_range() {
+        for (text, value) in [
+            ("0", Some(0)),
+            ("-0.0", Some(0)),
+            ("0e999999999999999999999", Some(0)),
+            ("2.0", Some(2)),
+            ("1e3", Some(1000)),
+            ("12.50e1", Some(125)),
+            ("1500E-3", None),
+            ("15000e-3", Some(15)),
+            ("9007199254740993.0", Some(9_007_199_254_740_993)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("-9223372036854775808.0", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("-9223372036854775809", None),
+            ("-9223372036854775808.5", None),
+            ("1.0000000000000000001", None),
+            ("1e-400", None),
+            ("1e400", None),
+            ("1e99999999999999999999", None),
+            ("0.5", None),
+        ] {
+            assert_eq!(exact_integer(text), value, "{text}");
+        }
+    }
 
     #[test]
     fn cursors_round_trip_including_negative_and_max_sort_keys() {
