@@ -25,7 +25,7 @@ use super::{
     cors::CorsPolicy,
     guard::admission::EarlyRefusal,
     problem::ProblemCode,
-    trace::{REQUEST, REQUEST_ID, RequestFields, end_server_span, new_request_id, server_span},
+    trace::{REQUEST, REQUEST_ID, RequestFields, end_server_span, request_id, server_span},
 };
 use crate::{metrics, telemetry::spans};
 
@@ -102,10 +102,7 @@ where
         // The client's id, or a fresh one. Not written into the request's headers: nothing
         // beneath reads it there (the span and the log lines take it from here), and an insert
         // into the header map is a hash and often a grow.
-        let request_id = match req.headers().get(REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => new_request_id(),
-        };
+        let request_id = request_id(req.headers());
         let traced = server_span(&req, &request_id);
         let fields = RequestFields {
             request_id,

@@ -31,8 +31,26 @@ use crate::{
 /// Set on every request (the client's, or a fresh one) before the span and kept on the response.
 pub(crate) const REQUEST_ID: &str = "x-request-id";
 
+/// Longest client-sent request id kept: a UUID is 36, a W3C trace id 32.
+pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The request's id: the client's when it is 1 to [`MAX_REQUEST_ID_BYTES`] visible ASCII
+/// characters, else a fresh one (which the answer names, so the client can quote it). A longer id
+/// was copied whole into every log line of its request: three 300 KB ids wrote 900 KB of log.
+pub(super) fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(REQUEST_ID) {
+        Some(id)
+            if (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
+                && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
+        {
+            id.clone()
+        }
+        _ => new_request_id(),
+    }
+}
+
 /// A fresh request id: a random (v4) UUID, hyphenated.
-pub(super) fn new_request_id() -> HeaderValue {
+fn new_request_id() -> HeaderValue {
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
