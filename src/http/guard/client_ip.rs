@@ -53,12 +53,14 @@ impl ClientAddr {
         }
         let mut client = peer;
         // Several header lines are one list, in order (RFC 9110 §5.3): walk the last line first.
+        // Split from the bytes: what a client wrote on the left (even bytes that are not ASCII)
+        // must not hide the entries trusted proxies appended on the right.
         for line in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-            let Ok(line) = line.to_str() else {
-                return client;
-            };
-            for entry in line.rsplit(',') {
-                let Some(ip) = parse_entry(entry.trim()) else {
+            for entry in line.as_bytes().rsplit(|&b| b == b',') {
+                let Some(ip) = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|e| parse_entry(e.trim()))
+                else {
                     return client;
                 };
                 client = canonical(ip);
@@ -149,6 +151,14 @@ mod tests {
             ip("203.0.113.7"),
             "ports are dropped; what is left of the client does not matter"
         );
+        // A byte that is not ASCII on the client's side (a proxy forwards what it was sent) no
+        // longer hides the entry the proxy appended.
+        let mut raw = HeaderMap::new();
+        raw.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 198.51.100.77").unwrap(),
+        );
+        assert_eq!(c.client(peer, &raw), ip("198.51.100.77"));
     }
 
     #[test]
