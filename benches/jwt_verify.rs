@@ -4,6 +4,10 @@
 //! every later request with the same token costs). Evidence for docs/authentication.md
 //! and loadtest/archive.md#authentication, not a test.
 //!
+//! Then what a request from a client address over `RATE_LIMIT_UNAUTHENTICATED_*` costs through
+//! the authentication layer: a garbage token, and an ES256 token naming a published key with a
+//! made-up signature (before issue 30, that signature was checked before the 429).
+//!
 //! Run: `cargo bench --bench jwt_verify` (no database needed). `BENCH_ITERATIONS` (default 20000)
 //! sets the verifications per algorithm.
 
@@ -102,4 +106,81 @@ fn main() {
             let _ = std::hint::black_box(verifier.verify(std::hint::black_box(token)));
         });
     }
+    throttled(n, &verifier, &es);
+}
+
+/// Requests from one address past its unauthenticated limit, through the authentication layer.
+fn throttled(n: u32, verifier: &Arc<Verifier>, es: &str) {
+    use axum::{
+        body::Body,
+        extract::ConnectInfo,
+        http::{Request, Response},
+    };
+    use todo_service::{
+        config::{AuthConfig, AuthMode, JwtConfig},
+        http::guard::{authenticate::AuthenticateLayer, caller::CallerKey, client_ip::ClientAddr},
+    };
+    use tower::{Layer as _, ServiceExt as _};
+
+    let config = AuthConfig {
+        mode: AuthMode::Jwt(JwtConfig {
+            secret: None,
+            jwks: None,
+            jwks_refresh: Duration::from_secs(300),
+            audience: None,
+            issuer: None,
+        }),
+        span_subject: false,
+        // One request, then one a second: every request below is over the limit.
+        unauthenticated_limit: Some((1, 1)),
+    };
+    let layer = AuthenticateLayer::new(
+        &config,
+        Some(Arc::clone(verifier)),
+        CallerKey(ClientAddr::new(&[], 64)),
+        1000,
+    );
+    let service = layer.layer(tower::service_fn(|_: Request<Body>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
+    }));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().expect("an address");
+    let request = |token: &str| {
+        let mut req = Request::new(Body::empty());
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("a header value"),
+        );
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    };
+    // The made-up signature: 64 bytes, as ES256 writes them.
+    let (signed, _) = es.rsplit_once('.').expect("a JWT");
+    let forged = format!("{signed}.{}", b64(&[7u8; 64]));
+    println!("a client address over its unauthenticated limit, through the authentication layer");
+    for (label, token) in [
+        ("throttled, garbage token", "not.a.jwt".to_owned()),
+        ("throttled, ES256 kid, made-up signature", forged.clone()),
+    ] {
+        // The first request from the address may spend its one allowed request.
+        let mut status = None;
+        for _ in 0..2 {
+            let res = runtime.block_on(service.clone().oneshot(request(&token)));
+            status = Some(res.expect("answered").status());
+        }
+        assert_eq!(status.map(|s| s.as_u16()), Some(429), "{label}");
+        per_call(label, n, || {
+            let res = runtime.block_on(
+                service
+                    .clone()
+                    .oneshot(request(std::hint::black_box(&token))),
+            );
+            std::hint::black_box(res.expect("answered").status());
+        });
+    }
+    per_call("ES256 made-up signature, checked", n, || {
+        let _ = std::hint::black_box(verifier.verify_uncached(std::hint::black_box(&forged)));
+    });
 }

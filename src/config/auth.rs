@@ -74,9 +74,11 @@ pub const VARS: &[Var] = &[
         name: "RATE_LIMIT_UNAUTHENTICATED_PER_SECOND",
         default: Some("10"),
         help: "With AUTH_MODE=jwt: requests per second each client address may sustain on /todos \
-               without a valid token (each answered 401; beyond this 429), so a burst of bad \
-               tokens is throttled. Authenticated requests are limited per sub by \
-               RATE_LIMIT_PER_SECOND instead. 0 disables it.",
+               without a valid token (each answered 401; beyond this 429), counting every \
+               token not verified before (its signature check is what costs), so a burst of bad \
+               tokens is throttled and a throttled address gets no signature checked. Tokens \
+               verified before still pass. Authenticated requests are limited per sub by \
+               RATE_LIMIT_PER_SECOND. 0 disables it.",
     },
     Var {
         name: "RATE_LIMIT_UNAUTHENTICATED_BURST",
