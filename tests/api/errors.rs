@@ -98,6 +98,61 @@ async fn validation_failures_are_422_naming_each_field_and_change_nothing() {
     assert_eq!(app.snapshot().await, before);
 }
 
+/// An `order` is stored exactly or refused: a float reading of the text once rounded
+/// 9007199254740993.0 to …992 and 1e-400 to 0 and stored them.
+#[tokio::test]
+async fn an_order_that_is_not_exactly_an_integer_in_range_is_422_and_one_that_is_kept_exactly() {
+    let (app, path) = app_with_one_todo().await;
+    let send = |method: reqwest::Method, path: &str, order: &str| {
+        let body = if method == reqwest::Method::POST {
+            format!(r#"{{"title": "a", "order": {order}}}"#)
+        } else {
+            format!(r#"{{"order": {order}}}"#)
+        };
+        app.client
+            .request(method, app.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let before = app.snapshot().await;
+    for order in [
+        "9007199254740993.5",
+        "1.0000000000000000001",
+        "1e-400",
+        "-9223372036854775808.5",
+        "9223372036854775808",
+        "1e19",
+    ] {
+        for (method, at) in [
+            (reqwest::Method::POST, "/todos"),
+            (reqwest::Method::PATCH, path.as_str()),
+        ] {
+            let r = send(method.clone(), at, order).await.unwrap();
+            let p = assert_problem(r, 422, "validation_failed").await;
+            assert_eq!(p["errors"][0]["field"], "order", "{method} {order}: {p}");
+        }
+    }
+    assert_eq!(app.snapshot().await, before);
+    let r = send(reqwest::Method::POST, "/todos", "9007199254740993.0")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Read as text: the exact digits, not a float's.
+    let created = r.text().await.unwrap();
+    assert!(created.contains(r#""order":9007199254740993"#), "{created}");
+    let r = send(reqwest::Method::PATCH, &path, "-9223372036854775808.0")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains(r#""order":-9223372036854775808"#)
+    );
+}
+
 #[tokio::test]
 async fn bad_list_parameters_are_422_naming_the_parameter() {
     let app = spawn_app().await;
@@ -107,6 +162,10 @@ async fn bad_list_parameters_are_422_naming_the_parameter() {
         ("limit=ten", "limit"),
         ("completed=maybe", "completed"),
         ("cursor=abc", "cursor"),
+        // Unknown or misspelt parameters are named, not ignored.
+        ("foo=1", "foo"),
+        ("Limit=1", "Limit"),
+        ("limit=5&completed=true&sort=title", "sort"),
     ] {
         let p = assert_problem(
             app.get(&format!("/todos?{query}")).await,

@@ -122,3 +122,32 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
         "closed {after:?} after going idle (timeout 1 s)"
     );
 }
+
+/// One byte that is not ASCII on the client's side of the header once made the whole header
+/// unreadable, and the request was keyed to the proxy: a fresh quota, then the proxy's own.
+#[tokio::test]
+async fn a_byte_that_is_not_ascii_on_the_clients_side_does_not_hide_the_proxys_entry() {
+    let app = app_behind_proxy().await;
+    let client = client_from("127.0.0.1");
+    let send = |xff: &'static [u8]| {
+        client
+            .get(app.url("/todos"))
+            .header(
+                "x-forwarded-for",
+                reqwest::header::HeaderValue::from_bytes(xff).unwrap(),
+            )
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(send(b"198.51.100.77").await.unwrap().status(), 200);
+    }
+    assert_eq!(send(b"198.51.100.77").await.unwrap().status(), 429);
+    assert_eq!(send(b"\xff, 198.51.100.77").await.unwrap().status(), 429);
+    assert_eq!(
+        send(b"\xff\xfe, 198.51.100.77").await.unwrap().status(),
+        429
+    );
+    // The proxy's own quota was not spent.
+    let r = client.get(app.url("/todos")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

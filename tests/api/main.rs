@@ -14,6 +14,7 @@ mod errors;
 // Shared with the drills binary, which uses parts this one does not.
 #[allow(dead_code)]
 mod helpers;
+mod hostile;
 mod kubernetes;
 mod layout;
 mod limits;
