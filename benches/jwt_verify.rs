@@ -36,7 +36,11 @@ fn claims() -> serde_json::Value {
     json!({"sub": "alice", "scope": "todos:read todos:write", "exp": now + 3600})
 }
 
-fn per_call(label: &str, n: u32, mut f: impl FnMut()) -> Duration {
+fn per_call(label: &str, n: u32, f: impl FnMut()) -> Duration {
+    per(label, "verification", n, f)
+}
+
+fn per(label: &str, unit: &str, n: u32, mut f: impl FnMut()) -> Duration {
     for _ in 0..n / 10 {
         f();
     }
@@ -45,10 +49,7 @@ fn per_call(label: &str, n: u32, mut f: impl FnMut()) -> Duration {
         f();
     }
     let each = started.elapsed() / n;
-    println!(
-        "{label:40} {:>8.2} µs per verification",
-        each.as_secs_f64() * 1e6
-    );
+    println!("{label:40} {:>8.2} µs per {unit}", each.as_secs_f64() * 1e6);
     each
 }
 
@@ -134,6 +135,12 @@ fn throttled(n: u32, verifier: &Arc<Verifier>, es: &str) {
         // One request, then one a second: every request below is over the limit.
         unauthenticated_limit: Some((1, 1)),
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    // The throttle's pruner is a task of the runtime.
+    let _entered = runtime.enter();
     let layer = AuthenticateLayer::new(
         &config,
         Some(Arc::clone(verifier)),
@@ -143,9 +150,6 @@ fn throttled(n: u32, verifier: &Arc<Verifier>, es: &str) {
     let service = layer.layer(tower::service_fn(|_: Request<Body>| async {
         Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
     }));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime");
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().expect("an address");
     let request = |token: &str| {
         let mut req = Request::new(Body::empty());
@@ -171,7 +175,7 @@ fn throttled(n: u32, verifier: &Arc<Verifier>, es: &str) {
             status = Some(res.expect("answered").status());
         }
         assert_eq!(status.map(|s| s.as_u16()), Some(429), "{label}");
-        per_call(label, n, || {
+        per(label, "request", n, || {
             let res = runtime.block_on(
                 service
                     .clone()
