@@ -20,6 +20,7 @@ pub mod database_tls;
 mod env;
 pub mod logging;
 pub mod otel;
+mod redact;
 pub mod resilience;
 pub mod server;
 #[cfg(test)]
@@ -30,11 +31,12 @@ use std::{net::SocketAddr, time::Duration};
 use url::Url;
 
 pub use auth::{AuthConfig, AuthMode, JwksSource, JwtConfig};
-pub use database::{DatabaseConfig, PoolerMode, Target, redact_url};
+pub use database::{DatabaseConfig, PoolerMode, Target};
 pub use database_tls::{ClientCert, DbTlsSettings, RootCert, SslMode};
 pub use env::ConfigError;
 pub use logging::LogFormat;
 pub use otel::{ExportHeaders, OtelConfig, OtlpProtocol, TraceSampler};
+pub use redact::redact_url;
 pub use resilience::{BreakerConfig, Clients, RateLimit};
 pub use server::CorsOrigins;
 
