@@ -21,10 +21,9 @@ use jsonwebtoken::{
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse},
 };
 use tokio::time::Instant;
-use url::Url;
 
 use super::keys::{Key, KeySet};
-use crate::config::JwksSource;
+use crate::config::{JwksSource, RedactedUrl};
 
 /// At most one refresh asked for by an unknown `kid` per this interval.
 pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -159,10 +158,11 @@ pub async fn load(source: &JwksSource) -> Result<Vec<Key>, JwksError> {
     parse(&bytes)
 }
 
-async fn fetch(client: &reqwest::Client, url: &Url) -> Result<Vec<u8>, JwksError> {
+async fn fetch(client: &reqwest::Client, url: &RedactedUrl) -> Result<Vec<u8>, JwksError> {
+    // Named as printed (no credentials); reqwest's own text without its copy of the URL.
     let failed = |e: reqwest::Error| JwksError::Read(url.to_string(), e.without_url().to_string());
     let mut res = client
-        .get(url.clone())
+        .get(url.url().clone())
         .send()
         .await
         .map_err(failed)?

@@ -15,6 +15,7 @@ use url::Url;
 use super::{
     Var,
     env::{ConfigError, Env, invalid},
+    redact::{RedactedUrl, redact_url},
 };
 
 pub const VARS: &[Var] = &[
@@ -107,7 +108,8 @@ pub enum AuthMode {
 #[derive(Debug, Clone)]
 pub enum JwksSource {
     File(PathBuf),
-    Url(Url),
+    /// Printed without its credentials.
+    Url(RedactedUrl),
 }
 
 impl std::fmt::Display for JwksSource {
@@ -201,12 +203,13 @@ fn jwks(env: &Env<'_>) -> Result<Option<JwksSource>, ConfigError> {
         (None, Some(raw)) => {
             const EXPECTED: &str =
                 "an http or https URL, e.g. https://issuer.example.com/jwks.json";
+            let shown = redact_url(raw.trim());
             let url = Url::parse(raw.trim())
-                .map_err(|e| invalid("AUTH_JWKS_URL", format!("{raw:?}: {e}"), EXPECTED))?;
+                .map_err(|e| invalid("AUTH_JWKS_URL", format!("{shown}: {e}"), EXPECTED))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid("AUTH_JWKS_URL", format!("{raw:?}"), EXPECTED));
+                return Err(invalid("AUTH_JWKS_URL", shown, EXPECTED));
             }
-            Ok(Some(JwksSource::Url(url)))
+            Ok(Some(JwksSource::Url(RedactedUrl::new(url))))
         }
         (None, None) => Ok(None),
     }

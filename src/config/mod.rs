@@ -36,7 +36,7 @@ pub use database_tls::{ClientCert, DbTlsSettings, RootCert, SslMode};
 pub use env::ConfigError;
 pub use logging::LogFormat;
 pub use otel::{ExportHeaders, OtelConfig, OtlpProtocol, TraceSampler};
-pub use redact::redact_url;
+pub use redact::{RedactedUrl, redact_url};
 pub use resilience::{BreakerConfig, Clients, RateLimit};
 pub use server::CorsOrigins;
 

@@ -9,6 +9,7 @@ use url::Url;
 use super::{
     Var,
     env::{ConfigError, Env, invalid},
+    redact::{RedactedUrl, redact_url},
 };
 
 pub const VARS: &[Var] = &[
@@ -94,7 +95,8 @@ pub enum OtlpProtocol {
 /// OpenTelemetry export settings (the standard `OTEL_*` variables).
 #[derive(Debug, Clone)]
 pub struct OtelConfig {
-    pub endpoint: Option<Url>,
+    /// Printed without its credentials.
+    pub endpoint: Option<RedactedUrl>,
     /// `OTEL_EXPORTER_OTLP_HEADERS`, for the span exporter (`telemetry::otlp_spans`); the stock
     /// metric and log exporters read the variable themselves. The values are secrets: marked
     /// sensitive, and never shown by `Debug`.
@@ -174,10 +176,12 @@ pub(super) fn parse(env: &Env<'_>) -> Result<OtelConfig, ConfigError> {
     let endpoint = env
         .optional("OTEL_EXPORTER_OTLP_ENDPOINT")
         .map(|raw| match Url::parse(raw.trim()) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(u),
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                Ok(RedactedUrl::new(u))
+            }
             _ => Err(invalid(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("{raw:?}"),
+                redact_url(raw.trim()),
                 URL_FORM,
             )),
         })

@@ -369,7 +369,9 @@ fn a_jwk_set_is_a_file_or_a_url_and_can_stand_in_for_the_secret() {
         panic!("jwt")
     };
     assert!(j.secret.is_none());
-    assert!(matches!(&j.jwks, Some(JwksSource::Url(u)) if u.host_str() == Some("id.example.com")));
+    assert!(
+        matches!(&j.jwks, Some(JwksSource::Url(u)) if u.url().host_str() == Some("id.example.com"))
+    );
     assert_eq!(j.jwks_refresh, Duration::from_secs(300));
     let c = config(&[URL, jwt, ("AUTH_JWKS_FILE", "/etc/jwks.json")]).unwrap();
     let AuthMode::Jwt(j) = &c.auth.mode else {

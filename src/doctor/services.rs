@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     auth::{Mint, READ_SCOPE, Verifier, jwks, mint_hs256},
-    config::{AuthMode, Config, JwksSource},
+    config::{AuthMode, Config, JwksSource, redact_url},
 };
 
 /// The OTLP collector, from the standard OpenTelemetry variable.
@@ -18,10 +18,12 @@ pub(super) async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
     let Some(raw) = lookup("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty()) else {
         return Check::new(NAME, Status::Skip, "OTEL_EXPORTER_OTLP_ENDPOINT is not set");
     };
+    // What the report shows of it: never its credentials.
+    let shown = redact_url(raw.trim());
     let url = match url::Url::parse(raw.trim()) {
         Ok(u) if u.host_str().is_some() => u,
         _ => {
-            return Check::new(NAME, Status::Fail, format!("{raw:?} is not a URL")).hint(
+            return Check::new(NAME, Status::Fail, format!("{shown} is not a URL")).hint(
                 "Use e.g. http://otel-collector:4317 (gRPC) or http://otel-collector:4318 (HTTP).",
             );
         }
@@ -43,10 +45,10 @@ pub(super) async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
         Ok::<_, std::io::Error>(addr)
     };
     match tokio::time::timeout(STEP_TIMEOUT, reach).await {
-        Ok(Ok(addr)) => Check::new(NAME, Status::Pass, format!("{raw} ({addr}) accepts connections")),
-        Ok(Err(e)) => Check::new(NAME, Status::Fail, format!("{raw}: {e}"))
+        Ok(Ok(addr)) => Check::new(NAME, Status::Pass, format!("{shown} ({addr}) accepts connections")),
+        Ok(Err(e)) => Check::new(NAME, Status::Fail, format!("{shown}: {e}"))
             .hint("Is the collector (SigNoz's otel-collector) up and on the same network? The service keeps serving without it."),
-        Err(_) => Check::new(NAME, Status::Fail, format!("{raw}: no answer within {STEP_TIMEOUT:?}"))
+        Err(_) => Check::new(NAME, Status::Fail, format!("{shown}: no answer within {STEP_TIMEOUT:?}"))
             .hint("Check the network path to the collector."),
     }
 }

@@ -119,7 +119,7 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
     crate::net::install_tls_provider();
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
-            let collector = Collector::resolve_once(&config.otel, endpoint).await?;
+            let collector = Collector::resolve_once(&config.otel, endpoint.url()).await?;
             let resource = resource(&config.otel);
             // First, so the SDK's processors built next find it for their own drop counters.
             let meters = meter_provider(&config.otel, &collector, resource.clone())?;

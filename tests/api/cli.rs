@@ -439,3 +439,58 @@ fn serving_every_interface_without_authentication_must_be_chosen_and_then_warns(
     let logs = logs_of_a_short_run(&[("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/db")]);
     assert!(!logs.contains("AUTH_MODE=none on an address"), "{logs}");
 }
+
+/// Credentials in the other URLs the service is given (the JWK Set's, the OTLP collector's) are
+/// no more printed than the database's: not in the logs, not by `doctor`, not in the error for a
+/// rejected URL.
+#[test]
+fn credentials_in_the_jwks_and_otlp_urls_are_never_printed() {
+    let jwks = "http://keys:hunter2-jwks@127.0.0.1:1/jwks.json";
+    let otlp = "http://otel:hunter2-otlp@127.0.0.1:1";
+    let env = [
+        ("DATABASE_URL", "postgres://app@127.0.0.1:1/todos"),
+        ("AUTH_MODE", "jwt"),
+        ("AUTH_JWKS_URL", jwks),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+    ];
+    let logs = logs_of_a_short_run(&env);
+    assert!(
+        logs.contains("JWK Set") && logs.contains("OTLP"),
+        "expected the key set's and the exporter's lines: {logs}"
+    );
+    assert!(!logs.contains("hunter2"), "a password in the logs:\n{logs}");
+    let (_, report) = doctor(&env);
+    assert!(
+        report.contains("127.0.0.1:1"),
+        "expected both checks: {report}"
+    );
+    assert!(
+        !report.contains("hunter2"),
+        "a password in doctor:\n{report}"
+    );
+    for (var, value) in [
+        (
+            "AUTH_JWKS_URL",
+            "ftp://keys:hunter2-jwks@id.example/jwks.json",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "ftp://otel:hunter2-otlp@collector:4317",
+        ),
+    ] {
+        let out = service()
+            .env("DATABASE_URL", "postgres://app@127.0.0.1:1/db")
+            .env("AUTH_MODE", "jwt")
+            .env(
+                "AUTH_JWT_SECRET",
+                "a-secret-for-the-configuration-error-test",
+            )
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{var}: {stderr}");
+    }
+}
