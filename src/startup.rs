@@ -88,6 +88,17 @@ impl Application {
                 bind(addr).with_context(|| format!("cannot listen on ADMIN_LISTEN_ADDR={addr}"))
             })
             .transpose()?;
+        if let Some(admin) = &admin_listener
+            && let Ok(addr) = admin.local_addr()
+            && !addr.ip().is_loopback()
+        {
+            // Allowed only with ADMIN_ALLOW_NETWORK=true (see config::server).
+            tracing::warn!(
+                admin_listen_addr = %addr,
+                "the admin listener is on an address other machines can reach, without \
+                 authentication: anyone who reaches it reads the service's internals"
+            );
+        }
         if config.auth.is_open_to_the_network(local) {
             tracing::warn!(
                 listen_addr = %local,

@@ -98,6 +98,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// `None` when `ADMIN_LISTEN_ADDR=off`.
     pub admin_listen_addr: Option<SocketAddr>,
+    /// `ADMIN_ALLOW_NETWORK`: the admin listener may be on an address other machines reach.
+    pub admin_allow_network: bool,
     pub public_base_url: Option<Url>,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
@@ -137,6 +139,7 @@ impl Config {
         Ok(Config {
             listen_addr: server.listen_addr,
             admin_listen_addr: server.admin_listen_addr,
+            admin_allow_network: server.admin_allow_network,
             public_base_url: server.public_base_url,
             database,
             auth,

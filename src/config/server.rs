@@ -24,7 +24,15 @@ pub const VARS: &[Var] = &[
         default: Some("127.0.0.1:9091"),
         help: "Address of the operators' listener, as IP:PORT, or `off`: its /ready shows the \
                pinned database address, DNS lookups, the pool, the breaker's counters and the \
-               driver's errors, which the public /ready does not. Keep it off public networks.",
+               driver's errors, which the public /ready does not. It has no authentication: an \
+               address other machines can reach needs ADMIN_ALLOW_NETWORK=true.",
+    },
+    Var {
+        name: "ADMIN_ALLOW_NETWORK",
+        default: Some("false"),
+        help: "true allows ADMIN_LISTEN_ADDR on an address other machines can reach (the admin \
+               listener then warns at startup and in doctor: anyone who reaches it reads the \
+               service's internals). false: such an address is a startup error.",
     },
     Var {
         name: "PUBLIC_BASE_URL",
@@ -90,6 +98,7 @@ pub const VARS: &[Var] = &[
 /// The server's settings, moved into [`super::Config`]'s fields.
 pub(super) struct Server {
     pub admin_listen_addr: Option<SocketAddr>,
+    pub admin_allow_network: bool,
     pub listen_addr: SocketAddr,
     pub public_base_url: Option<Url>,
     pub idempotency_key_ttl: Duration,
@@ -103,12 +112,29 @@ pub(super) struct Server {
 }
 
 pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
+    let admin_listen_addr: Option<SocketAddr> = match env.value("ADMIN_LISTEN_ADDR").trim() {
+        "off" => None,
+        _ => Some(env.parse("ADMIN_LISTEN_ADDR", "IP:PORT, e.g. 127.0.0.1:9091, or off")?),
+    };
+    let admin_allow_network = env.boolean("ADMIN_ALLOW_NETWORK")?;
+    // The admin listener has no authentication: reachable from other machines only by choice,
+    // as serving the data routes without authentication is (AUTH_MODE=none).
+    if let Some(addr) = admin_listen_addr.filter(|a| !a.ip().is_loopback())
+        && !admin_allow_network
+    {
+        return Err(invalid(
+            "ADMIN_LISTEN_ADDR",
+            format!(
+                "{addr} is reachable from other machines, and the admin listener has no authentication"
+            ),
+            "a loopback address such as 127.0.0.1:9091, off, or ADMIN_ALLOW_NETWORK=true to \
+             serve the service's internals to anyone who reaches it",
+        ));
+    }
     Ok(Server {
         listen_addr: env.parse("LISTEN_ADDR", "IP:PORT, e.g. 0.0.0.0:8080")?,
-        admin_listen_addr: match env.value("ADMIN_LISTEN_ADDR").trim() {
-            "off" => None,
-            _ => Some(env.parse("ADMIN_LISTEN_ADDR", "IP:PORT, e.g. 127.0.0.1:9091, or off")?),
-        },
+        admin_listen_addr,
+        admin_allow_network,
         public_base_url: env
             .optional("PUBLIC_BASE_URL")
             .map(parse_base_url)

@@ -34,6 +34,7 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                 format!("valid; database {}", config.database.redacted_url()),
             ));
             checks.push(services::authentication(&config).await);
+            checks.push(services::admin_listener(&config));
             checks.extend(database::checks(&config.database, resolver.as_ref()).await);
         }
         Err(e) => {
@@ -43,7 +44,9 @@ pub async fn run(lookup: impl Fn(&str) -> Option<String>, resolver: Arc<dyn Reso
                     e.var
                 )),
             );
-            let needs_config = ["authentication"].into_iter().chain(database::CHECKS);
+            let needs_config = ["authentication", services::ADMIN_LISTENER]
+                .into_iter()
+                .chain(database::CHECKS);
             checks.extend(
                 needs_config
                     .map(|name| Check::new(name, Status::Skip, "needs a valid configuration")),

@@ -53,6 +53,30 @@ pub(super) async fn otlp(lookup: &impl Fn(&str) -> Option<String>) -> Check {
     }
 }
 
+pub(super) const ADMIN_LISTENER: &str = "admin listener";
+
+/// Who can reach the operators' listener, which has no authentication.
+pub(super) fn admin_listener(config: &Config) -> Check {
+    match config.admin_listen_addr {
+        None => Check::new(ADMIN_LISTENER, Status::Skip, "off (ADMIN_LISTEN_ADDR=off)"),
+        Some(addr) if addr.ip().is_loopback() => Check::new(
+            ADMIN_LISTENER,
+            Status::Pass,
+            format!("{addr}: this machine only"),
+        ),
+        Some(addr) => Check::new(
+            ADMIN_LISTENER,
+            Status::Warn,
+            format!(
+                "{addr}, reachable from other machines (ADMIN_ALLOW_NETWORK=true): anyone who \
+                 reaches it reads the pinned database address, the pool, the breaker and the \
+                 driver's errors"
+            ),
+        )
+        .hint("Bind ADMIN_LISTEN_ADDR to 127.0.0.1, or keep the port behind a firewall."),
+    }
+}
+
 /// Who may call, and whether the configured keys can verify tokens: one is signed with the
 /// secret and verified as a request's would be; the JWK Set is read and each key's algorithm
 /// shown. Never shows the secret, only its length.

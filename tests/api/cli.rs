@@ -494,3 +494,48 @@ fn credentials_in_the_jwks_and_otlp_urls_are_never_printed() {
         assert!(!stderr.contains("hunter2"), "{var}: {stderr}");
     }
 }
+
+/// The admin listener has no authentication: on an address other machines can reach it must be
+/// chosen (`ADMIN_ALLOW_NETWORK=true`), and then it warns at startup and in `doctor`.
+#[test]
+fn an_admin_listener_other_machines_can_reach_must_be_chosen_and_then_warns() {
+    let db = ("DATABASE_URL", "postgres://app@127.0.0.1:1/db");
+    let out = service()
+        .env(db.0, db.1)
+        .env("ADMIN_LISTEN_ADDR", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("ADMIN_LISTEN_ADDR") && stderr.contains("ADMIN_ALLOW_NETWORK"),
+        "{stderr}"
+    );
+    let open = [
+        db,
+        ("ADMIN_LISTEN_ADDR", "0.0.0.0:0"),
+        ("ADMIN_ALLOW_NETWORK", "true"),
+    ];
+    let logs = logs_of_a_short_run(&open);
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("the admin listener is on an address other machines can reach"))
+        .unwrap_or_else(|| panic!("no warning in:\n{logs}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    let (_, report) = doctor(&open);
+    assert!(
+        line(&report, "admin listener").contains("[warn]"),
+        "{report}"
+    );
+    // On loopback (the default) there is nothing to warn about.
+    let (_, report) = doctor(&[db]);
+    assert!(
+        line(&report, "admin listener").contains("[pass]"),
+        "{report}"
+    );
+    let logs = logs_of_a_short_run(&[db]);
+    assert!(
+        !logs.contains("the admin listener is on an address"),
+        "{logs}"
+    );
+}
