@@ -124,6 +124,7 @@ impl Application {
                 .as_ref()
                 .map(|u| Arc::from(u.as_str().trim_end_matches('/'))),
             fallback_base_url: Arc::from(format!("http://{local}")),
+            allowed_hosts: config.allowed_hosts.clone(),
             idempotency_key_ttl: config.idempotency_key_ttl,
             draining: Arc::clone(&draining),
         });

@@ -38,7 +38,7 @@ pub use logging::LogFormat;
 pub use otel::{ExportHeaders, OtelConfig, OtlpProtocol, TraceSampler};
 pub use redact::{RedactedUrl, redact_url};
 pub use resilience::{BreakerConfig, Clients, RateLimit};
-pub use server::CorsOrigins;
+pub use server::{AllowedHosts, CorsOrigins};
 
 use env::Env;
 
@@ -112,6 +112,8 @@ pub struct Config {
     pub idempotency_key_ttl: Duration,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
+    /// `ALLOWED_HOSTS`: the Host headers links may be built from.
+    pub allowed_hosts: AllowedHosts,
     pub shutdown_timeout: Duration,
     /// On a shutdown signal, `/ready` says 503 for this long before the listener closes.
     pub shutdown_readiness_delay: Duration,
@@ -152,6 +154,7 @@ impl Config {
             idempotency_key_ttl: server.idempotency_key_ttl,
             max_body_bytes: server.max_body_bytes,
             cors_allowed_origins: server.cors_allowed_origins,
+            allowed_hosts: server.allowed_hosts,
             shutdown_timeout: server.shutdown_timeout,
             shutdown_readiness_delay: server.shutdown_readiness_delay,
             header_read_timeout: server.header_read_timeout,

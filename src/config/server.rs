@@ -38,7 +38,16 @@ pub const VARS: &[Var] = &[
         name: "PUBLIC_BASE_URL",
         default: None,
         help: "Absolute base URL used in each todo's `url` and in Location/Link headers, e.g. \
-               https://todos.example.com. Unset: built from the request's Host header.",
+               https://todos.example.com. Unset: built from the request's Host header when \
+               ALLOWED_HOSTS allows it, else from LISTEN_ADDR.",
+    },
+    Var {
+        name: "ALLOWED_HOSTS",
+        default: Some("localhost,127.0.0.1,[::1]"),
+        help: "When PUBLIC_BASE_URL is unset: the Host headers links may be built from, \
+               comma-separated `host` (any port) or `host:port`, or `*` for any plain \
+               host[:port]. Another Host is served, but its links use LISTEN_ADDR: a client \
+               cannot make the service hand out links to a host the operator did not name.",
     },
     Var {
         name: "IDEMPOTENCY_KEY_TTL",
@@ -104,6 +113,7 @@ pub(super) struct Server {
     pub idempotency_key_ttl: Duration,
     pub max_body_bytes: usize,
     pub cors_allowed_origins: CorsOrigins,
+    pub allowed_hosts: AllowedHosts,
     pub shutdown_timeout: Duration,
     pub shutdown_readiness_delay: Duration,
     pub header_read_timeout: Duration,
@@ -146,6 +156,7 @@ pub(super) fn parse(env: &Env<'_>) -> Result<Server, ConfigError> {
         )?,
         max_body_bytes: env.bounded("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024)?,
         cors_allowed_origins: parse_cors(&env.value("CORS_ALLOWED_ORIGINS"))?,
+        allowed_hosts: parse_allowed_hosts(&env.value("ALLOWED_HOSTS"))?,
         shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT")?,
         shutdown_readiness_delay: env.duration_within(
             "SHUTDOWN_READINESS_DELAY",
@@ -182,6 +193,62 @@ fn parse_base_url(raw: String) -> Result<Url, ConfigError> {
         return Err(invalid("PUBLIC_BASE_URL", format!("{raw:?}"), FORM));
     }
     Ok(url)
+}
+
+/// The `Host` headers links may be built from (`ALLOWED_HOSTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedHosts {
+    /// `*`: any plain `host[:port]`.
+    Any,
+    /// Host names (lower case) with the one port allowed, or any port.
+    List(Vec<(String, Option<u16>)>),
+}
+
+impl AllowedHosts {
+    /// Whether a request's `host[:port]` is one of them.
+    pub fn allows(&self, authority: &str) -> bool {
+        let AllowedHosts::List(list) = self else {
+            return true;
+        };
+        let (host, port) = split_authority(authority);
+        list.iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && p.is_none_or(|p| Some(p) == port))
+    }
+}
+
+/// `host[:port]` into its parts; `[::1]:80` is `([::1], 80)`. A port that does not parse stays
+/// part of the host, which then matches nothing.
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => match port.parse() {
+            Ok(port) => (host, Some(port)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    }
+}
+
+fn parse_allowed_hosts(raw: &str) -> Result<AllowedHosts, ConfigError> {
+    const FORM: &str =
+        "* or a comma-separated list of host or host:port, e.g. todos.example.com,localhost:8080";
+    if raw.trim() == "*" {
+        return Ok(AllowedHosts::Any);
+    }
+    raw.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            let plain = entry.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+            });
+            let (host, port) = split_authority(entry);
+            if !plain || host.is_empty() || (host.contains(':') && !host.starts_with('[')) {
+                return Err(invalid("ALLOWED_HOSTS", format!("{entry:?}"), FORM));
+            }
+            Ok((host.to_ascii_lowercase(), port))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(AllowedHosts::List)
 }
 
 fn parse_cors(raw: &str) -> Result<CorsOrigins, ConfigError> {

@@ -428,3 +428,45 @@ fn otlp_headers_are_checked_decoded_and_kept_out_of_sight() {
         );
     }
 }
+
+#[test]
+fn allowed_hosts_name_hosts_with_or_without_a_port_and_star_is_any() {
+    let c = config(&[URL]).unwrap();
+    for ok in [
+        "localhost",
+        "localhost:8080",
+        "LOCALHOST:1",
+        "127.0.0.1:9",
+        "[::1]:80",
+        "[::1]",
+    ] {
+        assert!(c.allowed_hosts.allows(ok), "{ok}");
+    }
+    for no in [
+        "evil.example",
+        "evil.example:8080",
+        "localhost.evil.example",
+        "127.0.0.2",
+    ] {
+        assert!(!c.allowed_hosts.allows(no), "{no}");
+    }
+    let c = config(&[
+        URL,
+        ("ALLOWED_HOSTS", "todos.example.com, api.example:8443"),
+    ])
+    .unwrap();
+    assert!(c.allowed_hosts.allows("todos.example.com:80"));
+    assert!(c.allowed_hosts.allows("api.example:8443"));
+    assert!(!c.allowed_hosts.allows("api.example:80"));
+    assert!(!c.allowed_hosts.allows("localhost"));
+    assert_eq!(
+        config(&[URL, ("ALLOWED_HOSTS", "*")])
+            .unwrap()
+            .allowed_hosts,
+        AllowedHosts::Any
+    );
+    for bad in ["evil.example/x", "user@host", "host:port", "::1"] {
+        let err = config(&[URL, ("ALLOWED_HOSTS", bad)]).unwrap_err();
+        assert_eq!(err.var, "ALLOWED_HOSTS", "{bad}");
+    }
+}

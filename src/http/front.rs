@@ -13,8 +13,8 @@ use std::{
 
 use axum::{
     extract::{MatchedPath, Request},
-    http::{HeaderValue, Method},
-    response::Response,
+    http::{HeaderValue, Method, Version, header},
+    response::{IntoResponse as _, Response},
 };
 use opentelemetry::trace::TraceContextExt as _;
 use pin_project_lite::pin_project;
@@ -24,7 +24,7 @@ use tower::{Layer, Service};
 use super::{
     cors::CorsPolicy,
     guard::admission::EarlyRefusal,
-    problem::ProblemCode,
+    problem::{ApiError, ProblemCode, code::Code},
     trace::{REQUEST, REQUEST_ID, RequestFields, end_server_span, request_id, server_span},
 };
 use crate::{metrics, telemetry::spans};
@@ -112,7 +112,9 @@ where
         let policy = &self.policy;
         let mut origin = policy.cors.allowed_origin(req.headers());
         let preflight = req.method() == Method::OPTIONS;
-        let answer = if preflight {
+        let answer = if let Some(refusal) = host_refusal(&req) {
+            Some(refusal)
+        } else if preflight {
             Some(policy.cors.preflight(origin.take()))
         } else {
             policy.early.as_ref().and_then(EarlyRefusal::refuse_now)
@@ -140,6 +142,23 @@ where
             cors: (!preflight).then(|| (origin, Arc::clone(policy))),
         }
     }
+}
+
+/// The 400 for a request whose `Host` cannot be trusted to say which site it is for: an
+/// HTTP/1.1 request without one (RFC 9112 §3.2), or any request with more than one (the first
+/// once built the links while a proxy may have routed by another).
+fn host_refusal(req: &Request) -> Option<Response> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let detail = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => "the request has more than one Host header",
+        (None, _) if req.version() == Version::HTTP_11 => "an HTTP/1.1 request needs a Host header",
+        _ => return None,
+    };
+    Some(
+        ApiError::bad_request(Code::InvalidHost, detail)
+            .with_hint("Send exactly one Host header naming the service.")
+            .into_response(),
+    )
 }
 
 pin_project! {
@@ -247,6 +266,52 @@ mod tests {
         FrontLayer::new(CorsPolicy::new(&CorsOrigins::Any), early)
     }
 
+    /// A request as HTTP/1.1 clients send them: with a Host.
+    fn hosted() -> Request {
+        Request::builder()
+            .header(header::HOST, "todo.test")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    /// An HTTP/1.1 request without Host, or any with two, is a 400 before anything beneath
+    /// runs; HTTP/1.0 may leave it out.
+    #[test]
+    fn a_request_without_one_host_is_refused_before_the_layers_beneath() {
+        let _turn = take_turn();
+        block_on(async {
+            let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let svc = front(None).layer(counted(&reached));
+            let two = Request::builder()
+                .header(header::HOST, "evil.example")
+                .header(header::HOST, "127.0.0.1")
+                .body(Body::empty())
+                .unwrap();
+            for req in [Request::new(Body::empty()), two] {
+                let res = svc.clone().oneshot(req).await.unwrap();
+                assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+                assert_eq!(
+                    res.extensions().get::<ProblemCode>().unwrap().0,
+                    Code::InvalidHost
+                );
+                assert!(res.headers().contains_key(REQUEST_ID));
+            }
+            assert_eq!(reached.load(std::sync::atomic::Ordering::Relaxed), 0);
+            let old = Request::builder()
+                .version(Version::HTTP_10)
+                .body(Body::empty())
+                .unwrap();
+            assert_eq!(
+                svc.clone().oneshot(old).await.unwrap().status(),
+                StatusCode::OK
+            );
+            assert_eq!(
+                svc.oneshot(hosted()).await.unwrap().status(),
+                StatusCode::OK
+            );
+        });
+    }
+
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -277,6 +342,7 @@ mod tests {
             let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let svc = front(None).layer(counted(&reached));
             let preflight = Request::builder()
+                .header(header::HOST, "todo.test")
                 .method(Method::OPTIONS)
                 .header("origin", "https://a.example")
                 .header("access-control-request-method", "PATCH")
@@ -297,6 +363,7 @@ mod tests {
             assert_eq!(h[REQUEST_ID].len(), 36, "a fresh id");
 
             let get = Request::builder()
+                .header(header::HOST, "todo.test")
                 .header(REQUEST_ID, "mine")
                 .body(Body::empty())
                 .unwrap();
@@ -331,7 +398,7 @@ mod tests {
             tokio::task::yield_now().await;
             let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let svc = front(Some(admission.early())).layer(counted(&reached));
-            let res = svc.oneshot(Request::new(Body::empty())).await.unwrap();
+            let res = svc.oneshot(hosted()).await.unwrap();
             assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(reached.load(std::sync::atomic::Ordering::Relaxed), 0);
             assert!(res.headers().contains_key("retry-after"));
@@ -366,7 +433,7 @@ mod tests {
                 .insert(ProblemCode(crate::http::problem::code::Code::RateLimited));
             Ok::<_, Infallible>(res)
         }));
-        let mut req = Request::new(Body::empty());
+        let mut req = hosted();
         req.headers_mut()
             .insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
         let runtime = tokio::runtime::Builder::new_current_thread()

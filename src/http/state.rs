@@ -31,6 +31,8 @@ pub struct Shared {
     pub public_base_url: Option<Arc<str>>,
     /// Used when neither `PUBLIC_BASE_URL` nor a usable Host header is present.
     pub fallback_base_url: Arc<str>,
+    /// The Host headers links may be built from (`ALLOWED_HOSTS`).
+    pub allowed_hosts: crate::config::AllowedHosts,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_key_ttl: Duration,
     /// Set when a shutdown began: `/ready` answers 503 so load balancers stop routing here,

@@ -73,32 +73,32 @@ async fn the_public_base_url_is_used_for_links_when_configured() {
 }
 
 #[tokio::test]
-async fn urls_follow_the_host_header_and_ignore_a_malformed_one() {
-    let app = spawn_app().await;
+async fn urls_follow_an_allowed_host_header_and_ignore_any_other() {
+    let mut opts = crate::helpers::AppOptions::default();
+    opts.env
+        .insert("ALLOWED_HOSTS".into(), "todo.test:9000, 127.0.0.1".into());
+    let app = crate::helpers::spawn_app_with(opts).await;
     let todo = app.create(json!({"title": "x"})).await;
     let path = format!("/todos/{}", todo["id"]);
-    let r = app
-        .client
-        .get(app.url(&path))
-        .header("host", "todo.test:9000")
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["url"], format!("http://todo.test:9000{path}").as_str());
-    let r = app
-        .client
-        .get(app.url(&path))
-        .header("host", "evil.test/<script>")
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
+    let url_with_host = |host: &'static str| {
+        let req = app.client.get(app.url(&path)).header("host", host);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap()["url"].clone() }
+    };
     assert_eq!(
-        v["url"],
-        app.url(&path).as_str(),
-        "bad Host falls back to the listen address"
+        url_with_host("todo.test:9000").await,
+        format!("http://todo.test:9000{path}").as_str()
     );
+    for (host, why) in [
+        ("evil.test/<script>", "a malformed Host"),
+        ("evil.test", "a Host ALLOWED_HOSTS does not name"),
+        ("todo.test:9001", "an allowed host on another port"),
+    ] {
+        assert_eq!(
+            url_with_host(host).await,
+            app.url(&path).as_str(),
+            "{why} falls back to the listen address"
+        );
+    }
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ pub enum Code {
     InvalidId,
     InvalidPath,
     InvalidQuery,
+    InvalidHost,
     InvalidIdempotencyKey,
     InvalidPrecondition,
     Unauthorized,
@@ -41,13 +42,14 @@ pub enum Code {
 
 impl Code {
     /// Every code, for the tests that keep the documentation complete.
-    pub const ALL: [Code; 30] = [
+    pub const ALL: [Code; 31] = [
         Code::BadRequest,
         Code::MalformedJson,
         Code::UnreadableBody,
         Code::InvalidId,
         Code::InvalidPath,
         Code::InvalidQuery,
+        Code::InvalidHost,
         Code::InvalidIdempotencyKey,
         Code::InvalidPrecondition,
         Code::Unauthorized,
@@ -83,6 +85,7 @@ impl Code {
             Code::InvalidId => "invalid_id",
             Code::InvalidPath => "invalid_path",
             Code::InvalidQuery => "invalid_query",
+            Code::InvalidHost => "invalid_host",
             Code::InvalidIdempotencyKey => "invalid_idempotency_key",
             Code::InvalidPrecondition => "invalid_precondition",
             Code::Unauthorized => "unauthorized",

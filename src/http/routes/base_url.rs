@@ -1,5 +1,8 @@
 //! The absolute base of the links a response carries (each todo's `url`, `Location`, `Link`):
-//! `PUBLIC_BASE_URL`, else the request's `Host` header when it is a plain `host[:port]`.
+//! `PUBLIC_BASE_URL`, else the request's `Host` header when it is a plain `host[:port]` that
+//! `ALLOWED_HOSTS` names, else the listen address. A client must not be able to make the service
+//! hand out links to a host of its choosing (a `Host: evil.example` once came back as
+//! `Location: http://evil.example/todos/6`).
 
 use std::sync::Arc;
 
@@ -66,7 +69,10 @@ impl FromRequestParts<AppState> for BaseUrl {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         Ok(BaseUrl(
-            match host.filter(|h| is_plain_authority(h.as_bytes())) {
+            match host.filter(|h| {
+                is_plain_authority(h.as_bytes())
+                    && h.to_str().is_ok_and(|h| state.allowed_hosts.allows(h))
+            }) {
                 Some(host) => Base::Host(host),
                 None => Base::Url(Arc::clone(&state.fallback_base_url)),
             },
