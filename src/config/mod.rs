@@ -38,7 +38,7 @@ pub use logging::LogFormat;
 pub use otel::{ExportHeaders, OtelConfig, OtlpProtocol, TraceSampler};
 pub use redact::{RedactedUrl, redact_url};
 pub use resilience::{BreakerConfig, Clients, RateLimit};
-pub use server::{AllowedHosts, CorsOrigins};
+pub use server::{AllowedHosts, CorsOrigins, is_plain_authority};
 
 use env::Env;
 

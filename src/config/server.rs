@@ -231,48 +231,61 @@ fn split_authority(authority: &str) -> (&str, Option<u16>) {
 fn parse_allowed_hosts(raw: &str) -> Result<AllowedHosts, ConfigError> {
     const FORM: &str =
         "* or a comma-separated list of host or host:port, e.g. todos.example.com,localhost:8080";
+    let hosts = star_or_list(raw, |entry| {
+        let (host, port) = split_authority(entry);
+        if !is_plain_authority(entry.as_bytes())
+            || host.is_empty()
+            || (host.contains(':') && !host.starts_with('['))
+        {
+            return Err(invalid("ALLOWED_HOSTS", format!("{entry:?}"), FORM));
+        }
+        Ok((host.to_ascii_lowercase(), port))
+    })?;
+    Ok(hosts.map_or(AllowedHosts::Any, AllowedHosts::List))
+}
+
+/// Whether `host` is a plain `host[:port]` (a name, IPv4, or bracketed IPv6): only such a Host
+/// header is echoed into links, so a hostile one cannot inject a path, credentials or markup.
+/// Stricter than RFC 3986's authority (no user info, percent-encoding or sub-delimiters), which
+/// no client needs here.
+pub fn is_plain_authority(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host.iter().all(|&b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
+}
+
+/// A setting that is `*` (`None`) or a comma-separated list, each entry read by `entry`.
+fn star_or_list<T>(
+    raw: &str,
+    entry: impl Fn(&str) -> Result<T, ConfigError>,
+) -> Result<Option<Vec<T>>, ConfigError> {
     if raw.trim() == "*" {
-        return Ok(AllowedHosts::Any);
+        return Ok(None);
     }
     raw.split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .map(|entry| {
-            let plain = entry.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-            });
-            let (host, port) = split_authority(entry);
-            if !plain || host.is_empty() || (host.contains(':') && !host.starts_with('[')) {
-                return Err(invalid("ALLOWED_HOSTS", format!("{entry:?}"), FORM));
-            }
-            Ok((host.to_ascii_lowercase(), port))
-        })
+        .map(entry)
         .collect::<Result<Vec<_>, _>>()
-        .map(AllowedHosts::List)
+        .map(Some)
 }
 
 fn parse_cors(raw: &str) -> Result<CorsOrigins, ConfigError> {
     const FORM: &str = "* or a comma-separated list of origins like https://app.example";
-    if raw.trim() == "*" {
-        return Ok(CorsOrigins::Any);
-    }
-    raw.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|origin| {
-            let ok = Url::parse(origin)
-                .map(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/")
-                .unwrap_or(false);
-            if !ok || origin.ends_with('/') {
-                return Err(invalid(
-                    "CORS_ALLOWED_ORIGINS",
-                    format!("{origin:?} is not an origin"),
-                    FORM,
-                ));
-            }
-            HeaderValue::from_str(origin)
-                .map_err(|e| invalid("CORS_ALLOWED_ORIGINS", e.to_string(), FORM))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(CorsOrigins::List)
+    let origins = star_or_list(raw, |origin| {
+        let ok = Url::parse(origin)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/")
+            .unwrap_or(false);
+        if !ok || origin.ends_with('/') {
+            return Err(invalid(
+                "CORS_ALLOWED_ORIGINS",
+                format!("{origin:?} is not an origin"),
+                FORM,
+            ));
+        }
+        HeaderValue::from_str(origin)
+            .map_err(|e| invalid("CORS_ALLOWED_ORIGINS", e.to_string(), FORM))
+    })?;
+    Ok(origins.map_or(CorsOrigins::Any, CorsOrigins::List))
 }

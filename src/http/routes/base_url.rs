@@ -11,7 +11,7 @@ use axum::{
     http::{HeaderValue, header, request::Parts},
 };
 
-use crate::http::state::AppState;
+use crate::{config::is_plain_authority, http::state::AppState};
 
 /// The absolute base URL for links in a response: `PUBLIC_BASE_URL`, else `http://<Host>`.
 ///
@@ -78,17 +78,6 @@ impl FromRequestParts<AppState> for BaseUrl {
             },
         ))
     }
-}
-
-/// Whether `host` is a plain `host[:port]` (a name, IPv4, or bracketed IPv6): only such a Host
-/// header is echoed back, so a hostile one cannot inject a path, credentials or markup into the
-/// URLs we return. Stricter than RFC 3986's authority (no user info, percent-encoding or
-/// sub-delimiters), which no client needs here.
-fn is_plain_authority(host: &[u8]) -> bool {
-    !host.is_empty()
-        && host.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-        })
 }
 
 #[cfg(test)]
