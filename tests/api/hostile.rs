@@ -30,7 +30,7 @@ async fn an_oversized_or_unprintable_request_id_is_replaced_and_the_replacement_
         "a".repeat(129).into_bytes(),
         "x".repeat(300 * 1024).into_bytes(),
         b"two words".to_vec(),
-        b"caf\xc3\xa9".to_vec(),
+        "\u{e9}t\u{e9}".as_bytes().to_vec(),
     ] {
         let r = send(id.clone()).await.unwrap();
         assert_eq!(r.status(), 200);
