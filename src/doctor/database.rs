@@ -138,6 +138,19 @@ async fn steps(
     }
 }
 
+/// What to do about a refused login. PgBouncer refuses the startup parameters sqlx sends
+/// (`extra_float_digits`, and `options` with a statement timeout) unless told to ignore them:
+/// its words name the parameter, and the fix is one line of pgbouncer.ini.
+fn login_hint(error: &str, var: &str) -> String {
+    if error.contains("unsupported startup parameter") {
+        return "A PgBouncer refuses the service's startup parameters: add \
+                `ignore_startup_parameters = extra_float_digits,options` to pgbouncer.ini \
+                (the whole configuration the service needs: docs/scaling-out.md)."
+            .to_owned();
+    }
+    format!("Check the user, password and database name in {var}, and pg_hba.conf on the server.")
+}
+
 async fn login(
     connector: &Connector,
     addr: SocketAddr,
@@ -152,10 +165,11 @@ async fn login(
             );
             Ok((conn, Check::new("login", Status::Pass, detail)))
         }
-        Ok(Err(e)) => Err(Check::new("login", Status::Fail, e.to_string()).hint(format!(
-            "Check the user, password and database name in {}, and pg_hba.conf on the server.",
-            route.var
-        ))),
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            let hint = login_hint(&text, route.var);
+            Err(Check::new("login", Status::Fail, text).hint(hint))
+        }
         Err(_) => Err(
             Check::new("login", Status::Fail, format!("no answer within {STEP_TIMEOUT:?}"))
                 .hint("The port answers TCP but not the PostgreSQL protocol: is it the right port, or a proxy with nothing behind it?"),
@@ -340,5 +354,30 @@ async fn tcp(addr: SocketAddr) -> Check {
         )),
         Err(_) => Check::new("TCP reach", Status::Fail, format!("{addr}: no answer within {STEP_TIMEOUT:?}"))
             .hint("Packets are dropped on the way: check the network path and firewalls."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooler_refusing_the_startup_parameters_is_told_the_line_that_fixes_it() {
+        let hint = login_hint(
+            "error returned from database: unsupported startup parameter: extra_float_digits",
+            "DATABASE_URL",
+        );
+        assert!(
+            hint.contains("ignore_startup_parameters = extra_float_digits,options"),
+            "{hint}"
+        );
+        let hint = login_hint(
+            "password authentication failed for user \"app\"",
+            "DATABASE_URL",
+        );
+        assert!(
+            hint.contains("user, password and database name in DATABASE_URL"),
+            "{hint}"
+        );
     }
 }
