@@ -25,6 +25,12 @@ pub struct PgBouncer {
 impl PgBouncer {
     /// `pool_mode = transaction` with `server_connections` per database and user.
     pub fn start(server: SocketAddr, server_connections: u32) -> PgBouncer {
+        Self::start_with(server, server_connections, "extra_float_digits,options")
+    }
+
+    /// [`PgBouncer::start`] with `ignore_startup_parameters` as given (empty: the line left out,
+    /// PgBouncer's default, as a configuration that says only `pool_mode = transaction` has it).
+    pub fn start_with(server: SocketAddr, server_connections: u32, ignored: &str) -> PgBouncer {
         let binary =
             std::env::var("TEST_PGBOUNCER").unwrap_or_else(|_| "/usr/sbin/pgbouncer".into());
         assert!(
@@ -49,11 +55,16 @@ impl PgBouncer {
                  listen_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
                  auth_file = {d}/userlist.txt\npool_mode = transaction\n\
                  default_pool_size = {server_connections}\nmax_client_conn = 500\n\
-                 ignore_startup_parameters = extra_float_digits,options\nlogfile = {d}/pgbouncer.log\n\
+                 {ignore}logfile = {d}/pgbouncer.log\n\
                  pidfile = {d}/pgbouncer.pid\n",
                 server.ip(),
                 server.port(),
-                d = dir.display()
+                d = dir.display(),
+                ignore = if ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!("ignore_startup_parameters = {ignored}\n")
+                }
             ),
         )
         .unwrap();
@@ -210,4 +221,43 @@ async fn without_transaction_mode_the_same_load_fails_through_pgbouncer() {
         statuses.len()
     );
     assert!(failed > 0, "named statements survived transaction pooling?");
+}
+
+/// Configured as a pooler is at its plainest (`pool_mode = transaction`, nothing else), PgBouncer
+/// refuses the startup parameters sqlx sends; `doctor` says which pgbouncer.ini line fixes it.
+#[tokio::test]
+async fn doctor_names_the_pgbouncer_setting_a_refused_login_needs() {
+    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start_with(server_addr(), 2, ""))
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port);
+    let direct = format!("postgres://postgres@{}/postgres", server_addr());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_todo-service"))
+            .arg("doctor")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", url)
+            .env("DB_POOLER_MODE", "transaction")
+            .env("DATABASE_MIGRATION_URL", direct)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8(out.stdout).unwrap();
+    let login = report
+        .lines()
+        .skip_while(|l| !l.contains("login"))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        login.contains("[FAIL]") && login.contains("unsupported startup parameter"),
+        "{report}"
+    );
+    assert!(
+        report.contains("ignore_startup_parameters = extra_float_digits,options"),
+        "{report}"
+    );
 }
