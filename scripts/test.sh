@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: runs the whole test suite (unit + integration) against PostgreSQL, then the
-# integration suite again through PgBouncer in transaction mode, then the contract test
+# integration suite again through PgBouncer in transaction mode (a release that carries prepared
+# statements, DB_POOLER_MODE=transaction-prepared), then the contract test
 # (scripts/contract.sh: property-based tests from the OpenAPI document).
 #
 #   scripts/test.sh [cargo test args...]
@@ -26,10 +27,11 @@ if [ -z "${DATABASE_URL:-}" ]; then
 else
   export TEST_DATABASE_URL="$DATABASE_URL"
 fi
-# tests/api/pgbouncer.rs runs the service through a PgBouncer of its own.
-pg_ensure_pgbouncer
-TEST_PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
-export TEST_PGBOUNCER
+# tests/api/pgbouncer.rs and pooler_prepared.rs run the service through PgBouncers of their own:
+# Debian's 1.18 and one that carries prepared statements (built once into target/pgbouncer).
+TEST_PGBOUNCER="$(pg_pgbouncer_binary 1.18)"
+TEST_PGBOUNCER_PREPARED="$(pg_pgbouncer_binary prepared)"
+export TEST_PGBOUNCER TEST_PGBOUNCER_PREPARED
 # Load drills open thousands of sockets.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -43,11 +45,12 @@ cargo test --locked "$@"
 
 if [ "$whole" = 1 ]; then
   # The integration suite again, every app reaching its database through PgBouncer in
-  # transaction mode (DB_POOLER_MODE=transaction, migrations direct): what users behind a pooler
-  # run. Tests that pick their own route (fault proxies, TLS servers) keep it.
+  # transaction mode (DB_POOLER_MODE=transaction-prepared, its timeouts as database settings,
+  # migrations direct): what users behind a pooler run. Tests that pick their own route (fault
+  # proxies, TLS servers) keep it.
   if [ -n "${PG_PORT:-}" ] && [ -z "${DATABASE_URL:-}" ]; then
     pg_start_pgbouncer test "$PG_PORT" 4
-    echo "==> the integration suite through PgBouncer (127.0.0.1:$PGB_PORT, transaction mode)" >&2
+    echo "==> the integration suite through PgBouncer (127.0.0.1:$PGB_PORT, DB_POOLER_MODE=transaction-prepared)" >&2
     TEST_THROUGH_PGBOUNCER="127.0.0.1:$PGB_PORT" cargo test --locked --test api -- "${@:2}"
     pg_stop_pgbouncer
   else

@@ -87,8 +87,8 @@ pg_ensure_server() {
   echo "installed PostgreSQL server binaries in $(pg_find_bindir)" >&2
 }
 
-# PgBouncer for the tests that run through a transaction pooler (tests/api/pgbouncer.rs):
-# Debian's package when it is missing, installed the way pg_ensure_server installs PostgreSQL.
+# Debian's PgBouncer (1.18: no prepared statements in transaction mode), for the tests and the
+# load test that measure that release: installed the way pg_ensure_server installs PostgreSQL.
 pg_ensure_pgbouncer() {
   if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
   if [ "$(pg_installer)" = none ]; then
@@ -103,15 +103,27 @@ pg_ensure_pgbouncer() {
   }
 }
 
-# `pg_start_pgbouncer NAME SERVER_PORT POOL_SIZE`: PgBouncer in transaction mode on a free
-# 127.0.0.1 port, in front of the throwaway cluster on SERVER_PORT, every database name passed
-# through (`*`), trust auth as the cluster has. Exports PGB_PORT and PGB_DIR; `pg_stop_pgbouncer`
-# stops it. It runs as the postgres user when we are root (PgBouncer refuses root).
+# `pg_pgbouncer_binary [prepared|1.18]`: the path of a PgBouncer of that kind, provided first:
+# `prepared` (the default) carries prepared statements in transaction mode (1.21 or later, built by
+# scripts/build-pgbouncer.sh into target/pgbouncer), `1.18` is Debian's package.
+pg_pgbouncer_binary() {
+  case "${1:-prepared}" in
+    prepared) "$(dirname "${BASH_SOURCE[0]}")/../build-pgbouncer.sh" ;;
+    1.18) pg_ensure_pgbouncer && { command -v pgbouncer || echo /usr/sbin/pgbouncer; } ;;
+    *) echo "error: pg_pgbouncer_binary: unknown kind $1 (prepared or 1.18)" >&2; return 1 ;;
+  esac
+}
+
+# `pg_start_pgbouncer NAME SERVER_PORT POOL_SIZE [prepared|1.18]`: PgBouncer in transaction mode
+# on a free 127.0.0.1 port, in front of the throwaway cluster on SERVER_PORT, every database name
+# passed through (`*`), trust auth as the cluster has; `prepared` (the default) with
+# max_prepared_statements. Exports PGB_PORT and PGB_DIR; `pg_stop_pgbouncer` stops it. It runs as
+# the postgres user when we are root (PgBouncer refuses root).
 pg_start_pgbouncer() {
-  local name="$1" server_port="$2" pool_size="$3"
-  local binary
-  pg_ensure_pgbouncer || return 1
-  binary="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+  local name="$1" server_port="$2" pool_size="$3" kind="${4:-prepared}"
+  local binary prepared=""
+  binary="$(pg_pgbouncer_binary "$kind")" || return 1
+  if [ "$kind" = prepared ]; then prepared="max_prepared_statements = 200"; fi
   PGB_PORT=$(pg_free_port) || { echo "error: no free port found" >&2; return 1; }
   PGB_DIR=$(mktemp -d "/tmp/todo-service-pgbouncer-$name.XXXXXX")
   chmod 755 "$PGB_DIR"
@@ -130,6 +142,7 @@ pool_mode = transaction
 default_pool_size = $pool_size
 max_client_conn = 2000
 ignore_startup_parameters = extra_float_digits,options
+$prepared
 logfile = $PGB_DIR/pgbouncer.log
 pidfile = $PGB_DIR/pgbouncer.pid
 INI
@@ -141,7 +154,7 @@ INI
   local _
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$PGB_PORT") 2>/dev/null; then
-      echo "started PgBouncer (transaction mode, $pool_size server connections per database) on 127.0.0.1:$PGB_PORT" >&2
+      echo "started $("$binary" --version | head -1) (transaction mode, $pool_size server connections per database) on 127.0.0.1:$PGB_PORT" >&2
       export PGB_PORT PGB_DIR
       return 0
     fi

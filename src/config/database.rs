@@ -27,17 +27,21 @@ pub const VARS: &[Var] = &[
     Var {
         name: "DB_POOLER_MODE",
         default: Some("none"),
-        help: "none: DATABASE_URL is PostgreSQL itself (or a session-mode pooler). transaction: it \
-               is a transaction-mode pooler (PgBouncer pool_mode=transaction): statements are \
-               unnamed, every call runs in one transaction that sets the timeouts, and migrations \
-               run over DATABASE_MIGRATION_URL.",
+        help: "none: DATABASE_URL is PostgreSQL itself (or a session-mode pooler). \
+               transaction-prepared: a transaction-mode pooler that carries prepared statements \
+               (PgBouncer 1.21 or later with max_prepared_statements > 0): one exchange per \
+               statement; the server's role or database settings must hold statement_timeout and \
+               idle_in_transaction_session_timeout (checked before serving). transaction: any \
+               transaction-mode pooler (PgBouncer 1.18): statements are unnamed and every call \
+               runs in one transaction that sets the timeouts. Both pooler modes run migrations \
+               over DATABASE_MIGRATION_URL.",
     },
     Var {
         name: "DATABASE_MIGRATION_URL",
         default: None,
         help: "PostgreSQL URL used only to apply migrations, straight to the server (their \
                advisory lock needs a session, which a transaction pooler does not keep). Required \
-               with DB_POOLER_MODE=transaction; unset otherwise: migrations use DATABASE_URL. \
+               with either transaction pooler mode; unset otherwise: migrations use DATABASE_URL. \
                Resolved once at startup, TLS as in DATABASE_URL, its password never logged.",
     },
     Var {
@@ -91,8 +95,33 @@ pub const VARS: &[Var] = &[
 /// transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolerMode {
+    /// PostgreSQL itself, or a pooler that keeps a session: named statements, timeouts as
+    /// startup options.
     None,
+    /// A transaction pooler that cannot carry prepared statements (PgBouncer before 1.21):
+    /// unnamed statements, each call in a transaction that sets the timeouts.
     Transaction,
+    /// A transaction pooler that carries prepared statements (PgBouncer 1.21 or later with
+    /// `max_prepared_statements`): named statements as on a direct connection; the timeouts come
+    /// from the server's role or database settings, checked before serving.
+    TransactionPrepared,
+}
+
+impl PoolerMode {
+    /// The setting's value, as written in `DB_POOLER_MODE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolerMode::None => "none",
+            PoolerMode::Transaction => "transaction",
+            PoolerMode::TransactionPrepared => "transaction-prepared",
+        }
+    }
+
+    /// Whether a session lasts only as long as a transaction: no session settings, no advisory
+    /// locks held across statements.
+    pub fn pools_transactions(self) -> bool {
+        self != PoolerMode::None
+    }
 }
 
 /// A PostgreSQL URL taken apart: connect options, the host to resolve once, TLS.
@@ -239,19 +268,20 @@ pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
     let pooler_mode = match env.value("DB_POOLER_MODE").as_str() {
         "none" => PoolerMode::None,
         "transaction" => PoolerMode::Transaction,
+        "transaction-prepared" => PoolerMode::TransactionPrepared,
         other => {
             return Err(invalid(
                 "DB_POOLER_MODE",
                 format!("{other:?}"),
-                "none or transaction",
+                "none, transaction-prepared or transaction",
             ));
         }
     };
     let migration = target(env, "DATABASE_MIGRATION_URL")?;
-    if pooler_mode == PoolerMode::Transaction && migration.is_none() {
+    if pooler_mode.pools_transactions() && migration.is_none() {
         return Err(invalid(
             "DATABASE_MIGRATION_URL",
-            "it is not set, and DB_POOLER_MODE=transaction".into(),
+            format!("it is not set, and DB_POOLER_MODE={}", pooler_mode.as_str()),
             "a URL straight to PostgreSQL (not through the pooler): migrations hold an advisory \
              lock for a whole session",
         ));

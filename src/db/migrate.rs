@@ -1,8 +1,10 @@
 //! Migrations: embedded in the binary, applied at startup by a background task that retries
 //! until the database accepts them, under sqlx's advisory lock so that replicas starting together
 //! apply them once. That lock lives as long as the session, which a transaction pooler does not
-//! keep, so with `DB_POOLER_MODE=transaction` they run over `DATABASE_MIGRATION_URL` instead, on a
-//! connection of their own straight to the server.
+//! keep, so through a transaction pooler they run over `DATABASE_MIGRATION_URL` instead, on a
+//! connection of their own straight to the server. With `DB_POOLER_MODE=transaction-prepared` the
+//! same task then checks what the pooler's server connections bring (`super::pooled`): the
+//! service serves once both are done.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -12,6 +14,7 @@ use super::{
     Db, DbError,
     backoff::{Attempt, Backoff},
     error::pool_error,
+    pooled::Observed,
 };
 
 /// Limit for opening the dedicated migration connection (`DATABASE_MIGRATION_URL`).
@@ -74,7 +77,10 @@ impl Db {
             let _ = sqlx::Connection::close(conn).await;
             r
         };
-        let outcome = attempt.await;
+        let outcome = match attempt.await {
+            Ok(()) => self.check_pooled().await,
+            Err(e) => Err(e),
+        };
         *self
             .inner
             .migration_error
@@ -83,13 +89,41 @@ impl Db {
         match outcome {
             Ok(()) => {
                 self.inner.migrated.store(true, Ordering::Release);
-                tracing::info!("database migrations applied");
+                tracing::info!("database migrations applied; serving");
                 Attempt::Done
             }
             Err(e) => {
-                tracing::warn!(error = %e, "database not ready; will retry migrations");
+                tracing::warn!(error = %e, "database not ready; will retry");
                 Attempt::Again
             }
         }
+    }
+
+    /// `DB_POOLER_MODE=transaction-prepared`: refuses to serve until the pooler's server
+    /// connections have the timeouts and the pooler carries named statements (`super::pooled`).
+    async fn check_pooled(&self) -> Result<(), DbError> {
+        let Some(wanted) = &self.inner.pooled else {
+            return Ok(());
+        };
+        let mut conn = self.inner.pool.get().await.map_err(pool_error)?;
+        let observed = match Observed::read(&mut conn).await {
+            Ok(o) => o,
+            Err(e) => {
+                drop(Object::take(conn));
+                return Err(DbError::Unavailable(format!(
+                    "cannot check the pooler's server connections: {e}"
+                )));
+            }
+        };
+        let problems = observed.problems(wanted);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        // Its statement cache names statements the pooler may not carry.
+        drop(Object::take(conn));
+        Err(DbError::Unavailable(format!(
+            "DB_POOLER_MODE=transaction-prepared: {}",
+            problems.join("; ")
+        )))
     }
 }

@@ -30,6 +30,7 @@ mod fetch;
 pub mod idempotency;
 mod migrate;
 pub mod pool;
+pub mod pooled;
 mod re_resolve;
 mod relay;
 pub mod resolve;
@@ -99,6 +100,9 @@ struct Inner {
     begin: Option<sqlx::SqlStr>,
     /// `DATABASE_MIGRATION_URL`: migrations connect here instead of taking a pooled connection.
     migration: Option<(Connector, Arc<PinnedAddress>)>,
+    /// `DB_POOLER_MODE=transaction-prepared`: what the pooler's server connections must bring,
+    /// checked before the service serves (see [`pooled`]).
+    pooled: Option<pooled::Wanted>,
 }
 
 /// A readiness round trip's outcome and when it finished.
@@ -189,6 +193,7 @@ impl Db {
                 probes: AtomicU64::new(0),
                 begin,
                 migration,
+                pooled: pooled::Wanted::of(config),
             }),
         };
         db.spawn_migrations();
@@ -302,10 +307,12 @@ impl Db {
     }
 }
 
-/// The connect options of the pool's connections and, through a transaction pooler, the
-/// statement that begins each call's transaction: the statement and idle-in-transaction timeouts
-/// go where the server keeps them. A transaction pooler cannot pass `options` at login (and would
-/// not keep the settings for the session anyway), so there each call's transaction sets them.
+/// The connect options of the pool's connections and, through a transaction pooler that cannot
+/// carry prepared statements, the statement that begins each call's transaction: the statement
+/// and idle-in-transaction timeouts go where the server keeps them. A transaction pooler cannot
+/// pass `options` at login (and would not keep the settings for the session anyway), so there
+/// each call's transaction sets them, or (`transaction-prepared`) the server's role or database
+/// settings hold them ([`pooled`]).
 fn session_settings(config: &DatabaseConfig) -> (PgConnectOptions, Option<sqlx::SqlStr>) {
     let statement_timeout = format!("{}ms", config.statement_timeout.as_millis());
     let idle_in_transaction = format!("{}ms", config.idle_in_transaction_timeout.as_millis());
@@ -324,6 +331,7 @@ fn session_settings(config: &DatabaseConfig) -> (PgConnectOptions, Option<sqlx::
             ]),
             None,
         ),
+        PoolerMode::TransactionPrepared => (options, None),
         PoolerMode::Transaction => (
             options,
             Some(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(

@@ -219,7 +219,7 @@ impl Db {
         let mut span = self.span(stmt.operation, stmt.table, stmt.sql);
         if !self.migrations_applied() {
             let err = DbError::Unavailable(
-                "the database schema is not ready yet (migrations pending)".into(),
+                "the database is not ready yet: migrations or checks pending (see /ready)".into(),
             );
             span.record_error(&err);
             return Err(err);

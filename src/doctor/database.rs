@@ -12,7 +12,7 @@ use super::{
     server::{self, SERVER},
 };
 use crate::{
-    config::{DatabaseConfig, DbTlsSettings, PoolerMode, SslMode, Target},
+    config::{DatabaseConfig, DbTlsSettings, SslMode, Target},
     db::{
         connect::{Connector, Transport},
         resolve::Resolver,
@@ -23,8 +23,8 @@ use crate::{
 const STEPS: [&str; 4] = ["DNS", "TCP reach", "TLS", "login"];
 
 /// Every database check's name, in the order of the report.
-pub(super) const CHECKS: [&str; 7] = [
-    STEPS[0], STEPS[1], STEPS[2], STEPS[3], SERVER[0], SERVER[1], SERVER[2],
+pub(super) const CHECKS: [&str; 8] = [
+    STEPS[0], STEPS[1], STEPS[2], STEPS[3], SERVER[0], SERVER[1], SERVER[2], SERVER[3],
 ];
 
 /// A database URL's settings: `DATABASE_URL`'s or `DATABASE_MIGRATION_URL`'s.
@@ -59,7 +59,10 @@ pub(super) async fn checks(db: &DatabaseConfig, resolver: &dyn Resolver) -> Vec<
         ),
     }
     if let Some(target) = &db.migration {
-        let pooler = (db.pooler_mode == PoolerMode::Transaction).then_some((&*db.host, db.port));
+        let pooler = db
+            .pooler_mode
+            .pools_transactions()
+            .then_some((&*db.host, db.port));
         checks.push(migration_route(target, pooler, resolver).await);
     }
     checks

@@ -6,11 +6,20 @@ use sqlx::{Connection, PgConnection};
 use super::report::{Check, Status};
 use crate::{
     config::{DatabaseConfig, PoolerMode},
-    db::{MIGRATOR, budget::ServerConnections},
+    db::{
+        MIGRATOR,
+        budget::ServerConnections,
+        pooled::{Observed, Wanted},
+    },
 };
 
 /// The checks made over a logged-in connection, in the order of the report.
-pub(super) const SERVER: [&str; 3] = ["writable", "connection budget", "migrations"];
+pub(super) const SERVER: [&str; 4] = [
+    "writable",
+    "connection budget",
+    "migrations",
+    "pooler sessions",
+];
 
 /// What the server says about itself ([`SERVER`]). Read-only, in one transaction with unnamed
 /// statements: through a transaction pooler (DB_POOLER_MODE=transaction) that keeps the queries
@@ -22,6 +31,7 @@ pub(super) async fn checks(conn: &mut PgConnection, db: &DatabaseConfig) -> Vec<
                 writable(&mut tx, "DATABASE_URL").await,
                 budget(&mut tx, db.pool_max_size, db.pooler_mode).await,
                 migrations(&mut tx).await,
+                pooler_sessions(&mut tx, db).await,
             ];
             let _ = tx.rollback().await;
             checks
@@ -70,11 +80,12 @@ async fn budget(conn: &mut PgConnection, pool_max_size: usize, pooler: PoolerMod
         }
     };
     let usable = s.max_connections - s.reserved;
-    if pooler == PoolerMode::Transaction {
+    if pooler.pools_transactions() {
         let detail = format!(
-            "through a transaction pooler (DB_POOLER_MODE=transaction): this replica's pool of up \
-             to {pool_max_size} are the pooler's clients; the server: max_connections {} ({} \
+            "through a transaction pooler (DB_POOLER_MODE={}): this replica's pool of up to \
+             {pool_max_size} are the pooler's clients; the server: max_connections {} ({} \
              reserved), {} in use (the pooler's among them), {} free",
+            pooler.as_str(),
             s.max_connections,
             s.reserved,
             s.in_use,
@@ -158,5 +169,46 @@ async fn migrations(conn: &mut PgConnection) -> Check {
             format!("cannot read the migration table: {e}"),
         )
         .hint("The user in DATABASE_URL needs read access to _sqlx_migrations."),
+    }
+}
+
+/// `DB_POOLER_MODE=transaction-prepared`: the check the service makes before serving
+/// (`db::pooled`), so an operator sees why it does not.
+async fn pooler_sessions(conn: &mut PgConnection, db: &DatabaseConfig) -> Check {
+    const NAME: &str = "pooler sessions";
+    let Some(wanted) = Wanted::of(db) else {
+        return Check::new(
+            NAME,
+            Status::Skip,
+            format!(
+                "DB_POOLER_MODE={}: the service sets the timeouts itself",
+                db.pooler_mode.as_str()
+            ),
+        );
+    };
+    match Observed::read(conn).await {
+        Ok(observed) => {
+            let problems = observed.problems(&wanted);
+            if problems.is_empty() {
+                Check::new(
+                    NAME,
+                    Status::Pass,
+                    format!(
+                        "the pooler carries prepared statements (the server names ours {}); \
+                         statement_timeout {}ms, idle_in_transaction_session_timeout {}ms",
+                        observed.statement_name.as_deref().unwrap_or_default(),
+                        observed.statement_timeout_ms,
+                        observed.idle_in_transaction_ms
+                    ),
+                )
+            } else {
+                Check::new(NAME, Status::Fail, problems.join("; "))
+                    .hint("The service does not serve until this passes (its /ready says why).")
+            }
+        }
+        Err(e) => Check::new(NAME, Status::Fail, format!("cannot read: {e}")).hint(
+            "Through PgBouncer before 1.21 (or max_prepared_statements = 0) named statements \
+             fail: use DB_POOLER_MODE=transaction there.",
+        ),
     }
 }

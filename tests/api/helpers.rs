@@ -17,7 +17,7 @@ use std::{
 use sqlx::{Connection, Executor, PgConnection};
 use todo_service::{
     Application,
-    config::Config,
+    config::{Config, PoolerMode},
     db::{
         Db,
         resolve::{LookupFuture, Resolver, SystemResolver},
@@ -102,6 +102,21 @@ impl TestDb {
         url
     }
 
+    /// `ALTER DATABASE … SET setting = 'value ms'`: what every later session on it starts with.
+    pub async fn set(&self, setting: &str, value: Duration) {
+        let mut admin = PgConnection::connect(self.admin.as_str())
+            .await
+            .expect("connect to the test server");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                r#"ALTER DATABASE "{}" SET {setting} = '{}ms'"#,
+                self.name,
+                value.as_millis()
+            )))
+            .await
+            .expect("set the test database's setting");
+    }
+
     /// A direct connection, for arranging and inspecting state behind the API's back.
     pub async fn connect(&self) -> PgConnection {
         PgConnection::connect(self.url().as_str())
@@ -178,6 +193,10 @@ pub struct AppOptions {
     /// Set `DATABASE_MIGRATION_URL` to the test database on its server directly (when
     /// `DATABASE_URL` goes through a pooler).
     pub migration_direct: bool,
+    /// With `DB_POOLER_MODE=transaction-prepared`, leave the test database's settings alone
+    /// instead of giving it the app's timeouts (which the app then requires of the pooler's
+    /// server connections).
+    pub leave_db_settings: bool,
 }
 
 impl Default for AppOptions {
@@ -190,6 +209,7 @@ impl Default for AppOptions {
             db_server: None,
             db_query: None,
             migration_direct: false,
+            leave_db_settings: false,
         }
     }
 }
@@ -199,7 +219,8 @@ pub async fn spawn_app() -> TestApp {
 }
 
 /// The PgBouncer every app should reach its database through, when the suite runs a second time
-/// in front of one (`scripts/test.sh` sets `TEST_THROUGH_PGBOUNCER=host:port`).
+/// in front of one (`scripts/test.sh` sets `TEST_THROUGH_PGBOUNCER=host:port`, and
+/// `TEST_THROUGH_PGBOUNCER_MODE` to the apps' `DB_POOLER_MODE`, `transaction-prepared` unless set).
 pub fn suite_pooler() -> Option<(String, u16)> {
     let raw = std::env::var("TEST_THROUGH_PGBOUNCER").ok()?;
     let (host, port) = raw
@@ -223,8 +244,9 @@ pub async fn spawn_app_with(mut opts: AppOptions) -> TestApp {
         && !opts.env.contains_key("DB_POOLER_MODE")
     {
         opts.db_via = Some(pooler);
-        opts.env
-            .insert("DB_POOLER_MODE".into(), "transaction".into());
+        let mode = std::env::var("TEST_THROUGH_PGBOUNCER_MODE")
+            .unwrap_or_else(|_| "transaction-prepared".into());
+        opts.env.insert("DB_POOLER_MODE".into(), mode);
         opts.migration_direct = true;
     }
     let test_db = Arc::new(match opts.db_server {
@@ -249,6 +271,18 @@ pub async fn spawn_app_with(mut opts: AppOptions) -> TestApp {
         .or_insert("127.0.0.1:0".into());
     env.entry("SHUTDOWN_TIMEOUT".into()).or_insert("2s".into());
     let config = Config::from_lookup(|k| env.get(k).cloned()).expect("valid test config");
+    if config.database.pooler_mode == PoolerMode::TransactionPrepared && !opts.leave_db_settings {
+        // Where an operator keeps them for a pooler's server sessions (docs/scaling-out.md).
+        for (setting, value) in [
+            ("statement_timeout", config.database.statement_timeout),
+            (
+                "idle_in_transaction_session_timeout",
+                config.database.idle_in_transaction_timeout,
+            ),
+        ] {
+            test_db.set(setting, value).await;
+        }
+    }
     let app = Application::build_with_resolver(config, opts.resolver)
         .await
         .expect("app builds");

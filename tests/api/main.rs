@@ -25,6 +25,8 @@ mod operations;
 #[allow(dead_code)]
 mod pg_tls;
 mod pgbouncer;
+mod pgbouncer_harness;
+mod pooler_prepared;
 mod scripts;
 mod signoz;
 mod telemetry;

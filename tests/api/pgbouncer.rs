@@ -3,121 +3,20 @@
 //! of the service's connections than the pooler has server connections, and no named statement is
 //! left on a server; with the default mode the same load fails, which is why the setting exists.
 
-use std::{
-    net::SocketAddr,
-    os::unix::fs::{MetadataExt, PermissionsExt},
-    path::PathBuf,
-    process::Command,
-    time::Duration,
-};
+use std::process::Command;
 
 use futures::future::join_all;
 use serde_json::json;
 
-use crate::helpers::{AppOptions, TestApp, server_addr, spawn_app_with};
-
-/// A PgBouncer of the test's own in front of the shared test server, stopped on drop.
-pub struct PgBouncer {
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl PgBouncer {
-    /// `pool_mode = transaction` with `server_connections` per database and user.
-    pub fn start(server: SocketAddr, server_connections: u32) -> PgBouncer {
-        Self::start_with(server, server_connections, "extra_float_digits,options")
-    }
-
-    /// [`PgBouncer::start`] with `ignore_startup_parameters` as given (empty: the line left out,
-    /// PgBouncer's default, as a configuration that says only `pool_mode = transaction` has it).
-    pub fn start_with(server: SocketAddr, server_connections: u32, ignored: &str) -> PgBouncer {
-        let binary =
-            std::env::var("TEST_PGBOUNCER").unwrap_or_else(|_| "/usr/sbin/pgbouncer".into());
-        assert!(
-            std::path::Path::new(&binary).exists(),
-            "no pgbouncer at {binary}: run the tests with scripts/test.sh, which installs it"
-        );
-        let dir = std::env::temp_dir().join(format!(
-            "todo-service-pgbouncer-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
-        std::fs::write(
-            dir.join("pgbouncer.ini"),
-            format!(
-                "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
-                 listen_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
-                 auth_file = {d}/userlist.txt\npool_mode = transaction\n\
-                 default_pool_size = {server_connections}\nmax_client_conn = 500\n\
-                 {ignore}logfile = {d}/pgbouncer.log\n\
-                 pidfile = {d}/pgbouncer.pid\n",
-                server.ip(),
-                server.port(),
-                d = dir.display(),
-                ignore = if ignored.is_empty() {
-                    String::new()
-                } else {
-                    format!("ignore_startup_parameters = {ignored}\n")
-                }
-            ),
-        )
-        .unwrap();
-        // PgBouncer refuses to run as root.
-        let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-        let mut cmd = if as_root {
-            let _ = Command::new("chown")
-                .arg("-R")
-                .arg("postgres:")
-                .arg(&dir)
-                .output();
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let mut c = Command::new("runuser");
-            c.current_dir("/").args(["-u", "postgres", "--", &binary]);
-            c
-        } else {
-            Command::new(&binary)
-        };
-        let out = cmd
-            .arg("-d")
-            .arg(dir.join("pgbouncer.ini"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pgbouncer: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bouncer = PgBouncer { port, dir };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return bouncer;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("pgbouncer did not listen on {port}");
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).output();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use crate::{
+    helpers::{AppOptions, TestApp, server_addr, spawn_app_with},
+    pgbouncer_harness::{PgBouncer, Release},
+};
 
 /// An app whose DATABASE_URL is the pooler (migrations straight to the server). The pooler drops
 /// the `options` login parameter (where the default mode sets its timeouts), so the default mode
 /// gets as far as its statements.
-async fn app_through(bouncer: &PgBouncer, mode: &str) -> TestApp {
+pub async fn app_through(bouncer: &PgBouncer, mode: &str) -> TestApp {
     let mut opts = AppOptions {
         db_via: Some(("127.0.0.1".into(), bouncer.port)),
         ..AppOptions::default()
@@ -134,7 +33,7 @@ async fn app_through(bouncer: &PgBouncer, mode: &str) -> TestApp {
 }
 
 /// 32 clients, each creating, reading, updating and listing: the statuses that came back.
-async fn mixed_load(app: &TestApp) -> Vec<u16> {
+pub async fn mixed_load(app: &TestApp) -> Vec<u16> {
     let clients = (0..32).map(|i| async move {
         let mut statuses = Vec::new();
         for round in 0..6 {
@@ -227,9 +126,11 @@ async fn without_transaction_mode_the_same_load_fails_through_pgbouncer() {
 /// refuses the startup parameters sqlx sends; `doctor` says which pgbouncer.ini line fixes it.
 #[tokio::test]
 async fn doctor_names_the_pgbouncer_setting_a_refused_login_needs() {
-    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start_with(server_addr(), 2, ""))
-        .await
-        .unwrap();
+    let bouncer = tokio::task::spawn_blocking(|| {
+        PgBouncer::start_with(Release::Debian, server_addr(), 2, "")
+    })
+    .await
+    .unwrap();
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port);
     let direct = format!("postgres://postgres@{}/postgres", server_addr());
     let out = tokio::task::spawn_blocking(move || {

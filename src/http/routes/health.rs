@@ -213,7 +213,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     let detail = if status.breaker == BreakerState::Open {
         "the database is unavailable; the circuit breaker is open"
     } else if status.reachable {
-        "the database schema is not migrated yet"
+        "the database is not ready for requests yet (migrations or startup checks pending)"
     } else {
         "the database cannot be reached"
     };
