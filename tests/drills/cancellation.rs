@@ -3,7 +3,9 @@
 //! or `REQUEST_TIMEOUT` fires), and the drill checks that the service threw that connection away,
 //! that no session is left inside a transaction, that the cancelled write happened whole or not
 //! at all, and that every write acknowledged afterwards is visible to other connections and
-//! survives the service's restart.
+//! survives the service's restart. Drills 11d and 11e do the same through a PgBouncer that carries
+//! prepared statements (`DB_POOLER_MODE=transaction-prepared`), where no per-call transaction
+//! wraps a write.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,6 +18,7 @@ use sqlx::PgConnection;
 use super::{
     fault_proxy::{Direction, FaultProxy},
     helpers::{AppOptions, TestApp, server_addr, spawn_app_with},
+    pgbouncer_harness::PgBouncer,
     serial,
 };
 
@@ -115,20 +118,64 @@ enum Cancel {
     RequestTimeout,
 }
 
+/// Where the service's connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Direct,
+    /// Through a PgBouncer that carries prepared statements, two server connections.
+    PgBouncer,
+}
+
+impl Route {
+    /// The pooler, when there is one, and the address the service's connections go to.
+    async fn start(self) -> (Option<PgBouncer>, std::net::SocketAddr) {
+        match self {
+            Route::Direct => (None, server_addr()),
+            Route::PgBouncer => {
+                let bouncer =
+                    tokio::task::spawn_blocking(|| PgBouncer::start_prepared(server_addr(), 2))
+                        .await
+                        .unwrap();
+                let addr = ([127, 0, 0, 1], bouncer.port).into();
+                (Some(bouncer), addr)
+            }
+        }
+    }
+
+    /// `opts` for an app whose connections take this route, `via` (a proxy) standing in for its
+    /// first hop when given.
+    fn app(self, mut opts: AppOptions, via: std::net::SocketAddr) -> AppOptions {
+        opts.db_via = Some(("127.0.0.1".into(), via.port()));
+        if self == Route::PgBouncer {
+            opts.env
+                .insert("DB_POOLER_MODE".into(), "transaction-prepared".into());
+            opts.migration_direct = true;
+        }
+        opts
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_11a_a_client_that_hangs_up_mid_write_costs_nothing() {
     let _turn = serial().await;
-    cancel_at_every_point(Cancel::ClientGone).await;
+    cancel_at_every_point(Cancel::ClientGone, Route::Direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_11b_a_request_timeout_mid_write_costs_nothing() {
     let _turn = serial().await;
-    cancel_at_every_point(Cancel::RequestTimeout).await;
+    cancel_at_every_point(Cancel::RequestTimeout, Route::Direct).await;
 }
 
-async fn cancel_at_every_point(cancel: Cancel) {
-    let proxy = FaultProxy::start(server_addr()).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_11d_through_pgbouncer_a_client_that_hangs_up_mid_write_costs_nothing() {
+    let _turn = serial().await;
+    cancel_at_every_point(Cancel::ClientGone, Route::PgBouncer).await;
+}
+
+async fn cancel_at_every_point(cancel: Cancel, route: Route) {
+    let (_bouncer, upstream) = route.start().await;
+    let proxy = FaultProxy::start(upstream).await;
     let mut env = HashMap::from([
         // One connection, so a connection left in a bad state would serve the next request.
         ("DB_POOL_MAX_SIZE".to_string(), "1".to_string()),
@@ -137,11 +184,13 @@ async fn cancel_at_every_point(cancel: Cancel) {
     if cancel == Cancel::RequestTimeout {
         env.insert("REQUEST_TIMEOUT".into(), "1s".into());
     }
-    let app = spawn_app_with(AppOptions {
-        env,
-        db_via: Some(("127.0.0.1".into(), proxy.addr.port())),
-        ..AppOptions::default()
-    })
+    let app = spawn_app_with(route.app(
+        AppOptions {
+            env,
+            ..AppOptions::default()
+        },
+        proxy.addr,
+    ))
     .await;
     let mut direct = app.test_db.connect().await;
     // Every write the service acknowledged: todo id -> title it answered with (None: deleted).
@@ -149,7 +198,7 @@ async fn cancel_at_every_point(cancel: Cancel) {
     let mut figures = Vec::new();
 
     for (n, p) in POINTS.iter().enumerate() {
-        let label = format!("{:?} / {} / {cancel:?}", p.write, p.what);
+        let label = format!("{:?} / {} / {cancel:?} / {route:?}", p.write, p.what);
         let title = format!("cancelled {n}");
         let key = format!("key-{n}");
         let (method, path, body) = match p.write {
@@ -356,13 +405,27 @@ enum Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() {
     let _turn = serial().await;
-    let app = spawn_app_with(AppOptions {
-        env: HashMap::from([
-            ("DB_POOL_MAX_SIZE".to_string(), "4".to_string()),
-            ("RATE_LIMIT_PER_SECOND".into(), "0".into()),
-        ]),
-        ..AppOptions::default()
-    })
+    writers_that_give_up_early(Route::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_11e_through_pgbouncer_writers_that_give_up_early_lose_nothing() {
+    let _turn = serial().await;
+    writers_that_give_up_early(Route::PgBouncer).await;
+}
+
+async fn writers_that_give_up_early(route: Route) {
+    let (_bouncer, upstream) = route.start().await;
+    let app = spawn_app_with(route.app(
+        AppOptions {
+            env: HashMap::from([
+                ("DB_POOL_MAX_SIZE".to_string(), "4".to_string()),
+                ("RATE_LIMIT_PER_SECOND".into(), "0".into()),
+            ]),
+            ..AppOptions::default()
+        },
+        upstream,
+    ))
     .await;
     const WRITERS: usize = 16;
     let run_for = Duration::from_secs(3);
@@ -470,7 +533,7 @@ async fn drill_11c_writers_that_give_up_early_lose_nothing_and_invent_nothing() 
         by_title.keys().take(5).collect::<Vec<_>>()
     );
     eprintln!(
-        "{} writes in {run_for:?} by {WRITERS} writers: {acked} acknowledged ({retried} of them \
+        "{route:?}: {} writes in {run_for:?} by {WRITERS} writers: {acked} acknowledged ({retried} of them \
          by a keyed retry), {abandoned} abandoned ({abandoned_written} of those written), \
          {refused} refused",
         seen.len()

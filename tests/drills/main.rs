@@ -13,6 +13,9 @@ mod helpers;
 #[path = "../api/pg_tls.rs"]
 #[allow(dead_code)]
 mod pg_tls;
+#[path = "../api/pgbouncer_harness.rs"]
+#[allow(dead_code)]
+mod pgbouncer_harness;
 
 mod cancellation;
 mod fault_proxy;
