@@ -530,12 +530,13 @@ def set_server_tls(database_url, data_dir, on):
     time.sleep(0.5)
 
 
-def side_by_side(targets, args, protocol="prepared"):
-    """GET one todo at oha -c 64 against each service in `targets` (two, by name), and pgbench on
-    the same database URL beside each, interleaved twice so drift hits both alike. Starts and
-    stops the services. Returns rps, pgbench tps, the service's CPU per request and the first
-    commands, and the ratios of the first target to the second."""
-    extra, script = WORKLOADS["get-one"]
+def side_by_side(targets, args, protocol="prepared", workload="get-one"):
+    """`workload` (GET one todo unless told) at oha -c 64 against each service in `targets` (by
+    name), and pgbench on the same database URL beside each, interleaved twice so drift hits all
+    alike. Starts and stops the services. Returns rps, pgbench tps, the service's CPU per request
+    and the first commands; with two targets the ratios of the first to the second, with more,
+    each later one's ratio to the first (by name)."""
+    extra, script = WORKLOADS[workload]
     out = {"rps": {n: [] for n in targets}, "pgbench_tps": {n: [] for n in targets}}
     cpu = {n: [] for n in targets}
     commands = []
@@ -560,12 +561,19 @@ def side_by_side(targets, args, protocol="prepared"):
     def ratio(a, b):
         return round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
 
-    first, second = targets
     out["cpu_us_per_request"] = {k: round(statistics.mean(v), 1) if None not in v else None
                                  for k, v in cpu.items()}
-    out["service_ratio"] = ratio(out["rps"][first], out["rps"][second])
-    out["pgbench_ratio"] = ratio(out["pgbench_tps"][first], out["pgbench_tps"][second])
-    out["commands"] = commands[:4]
+    names = list(targets)
+    if len(names) == 2:
+        first, second = names
+        out["service_ratio"] = ratio(out["rps"][first], out["rps"][second])
+        out["pgbench_ratio"] = ratio(out["pgbench_tps"][first], out["pgbench_tps"][second])
+    else:
+        reference = names[0]
+        out["service_ratio"] = {n: ratio(out["rps"][n], out["rps"][reference]) for n in names[1:]}
+        out["pgbench_ratio"] = {n: ratio(out["pgbench_tps"][n], out["pgbench_tps"][reference])
+                                for n in names[1:]}
+    out["commands"] = commands[:2 * len(names)]
     return out
 
 
@@ -601,10 +609,13 @@ def db_tls(svc, args, res):
 
 
 class PgBouncer:
-    """A PgBouncer in transaction mode in front of the throwaway cluster, for the pooler scenario."""
+    """A PgBouncer in transaction mode in front of the throwaway cluster, for the pooler scenario:
+    Debian's 1.18 (`PGBOUNCER_1_18`) or one that carries prepared statements
+    (`PGBOUNCER_PREPARED`, from scripts/build-pgbouncer.sh), with max_prepared_statements."""
 
-    def __init__(self, database_url, server_connections):
-        self.binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    def __init__(self, database_url, server_connections, prepared):
+        variable = "PGBOUNCER_PREPARED" if prepared else "PGBOUNCER_1_18"
+        self.binary = os.environ.get(variable) or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         self.dir = tempfile.mkdtemp(prefix="todo-service-loadtest-pgbouncer-")
         self.port = free_port()
         server = urllib.parse.urlsplit(database_url)
@@ -615,9 +626,12 @@ class PgBouncer:
                     f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
                     f"auth_type = trust\nauth_file = {self.dir}/userlist.txt\n"
                     f"pool_mode = transaction\ndefault_pool_size = {server_connections}\n"
-                    f"max_client_conn = 1000\nignore_startup_parameters = extra_float_digits\n"
-                    f"logfile = {self.dir}/pgbouncer.log\npidfile = {self.dir}/pgbouncer.pid\n")
+                    f"max_client_conn = 1000\nignore_startup_parameters = extra_float_digits,options\n"
+                    + ("max_prepared_statements = 200\n" if prepared else "")
+                    + f"logfile = {self.dir}/pgbouncer.log\npidfile = {self.dir}/pgbouncer.pid\n")
         self.url = server._replace(netloc=f"{server.username}@127.0.0.1:{self.port}").geturl()
+        self.version = subprocess.run([self.binary, "--version"], capture_output=True,
+                                      text=True).stdout.split("\n")[0]
 
     def start(self):
         if os.geteuid() == 0:
@@ -644,32 +658,58 @@ class PgBouncer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# The service's default timeouts, which DB_POOLER_MODE=transaction-prepared needs the server's
+# database settings to hold (the pooler passes no login options).
+POOLED_SETTINGS = {"statement_timeout": "5s", "idle_in_transaction_session_timeout": "5s"}
+
+
 def pooler(svc, args, res):
-    """What a transaction pooler costs: get-one at c=64 against a service straight to PostgreSQL
-    (named, cached statements) and one through PgBouncer in transaction mode
-    (DB_POOLER_MODE=transaction: unnamed statements, each call in BEGIN ... COMMIT), interleaved;
-    pgbench runs the same SQL both ways with the extended protocol (unnamed statements, the way a
-    transaction pooler allows), so the pooler's own cost and the service's mode are told apart."""
+    """What a transaction pooler costs, per workload (get-one, list, POST, PATCH; get-one alone
+    with --quick) at c=64: a service straight to PostgreSQL (named, cached statements), one through
+    Debian's PgBouncer 1.18 (DB_POOLER_MODE=transaction: unnamed statements, each call in
+    BEGIN ... COMMIT) and one through a PgBouncer that carries prepared statements
+    (DB_POOLER_MODE=transaction-prepared: named statements, one exchange a statement), interleaved;
+    pgbench runs the same SQL each way with the extended protocol, so the pooler's own cost and the
+    service's mode are told apart. Each pooler has 16 server connections."""
     if not svc.proc:
         res["pooler"] = {"skipped": "needs a service this script starts (no --url)"}
         log("  skipped: needs a service this script starts")
         return
-    bouncer = PgBouncer(svc.database_url, 16)
-    targets = {"pooled": Service(None, bouncer.url, {"DB_POOLER_MODE": "transaction",
-                                                     "DATABASE_MIGRATION_URL": svc.database_url}),
-               "direct": Service(None, svc.database_url)}
+    database = urllib.parse.urlsplit(svc.database_url).path.lstrip("/")
+    old, new = PgBouncer(svc.database_url, 16, False), PgBouncer(svc.database_url, 16, True)
+    log(f"  poolers: {old.version} (transaction), {new.version} (transaction-prepared)")
+    workloads = ["get-one"] if args.quick else ["get-one", "list", "post", "patch"]
+    out = {"poolers": {"transaction": old.version, "transaction_prepared": new.version},
+           "workloads": {}}
+    for setting, value in POOLED_SETTINGS.items():
+        psql(svc.database_url, f'ALTER DATABASE "{database}" SET {setting} = \'{value}\'')
     try:
-        bouncer.start()
-        out = side_by_side(targets, args, protocol="extended")
+        old.start()
+        new.start()
+        for workload in workloads:
+            log(f"  {workload}")
+            targets = {
+                "direct": Service(None, svc.database_url),
+                "transaction": Service(None, old.url, {"DB_POOLER_MODE": "transaction",
+                                                       "DATABASE_MIGRATION_URL": svc.database_url}),
+                "transaction_prepared": Service(None, new.url, {
+                    "DB_POOLER_MODE": "transaction-prepared",
+                    "DATABASE_MIGRATION_URL": svc.database_url}),
+            }
+            out["workloads"][workload] = side_by_side(targets, args, protocol="extended",
+                                                      workload=workload)
     finally:
-        bouncer.stop()
-    res["pooler"] = {"workload": "get-one, oha c=64; pgbench -M extended get-one.sql c=64; "
-                                 "PgBouncer 16 server connections, transaction mode",
-                     **out}
-    cpus = out["cpu_us_per_request"]
-    log(f"  through PgBouncer: the service keeps {out['service_ratio']} of its direct "
-        f"throughput, pgbench {out['pgbench_ratio']}; service CPU {cpus['pooled']} vs "
-        f"{cpus['direct']} µs/request")
+        old.stop()
+        new.stop()
+        for setting in POOLED_SETTINGS:
+            psql(svc.database_url, f'ALTER DATABASE "{database}" RESET {setting}')
+    res["pooler"] = {"workload": "oha c=64; pgbench -M extended c=64; PgBouncer 16 server "
+                                 "connections, transaction mode", **out}
+    for workload, d in out["workloads"].items():
+        cpus = d["cpu_us_per_request"]
+        log(f"  {workload} against direct: service {d['service_ratio']}, pgbench "
+            f"{d['pgbench_ratio']}; service CPU µs/request "
+            + ", ".join(f"{k} {v}" for k, v in cpus.items()))
 
 
 def telemetry(svc, args, res):
@@ -1114,13 +1154,18 @@ def summary(res):
                      f"{statistics.mean(d['pgbench_tps']['plain']):.0f} tps (ratio {d['pgbench_ratio']}); "
                      f"service CPU {d['cpu_us_per_request']['tls']} vs {d['cpu_us_per_request']['plain']} µs/request.")
     if "pooler" in res and "skipped" not in res["pooler"]:
-        d = res["pooler"]
-        lines.append(f"Through PgBouncer, transaction mode (get-one, c=64, interleaved): service "
-                     f"{statistics.mean(d['rps']['pooled']):.0f} vs {statistics.mean(d['rps']['direct']):.0f} rps "
-                     f"direct (ratio {d['service_ratio']}), pgbench -M extended "
-                     f"{statistics.mean(d['pgbench_tps']['pooled']):.0f} vs "
-                     f"{statistics.mean(d['pgbench_tps']['direct']):.0f} tps (ratio {d['pgbench_ratio']}); "
-                     f"service CPU {d['cpu_us_per_request']['pooled']} vs {d['cpu_us_per_request']['direct']} µs/request.")
+        p = res["pooler"]
+        lines.append(f"Through PgBouncer (c=64, interleaved; {p['poolers']['transaction']} with "
+                     f"DB_POOLER_MODE=transaction, {p['poolers']['transaction_prepared']} with "
+                     f"transaction-prepared), throughput against direct:")
+        for workload, d in p["workloads"].items():
+            mean = {k: f"{statistics.mean(v):.0f}" for k, v in d["rps"].items()}
+            lines.append(f"- {workload}: service direct {mean['direct']} rps; transaction "
+                         f"{d['service_ratio']['transaction']}×, transaction-prepared "
+                         f"{d['service_ratio']['transaction_prepared']}×; pgbench -M extended "
+                         f"{d['pgbench_ratio']['transaction']}× and "
+                         f"{d['pgbench_ratio']['transaction_prepared']}×; service CPU µs/request "
+                         + ", ".join(f"{k} {v}" for k, v in d["cpu_us_per_request"].items()) + ".")
     if "telemetry" in res and "skipped" not in res["telemetry"]:
         t = res["telemetry"]
         lines.append(f"Telemetry (get-one, c=64, interleaved): export off {statistics.mean(t['rps_off']):.0f} rps; "

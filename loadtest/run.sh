@@ -29,8 +29,11 @@ if ! command -v openssl >/dev/null 2>&1; then
   as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends openssl >/dev/null
   installed+=("openssl (apt)")
 fi
-# The pooler scenario runs a PgBouncer of its own.
-pg_ensure_pgbouncer
+# The pooler scenario runs PgBouncers of its own: Debian's 1.18 and one that carries prepared
+# statements (built once into target/pgbouncer).
+PGBOUNCER_1_18="$(pg_pgbouncer_binary 1.18)"
+PGBOUNCER_PREPARED="$(pg_pgbouncer_binary prepared)"
+export PGBOUNCER_1_18 PGBOUNCER_PREPARED
 OHA_VERSION=1.16.0
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v oha >/dev/null 2>&1; then
