@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The local cluster behind scripts/cluster.sh: a PostgreSQL primary with a synchronous streaming
-standby, PgBouncer in transaction mode, three service replicas and HAProxy in front, all on
-127.0.0.1, and the drills that break it under load.
+standby, PgBouncer in transaction mode (a release that carries prepared statements), three
+service replicas and HAProxy in front, all on 127.0.0.1, and the drills that break it under load.
 
 Why a script of its own and not part of loadtest/run.py: the cluster outlives one command (`up`
 leaves it running for curl and oha, `down` stops it), so its processes are daemons whose state
@@ -179,6 +179,8 @@ pool_mode = transaction
 default_pool_size = {b['pool_size']}
 max_client_conn = 1000
 ignore_startup_parameters = extra_float_digits,options
+; Named statements carried per server connection: the replicas run DB_POOLER_MODE=transaction-prepared.
+max_prepared_statements = 200
 ; After a failed login to the server, try again in 1 s rather than 15: a failover's recovery
 ; time is bounded by this.
 server_login_retry = 1
@@ -191,7 +193,8 @@ pidfile = {b['dir']}/pgbouncer.pid
 def pgbouncer_start(state):
     b = state["pgbouncer"]
     pgbouncer_write_config(state)
-    sh(as_owner([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "-d", os.path.join(b["dir"], "pgbouncer.ini")]))
+    binary = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    sh(as_owner([binary, "-d", os.path.join(b["dir"], "pgbouncer.ini")]))
     wait_for("PgBouncer listening", lambda: listening(b["port"]), 10)
     with open(os.path.join(b["dir"], "pgbouncer.pid")) as f:
         b["pid"] = int(f.read().strip())
@@ -208,7 +211,7 @@ def replica_env(state, r):
     writer = state[state["writer"]]
     return dict(os.environ, **{
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:{state['pgbouncer']['port']}/todos?sslmode=disable",
-        "DB_POOLER_MODE": "transaction",
+        "DB_POOLER_MODE": "transaction-prepared",
         # Migrations need a session (an advisory lock): straight to the primary.
         "DATABASE_MIGRATION_URL": f"postgres://postgres@127.0.0.1:{writer['port']}/todos?sslmode=disable",
         "DB_POOL_MAX_SIZE": "16",
@@ -406,6 +409,10 @@ def start(state):
     pg_start(state, "primary")
     save_state(state)
     psql(p["port"], "CREATE DATABASE todos", db="postgres")
+    # Through the pooler the replicas' timeouts come from the database's settings (the service
+    # checks them before serving); the standby has them too, by replication.
+    for setting in ("statement_timeout", "idle_in_transaction_session_timeout"):
+        psql(p["port"], f"ALTER DATABASE todos SET {setting} = '5s'", db="postgres")
     # The standby: a base backup streamed from the primary, following it under the name the
     # primary's synchronous_standby_names waits for.
     sh(as_owner([pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p["port"]), "-U", "postgres",
@@ -744,10 +751,11 @@ def drill_doctor(state, checks):
 
     env = replica_env(state, state["replicas"][0])
     code, report = doctor(env)
-    for name in ("writable", "connection budget", "migration route"):
+    for name in ("writable", "connection budget", "pooler sessions", "migration route"):
         log(f"    {line(report, name)[:160]}")
     checks.expect(code == 0 and line(report, "migration route").startswith("[pass]")
-                  and line(report, "writable").startswith("[pass]"),
+                  and line(report, "writable").startswith("[pass]")
+                  and line(report, "pooler sessions").startswith("[pass]"),
                   f"doctor passes with a replica's settings (exit {code})")
     standby = state["standby" if state["writer"] == "primary" else "primary"]
     env = dict(env, DATABASE_URL=f"postgres://postgres@127.0.0.1:{standby['port']}/todos?sslmode=disable",

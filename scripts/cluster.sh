@@ -25,7 +25,9 @@ esac
 
 if [ "$command" = up ] || [ "$command" = drill ]; then
   pg_ensure_server
-  pg_ensure_pgbouncer
+  # A PgBouncer that carries prepared statements (DB_POOLER_MODE=transaction-prepared).
+  PGBOUNCER="$(pg_pgbouncer_binary prepared)"
+  export PGBOUNCER
   if ! command -v haproxy >/dev/null 2>&1; then
     if [ "$(pg_installer)" = none ]; then
       echo "error: haproxy is not installed and cannot be installed from here;" >&2

@@ -344,7 +344,9 @@ fn session_settings(config: &DatabaseConfig) -> (PgConnectOptions, Option<sqlx::
     }
 }
 
-/// `DATABASE_MIGRATION_URL`'s connector and its address, resolved once like the pool's.
+/// `DATABASE_MIGRATION_URL`'s connector and its address, resolved once like the pool's. Its
+/// session turns `statement_timeout` off: the server's role or database settings that bound the
+/// requests through a pooler (`transaction-prepared`) must not cut a migration short.
 async fn migration_route(
     target: &Target,
     application_name: &str,
@@ -354,7 +356,8 @@ async fn migration_route(
         target
             .connect_options
             .clone()
-            .application_name(&format!("{application_name}-migrate")),
+            .application_name(&format!("{application_name}-migrate"))
+            .options([("statement_timeout", "0")]),
         &target.tls,
         &target.host,
     )?;

@@ -207,7 +207,7 @@ fn the_scale_profile_puts_replicas_behind_haproxy_and_pgbouncer_wired_together()
     let config = todo_service::config::Config::from_lookup(|k| env.get(k).cloned()).unwrap();
     assert_eq!(
         config.database.pooler_mode,
-        todo_service::config::PoolerMode::Transaction
+        todo_service::config::PoolerMode::TransactionPrepared
     );
     assert_eq!(config.database.host, "pgbouncer");
     assert_eq!(
@@ -226,6 +226,44 @@ fn the_scale_profile_puts_replicas_behind_haproxy_and_pgbouncer_wired_together()
     assert_eq!(s(&bouncer["POOL_MODE"], "POOL_MODE"), "transaction");
     for param in ["extra_float_digits", "options"] {
         assert!(s(&bouncer["IGNORE_STARTUP_PARAMETERS"], "ignore").contains(param));
+    }
+    // It carries prepared statements (the image is 1.21 or later), and the server's sessions for
+    // the replicas' role and database start with the replicas' timeouts.
+    let image = s(&services["pgbouncer"]["image"], "image");
+    let version = image.rsplit_once(":v").unwrap().1;
+    let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+    assert!(version.starts_with("1.") && minor >= 21, "{image}");
+    let prepared: u32 = s(
+        &bouncer["MAX_PREPARED_STATEMENTS"],
+        "max_prepared_statements",
+    )
+    .parse()
+    .unwrap();
+    assert!(prepared > 0);
+    let init = "./deploy/compose/postgres-pooler-timeouts.sql";
+    assert!(
+        services["postgres"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| s(v, "volume").starts_with(&format!("{init}:/docker-entrypoint-initdb.d/"))),
+        "{init} is mounted where the image runs it"
+    );
+    let sql = std::fs::read_to_string(root().join(init)).unwrap();
+    let user = config.database.connect_options.get_username();
+    let database = config.database.connect_options.get_database().unwrap();
+    for (setting, value) in [
+        ("statement_timeout", config.database.statement_timeout),
+        (
+            "idle_in_transaction_session_timeout",
+            config.database.idle_in_transaction_timeout,
+        ),
+    ] {
+        let line = format!(
+            "ALTER ROLE {user} IN DATABASE {database} SET {setting} = '{}';",
+            humantime::format_duration(value)
+        );
+        assert!(sql.lines().any(|l| l == line), "{init} lacks {line}");
     }
     let server_side: usize = s(&bouncer["DEFAULT_POOL_SIZE"], "size").parse().unwrap();
     let single: usize = s(

@@ -121,7 +121,7 @@ fn the_pgbouncer_overlay_routes_the_service_through_a_transaction_pooler_it_can_
     let db = &parsed.database;
     assert_eq!(
         db.pooler_mode,
-        todo_service::config::PoolerMode::Transaction
+        todo_service::config::PoolerMode::TransactionPrepared
     );
 
     // DATABASE_URL names PgBouncer's Service and port; PgBouncer listens where that port leads.
@@ -147,8 +147,21 @@ fn the_pgbouncer_overlay_routes_the_service_through_a_transaction_pooler_it_can_
     );
     assert_eq!(
         ini["pool_mode"], "transaction",
-        "DB_POOLER_MODE=transaction needs it"
+        "DB_POOLER_MODE=transaction-prepared is for it"
     );
+    // It carries prepared statements: an image of 1.21 or later, with them on.
+    let image = container["image"].as_str().unwrap();
+    let minor: u32 = image
+        .rsplit_once(":v1.")
+        .unwrap()
+        .1
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(minor >= 21, "{image}");
+    assert!(ini["max_prepared_statements"].parse::<u32>().unwrap() > 0);
     // The pooler must not refuse the parameters the service and sqlx send at login.
     for param in ["extra_float_digits", "options"] {
         assert!(
@@ -171,6 +184,17 @@ fn the_pgbouncer_overlay_routes_the_service_through_a_transaction_pooler_it_can_
         migration.host,
         migration.port
     );
+    // Every server session starts with the service's timeouts (checked before it serves).
+    for (setting, value) in [
+        ("statement_timeout", db.statement_timeout),
+        (
+            "idle_in_transaction_session_timeout",
+            db.idle_in_transaction_timeout,
+        ),
+    ] {
+        let set = format!("SET {setting} = {}", value.as_millis());
+        assert!(target.contains(&set), "{target} lacks {set}");
+    }
 
     // The userlist is mounted where auth_file points, under the key the Secret has.
     let mount = container["volumeMounts"]
