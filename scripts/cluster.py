@@ -461,7 +461,7 @@ def down(_args=None):
         replica_stop(r, signal.SIGKILL if not pid_alive(r.get("pid")) else signal.SIGTERM, wait=5)
     b = state["pgbouncer"]
     if pid_alive(b.get("pid")):
-        os.kill(b["pid"], signal.SIGTERM)
+        os.kill(b["pid"], signal.SIGQUIT)  # immediate; SIGTERM would wait for every client
     for node in ("primary", "standby"):
         if os.path.isdir(state[node]["data"]):
             pg_stop(state[node], "immediate")
@@ -690,10 +690,12 @@ def drill_kill_replica(state, load, checks):
 
 def drill_pgbouncer_restart(state, load, checks):
     b = state["pgbouncer"]
-    log("\n== PgBouncer restart (SIGTERM, 1 s down, started again; no replica restarted)")
+    log("\n== PgBouncer restart (SIGQUIT: immediate shutdown, 1 s down, started again; no replica restarted)")
     time.sleep(1.0)
     t0 = time.monotonic()
-    os.kill(b["pid"], signal.SIGTERM)
+    # Immediate, in-flight queries cut: SIGQUIT from PgBouncer 1.23 on (SIGTERM now waits for
+    # every client to leave, which pooled replicas never do).
+    os.kill(b["pid"], signal.SIGQUIT)
     wait_for("PgBouncer gone", lambda: not pid_alive(b["pid"]), 10)
     time.sleep(1.0)
     pgbouncer_start(state)

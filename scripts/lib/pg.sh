@@ -167,7 +167,8 @@ INI
 
 pg_stop_pgbouncer() {
   if [ -n "${PGB_DIR:-}" ] && [ -d "$PGB_DIR" ]; then
-    if [ -f "$PGB_DIR/pgbouncer.pid" ]; then kill "$(cat "$PGB_DIR/pgbouncer.pid")" 2>/dev/null || true; fi
+    # SIGINT: shut down once no query runs (from 1.23 on, SIGTERM waits for every client to leave).
+    if [ -f "$PGB_DIR/pgbouncer.pid" ]; then kill -INT "$(cat "$PGB_DIR/pgbouncer.pid")" 2>/dev/null || true; fi
     rm -rf "$PGB_DIR"
     echo "stopped PgBouncer" >&2
   fi

@@ -138,7 +138,9 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).output();
+            // SIGINT: shut down once no query runs (from 1.23 on, SIGTERM waits for every
+            // client to leave).
+            let _ = Command::new("kill").args(["-INT", pid.trim()]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
