@@ -532,8 +532,8 @@ def set_server_tls(database_url, data_dir, on):
 
 def side_by_side(targets, args, protocol="prepared", workload="get-one"):
     """`workload` (GET one todo unless told) at oha -c 64 against each service in `targets` (by
-    name), and pgbench on the same database URL beside each, interleaved twice so drift hits all
-    alike. Starts and stops the services. Returns rps, pgbench tps, the service's CPU per request
+    name), and pgbench on the same database URL beside each, interleaved (`--rounds`, 2 unless
+    told) so drift hits all alike. Starts and stops the services. Returns rps, pgbench tps, the service's CPU per request
     and the first commands; with two targets the ratios of the first to the second, with more,
     each later one's ratio to the first (by name)."""
     extra, script = WORKLOADS[workload]
@@ -543,7 +543,7 @@ def side_by_side(targets, args, protocol="prepared", workload="get-one"):
     try:
         for t in targets.values():
             t.start()
-        for _ in range(2):
+        for _ in range(args.rounds):
             for name, target in targets.items():
                 r, cmd, us = oha_cpu(target, extra, args.duration)
                 b, bcmd = pgbench(target.database_url, script, args.duration, 64,
@@ -1281,6 +1281,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: about two minutes in all")
     p.add_argument("--duration", type=int, help="seconds per sustained workload (default 20, quick 3)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved rounds of the side-by-side scenarios (db_tls, pooler; default 2)")
     p.add_argument("--soak", type=int, help="seconds of the soak (memory growth) run (default 600, quick 10)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (baseline runs with sustained)")

@@ -1,6 +1,7 @@
 //! The database checks: the steps the service takes to reach its database, each reported (DNS,
 //! TCP reach, TLS, login), then what the server says about itself (writable, connection budget,
-//! migrations). `DATABASE_MIGRATION_URL` goes through the same steps, written once in [`open`].
+//! migrations, pooler sessions). `DATABASE_MIGRATION_URL` goes through the same steps, written once
+//! in [`open`].
 
 use std::{net::SocketAddr, time::Instant};
 

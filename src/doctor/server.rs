@@ -1,5 +1,6 @@
 //! What the server reached says about itself: whether it takes writes, how many connections it
-//! has left for this replica's pool, and which migrations it has applied.
+//! has left for this replica's pool, which migrations it has applied, and, through a pooler that
+//! carries prepared statements, what its server connections bring (`db::pooled`).
 
 use sqlx::{Connection, PgConnection};
 
@@ -22,8 +23,8 @@ pub(super) const SERVER: [&str; 4] = [
 ];
 
 /// What the server says about itself ([`SERVER`]). Read-only, in one transaction with unnamed
-/// statements: through a transaction pooler (DB_POOLER_MODE=transaction) that keeps the queries
-/// on one server connection.
+/// statements (but `pooler sessions`' own, named as the service names them): through a
+/// transaction pooler that keeps the queries on one server connection.
 pub(super) async fn checks(conn: &mut PgConnection, db: &DatabaseConfig) -> Vec<Check> {
     match conn.begin().await {
         Ok(mut tx) => {
