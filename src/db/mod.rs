@@ -25,6 +25,7 @@ mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod connect;
+mod deadline;
 mod error;
 mod fetch;
 pub mod idempotency;
@@ -56,9 +57,9 @@ use sqlx::{Connection, postgres::PgConnectOptions};
 use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode, Target};
 use breaker::{Breaker, BreakerState};
 use connect::Connector;
+use deadline::within;
 use pool::PgManager;
 use resolve::{PinnedAddress, Resolver};
-use session::within;
 
 /// How much longer than `statement_timeout` a call may take before the client gives up on the
 /// connection: enough for Postgres' own cancellation to arrive over a healthy link.

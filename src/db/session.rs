@@ -28,18 +28,11 @@
 //! before the server, still ending connections, ends it too (drill 4 met that once in CI). Anything else is a 503 with `Retry-After`, and a keyed `POST` is safe
 //! to retry.
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
-
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use opentelemetry::{
     KeyValue,
     trace::{Span as _, Status},
 };
-use pin_project_lite::pin_project;
 use sqlx::PgConnection;
 
 use crate::{net, telemetry::spans};
@@ -49,7 +42,7 @@ use crate::{net, telemetry::spans};
 /// calls a mass disconnect can cost a request, not a wait.
 pub(super) const STALE_RETRIES: u32 = 2;
 
-use super::{Conn, Db, DbError, breaker::Permit, classify};
+use super::{Conn, Db, DbError, breaker::Permit, classify, deadline::within};
 
 /// What a call does to the data, which decides whether a failure on a stale connection may be
 /// retried.
@@ -440,48 +433,5 @@ fn record(permit: Permit, err: &DbError) {
         DbError::Unavailable(_) => permit.failure(),
         DbError::CircuitOpen { .. } => drop(permit),
         DbError::Timeout(_) | DbError::Unexpected(_) => permit.success(),
-    }
-}
-
-/// Runs one call under the client-side deadline; running out counts as a broken connection (it is
-/// discarded and its siblings checked), not as a slow query.
-///
-/// A future of its own rather than an `async fn`: an `async fn` keeps its argument's slot after
-/// moving the call into tokio's `Timeout`, so the call's future (most of a request's state) was
-/// stored twice and copied once more (loadtest/RESULTS.md#layer-costs).
-pub(super) fn within<F: Future>(deadline: Option<Duration>, call: F) -> Within<F> {
-    match deadline {
-        None => Within::Unbounded { call },
-        Some(limit) => Within::Bounded {
-            call: tokio::time::timeout(limit, call),
-            limit,
-        },
-    }
-}
-
-pin_project! {
-    /// The future of [`within`].
-    #[project = WithinProj]
-    pub(super) enum Within<F> {
-        Unbounded { #[pin] call: F },
-        Bounded { #[pin] call: tokio::time::Timeout<F>, limit: Duration },
-    }
-}
-
-impl<F: Future> Future for Within<F> {
-    type Output = Result<F::Output, sqlx::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            WithinProj::Unbounded { call } => call.poll(cx).map(Ok),
-            WithinProj::Bounded { call, limit } => call.poll(cx).map(|done| {
-                done.map_err(|_| {
-                    sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer from the database connection within {limit:?}"),
-                    ))
-                })
-            }),
-        }
     }
 }
