@@ -193,7 +193,10 @@ pidfile = {b['dir']}/pgbouncer.pid
 def pgbouncer_start(state):
     b = state["pgbouncer"]
     pgbouncer_write_config(state)
-    binary = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    # A copy beside its configuration: run as the postgres user, it may not reach into the checkout.
+    binary = os.path.join(b["dir"], "pgbouncer")
+    if not os.path.exists(binary):
+        shutil.copy(os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", binary)
     sh(as_owner([binary, "-d", os.path.join(b["dir"], "pgbouncer.ini")]))
     wait_for("PgBouncer listening", lambda: listening(b["port"]), 10)
     with open(os.path.join(b["dir"], "pgbouncer.pid")) as f:

@@ -146,8 +146,10 @@ $prepared
 logfile = $PGB_DIR/pgbouncer.log
 pidfile = $PGB_DIR/pgbouncer.pid
 INI
+  # A copy beside its configuration: run as the postgres user, it may not reach into the checkout.
+  install -m 0755 "$binary" "$PGB_DIR/pgbouncer"
   if [ "$(id -u)" = "0" ]; then chown -R postgres: "$PGB_DIR"; fi
-  if ! pg_as_owner "$binary" -d "$PGB_DIR/pgbouncer.ini"; then
+  if ! pg_as_owner "$PGB_DIR/pgbouncer" -d "$PGB_DIR/pgbouncer.ini"; then
     cat "$PGB_DIR/pgbouncer.log" >&2 2>/dev/null
     return 1
   fi

@@ -98,7 +98,11 @@ impl PgBouncer {
             ),
         )
         .unwrap();
-        // PgBouncer refuses to run as root.
+        // A copy beside its configuration: run as the postgres user (PgBouncer refuses to run as
+        // root), it may not reach into the checkout.
+        let copy = dir.join("pgbouncer");
+        std::fs::copy(&binary, &copy).unwrap();
+        let binary = copy.to_str().unwrap().to_owned();
         let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
         let mut cmd = if as_root {
             let _ = Command::new("chown")
