@@ -6,12 +6,15 @@ ARG RUST_VERSION=1.95.0
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so a source-only change reuses the cached dependency layer.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
 COPY migrations ./migrations
+# The commit the release names (build.rs; .git is not in the build context):
+# docker build --build-arg TODO_SERVICE_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG TODO_SERVICE_COMMIT=
 # touch: make cargo rebuild the crate itself, not reuse the placeholder's artefacts.
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
     && strip target/release/todo-service

@@ -9,6 +9,7 @@
 //! Read in this order. Imports point down this list, never up (`tests/api/layout.rs` checks):
 //! - [`config`]: every environment variable, parsed and validated once, one file per concern;
 //!   the source of `--help`. Imports nothing of the crate.
+//! - [`release`]: which release this binary is (version and commit). Imports nothing.
 //! - [`net`]: what is an IP literal, which resolved address to use; shared by all that resolve.
 //! - [`auth`]: who is calling: bearer tokens verified into a principal, and minted for
 //!   development. Imports only `config` (the HTTP side is `http::guard::authenticate`).
@@ -33,6 +34,7 @@ pub mod doctor;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod release;
 pub mod startup;
 pub mod telemetry;
 

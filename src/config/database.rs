@@ -71,6 +71,14 @@ pub const VARS: &[Var] = &[
         help: "PostgreSQL statement_timeout set on every connection (0 disables it).",
     },
     Var {
+        name: "DB_MIGRATION_LOCK_TIMEOUT",
+        default: Some("500ms"),
+        help: "PostgreSQL lock_timeout of the migrations' session (10ms-60s): a migration that \
+               cannot get its lock within it gives up and tries again with backoff, so a slow \
+               transaction elsewhere queues requests behind the migration for at most this long \
+               at a time.",
+    },
+    Var {
         name: "DB_IDLE_IN_TRANSACTION_TIMEOUT",
         default: Some("5s"),
         help: "PostgreSQL idle_in_transaction_session_timeout set on every connection (0 disables \
@@ -173,6 +181,8 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
     /// `Duration::ZERO`: off.
     pub idle_in_transaction_timeout: Duration,
+    /// `DB_MIGRATION_LOCK_TIMEOUT`: how long a migration waits for a lock before it tries again.
+    pub migration_lock_timeout: Duration,
     /// `None`: connections live until they break.
     pub max_lifetime: Option<Duration>,
     pub application_name: String,
@@ -208,6 +218,7 @@ impl fmt::Debug for DatabaseConfig {
                 "idle_in_transaction_timeout",
                 &self.idle_in_transaction_timeout,
             )
+            .field("migration_lock_timeout", &self.migration_lock_timeout)
             .field("max_lifetime", &self.max_lifetime)
             .field("application_name", &self.application_name)
             .finish()
@@ -308,6 +319,11 @@ pub(super) fn parse(env: &Env<'_>) -> Result<DatabaseConfig, ConfigError> {
         recycle_timeout: env.duration("DB_RECYCLE_TIMEOUT")?,
         statement_timeout: env.duration("DB_STATEMENT_TIMEOUT")?,
         idle_in_transaction_timeout: env.duration("DB_IDLE_IN_TRANSACTION_TIMEOUT")?,
+        migration_lock_timeout: env.duration_within(
+            "DB_MIGRATION_LOCK_TIMEOUT",
+            Duration::from_millis(10)..=Duration::from_secs(60),
+            "a duration from 10ms to 60s, such as 500ms",
+        )?,
         max_lifetime: if env.duration("DB_MAX_LIFETIME")?.is_zero() {
             None
         } else {

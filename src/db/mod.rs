@@ -40,13 +40,13 @@ pub mod tls;
 pub mod todos;
 
 pub use error::{DbError, classify};
-pub use migrate::{MIGRATOR, run_migrations};
+pub use migrate::{MIGRATOR, applied_schema, expected_schema, run_migrations};
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -54,7 +54,7 @@ use std::{
 use deadpool::managed::Object;
 use sqlx::{Connection, postgres::PgConnectOptions};
 
-use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode, Target};
+use crate::config::{BreakerConfig, DatabaseConfig, PoolerMode};
 use breaker::{Breaker, BreakerState};
 use connect::Connector;
 use deadline::within;
@@ -79,6 +79,9 @@ struct Inner {
     breaker: Arc<Breaker>,
     address: Arc<PinnedAddress>,
     migrated: AtomicBool,
+    /// The newest migration the database had applied when this replica's migrations ran (0:
+    /// not yet known).
+    schema: AtomicI64,
     /// The latest reason migrations could not be applied yet, for `/ready`.
     migration_error: Mutex<Option<String>>,
     wait_timeout: Duration,
@@ -99,8 +102,9 @@ struct Inner {
     /// its timeouts (session settings do not survive a transaction pooler). `None`: calls run as
     /// they are, with named, cached statements.
     begin: Option<sqlx::SqlStr>,
-    /// `DATABASE_MIGRATION_URL`: migrations connect here instead of taking a pooled connection.
-    migration: Option<(Connector, Arc<PinnedAddress>)>,
+    /// Where migrations connect, a session of their own: `DATABASE_MIGRATION_URL`, or else
+    /// `DATABASE_URL` at the pool's pinned address.
+    migration: (Connector, Arc<PinnedAddress>),
     /// `DB_POOLER_MODE=transaction-prepared`: what the pooler's server connections must bring,
     /// checked before the service serves (see [`pooled`]).
     pooled: Option<pooled::Wanted>,
@@ -138,6 +142,8 @@ pub struct DbStatus {
     /// DNS lookups of the database host since startup (1 in a healthy run, 0 for an IP).
     pub dns_lookups: u64,
     pub migrations_applied: bool,
+    /// The newest migration the database had applied when this replica migrated.
+    pub schema_applied: Option<i64>,
     pub pool: deadpool::Status,
     pub breaker: BreakerState,
     pub consecutive_failures: u32,
@@ -157,9 +163,19 @@ impl Db {
             PinnedAddress::resolve(&config.host, config.port, Arc::clone(&resolver)).await;
         let (options, begin) = session_settings(config);
         let migration = match &config.migration {
-            None => None,
+            None => (
+                migration_connector(&config.connect_options, &config.tls, &config.host, config)?,
+                Arc::clone(&address),
+            ),
             Some(target) => {
-                Some(migration_route(target, &config.application_name, resolver).await?)
+                let connector = migration_connector(
+                    &target.connect_options,
+                    &target.tls,
+                    &target.host,
+                    config,
+                )?;
+                let address = PinnedAddress::resolve(&target.host, target.port, resolver).await;
+                (connector, address)
             }
         };
         let connector = Connector::new(options, &config.tls, &config.host)?;
@@ -178,6 +194,7 @@ impl Db {
                 db_host: Arc::<str>::from(address.host()).into(),
                 address,
                 migrated: AtomicBool::new(false),
+                schema: AtomicI64::new(0),
                 migration_error: Mutex::new(None),
                 wait_timeout: config.pool_wait_timeout,
                 query_deadline: (!config.statement_timeout.is_zero())
@@ -300,6 +317,7 @@ impl Db {
             address: self.inner.address.get(),
             dns_lookups: self.inner.address.lookups(),
             migrations_applied: migrated,
+            schema_applied: Some(self.inner.schema.load(Ordering::Relaxed)).filter(|v| *v != 0),
             pool: self.inner.pool.status(),
             breaker: self.inner.breaker.state(),
             consecutive_failures: self.inner.breaker.consecutive_failures(),
@@ -345,23 +363,27 @@ fn session_settings(config: &DatabaseConfig) -> (PgConnectOptions, Option<sqlx::
     }
 }
 
-/// `DATABASE_MIGRATION_URL`'s connector and its address, resolved once like the pool's. Its
-/// session turns `statement_timeout` off: the server's role or database settings that bound the
-/// requests through a pooler (`transaction-prepared`) must not cut a migration short.
-async fn migration_route(
-    target: &Target,
-    application_name: &str,
-    resolver: Arc<dyn Resolver>,
-) -> anyhow::Result<(Connector, Arc<PinnedAddress>)> {
-    let connector = Connector::new(
-        target
-            .connect_options
+/// The connector of the migrations' own session (see `migrate`): no `statement_timeout`, since
+/// a migration may rightly take long and the server's role or database settings that bound the
+/// requests through a pooler (`transaction-prepared`) must not cut it short; a short
+/// `lock_timeout` (`DB_MIGRATION_LOCK_TIMEOUT`), since while it waits for a lock every request
+/// behind it waits too.
+fn migration_connector(
+    options: &PgConnectOptions,
+    tls: &crate::config::DbTlsSettings,
+    host: &str,
+    config: &DatabaseConfig,
+) -> anyhow::Result<Connector> {
+    let lock_timeout = format!("{}ms", config.migration_lock_timeout.as_millis());
+    Connector::new(
+        options
             .clone()
-            .application_name(&format!("{application_name}-migrate"))
-            .options([("statement_timeout", "0")]),
-        &target.tls,
-        &target.host,
-    )?;
-    let address = PinnedAddress::resolve(&target.host, target.port, resolver).await;
-    Ok((connector, address))
+            .application_name(&format!("{}-migrate", config.application_name))
+            .options([
+                ("statement_timeout", "0"),
+                ("lock_timeout", lock_timeout.as_str()),
+            ]),
+        tls,
+        host,
+    )
 }

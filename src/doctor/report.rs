@@ -63,7 +63,7 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "todo-service doctor")?;
+        writeln!(f, "todo-service doctor ({})", crate::release::RELEASE)?;
         for c in &self.checks {
             writeln!(f, "  [{}] {}: {}", c.status, c.name, c.detail)?;
             if let Some(h) = &c.hint {

@@ -140,14 +140,26 @@ async fn migrations(conn: &mut PgConnection) -> Check {
                 Check::new(
                     "migrations",
                     Status::Warn,
-                    format!("the database has migrations this build does not know: {unknown:?}"),
+                    format!(
+                        "the database has migrations this build does not know: {unknown:?} (this \
+                         build's schema ends at {})",
+                        crate::db::expected_schema()
+                    ),
                 )
-                .hint("A newer version of the service ran against this database; deploy that version.")
+                .hint(
+                    "A newer release migrated this database: this one serves on it only while \
+                     that release's migrations keep to expand/contract (docs/scaling-out.md); \
+                     deploy the newer release.",
+                )
             } else if pending.is_empty() {
                 Check::new(
                     "migrations",
                     Status::Pass,
-                    format!("all {} applied", known.len()),
+                    format!(
+                        "all {} applied: schema {}, as this build expects",
+                        known.len(),
+                        crate::db::expected_schema()
+                    ),
                 )
             } else {
                 Check::new(

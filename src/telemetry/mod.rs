@@ -201,7 +201,7 @@ fn layers(
 /// The same resource on every signal, so SigNoz joins them by service.
 fn resource(otel: &OtelConfig) -> Resource {
     let mut attributes = vec![
-        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.version", crate::release::RELEASE),
         KeyValue::new("deployment.environment", "development"),
     ];
     for (k, v) in &otel.resource_attributes {

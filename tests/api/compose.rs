@@ -348,6 +348,13 @@ fn the_image_is_multi_stage_non_root_and_healthchecked() {
     assert!(uid != "0" && uid != "root", "runs as {uid}");
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/health"));
     assert!(dockerfile.contains("--locked"), "builds from Cargo.lock");
+    // The build script names the release (env! in src/release.rs): the image must have it.
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("COPY ") && l.contains("build.rs")),
+        "build.rs is copied into the build stage"
+    );
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
     assert!(
         ignore.lines().any(|l| l.trim() == "target/"),

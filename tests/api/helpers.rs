@@ -193,6 +193,8 @@ pub struct AppOptions {
     /// Set `DATABASE_MIGRATION_URL` to the test database on its server directly (when
     /// `DATABASE_URL` goes through a pooler).
     pub migration_direct: bool,
+    /// Serve this database (arranged by the test) instead of a fresh one.
+    pub db: Option<Arc<TestDb>>,
     /// With `DB_POOLER_MODE=transaction-prepared`, leave the test database's settings alone
     /// instead of giving it the app's timeouts (which the app then requires of the pooler's
     /// server connections).
@@ -210,6 +212,7 @@ impl Default for AppOptions {
             db_query: None,
             migration_direct: false,
             leave_db_settings: false,
+            db: None,
         }
     }
 }
@@ -249,10 +252,11 @@ pub async fn spawn_app_with(mut opts: AppOptions) -> TestApp {
         opts.env.insert("DB_POOLER_MODE".into(), mode);
         opts.migration_direct = true;
     }
-    let test_db = Arc::new(match opts.db_server {
-        Some(admin) => TestDb::create_on(admin).await,
-        None => TestDb::create().await,
-    });
+    let test_db = match (opts.db, opts.db_server) {
+        (Some(db), _) => db,
+        (None, Some(admin)) => Arc::new(TestDb::create_on(admin).await),
+        (None, None) => Arc::new(TestDb::create().await),
+    };
     let mut env = opts.env;
     let mut url = test_db.url();
     if let Some(query) = &opts.db_query {

@@ -396,7 +396,7 @@ async fn spans_and_metrics_reach_an_otlp_collector_with_the_attributes_signoz_ne
         for rs in &batch.resource_spans {
             let res = &rs.resource.as_ref().expect("resource").attributes;
             assert_eq!(s(res, "service.name"), "todo-service");
-            assert_eq!(s(res, "service.version"), env!("CARGO_PKG_VERSION"));
+            assert_eq!(s(res, "service.version"), todo_service::release::RELEASE);
             assert_eq!(s(res, "deployment.environment"), "test");
             for ss in &rs.scope_spans {
                 for span in &ss.spans {

@@ -24,6 +24,7 @@ use crate::http::{
     problem::{ApiError, Problem, code::Code},
     state::AppState,
 };
+use crate::release::RELEASE;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -57,6 +58,8 @@ pub struct DatabaseReadiness {
 pub struct ReadyDetail {
     /// `ready`.
     pub status: &'static str,
+    /// Which release this replica runs (`crate::release`).
+    pub release: &'static str,
     pub checks: DetailChecks,
 }
 
@@ -77,6 +80,7 @@ pub struct DatabaseCheck {
     /// DNS lookups performed for the database host since startup (1 in a healthy run, 0 for an IP).
     pub dns_lookups: u64,
     pub migrations_applied: bool,
+    pub schema: SchemaCheck,
     pub pool: PoolCheck,
     /// The server's connection limit that every replica's pool shares (when it could be read).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,6 +89,14 @@ pub struct DatabaseCheck {
     /// What is wrong, when `status` is `fail`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The schema this build's migrations end at, and the one the database had when this replica
+/// migrated: during a rolling upgrade a replica of the previous release sees a newer one.
+#[derive(Serialize)]
+pub struct SchemaCheck {
+    pub expected: i64,
+    pub applied: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -145,6 +157,10 @@ impl From<DbStatus> for DatabaseCheck {
             address: s.address.map(|a| a.to_string()),
             dns_lookups: s.dns_lookups,
             migrations_applied: s.migrations_applied,
+            schema: SchemaCheck {
+                expected: crate::db::expected_schema(),
+                applied: s.schema_applied,
+            },
             pool: PoolCheck {
                 max_size: s.pool.max_size,
                 size: s.pool.size,
@@ -242,13 +258,14 @@ pub async fn ready_detail(State(state): State<AppState>) -> Response {
     let Some(detail) = database.error.clone() else {
         return axum::Json(ReadyDetail {
             status: "ready",
+            release: RELEASE,
             checks: DetailChecks { database },
         })
         .into_response();
     };
     not_ready(
         &detail,
-        serde_json::json!({ "checks": { "database": database } }),
+        serde_json::json!({ "release": RELEASE, "checks": { "database": database } }),
     )
 }
 
