@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DIR = os.path.join(ROOT, "target", "cluster")
 STATE_FILE = os.path.join(STATE_DIR, "state.json")
 BINARY = os.path.join(ROOT, "target", "release", "todo-service")
+# The previous release, for the upgrade drill (scripts/build-previous-release.sh; cluster.sh sets it).
+PREVIOUS = os.environ.get("PREVIOUS_RELEASE")
 RESULTS_DIR = os.path.join(ROOT, "loadtest", "results")
 REPLICAS = 3
 # HAProxy checks /ready every 500 ms and takes a replica out after 2 failures (deploy/compose/
@@ -238,7 +240,7 @@ def replica_env(state, r):
 
 def replica_start(state, r, wait=True):
     logf = open(r["log"], "a")
-    proc = subprocess.Popen([BINARY], env=replica_env(state, r), stdout=logf, stderr=logf,
+    proc = subprocess.Popen([r.get("binary") or BINARY], env=replica_env(state, r), stdout=logf, stderr=logf,
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
     logf.close()
     r["pid"] = proc.pid
@@ -382,7 +384,8 @@ def up(args):
         "pgbouncer": {"port": free_port(), "dir": f"{base}/pgbouncer", "pool_size": 20},
         "haproxy": {"port": args.port or free_port(), "dir": f"{base}/haproxy", "cfg": f"{base}/haproxy/haproxy.cfg"},
         "replicas": [{"name": f"r{i}", "port": free_port(), "admin_port": free_port(),
-                      "log": os.path.join(STATE_DIR, f"r{i}.log")} for i in range(1, args.replicas + 1)],
+                      "log": os.path.join(STATE_DIR, f"r{i}.log"), "binary": getattr(args, "binary", None)}
+                     for i in range(1, args.replicas + 1)],
     }
     save_state(state)
     try:
@@ -918,7 +921,8 @@ def drill(args):
     state = load_state()
     owned = state is None
     if owned:
-        state = up(argparse.Namespace(replicas=REPLICAS, port=None))
+        # On the previous release, when there is one, so the upgrade drill comes first.
+        state = up(argparse.Namespace(replicas=REPLICAS, port=None, binary=PREVIOUS))
     checks = Checks()
     tok = token(state)
     result = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -933,6 +937,9 @@ def drill(args):
         log(f"\n== baseline: {base}")
         checks.expect(base["failed"] == 0, f"baseline: no failures ({base['failed']})")
         result["drills"]["baseline"] = base
+        if any(r.get("binary") for r in state["replicas"]):
+            import cluster_upgrade
+            result["drills"]["upgrade"] = cluster_upgrade.drill(sys.modules[__name__], state, tok, load, checks)
         result["drills"]["rolling_restart"] = drill_rolling_restart(state, load, checks)
         result["drills"]["kill_replica"] = drill_kill_replica(state, load, checks)
         result["drills"]["pgbouncer_restart"] = drill_pgbouncer_restart(state, load, checks)

@@ -4,14 +4,15 @@
 #
 #   scripts/cluster.sh up [--port P]   start it and leave it running (prints where everything is)
 #   scripts/cluster.sh status          where everything is, and what HAProxy thinks of each replica
-#   scripts/cluster.sh drill [--keep]  the drills under load (rolling restart, kill -9 of a replica,
-#                                      PgBouncer restart and PAUSE, throughput at 1-3 replicas,
-#                                      primary failover); exits 1 when a bound is broken. Brings a
-#                                      cluster up and down itself unless one is up.
+#   scripts/cluster.sh drill [--keep]  the drills under load (an upgrade from the previous release
+#                                      across the newest migration, rolling restart, kill -9 of a
+#                                      replica, PgBouncer restart and PAUSE, throughput at 1-3
+#                                      replicas, primary failover); exits 1 when a bound is broken.
+#                                      Brings a cluster up and down itself unless one is up.
 #   scripts/cluster.sh down            stop everything and remove its files
 #
 # Installs what is missing (PostgreSQL, PgBouncer and HAProxy from apt; oha with cargo) and says so,
-# and builds the release binary. The engine is scripts/cluster.py; see docs/scaling-out.md.
+# and builds the release binary (and, for drill, the previous release: scripts/build-previous-release.sh). The engine is scripts/cluster.py; see docs/scaling-out.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/pg.sh
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 command="${1:-}"
 case "$command" in
   up|drill|status|down) ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
 
 if [ "$command" = up ] || [ "$command" = drill ]; then
@@ -43,6 +44,12 @@ if [ "$command" = up ] || [ "$command" = drill ]; then
       echo "installing oha 1.16.0 for the throughput drill (cargo install --locked; a few minutes)..." >&2
       cargo install --locked --quiet oha --version 1.16.0
     fi
+  fi
+  if [ "$command" = drill ]; then
+    # The upgrade drill starts the cluster on the previous release (the commit before the newest
+    # migration), built once into target/previous-release.
+    PREVIOUS_RELEASE="$(scripts/build-previous-release.sh)"
+    export PREVIOUS_RELEASE
   fi
   # The same build as loadtest/run.sh's (with the example, so the dependencies' features are the
   # same): after a load test, nothing to rebuild.
