@@ -186,6 +186,30 @@ async fn a_newer_schema_is_served_until_it_contracts_past_this_release() {
     );
     assert_eq!(app.get("/todos").await.status(), 200);
     app.stop().await.unwrap();
+    let url = db.url().to_string();
+    let doctor = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_todo-service"))
+            .arg("doctor")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8(doctor.stdout).unwrap();
+    assert!(
+        report.starts_with(&format!(
+            "todo-service doctor ({})",
+            todo_service::release::RELEASE
+        )) && report.contains(&format!(
+            "[warn] migrations: the database has migrations this build does not know: [{}] \
+             (this build's schema ends at {expected})",
+            expected + 1
+        )),
+        "{report}"
+    );
 
     sqlx::query("UPDATE schema_compatibility SET oldest_serving_schema = $1")
         .bind(expected + 1)
