@@ -11,8 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 newest="$(git ls-files 'migrations/*.sql' | sort | tail -1)"
 added="$(git log -1 --format=%H --diff-filter=A -- "$newest")"
-if [ -z "$added" ]; then
-  echo "build-previous-release.sh: $newest is not committed yet; commit it first" >&2
+if [ -z "$added" ] || ! git rev-parse --verify --quiet "$added^" >/dev/null; then
+  echo "build-previous-release.sh: cannot find the commit before $newest was added: commit it" >&2
+  echo "  first, and run from a clone with its history (a shallow clone has none)" >&2
   exit 1
 fi
 commit="$(git rev-parse --short=12 "$added^")"
