@@ -269,21 +269,19 @@ async fn every_update_moves_the_version_on_whoever_makes_it() {
         412,
         "a change made without the version slipped past If-Match"
     );
-    let version = "SELECT version FROM todos WHERE id = $1";
-    let v1: i64 = sqlx::query_scalar(version)
-        .bind(id)
-        .fetch_one(&mut direct)
-        .await
-        .unwrap();
+    let v1 = version_of(&mut direct, id).await;
     assert_eq!(v1, 2);
     let r = app
         .patch_json(&path, &serde_json::json!({"completed": false}))
         .await;
     assert_eq!(r.status(), 200);
-    let v2: i64 = sqlx::query_scalar(version)
+    assert_eq!(version_of(&mut direct, id).await, v1 + 1, "once per update");
+}
+
+async fn version_of(conn: &mut sqlx::PgConnection, id: i64) -> i64 {
+    sqlx::query_scalar("SELECT version FROM todos WHERE id = $1")
         .bind(id)
-        .fetch_one(&mut direct)
+        .fetch_one(conn)
         .await
-        .unwrap();
-    assert_eq!(v2, v1 + 1, "once per update");
+        .unwrap()
 }

@@ -62,12 +62,10 @@ pub async fn mixed_load(app: &TestApp) -> Vec<u16> {
     join_all(clients).await.into_iter().flatten().collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transaction_mode_works_through_pgbouncer_and_leaves_no_named_statement() {
-    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start(server_addr(), 2))
-        .await
-        .unwrap();
-    let app = app_through(&bouncer, "transaction").await;
+/// An app through `bouncer` in `mode` under [`mixed_load`], with none of its requests failing
+/// and more of the app's connections than the pooler has server connections.
+pub async fn mixed_load_succeeds_through(bouncer: &PgBouncer, mode: &str) -> TestApp {
+    let app = app_through(bouncer, mode).await;
     let statuses = mixed_load(&app).await;
     let failed: Vec<&u16> = statuses
         .iter()
@@ -75,7 +73,7 @@ async fn transaction_mode_works_through_pgbouncer_and_leaves_no_named_statement(
         .collect();
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
+        "{mode}: {} of {} requests failed: {failed:?}",
         failed.len(),
         statuses.len()
     );
@@ -84,27 +82,39 @@ async fn transaction_mode_works_through_pgbouncer_and_leaves_no_named_statement(
         app.db.pool().status().size > 2,
         "more clients than server connections"
     );
+    app
+}
 
-    // Whichever server connection the pooler gives this query, no statement is left on it.
-    let mut through = sqlx::postgres::PgConnectOptions::new()
+/// The statement names on whichever server connections the pooler hands out, read a few times.
+pub async fn server_statement_names(bouncer: &PgBouncer, database: &str) -> Vec<String> {
+    let through = sqlx::postgres::PgConnectOptions::new()
         .host("127.0.0.1")
         .port(bouncer.port)
         .username("postgres")
-        .database(&app.test_db.name);
-    through = through.statement_cache_capacity(0);
+        .database(database)
+        .statement_cache_capacity(0);
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&through)
         .await
         .unwrap();
+    let mut names = Vec::new();
     for _ in 0..6 {
-        let names: Vec<String> = sqlx::raw_sql("SELECT name FROM pg_prepared_statements")
+        let rows = sqlx::raw_sql("SELECT name FROM pg_prepared_statements")
             .fetch_all(&mut conn)
             .await
-            .unwrap()
-            .iter()
-            .map(|row| sqlx::Row::get(row, 0))
-            .collect();
-        assert!(names.is_empty(), "named statements left behind: {names:?}");
+            .unwrap();
+        names.extend(rows.iter().map(|row| sqlx::Row::get::<String, _>(row, 0)));
     }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_works_through_pgbouncer_and_leaves_no_named_statement() {
+    let bouncer = tokio::task::spawn_blocking(|| PgBouncer::start(server_addr(), 2))
+        .await
+        .unwrap();
+    let app = mixed_load_succeeds_through(&bouncer, "transaction").await;
+    let names = server_statement_names(&bouncer, &app.test_db.name).await;
+    assert!(names.is_empty(), "named statements left behind: {names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

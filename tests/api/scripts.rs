@@ -80,3 +80,34 @@ fn without_a_way_to_install_the_user_is_told_what_to_do() {
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
     assert!(apt.is_empty());
 }
+
+/// The upgrade drill's lost-update detector (scripts/cluster_upgrade.py) finds what it is for: two
+/// PATCHes acknowledged against one version, and a todo whose content is not its last acknowledged
+/// PATCH's; a clean chain of PATCHes is not flagged.
+#[test]
+fn the_upgrade_drills_lost_update_detector_finds_lost_updates() {
+    let script = r#"
+import sys
+sys.path.insert(0, "scripts")
+import cluster_upgrade as u
+p = object.__new__(u.Patchers)
+p.acked = [(1, '"1"', '"2"', "a", 0), (1, '"2"', '"3"', "b", 1)]
+clean = p.lost_updates({1: ('"3"', "b")})
+p.acked.append((1, '"2"', '"3"', "c", 2))
+twice = p.lost_updates({1: ('"3"', "c")})
+p.acked = p.acked[:2]
+overwritten = p.lost_updates({1: ('"4"', "x")})
+print(clean, twice, overwritten)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 1 1");
+}
