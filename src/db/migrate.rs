@@ -29,7 +29,7 @@ const MIGRATION_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The migrations in `migrations/`, embedded in the binary. Migrations this build does not know
 /// (a newer release applied them) do not stop it: whether it may serve on that schema is
-/// `schema_compatibility`'s to say ([`serving_floor`]).
+/// `schema_compatibility`'s to say (`serving_floor`).
 pub static MIGRATOR: LazyLock<sqlx::migrate::Migrator> = LazyLock::new(|| {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
