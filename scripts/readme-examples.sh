@@ -21,18 +21,32 @@ stop_service() {
 }
 trap 'stop_service; rm -f "$log"' EXIT
 
-# serve VAR=VALUE...: scripts/run.sh on free ports with the given settings, until /health answers.
+# serve VAR=VALUE...: scripts/run.sh on free ports with the given settings, until /ready answers.
+# A port found free can be taken by another process before the service binds it (the throwaway
+# PostgreSQL picks its own the same way): then it starts again once on fresh ports.
 serve() {
-  port=$(free_port)
-  admin_port=$(free_port)
-  env LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR="127.0.0.1:$admin_port" "$@" scripts/run.sh >"$log" 2>&1 &
-  runner=$!
-  for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then return; fi
-    if ! kill -0 "$runner" 2>/dev/null; then cat "$log"; echo "run.sh exited early" >&2; exit 1; fi
-    sleep 0.5
+  local attempt
+  for attempt in 1 2; do
+    port=$(free_port)
+    admin_port=$(free_port)
+    env LISTEN_ADDR="127.0.0.1:$port" ADMIN_LISTEN_ADDR="127.0.0.1:$admin_port" "$@" scripts/run.sh >"$log" 2>&1 &
+    runner=$!
+    for _ in $(seq 1 600); do
+      if curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then return; fi
+      if ! kill -0 "$runner" 2>/dev/null; then break; fi
+      sleep 0.5
+    done
+    stop_service
+    cat "$log"
+    if [ "$attempt" = 1 ] && grep -qi "address already in use" "$log"; then
+      echo "a port was taken before the service bound it; starting again on fresh ports" >&2
+      continue
+    fi
+    # The cause last, where a shortened CI log still shows it.
+    echo "run.sh exited or never became ready; its errors:" >&2
+    grep -iE "error|fatal|panicked|no space" "$log" | tail -n 5 >&2 || true
+    exit 1
   done
-  cat "$log"; echo "service never became ready" >&2; exit 1
 }
 
 failed=0
