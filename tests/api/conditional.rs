@@ -204,3 +204,107 @@ async fn browsers_may_read_etags_and_send_preconditions() {
         .to_lowercase();
     assert!(exposed.contains("etag"), "{exposed}");
 }
+
+/// The pages of the collection at `limit`, each as (its URL, its ETag), walked by `Link`.
+async fn pages(app: &TestApp, first: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut next = Some(app.url(first));
+    while let Some(url) = next {
+        let r = app.client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let tag = etag(&r);
+        assert!(tag.starts_with("W/\""), "a page's tag is weak: {tag}");
+        next = crate::helpers::next_link(&r);
+        out.push((url, tag));
+    }
+    out
+}
+
+/// Each page asked for again with the tag it had: 304 when nothing on it changed, else 200 and a
+/// new tag. Returns which pages changed.
+async fn changed(app: &TestApp, pages: &[(String, String)]) -> Vec<bool> {
+    let mut out = Vec::new();
+    for (url, tag) in pages {
+        let r = app
+            .client
+            .get(url)
+            .header("If-None-Match", tag)
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            304 => {
+                assert_eq!(&etag(&r), tag, "{url}");
+                assert!(r.bytes().await.unwrap().is_empty(), "304 has no body");
+                out.push(false);
+            }
+            200 => {
+                assert_ne!(&etag(&r), tag, "{url}: a 200 to a current tag");
+                out.push(true);
+            }
+            s => panic!("{url}: {s}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_page_of_the_list_is_304_until_a_write_by_any_route_changes_it() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for order in 1..=6 {
+        let todo = app
+            .create(json!({"title": format!("t{order}"), "order": order}))
+            .await;
+        ids.push(todo["id"].as_i64().unwrap());
+    }
+    // Three pages of two: [1 2] [3 4] [5 6]; the later ones start after a cursor.
+    let walk = pages(&app, "/todos?limit=2").await;
+    assert_eq!(walk.len(), 3);
+    assert_eq!(changed(&app, &walk).await, [false, false, false]);
+    let star = app
+        .client
+        .get(app.url("/todos?limit=2"))
+        .header("If-None-Match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(star.status(), 304);
+
+    // PATCH: only the page that shows the todo.
+    let r = app
+        .patch_json(&format!("/todos/{}", ids[2]), &json!({"title": "t3'"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(changed(&app, &walk).await, [false, true, false]);
+    let walk = pages(&app, "/todos?limit=2").await;
+
+    // POST at the end: the last page now has a next page.
+    app.create(json!({"title": "t7", "order": 7})).await;
+    assert_eq!(changed(&app, &walk).await, [false, false, true]);
+    let walk = pages(&app, "/todos?limit=2").await;
+    assert_eq!(walk.len(), 4);
+
+    // DELETE the first todo: the first page shifts; the pages after a cursor show the same rows.
+    assert_eq!(
+        app.delete(&format!("/todos/{}", ids[0])).await.status(),
+        204
+    );
+    assert_eq!(changed(&app, &walk).await, [true, false, false, false]);
+    let walk = pages(&app, "/todos?limit=2").await;
+
+    // A filtered view changes when a todo enters it.
+    let open = pages(&app, "/todos?completed=true").await;
+    let r = app
+        .patch_json(&format!("/todos/{}", ids[4]), &json!({"completed": true}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(changed(&app, &open).await, [true]);
+    // [2 3] [4 5] [6 7]: the todo is on the second page.
+    assert_eq!(changed(&app, &walk).await, [false, true, false]);
+    let walk = pages(&app, "/todos?limit=2").await;
+
+    // DELETE all: every page.
+    assert_eq!(app.delete("/todos").await.status(), 204);
+    assert_eq!(changed(&app, &walk).await, [true, true, true]);
+}

@@ -1,6 +1,7 @@
 //! Conditional requests (RFC 9110 §13): a todo's `ETag` is its version; `If-None-Match` on `GET`
 //! answers `304`, `If-Match` on `PATCH` and `DELETE` makes the write happen only while the todo is
-//! still at a version the client names (`412` otherwise, and nothing changes).
+//! still at a version the client names (`412` otherwise, and nothing changes). A page of the
+//! collection has a weak `ETag` of its own ([`page_etag`]), so a polling client gets `304` too.
 //!
 //! The entity-tag lists are parsed here rather than with the `headers` crate: its `IfMatch`
 //! answers only "does this one tag pass", and the check has to travel to the database as the list
@@ -30,6 +31,33 @@ pub fn etag(version: i64) -> HeaderValue {
     tag.push_str(digits);
     tag.push('"');
     HeaderValue::from_str(&tag).expect("digits and quotes are a valid header value")
+}
+
+/// The weak `ETag` of a page of the collection, and the number `If-None-Match` is compared with
+/// ([`IfNoneMatch::is_current`]): a hash of what can change on the page — each todo's id and
+/// version (every write to a todo bumps its version, migration 20261206000002; a create or a
+/// delete changes the ids), whether a next page follows (the `Link` header) — and the release,
+/// since a new one may render the same rows differently. The links in the page are built from the
+/// request's URL, which a cache keys on anyway. The hash is fixed (no random seed) so that every
+/// replica of a release gives a page the same tag; 63 bits, so the tag reads as a version does.
+pub fn page_etag(rows: impl Iterator<Item = (i64, i64)>, more: bool) -> (i64, HeaderValue) {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = foldhash::quality::FixedState::with_seed(0).build_hasher();
+    hasher.write(crate::release::RELEASE.as_bytes());
+    for (id, version) in rows {
+        hasher.write_i64(id);
+        hasher.write_i64(version);
+    }
+    hasher.write_u8(u8::from(more));
+    let number = (hasher.finish() >> 1) as i64;
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(number);
+    let mut tag = String::with_capacity(digits.len() + 4);
+    tag.push_str("W/\"");
+    tag.push_str(digits);
+    tag.push('"');
+    let tag = HeaderValue::from_str(&tag).expect("digits and quotes are a valid header value");
+    (number, tag)
 }
 
 /// A parsed `If-Match` or `If-None-Match`.
@@ -70,8 +98,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
 pub struct IfNoneMatch(Option<Condition>);
 
 impl IfNoneMatch {
-    /// Whether the client's copy at `version` is current (weak comparison), so the answer is
-    /// `304 Not Modified`.
+    /// Whether the client's copy at `version` (a todo's, or a page's [`page_etag`] number) is
+    /// current (weak comparison), so the answer is `304 Not Modified`.
     pub fn is_current(&self, version: i64) -> bool {
         match &self.0 {
             None => false,
@@ -200,6 +228,30 @@ mod tests {
         {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => unreachable!("extractors of headers do not wait"),
+        }
+    }
+
+    #[test]
+    fn a_page_tag_is_weak_stable_and_names_its_rows_and_whether_more_follow() {
+        let page = |rows: &[(i64, i64)], more| page_etag(rows.iter().copied(), more);
+        let (n, tag) = page(&[(1, 1), (2, 3)], false);
+        assert_eq!(
+            page(&[(1, 1), (2, 3)], false),
+            (n, tag.clone()),
+            "same rows, same tag"
+        );
+        assert_eq!(tag, format!("W/\"{n}\""));
+        assert!(n >= 0);
+        assert!(if_none_match(&[tag.to_str().unwrap()]).is_current(n));
+        for (rows, more) in [
+            (&[(1, 1), (2, 4)][..], false),         // a todo changed
+            (&[(1, 1)][..], false),                 // deleted
+            (&[(1, 1), (2, 3), (3, 1)][..], false), // created
+            (&[(2, 3), (1, 1)][..], false),         // reordered
+            (&[(1, 1), (2, 3)][..], true),          // a next page now follows
+            (&[][..], false),
+        ] {
+            assert_ne!(page(rows, more).0, n, "{rows:?} {more}");
         }
     }
 

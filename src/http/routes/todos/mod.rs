@@ -16,7 +16,7 @@ use axum::{
 
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use self::conditional::{IfMatch, IfNoneMatch, etag};
+use self::conditional::{IfMatch, IfNoneMatch, etag, page_etag};
 use super::base_url::BaseUrl;
 use super::extract::{IdempotencyKey, JsonBody, Query, TodoId};
 use crate::db::{
@@ -45,13 +45,19 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_todo, update_todo, delete_todo))
 }
 
-/// List todos, ordered by `order` (missing last) then `id`, one page at a time.
+/// List todos, ordered by `order` (missing last) then `id`, one page at a time. Each page has a
+/// weak `ETag`: send it back in `If-None-Match` to get `304` while nothing on the page changed.
 #[utoipa::path(
     get, path = "/todos", tag = "todos",
-    params(ListQuery),
+    params(ListQuery,
+           ("If-None-Match" = Option<String>, Header,
+            description = "ETags of pages the client holds (or `*`): when one is current, the answer is 304 without a body")),
     responses(
         (status = 200, description = "One page of todos. When more follow, the `Link` header holds the next page's URL.",
-         body = [Todo], headers(("link" = String, description = "`<URL>; rel=\"next\"` when another page exists"))),
+         body = [Todo], headers(("link" = String, description = "`<URL>; rel=\"next\"` when another page exists"),
+                                ("etag" = String, description = "The page's weak tag, e.g. `W/\"4821…\"`: it changes when a todo on the page is created, changed or deleted, or a next page appears or goes"))),
+        (status = 304, description = "The client's copy of the page (named in If-None-Match) is current",
+         headers(("etag" = String, description = "The page's weak tag"))),
         (status = 422, description = "A query parameter is invalid", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     )
 )]
@@ -60,6 +66,7 @@ pub async fn list_todos(
     owner: Owner,
     base: BaseUrl,
     Query(query): Query<ListQuery>,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let params = query.validate()?;
     let mut rows = state
@@ -71,9 +78,14 @@ pub async fn list_todos(
             params.limit + 1,
         )
         .await?;
+    let more = rows.len() as i64 > params.limit;
+    rows.truncate(params.limit as usize);
+    let (page, tag) = page_etag(rows.iter().map(|r| (r.id, r.version)), more);
+    if if_none_match.is_current(page) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+    }
     let mut link = None;
-    if rows.len() as i64 > params.limit {
-        rows.truncate(params.limit as usize);
+    if more {
         let last = rows.last().expect("limit >= 1");
         let mut next = base.join("/todos", 64);
         write!(
@@ -97,6 +109,7 @@ pub async fn list_todos(
     }
     let todos: Vec<Todo> = rows.into_iter().map(|r| Todo::from_row(r, &base)).collect();
     let mut res = json_answer(StatusCode::OK, &todos)?;
+    res.headers_mut().insert(header::ETAG, tag);
     if let Some(link) = link {
         res.headers_mut().insert(header::LINK, link);
     }
