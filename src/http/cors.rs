@@ -37,6 +37,8 @@ const EXPOSED_HEADERS: &[&str] = &[
     "link",
     "etag",
     "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
     super::trace::REQUEST_ID,
 ];
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use todo_service::auth::{Mint, mint_hs256};
 
-use crate::helpers::{AppOptions, TestApp, assert_problem, next_link, spawn_app_with};
+use crate::helpers::{
+    AppOptions, TestApp, assert_problem, next_link, ratelimit_field, spawn_app_with,
+};
 
 const SECRET: &str = "an-integration-test-secret-of-48-bytes-or-so!!!!";
 
@@ -547,6 +549,19 @@ async fn a_burst_of_failed_authentication_is_throttled_per_address() {
         statuses.push(r.status().as_u16());
         if r.status() == 429 {
             retry_after = r.headers().get("retry-after").cloned();
+            // The throttle's own policy, stated in the standard fields.
+            let policy = ratelimit_field(&r, "ratelimit-policy");
+            let limit = ratelimit_field(&r, "ratelimit");
+            assert_eq!(policy.len(), 1);
+            assert_eq!(policy[0].0, "unauthenticated");
+            assert_eq!((policy[0].1["q"], policy[0].1["w"]), (3, 3));
+            assert_eq!(limit[0].0, "unauthenticated");
+            assert_eq!(limit[0].1["r"], 0);
+            let t = limit[0].1["t"].to_string();
+            assert_eq!(
+                Some(t.as_str()),
+                retry_after.as_ref().map(|v| v.to_str().unwrap())
+            );
             assert_problem(r, 429, "rate_limited").await;
         }
     }

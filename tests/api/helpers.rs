@@ -705,3 +705,38 @@ pub fn next_link(r: &reqwest::Response) -> Option<String> {
     let (url, rel) = link.split_once(';')?;
     (rel.trim() == r#"rel="next""#).then(|| url.trim().trim_matches(['<', '>']).to_owned())
 }
+
+/// A `RateLimit` or `RateLimit-Policy` field of `r`, decoded by an independent parser of
+/// structured fields (RFC 9651, the `sfv` crate): each member's policy name and its integer
+/// parameters. Panics when the field is missing or is not a list of such members.
+pub fn ratelimit_field(
+    r: &reqwest::Response,
+    name: &str,
+) -> Vec<(String, std::collections::BTreeMap<String, i64>)> {
+    let text = r
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} field"));
+    let list: sfv::List = sfv::Parser::new(text.as_bytes())
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {text:?} is not a structured list: {e}"));
+    list.into_iter()
+        .map(|member| {
+            let sfv::ListEntry::Item(item) = member else {
+                panic!("{name}: an inner list in {text:?}")
+            };
+            let policy = item.bare_item.as_string().expect("a quoted policy name");
+            let params = item
+                .params
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .as_integer()
+                        .unwrap_or_else(|| panic!("{name}: {k} not an integer"));
+                    (k.as_str().to_owned(), i64::from(v))
+                })
+                .collect();
+            (policy.as_str().to_owned(), params)
+        })
+        .collect()
+}

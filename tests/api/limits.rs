@@ -2,7 +2,7 @@
 //! entries and IPv6 address rotation do not buy a fresh quota, and an untrusted peer cannot name
 //! another client.
 
-use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+use crate::helpers::{AppOptions, TestApp, ratelimit_field, spawn_app_with};
 
 /// A burst of 3 and then one request a minute: the fourth request from one client is a 429.
 async fn app_behind_proxy() -> TestApp {
@@ -150,4 +150,51 @@ async fn a_byte_that_is_not_ascii_on_the_clients_side_does_not_hide_the_proxys_e
     // The proxy's own quota was not spent.
     let r = client.get(app.url("/todos")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The IETF fields, decoded by an independent parser: the policy (a burst of 3, one request back a
+/// second: 3 over 3 s), what is left after each request, and on the 429 the same wait as
+/// `Retry-After`. Another client's count is its own.
+#[tokio::test]
+async fn every_answer_the_limiter_saw_states_the_limit_in_the_standard_fields() {
+    let app = app_behind_proxy().await;
+    let proxy = client_from("127.0.0.1");
+    let get = |client: &'static str| {
+        proxy
+            .get(app.url("/todos?limit=1"))
+            .header("x-forwarded-for", client)
+            .send()
+    };
+    for left in [2, 1, 0] {
+        let r = get("203.0.113.9").await.unwrap();
+        assert_eq!(r.status(), 200);
+        let policy = ratelimit_field(&r, "ratelimit-policy");
+        assert_eq!(policy.len(), 1);
+        assert_eq!(policy[0].0, "caller");
+        assert_eq!((policy[0].1["q"], policy[0].1["w"]), (3, 3));
+        let limit = ratelimit_field(&r, "ratelimit");
+        assert_eq!(limit[0].0, "caller");
+        assert_eq!(limit[0].1["r"], left, "requests left");
+        assert_eq!(limit[0].1["t"], 1, "one comes back within a second");
+        // The legacy pair says the same.
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining"],
+            left.to_string().as_str()
+        );
+    }
+    let r = get("203.0.113.9").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let limit = ratelimit_field(&r, "ratelimit");
+    assert_eq!(limit[0].1["r"], 0);
+    assert_eq!(
+        limit[0].1["t"].to_string(),
+        r.headers()["retry-after"].to_str().unwrap(),
+        "t is the wait Retry-After gives"
+    );
+    assert_eq!(ratelimit_field(&r, "ratelimit-policy")[0].1["q"], 3);
+    let other = get("203.0.113.10").await.unwrap();
+    assert_eq!(ratelimit_field(&other, "ratelimit")[0].1["r"], 2);
+    // Probes are not limited, so they carry no fields.
+    let health = proxy.get(app.url("/health")).send().await.unwrap();
+    assert!(health.headers().get("ratelimit").is_none());
 }

@@ -65,6 +65,19 @@ async fn the_openapi_document_lists_every_route_and_only_routes_that_exist() {
                 "{method} {path} lacks a problem+json {status}"
             );
         }
+        // The rate limit's fields on the data routes' answers, success and 429 alike.
+        if path.starts_with("/todos") {
+            for (status, response) in op["responses"].as_object().unwrap() {
+                let limited = !["401", "403", "503"].contains(&status.as_str());
+                for field in ["RateLimit", "RateLimit-Policy"] {
+                    assert_eq!(
+                        response["headers"][field].is_object(),
+                        limited,
+                        "{method} {path} {status} {field}"
+                    );
+                }
+            }
+        }
     }
 
     // Each documented path: documented methods are routed, undocumented ones are 405.

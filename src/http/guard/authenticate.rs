@@ -37,7 +37,7 @@ use tower::{Layer, Service};
 
 use super::{
     caller::{Caller, CallerKey},
-    limiter::{self, Keyed},
+    limiter::{self, Keyed, Policy},
 };
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
@@ -153,8 +153,8 @@ fn bearer_token(req: &Request<Body>) -> Result<Option<&str>, Rejection> {
 struct Authenticator {
     /// `None` in `AUTH_MODE=none`.
     verifier: Option<Arc<Verifier>>,
-    /// Failed requests per client address.
-    throttle: Option<Arc<Keyed<IpAddr, NoOpMiddleware>>>,
+    /// Failed requests per client address, and the policy its 429 states.
+    throttle: Option<(Arc<Keyed<IpAddr, NoOpMiddleware>>, Policy)>,
     key: CallerKey,
     span_subject: bool,
 }
@@ -201,7 +201,7 @@ impl Authenticator {
     /// Counts one request against its address's unauthenticated limit; the wait before another
     /// is allowed when the limit is spent.
     fn charge(&self, req: &Request<Body>) -> Option<Duration> {
-        let (throttle, addr) = (self.throttle.as_ref()?, self.key.addr(req)?);
+        let ((throttle, _), addr) = (self.throttle.as_ref()?, self.key.addr(req)?);
         let not_until = throttle.check_key(&addr).err()?;
         Some(not_until.wait_time_from(DefaultClock::default().now()))
     }
@@ -214,15 +214,26 @@ impl Authenticator {
             Refusal::Throttled(wait) => {
                 crate::metrics::auth_failure("throttled");
                 tracing::debug!("request not authenticated: its address is throttled");
-                return throttled(wait);
+                return self.throttled(wait);
             }
         };
         crate::metrics::auth_failure(failure.reason());
         tracing::debug!(reason = failure.reason(), "request not authenticated");
         if !charged && let Some(wait) = self.charge(req) {
-            return throttled(wait);
+            return self.throttled(wait);
         }
         failure.response()
+    }
+
+    /// The 429 of an address over the unauthenticated limit.
+    fn throttled(&self, wait: Duration) -> Response<Body> {
+        // Rounded up, and at least 1, so a client that honours it is let through.
+        let retry_after = wait.as_secs() + 1;
+        let mut res = ApiError::rate_limited(retry_after).into_response();
+        if let Some((_, policy)) = &self.throttle {
+            policy.refused(res.headers_mut(), retry_after);
+        }
+        res
     }
 }
 
@@ -245,12 +256,6 @@ impl Refusal {
     }
 }
 
-/// The 429 of an address over the unauthenticated limit.
-fn throttled(wait: Duration) -> Response<Body> {
-    // Rounded up, and at least 1, so a client that honours it is let through.
-    ApiError::rate_limited(wait.as_secs() + 1).into_response()
-}
-
 /// Authenticates every request of the routes it wraps (see the module doc).
 #[derive(Clone)]
 pub struct AuthenticateLayer(Arc<Authenticator>);
@@ -264,9 +269,12 @@ impl AuthenticateLayer {
         key: CallerKey,
         max_clients: usize,
     ) -> Self {
-        let throttle = config
-            .unauthenticated_limit
-            .map(|(per_second, burst)| limiter::keyed(per_second, burst, max_clients));
+        let throttle = config.unauthenticated_limit.map(|(per_second, burst)| {
+            (
+                limiter::keyed(per_second, burst, max_clients),
+                Policy::new("unauthenticated", per_second, burst),
+            )
+        });
         AuthenticateLayer(Arc::new(Authenticator {
             verifier,
             throttle,

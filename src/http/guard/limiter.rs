@@ -1,6 +1,7 @@
 //! What the guard's two governor limiters share (the rate limit per caller, and the throttle of
-//! failed authentication per address): the period of a rate, and the pruning that keeps their
-//! memory bounded however many distinct callers have called.
+//! failed authentication per address): the period of a rate, the pruning that keeps their
+//! memory bounded however many distinct callers have called, and the `RateLimit-Policy` and
+//! `RateLimit` fields that tell a client its limit ([`Policy`]).
 
 use std::{
     hash::Hash,
@@ -9,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use governor::{
     Quota, RateLimiter,
     clock::{Clock, DefaultClock},
@@ -88,4 +90,90 @@ where
     let limiter = Arc::new(RateLimiter::keyed(quota));
     spawn_pruner(Arc::downgrade(&limiter), max_clients);
     limiter
+}
+
+/// `RateLimit-Policy`: the limits a client is held to (draft-ietf-httpapi-ratelimit-headers-10).
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`: what is left of a limit now.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// A limit as the IETF's RateLimit fields state it: `RateLimit-Policy: "<name>";q=<burst>;w=<s>`
+/// and `RateLimit: "<name>";r=<remaining>;t=<s>`. Our limits are token buckets (one request back
+/// every 1/`per_second` s, at most `burst` held), which the draft's quota-per-window describes as
+/// `q` = the burst over `w` = the time the whole burst takes to come back, rounded up so that a
+/// client pacing itself at q/w never exceeds the rate. `t`, "seconds until additional quota is
+/// made available", is the next request's return: under a second for any rate of at least one per
+/// second, so 1 while anything is spent, absent while the quota is whole, and the wait (as
+/// `Retry-After`) on a refusal.
+#[derive(Debug)]
+pub struct Policy {
+    name: &'static str,
+    quota: u32,
+    field: HeaderValue,
+}
+
+impl Policy {
+    pub fn new(name: &'static str, per_second: u32, burst: u32) -> Self {
+        let window = burst.div_ceil(per_second.max(1)).max(1);
+        let field = HeaderValue::from_str(&format!("\"{name}\";q={burst};w={window}"))
+            .expect("a name, digits and separators are a valid header value");
+        Policy {
+            name,
+            quota: burst,
+            field,
+        }
+    }
+
+    /// The fields of an answer the limit let through, with `remaining` requests left.
+    pub fn admitted(&self, headers: &mut HeaderMap, remaining: u32) {
+        self.write(headers, remaining, (remaining < self.quota).then_some(1));
+    }
+
+    /// The fields of a refusal, which says to retry in `retry_after` seconds.
+    pub fn refused(&self, headers: &mut HeaderMap, retry_after: u64) {
+        self.write(headers, 0, Some(retry_after));
+    }
+
+    fn write(&self, headers: &mut HeaderMap, remaining: u32, reset: Option<u64>) {
+        let mut field = format!("\"{}\";r={remaining}", self.name);
+        if let Some(t) = reset {
+            field.push_str(";t=");
+            field.push_str(itoa::Buffer::new().format(t));
+        }
+        headers.insert(RATELIMIT_POLICY, self.field.clone());
+        headers.insert(
+            RATELIMIT,
+            HeaderValue::from_str(&field).expect("a name and digits are a valid header value"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fields_state_the_bucket_as_a_quota_over_the_time_it_takes_to_refill() {
+        let policy = Policy::new("caller", 200, 600);
+        let mut h = HeaderMap::new();
+        policy.admitted(&mut h, 600);
+        assert_eq!(h[RATELIMIT_POLICY], r#""caller";q=600;w=3"#);
+        assert_eq!(
+            h[RATELIMIT], r#""caller";r=600"#,
+            "whole: nothing is coming back"
+        );
+        policy.admitted(&mut h, 17);
+        assert_eq!(h[RATELIMIT], r#""caller";r=17;t=1"#);
+        policy.refused(&mut h, 4);
+        assert_eq!(h[RATELIMIT], r#""caller";r=0;t=4"#);
+        // 5 at 2 per second: 2.5 s to refill, stated as 3 so q/w never exceeds the rate.
+        let mut h = HeaderMap::new();
+        Policy::new("x", 2, 5).admitted(&mut h, 5);
+        assert_eq!(h[RATELIMIT_POLICY], r#""x";q=5;w=3"#);
+        Policy::new("x", 1000, 10).admitted(&mut h, 5);
+        assert_eq!(
+            h[RATELIMIT_POLICY], r#""x";q=10;w=1"#,
+            "never a window of 0"
+        );
+    }
 }

@@ -278,7 +278,7 @@ impl ApiError {
             "Too many requests",
             format!("this client is over its request quota; retry in {retry_after_secs} s"),
         )
-        .with_hint("Slow down: wait for Retry-After seconds; see x-ratelimit-* headers.")
+        .with_hint("Slow down: wait for Retry-After seconds; the RateLimit and RateLimit-Policy fields state the limit.")
         .with_retry_after(retry_after_secs)
     }
 }

@@ -41,6 +41,7 @@ pub fn api_routes(bearer: bool) -> ApiRoutes {
     let (ops, ops_doc) = health::router().split_for_parts();
     openapi.merge(ops_doc);
     add_common_problems(&mut openapi);
+    add_rate_limit_fields(&mut openapi);
     state_exact_rules(&mut openapi);
     if bearer {
         require_bearer_tokens(&mut openapi);
@@ -232,6 +233,49 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
                 });
                 r.entry("504".into())
                     .or_insert_with(|| problem("The request took longer than REQUEST_TIMEOUT"));
+            }
+        }
+    }
+}
+
+/// States the rate limit's fields (`http::guard::limiter::Policy`) on every answer of the data
+/// routes that the limiter sees: all but authentication's 401 and 403 (it runs first) and the
+/// 503 given before any layer (admission full at once).
+fn add_rate_limit_fields(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Header, HeaderBuilder, RefOr};
+    let field = |description: &str| -> RefOr<Header> {
+        HeaderBuilder::new()
+            .schema(Some(utoipa::openapi::schema::Object::with_type(
+                utoipa::openapi::Type::String,
+            )))
+            .description(Some(description))
+            .build()
+            .into()
+    };
+    let policy = field(
+        "The caller's limit as a quota over a window, e.g. `\"caller\";q=600;w=3` (a burst of 600, \
+         all back in 3 s); present while RATE_LIMIT_PER_SECOND > 0 (draft-ietf-httpapi-ratelimit-headers)",
+    );
+    let limit = field(
+        "What is left of it, e.g. `\"caller\";r=17;t=1`: `r` requests now, more within `t` seconds \
+         (absent while whole; on a 429 the same wait as Retry-After)",
+    );
+    for (path, item) in api.paths.paths.iter_mut() {
+        if !path.starts_with("/todos") {
+            continue;
+        }
+        for op in operations(item) {
+            for (status, response) in op.responses.responses.iter_mut() {
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                if matches!(status.as_str(), "401" | "403" | "503") {
+                    continue;
+                }
+                response
+                    .headers
+                    .insert("RateLimit-Policy".into(), policy.clone());
+                response.headers.insert("RateLimit".into(), limit.clone());
             }
         }
     }
