@@ -7,10 +7,12 @@
 //! The rooms: [`routes`] (handlers, each module with its `router()`, and the OpenAPI document),
 //! [`guard`] (who is calling, and whether the data routes let the request in), [`problem`] (the
 //! one error shape and its codes), [`server`] (the accept loop), [`state`] (what every handler
-//! can reach), `front` (the layer every request meets first), `cors` (its CORS policy) and
-//! `trace` (what it observes: the request's id, span and log fields). Imports point one way: this file uses the
+//! can reach), `front` (the layer every request meets first), `cors` (its CORS policy),
+//! `compress` (the data routes' answers, compressed) and `trace` (what it observes: the
+//! request's id, span and log fields). Imports point one way: this file uses the
 //! rooms, the rooms never use it.
 
+mod compress;
 mod cors;
 mod front;
 pub mod guard;
@@ -27,6 +29,7 @@ use tower::ServiceBuilder;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{auth::Verifier, config::Config};
+use compress::CompressLayer;
 use cors::CorsPolicy;
 use front::FrontLayer;
 use guard::Guard;
@@ -98,7 +101,11 @@ fn guarded(router: Router<AppState>, cors: CorsPolicy, guard: Guard) -> Router<A
             .layer(guard.admission)
             // 7. The request timeout, inside admission so a request that times out frees its
             //    slot.
-            .layer(guard.timeout),
+            .layer(guard.timeout)
+            // 8. Compression of the answer, for a client that asks and a body worth it
+            //    (compress.rs); innermost, so refusals (small) never reach it, and a client that
+            //    accepts no coding at all is refused before the handler runs.
+            .layer(CompressLayer),
     )
 }
 

@@ -8,6 +8,7 @@
 mod auth;
 mod cli;
 mod compose;
+mod compression;
 mod conditional;
 mod db_tls;
 mod errors;

@@ -22,6 +22,7 @@ pub enum Code {
     TodoNotFound,
     RouteNotFound,
     MethodNotAllowed,
+    NotAcceptable,
     RequestTimeout,
     PreconditionFailed,
     PayloadTooLarge,
@@ -42,7 +43,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for the tests that keep the documentation complete.
-    pub const ALL: [Code; 31] = [
+    pub const ALL: [Code; 32] = [
         Code::BadRequest,
         Code::MalformedJson,
         Code::UnreadableBody,
@@ -58,6 +59,7 @@ impl Code {
         Code::TodoNotFound,
         Code::RouteNotFound,
         Code::MethodNotAllowed,
+        Code::NotAcceptable,
         Code::RequestTimeout,
         Code::PreconditionFailed,
         Code::PayloadTooLarge,
@@ -94,6 +96,7 @@ impl Code {
             Code::TodoNotFound => "todo_not_found",
             Code::RouteNotFound => "route_not_found",
             Code::MethodNotAllowed => "method_not_allowed",
+            Code::NotAcceptable => "not_acceptable",
             Code::RequestTimeout => "request_timeout",
             Code::PreconditionFailed => "precondition_failed",
             Code::PayloadTooLarge => "payload_too_large",
@@ -133,6 +136,7 @@ impl Code {
             403 => Code::InsufficientScope,
             404 => Code::RouteNotFound,
             405 => Code::MethodNotAllowed,
+            406 => Code::NotAcceptable,
             408 => Code::RequestTimeout,
             413 => Code::PayloadTooLarge,
             415 => Code::UnsupportedMediaType,

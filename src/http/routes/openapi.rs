@@ -225,6 +225,9 @@ fn add_common_problems(api: &mut utoipa::openapi::OpenApi) {
                 });
             }
             if path.starts_with("/todos") {
+                r.entry("406".into()).or_insert_with(|| {
+                    problem("Accept-Encoding refuses every coding the service has, identity included; nothing was done")
+                });
                 r.entry("429".into()).or_insert_with(|| {
                     problem("Over this client's rate limit; retry after Retry-After seconds")
                 });

@@ -23,9 +23,10 @@ pub const MAX_LIMIT: i64 = 500;
 pub const MAX_TITLE_CHARS: usize = 1000;
 
 /// Headers a JSON answer carries at most on its way out: the handler's (content type, `ETag`,
-/// `Location` or `Link`, `Idempotent-Replayed`), the rate limiter's two, the content length, and
-/// the front layer's request id, CORS pair and trace id.
-const ANSWER_HEADERS: usize = 12;
+/// `Location` or `Link`, `Idempotent-Replayed`), the rate limiter's four, compression's `Vary`
+/// and `Content-Encoding`, the content length, and the front layer's request id, CORS pair and
+/// trace id.
+const ANSWER_HEADERS: usize = 16;
 
 /// A JSON answer, its header map allocated once with room for every header the layers add on
 /// its way out, where `axum::Json`'s grows on the way (~500 instructions of a single-todo GET,
