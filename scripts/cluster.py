@@ -302,8 +302,12 @@ def haproxy_sections(text):
     return sections
 
 
-def haproxy_write_config(state):
-    h = state["haproxy"]
+# The cluster's own HAProxy carries the drills' load from one address, so its edge rate limit is
+# set out of reach; the edge-limit drill (cluster_edge.py) starts a second one with a low rate.
+NO_EDGE_LIMIT = 1_000_000_000
+
+
+def haproxy_write_config(state, h):
     with open(COMPOSE_HAPROXY) as f:
         shipped = haproxy_sections(f.read())
     out = [f"global\n    maxconn 4000\n    pidfile {h['dir']}/haproxy.pid\n"
@@ -327,13 +331,18 @@ def haproxy_write_config(state):
         out.append("\n".join([header] + body) + "\n")
     with open(h["cfg"], "w") as f:
         f.write("\n".join(out))
-    sh(["haproxy", "-c", "-q", "-f", h["cfg"]])
+    subprocess.run(["haproxy", "-c", "-q", "-f", h["cfg"]], check=True, timeout=30,
+                   env=dict(os.environ, EDGE_RATE_LIMIT_PER_SECOND="1"))
 
 
-def haproxy_start(state):
-    h = state["haproxy"]
-    haproxy_write_config(state)
-    sh(["haproxy", "-f", h["cfg"]])
+def haproxy_start(state, h=None, edge_rate=NO_EDGE_LIMIT):
+    """The shipped configuration in front of the replicas, listening at `h` (the cluster's own
+    HAProxy by default), each client address held to `edge_rate` requests a second."""
+    h = h or state["haproxy"]
+    os.makedirs(h["dir"], exist_ok=True)
+    haproxy_write_config(state, h)
+    subprocess.run(["haproxy", "-f", h["cfg"]], check=True, timeout=30,
+                   env=dict(os.environ, EDGE_RATE_LIMIT_PER_SECOND=str(edge_rate)))
     wait_for("HAProxy listening", lambda: listening(h["port"]), 10)
     with open(os.path.join(h["dir"], "haproxy.pid")) as f:
         h["pid"] = int(f.read().strip())
@@ -946,6 +955,8 @@ def drill(args):
         result["drills"]["pgbouncer_pause"] = drill_pgbouncer_pause(state, load, checks, args.pause)
         load.stop()
         result["drills"]["throughput"] = drill_throughput(state, tok, load.known[0], args.seconds)
+        import cluster_edge
+        result["drills"]["edge_limit"] = cluster_edge.drill(sys.modules[__name__], state, tok, checks)
         load = Load(state, tok, clients=args.clients)
         load.known = known_ids(state)
         load.start()

@@ -330,6 +330,26 @@ fn the_scale_profile_puts_replicas_behind_haproxy_and_pgbouncer_wired_together()
             assert!(problem[key].is_string(), "{key} in {e}");
         }
     }
+    // The edge's rate limit: its 429 is the service's problem, with Retry-After and the policy,
+    // and its rate is the compose setting (scripts/cluster.sh drills it on loopback).
+    let limit = line("http-request return status 429");
+    assert!(limit.contains("hdr Retry-After 1"), "{limit}");
+    assert!(
+        limit.contains("${EDGE_RATE_LIMIT_PER_SECOND-200}"),
+        "{limit}"
+    );
+    let body = limit.split_once(" string '").unwrap().1;
+    let body = body.split_once("' if ").unwrap().0;
+    let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(problem["status"], 429);
+    assert_eq!(problem["code"], "rate_limited");
+    assert_eq!(
+        s(
+            &haproxy["environment"]["EDGE_RATE_LIMIT_PER_SECOND"],
+            "edge rate"
+        ),
+        "${EDGE_RATE_LIMIT_PER_SECOND:-200}"
+    );
 }
 
 #[test]
