@@ -33,7 +33,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "loadtest")
-SCENARIOS = ["spike", "steps", "sustained", "auth", "db_tls", "pooler", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
+SCENARIOS = ["spike", "steps", "sustained", "auth", "db_tls", "pooler", "compression", "telemetry", "flood", "overload", "outage", "soak"]  # baseline runs inside sustained
 STARTED = []  # processes to stop on exit
 
 # Every run is authenticated, as production is (AUTH_MODE=jwt): one caller, whose token each
@@ -261,6 +261,7 @@ def parse_oha(text):
         "p50_ms": ms(pct.get("p50")),
         "p99_ms": ms(pct.get("p99")),
         "p99_9_ms": ms(pct.get("p99.9")),
+        "bytes_per_request": s.get("sizePerRequest"),
         "statuses": {str(k): v for k, v in (j.get("statusCodeDistribution") or {}).items()},
         "non_2xx": sum(v for k, v in (j.get("statusCodeDistribution") or {}).items()
                        if not str(k).startswith("2")),
@@ -718,6 +719,40 @@ def pooler(svc, args, res):
             + ", ".join(f"{k} {v}" for k, v in cpus.items()))
 
 
+CODINGS = ["none", "gzip", "br", "zstd"]
+
+
+def compression(svc, args, res):
+    """What compressing the answers costs and saves: a page of 100 todos (oha -c 64 on
+    /todos?limit=100) without Accept-Encoding and with each coding, interleaved (--rounds); the
+    service's CPU per request and the bytes each answer carries (oha counts them as they arrive,
+    compressed). The seeded titles are alike ("seeded todo N"), so the ratio is higher than
+    people's titles give: benches/compression.rs has that on a varied page."""
+    seconds = max(2, args.duration // 2)
+    seed(svc.database_url, max(args.rows, 100))
+    out = {coding: [] for coding in CODINGS}
+    for _ in range(args.rounds):
+        for coding in CODINGS:
+            extra = [] if coding == "none" else ["-H", f"accept-encoding: {coding}"]
+            r, cmd, us = oha_cpu(svc, extra + ["{base}/todos?limit=100"], seconds)
+            out[coding].append({"http": r, "command": cmd, "cpu_us_per_request": us})
+    summary_ = {}
+    for coding, runs in out.items():
+        n = len(runs)
+        mean = lambda f: round(sum(f(x) or 0 for x in runs) / n, 1)  # noqa: E731
+        summary_[coding] = {"rps": mean(lambda x: x["http"]["rps"]),
+                            "cpu_us_per_request": mean(lambda x: x["cpu_us_per_request"]),
+                            "bytes_per_request": mean(lambda x: x["http"]["bytes_per_request"])}
+    plain = summary_["none"]
+    for coding, d in summary_.items():
+        d["ratio"] = round(plain["bytes_per_request"] / d["bytes_per_request"], 1) if d["bytes_per_request"] else None
+        d["cpu_us_over_none"] = round(d["cpu_us_per_request"] - plain["cpu_us_per_request"], 1)
+        log(f"  {coding}: {d['rps']:.0f} rps, CPU {d['cpu_us_per_request']} µs/request "
+            f"(+{d['cpu_us_over_none']}), {d['bytes_per_request']:.0f} B/answer ({d['ratio']}x)")
+    res["compression"] = {"workload": "oha c=64 GET /todos?limit=100", "seconds": seconds,
+                          "rounds": args.rounds, "runs": out, "summary": summary_}
+
+
 def telemetry(svc, args, res):
     """What observability costs: throughput and the service's CPU per request with spans, metrics
     and logs exported to a receiver, and with logs at the default level, against neither. Four
@@ -1144,6 +1179,12 @@ def summary(res):
     if "spike" in res:
         lines.append("Spike (120 × curl, 5 rounds): " + "; ".join(
             f"{r['statuses']} in {r['wall_s']} s" for r in res["spike"]["rounds"]))
+        lines.append("")
+    if "compression" in res:
+        c = res["compression"]["summary"]
+        lines.append("Compression (GET /todos?limit=100, c=64, interleaved): " + "; ".join(
+            f"{k} {v['rps']:.0f} rps, {v['cpu_us_per_request']} µs CPU, {v['bytes_per_request']:.0f} B ({v['ratio']}×)"
+            for k, v in c.items()))
         lines.append("")
     if "auth" in res and "skipped" not in res["auth"]:
         a = res["auth"]
