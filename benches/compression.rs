@@ -140,6 +140,8 @@ fn main() {
     }
     let levels = [
         ("1", CompressionLevel::Precise(1)),
+        ("2", CompressionLevel::Precise(2)),
+        ("3", CompressionLevel::Precise(3)),
         ("4", CompressionLevel::Precise(4)),
         ("6", CompressionLevel::Precise(6)),
         ("default", CompressionLevel::Default),

@@ -114,7 +114,9 @@ def oha(port, args, *limits):
     request = POST_ARGS if args.post else []
     path = "/todos" if args.post else args.path
     return subprocess.run(
-        ["oha", "--no-tui", "--output-format", "json", *request, *limits,
+        # --disable-compression: oha asks for gzip and br by default; the variants are compared
+        # uncompressed, as the lean twin answers.
+        ["oha", "--no-tui", "--output-format", "json", "--disable-compression", *request, *limits,
          "-H", f"authorization: Bearer {TOKEN['value']}",
          "--rand-regex-url", f"http://127[.]0[.]0[.]1:{port}{path}"],
         capture_output=True, text=True, timeout=600, check=True).stdout

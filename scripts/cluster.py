@@ -859,8 +859,10 @@ def cpu_by_process():
 
 
 def oha(url, tok, seconds, conc=64):
-    cmd = ["oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(conc),
-           "-H", f"authorization: Bearer {tok}", url]
+    # --disable-compression: oha asks for gzip and br by default; the throughput figures are
+    # compared with runs from before the service compressed.
+    cmd = ["oha", "--no-tui", "--output-format", "json", "--disable-compression", "-z", f"{seconds}s",
+           "-c", str(conc), "-H", f"authorization: Bearer {tok}", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(f"oha failed: {out.stderr[-500:]}")

@@ -5,9 +5,9 @@
 //! and the compressor's set-up then costs more than the bytes it saves: loadtest/RESULTS.md has
 //! the figures), and never one sent with a strong `ETag` (a single todo's, which names one
 //! sequence of bytes: compressing would give two representations one strong tag; those bodies
-//! are a few hundred bytes anyway). The level is fixed low ([`LEVEL`]): brotli's default (11)
-//! costs milliseconds per page. Only the data routes compress: they are rate-limited and
-//! admitted, while the docs' assets (a megabyte of JavaScript) would let anyone buy CPU for free.
+//! are a few hundred bytes anyway). The level is fixed low ([`LEVEL`]). Only the data routes
+//! compress: they are rate-limited and admitted, while the docs' assets (a megabyte of
+//! JavaScript) would let anyone buy CPU for free.
 //!
 //! Our own service around tower-http's for two reasons. A client that refuses every coding we
 //! have (`Accept-Encoding: identity;q=0`) is answered `406` by tower-http *after* the handler ran,
@@ -37,12 +37,16 @@ use tower_http::compression::{
 
 use super::problem::{ApiError, code::Code};
 
-/// Bodies smaller than this go as they are.
+/// Bodies smaller than this go as they are: with its headers such an answer fits one 1460-byte
+/// TCP segment uncompressed, so compressing it saves no packet and still costs the compressor's
+/// set-up, which is most of the work at that size (loadtest/RESULTS.md#compression).
 pub(super) const MIN_BYTES: u64 = 1024;
 
-/// One level for every coding: gzip 4, brotli 4, zstd 4 (each on its own scale); chosen from the
-/// CPU and sizes measured per level in loadtest/RESULTS.md.
-const LEVEL: CompressionLevel = CompressionLevel::Precise(4);
+/// One level for every coding, each on its own scale: at level 1 gzip, brotli and zstd already
+/// compress a page of 100 todos more than 4×, and higher levels cost about twice the CPU for a
+/// few percent fewer bytes (loadtest/RESULTS.md#compression). CPU is what this service runs out
+/// of first.
+const LEVEL: CompressionLevel = CompressionLevel::Precise(1);
 
 /// Compresses what its routes answer (see the module doc).
 #[derive(Clone, Copy, Debug, Default)]

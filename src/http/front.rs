@@ -1,7 +1,8 @@
 //! The front layer: the first thing every request meets on every route. It gives the request
 //! its id, observes it (span, metrics, the log lines' request fields; what is observed is in
 //! `trace`), answers CORS (the policy is in `cors`) and, on the data routes, refuses early what
-//! admission would refuse at once, before any other layer costs anything.
+//! admission would refuse at once, before any other layer costs anything, and writes the rate
+//! limit's standard fields on the way out (`guard::rate_limit::standard_fields`).
 
 use std::{
     convert::Infallible,
@@ -23,7 +24,7 @@ use tower::{Layer, Service};
 
 use super::{
     cors::CorsPolicy,
-    guard::admission::EarlyRefusal,
+    guard::{admission::EarlyRefusal, limiter::LimitPolicy, rate_limit::standard_fields},
     problem::{ApiError, ProblemCode, code::Code},
     trace::{REQUEST, REQUEST_ID, RequestFields, end_server_span, request_id, server_span},
 };
@@ -57,12 +58,18 @@ struct Policy {
     cors: CorsPolicy,
     /// The data routes': admission's immediate refusal.
     early: Option<EarlyRefusal>,
+    /// The data routes': the rate limit's policy, stated on its answers.
+    limit: Option<LimitPolicy>,
 }
 
 impl FrontLayer {
-    pub(crate) fn new(cors: CorsPolicy, early: Option<EarlyRefusal>) -> Self {
+    pub(crate) fn new(
+        cors: CorsPolicy,
+        early: Option<EarlyRefusal>,
+        limit: Option<LimitPolicy>,
+    ) -> Self {
         FrontLayer {
-            policy: Arc::new(Policy { cors, early }),
+            policy: Arc::new(Policy { cors, early, limit }),
         }
     }
 }
@@ -233,6 +240,9 @@ where
         headers.entry(REQUEST_ID).or_insert(request_id);
         if let Some((origin, policy)) = this.cors.take() {
             policy.cors.apply(origin, headers);
+            if let Some(limit) = &policy.limit {
+                standard_fields(limit, &mut res);
+            }
         }
         if let Some(traced) = this.traced.take() {
             let span = traced.span();
@@ -263,7 +273,7 @@ mod tests {
     };
 
     fn front(early: Option<EarlyRefusal>) -> FrontLayer {
-        FrontLayer::new(CorsPolicy::new(&CorsOrigins::Any), early)
+        FrontLayer::new(CorsPolicy::new(&CorsOrigins::Any), early, None)
     }
 
     /// A request as HTTP/1.1 clients send them: with a Host.

@@ -83,8 +83,13 @@ fn guarded(router: Router<AppState>, cors: CorsPolicy, guard: Guard) -> Router<A
             //    names it (id, method, route). CORS: preflights answered here, and every answer
             //    (errors and refusals too) carries the CORS headers so browsers can read it.
             //    When admission would refuse at once, the 503 is given here, before the layers
-            //    below cost anything. Errors are logged once, where they happen (ApiError).
-            .layer(FrontLayer::new(cors, Some(guard.early_refusal)))
+            //    below cost anything. On the way out, the rate limit's RateLimit fields (from
+            //    the count it wrote). Errors are logged once, where they happen (ApiError).
+            .layer(FrontLayer::new(
+                cors,
+                Some(guard.early_refusal),
+                guard.rate_limit_policy,
+            ))
             // 2. A panic becomes a logged 500 problem instead of a dropped connection, and an
             //    error answer that is not yet problem+json (a library's own) is rewritten.
             .layer(problem::SafetyNetLayer)
@@ -114,7 +119,7 @@ fn guarded(router: Router<AppState>, cors: CorsPolicy, guard: Guard) -> Router<A
 fn unguarded(router: Router<AppState>, cors: CorsPolicy) -> Router<AppState> {
     router.layer(
         ServiceBuilder::new()
-            .layer(FrontLayer::new(cors, None))
+            .layer(FrontLayer::new(cors, None, None))
             .layer(problem::SafetyNetLayer),
     )
 }

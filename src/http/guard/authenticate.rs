@@ -37,7 +37,7 @@ use tower::{Layer, Service};
 
 use super::{
     caller::{Caller, CallerKey},
-    limiter::{self, Keyed, Policy},
+    limiter::{self, Keyed, LimitPolicy},
 };
 use crate::{
     auth::{Principal, READ_SCOPE, Rejection, Verifier, WRITE_SCOPE},
@@ -154,7 +154,7 @@ struct Authenticator {
     /// `None` in `AUTH_MODE=none`.
     verifier: Option<Arc<Verifier>>,
     /// Failed requests per client address, and the policy its 429 states.
-    throttle: Option<(Arc<Keyed<IpAddr, NoOpMiddleware>>, Policy)>,
+    throttle: Option<(Arc<Keyed<IpAddr, NoOpMiddleware>>, LimitPolicy)>,
     key: CallerKey,
     span_subject: bool,
 }
@@ -272,7 +272,7 @@ impl AuthenticateLayer {
         let throttle = config.unauthenticated_limit.map(|(per_second, burst)| {
             (
                 limiter::keyed(per_second, burst, max_clients),
-                Policy::new("unauthenticated", per_second, burst),
+                LimitPolicy::new("unauthenticated", per_second, burst),
             )
         });
         AuthenticateLayer(Arc::new(Authenticator {

@@ -41,6 +41,7 @@ use self::{
     authenticate::AuthenticateLayer,
     caller::CallerKey,
     client_ip::ClientAddr,
+    limiter::LimitPolicy,
     rate_limit::RateLimitLayer,
     read_body::ReadBodyLayer,
 };
@@ -59,6 +60,9 @@ pub struct Guard {
     pub authenticate: AuthenticateLayer,
     /// `None` when `RATE_LIMIT_PER_SECOND` is off.
     pub rate_limit: Option<RateLimitLayer>,
+    /// The policy the rate limit's answers state; applied by the front layer on the way out
+    /// ([`rate_limit::standard_fields`]).
+    pub rate_limit_policy: Option<LimitPolicy>,
     pub read_body: ReadBodyLayer,
     pub admission: AdmissionLayer,
     pub timeout: TimeoutLayer,
@@ -77,12 +81,16 @@ impl Guard {
             config.clients.ipv6_prefix,
         ));
         let max_clients = config.clients.max_clients;
+        let authenticate = AuthenticateLayer::new(&config.auth, verifier, key.clone(), max_clients);
+        let (rate_limit, rate_limit_policy) = config
+            .rate_limit
+            .map(|limit| rate_limit::layer(limit, key, max_clients))
+            .unzip();
         Guard {
             early_refusal: admission.early(),
-            authenticate: AuthenticateLayer::new(&config.auth, verifier, key.clone(), max_clients),
-            rate_limit: config
-                .rate_limit
-                .map(|limit| rate_limit::layer(limit, key, max_clients)),
+            authenticate,
+            rate_limit,
+            rate_limit_policy,
             read_body: ReadBodyLayer(read_body::BodyLimits {
                 max_bytes: config.max_body_bytes,
                 deadline: config.body_read_timeout,

@@ -7,128 +7,67 @@
 //! limiter's memory is bounded as the `limiter` module says.
 //!
 //! tower_governor writes the legacy `x-ratelimit-limit` and `x-ratelimit-remaining` (and
-//! `x-ratelimit-after` on a 429); they are kept, for clients written against them, and the
-//! standard fields are derived from them on the way out ([`WithFields`]), so the count is read once.
+//! `x-ratelimit-after` on a 429); they are kept, for clients written against them. The standard
+//! fields are derived from them by [`standard_fields`], which the front layer applies on the way
+//! out with the headers it adds anyway: a layer of its own here would move the future of every
+//! layer beneath once more (loadtest/archive.md#clones-boxes-moves).
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
-};
+use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::Request,
-    http::{HeaderMap, Response, StatusCode, header},
+    http::{Response, StatusCode, header},
     response::IntoResponse,
 };
 use governor::middleware::StateInformationMiddleware;
-use pin_project_lite::pin_project;
-use tower::{Layer, Service};
 use tower_governor::{
     GovernorError, GovernorLayer,
-    governor::{Governor as GovernorService, GovernorConfig, GovernorConfigBuilder},
+    governor::{GovernorConfig, GovernorConfigBuilder},
 };
 
 use super::{
     caller::CallerKey,
-    limiter::{Policy, period, spawn_pruner},
+    limiter::{LimitPolicy, period, spawn_pruner},
 };
 use crate::config::RateLimit;
 use crate::http::problem::{ApiError, code::Code};
 
+/// The rate limiter of the data routes.
+pub type RateLimitLayer = GovernorLayer<CallerKey, StateInformationMiddleware, Body>;
+
 type Governor = GovernorConfig<CallerKey, StateInformationMiddleware>;
 
-/// The rate limiter of the data routes, with the standard fields on its answers.
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    governor: GovernorLayer<CallerKey, StateInformationMiddleware, Body>,
-    policy: Arc<Policy>,
-}
-
-/// The limiter, its state pruned in the background (see [`spawn_pruner`]).
-pub fn layer(limit: RateLimit, key: CallerKey, max_clients: usize) -> RateLimitLayer {
+/// The limiter, its state pruned in the background (see [`spawn_pruner`]), and the policy its
+/// answers state.
+pub fn layer(
+    limit: RateLimit,
+    key: CallerKey,
+    max_clients: usize,
+) -> (RateLimitLayer, LimitPolicy) {
     let config = governor(limit, key);
     let limiter = Arc::downgrade(config.limiter());
     spawn_pruner(limiter, max_clients);
-    RateLimitLayer {
-        governor: GovernorLayer::new(config).error_handler(response),
-        policy: Arc::new(Policy::new("caller", limit.per_second, limit.burst)),
-    }
+    (
+        GovernorLayer::new(config).error_handler(response),
+        LimitPolicy::new("caller", limit.per_second, limit.burst),
+    )
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = WithFields<GovernorService<CallerKey, StateInformationMiddleware, S, Body>>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        WithFields {
-            inner: self.governor.layer(inner),
-            policy: Arc::clone(&self.policy),
-        }
-    }
-}
-
-/// The limiter's service: adds `RateLimit-Policy` and `RateLimit` to what it answers.
-#[derive(Clone)]
-pub struct WithFields<S> {
-    inner: S,
-    policy: Arc<Policy>,
-}
-
-impl<S> Service<Request> for WithFields<S>
-where
-    S: Service<Request, Response = Response<Body>>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = FieldsFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        FieldsFuture {
-            inner: self.inner.call(req),
-            policy: Arc::clone(&self.policy),
-        }
-    }
-}
-
-pin_project! {
-    /// The future of [`WithFields`].
-    pub struct FieldsFuture<F> {
-        #[pin]
-        inner: F,
-        policy: Arc<Policy>,
-    }
-}
-
-impl<F, E> Future for FieldsFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = ready!(this.inner.poll(cx))?;
-        let status = res.status();
-        standard_fields(this.policy, status, res.headers_mut());
-        Poll::Ready(Ok(res))
-    }
-}
-
-/// The standard fields from what tower_governor wrote: the count left on an answer it let
-/// through, the wait on its 429. An answer it did not count (the key could not be read) gets none.
-fn standard_fields(policy: &Policy, status: StatusCode, headers: &mut HeaderMap) {
+/// The standard fields of an answer, from what tower_governor wrote on it: the count left on one
+/// it let through, the wait on its 429. An answer it did not count (the key could not be read; a
+/// refusal before it, such as authentication's, which states its own policy) is left alone.
+pub fn standard_fields(policy: &LimitPolicy, res: &mut Response<Body>) {
+    let status = res.status();
+    let headers = res.headers_mut();
     let number = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
+    let Some(left) = number(X_RATELIMIT_REMAINING) else {
+        return;
+    };
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(wait) = number(header::RETRY_AFTER.as_str()) {
             policy.refused(headers, wait);
         }
-    } else if let Some(left) = number(X_RATELIMIT_REMAINING) {
+    } else {
         policy.admitted(headers, u32::try_from(left).unwrap_or(u32::MAX));
     }
 }
