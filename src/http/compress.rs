@@ -155,11 +155,11 @@ impl Predicate for Worthwhile {
             .size_hint()
             .exact()
             .is_none_or(|n| n >= MIN_BYTES);
-        let strong_tag = res
+        // Most answers are small: the tag is looked up only for the others.
+        big && !res
             .headers()
             .get(header::ETAG)
-            .is_some_and(|tag| !tag.as_bytes().starts_with(b"W/"));
-        big && !strong_tag
+            .is_some_and(|tag| !tag.as_bytes().starts_with(b"W/"))
     }
 }
 

@@ -113,7 +113,9 @@ pub struct LimitPolicy {
 }
 
 impl LimitPolicy {
+    /// `name`: a few lowercase letters (the buffer [`Self::write`] fills has room for 32).
     pub fn new(name: &'static str, per_second: u32, burst: u32) -> Self {
+        assert!(name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase()));
         let window = burst.div_ceil(per_second.max(1)).max(1);
         let field = HeaderValue::from_str(&format!("\"{name}\";q={burst};w={window}"))
             .expect("a name, digits and separators are a valid header value");
@@ -135,21 +137,26 @@ impl LimitPolicy {
     }
 
     fn write(&self, headers: &mut HeaderMap, remaining: u32, reset: Option<u64>) {
-        // Written into one buffer that becomes the value as it is: no formatting machinery and
-        // no copy, on every answer.
-        let mut field = Vec::with_capacity(self.name.len() + 32);
-        field.push(b'"');
-        field.extend_from_slice(self.name.as_bytes());
-        field.extend_from_slice(b"\";r=");
-        field.extend_from_slice(itoa::Buffer::new().format(remaining).as_bytes());
+        // Written on the stack and copied once into the value: no formatting machinery, one
+        // allocation, on every answer.
+        let mut field = [0u8; 96];
+        let mut len = 0;
+        let mut put = |bytes: &[u8]| {
+            field[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
+        put(b"\"");
+        put(self.name.as_bytes());
+        put(b"\";r=");
+        put(itoa::Buffer::new().format(remaining).as_bytes());
         if let Some(t) = reset {
-            field.extend_from_slice(b";t=");
-            field.extend_from_slice(itoa::Buffer::new().format(t).as_bytes());
+            put(b";t=");
+            put(itoa::Buffer::new().format(t).as_bytes());
         }
         headers.insert(RATELIMIT_POLICY, self.field.clone());
         headers.insert(
             RATELIMIT,
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(field))
+            HeaderValue::from_bytes(&field[..len])
                 .expect("a name and digits are a valid header value"),
         );
     }

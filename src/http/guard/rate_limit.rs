@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Body,
-    http::{Response, StatusCode, header},
+    http::{HeaderName, Response, StatusCode, header},
     response::IntoResponse,
 };
 use governor::middleware::StateInformationMiddleware;
@@ -59,12 +59,13 @@ pub fn layer(
 pub fn standard_fields(policy: &LimitPolicy, res: &mut Response<Body>) {
     let status = res.status();
     let headers = res.headers_mut();
-    let number = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
-    let Some(left) = number(X_RATELIMIT_REMAINING) else {
+    let number =
+        |name: &HeaderName| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
+    let Some(left) = number(&X_RATELIMIT_REMAINING) else {
         return;
     };
     if status == StatusCode::TOO_MANY_REQUESTS {
-        if let Some(wait) = number(header::RETRY_AFTER.as_str()) {
+        if let Some(wait) = number(&header::RETRY_AFTER) {
             policy.refused(headers, wait);
         }
     } else {
@@ -72,7 +73,8 @@ pub fn standard_fields(policy: &LimitPolicy, res: &mut Response<Body>) {
     }
 }
 
-const X_RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
+// A name, not a string: looked up by a string, the name would be parsed on every answer.
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 
 fn governor(limit: RateLimit, key: CallerKey) -> Arc<Governor> {
     Arc::new(
