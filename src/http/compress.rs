@@ -156,10 +156,10 @@ impl Predicate for Worthwhile {
             .exact()
             .is_none_or(|n| n >= MIN_BYTES);
         // Most answers are small: the tag is looked up only for the others.
-        big && !res
+        big && res
             .headers()
             .get(header::ETAG)
-            .is_some_and(|tag| !tag.as_bytes().starts_with(b"W/"))
+            .is_none_or(|tag| tag.as_bytes().starts_with(b"W/"))
     }
 }
 
