@@ -113,7 +113,7 @@ pub struct LimitPolicy {
 }
 
 impl LimitPolicy {
-    /// `name`: a few lowercase letters (the buffer [`Self::write`] fills has room for 32).
+    /// `name`: a few lowercase letters (the buffer each field is written in has room for 32).
     pub fn new(name: &'static str, per_second: u32, burst: u32) -> Self {
         assert!(name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase()));
         let window = burst.div_ceil(per_second.max(1)).max(1);
