@@ -27,6 +27,17 @@ async fn get(app: &TestApp, path: &str, accept: Option<&str>) -> reqwest::Respon
     req.send().await.unwrap()
 }
 
+/// `POST /todos` with `title`, sent with `Accept-Encoding: accept`.
+async fn post(app: &TestApp, accept: &str, title: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/todos"))
+        .header("accept-encoding", accept)
+        .json(&json!({ "title": title }))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match coding {
@@ -122,14 +133,7 @@ async fn small_answers_problems_and_strong_tagged_ones_go_as_they_are() {
     let r = get(&app, "/todos?limit=1&completed=true", Some("gzip, br")).await;
     assert!(r.headers().get("content-encoding").is_none());
     // A problem.
-    let r = app
-        .client
-        .post(app.url("/todos"))
-        .header("accept-encoding", "gzip, br")
-        .json(&json!({"title": ""}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&app, "gzip, br", "").await;
     assert!(r.headers().get("content-encoding").is_none());
     assert_problem(r, 422, "validation_failed").await;
 }
@@ -143,27 +147,13 @@ async fn a_client_that_accepts_no_coding_is_refused_before_anything_is_done() {
         "identity;q=0, compress",
         "*;q=0.000",
     ] {
-        let r = app
-            .client
-            .post(app.url("/todos"))
-            .header("accept-encoding", refusal)
-            .json(&json!({"title": "must not be created"}))
-            .send()
-            .await
-            .unwrap();
+        let r = post(&app, refusal, "must not be created").await;
         assert!(r.headers().get("content-encoding").is_none());
         assert_problem(r, 406, "not_acceptable").await;
     }
     assert_eq!(app.row_count().await, 0, "no todo was created");
     // Accepting any coding we have is enough, even when identity is refused.
-    let r = app
-        .client
-        .post(app.url("/todos"))
-        .header("accept-encoding", "identity;q=0, gzip")
-        .json(&json!({"title": "created"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&app, "identity;q=0, gzip", "created").await;
     assert_eq!(r.status(), 201);
     let r = get(&app, "/todos", Some("br;q=0.5, identity;q=0")).await;
     assert_eq!(r.status(), 200);

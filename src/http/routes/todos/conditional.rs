@@ -24,9 +24,15 @@ pub const ENTITY_TAGS_PATTERN: &str =
 
 /// The `ETag` of a todo at `version`: a strong tag, `"<version>"`.
 pub fn etag(version: i64) -> HeaderValue {
+    tag("", version)
+}
+
+/// `<prefix>"<number>"`: `""` for a strong tag, `"W/"` for a weak one.
+fn tag(prefix: &str, number: i64) -> HeaderValue {
     let mut digits = itoa::Buffer::new();
-    let digits = digits.format(version);
-    let mut tag = String::with_capacity(digits.len() + 2);
+    let digits = digits.format(number);
+    let mut tag = String::with_capacity(prefix.len() + digits.len() + 2);
+    tag.push_str(prefix);
     tag.push('"');
     tag.push_str(digits);
     tag.push('"');
@@ -50,14 +56,7 @@ pub fn page_etag(rows: impl Iterator<Item = (i64, i64)>, more: bool) -> (i64, He
     }
     hasher.write_u8(u8::from(more));
     let number = (hasher.finish() >> 1) as i64;
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(number);
-    let mut tag = String::with_capacity(digits.len() + 4);
-    tag.push_str("W/\"");
-    tag.push_str(digits);
-    tag.push('"');
-    let tag = HeaderValue::from_str(&tag).expect("digits and quotes are a valid header value");
-    (number, tag)
+    (number, tag("W/", number))
 }
 
 /// A parsed `If-Match` or `If-None-Match`.
