@@ -14,13 +14,14 @@
 //! Export never blocks a request: spans and log records are queued in bounded buffers and sent by
 //! the SDK's batch processors on their own threads; if the collector is down the queues fill and
 //! further records are dropped — counted (see `counted`) — and the service keeps serving. The
-//! collector's host is resolved once here, like the database's: each exporter keeps one long-lived
-//! channel to that address.
+//! collector's host is resolved once at startup, like the database's (see `collector`): each
+//! exporter keeps one long-lived channel to that address.
 //!
 //! `LOG_LEVEL` governs the logs only, so quieting them cannot silence the traces. The exporters'
 //! own HTTP/gRPC internals are never exported as log records, so that exporting cannot feed on
 //! itself.
 
+mod collector;
 mod counted;
 pub mod log_format;
 mod otlp_send;
@@ -28,7 +29,7 @@ mod otlp_spans;
 pub mod sampling;
 pub mod spans;
 
-use std::{io::IsTerminal, net::SocketAddr, time::Duration};
+use std::{io::IsTerminal, time::Duration};
 
 use anyhow::Context as _;
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
@@ -44,9 +45,9 @@ use tracing_subscriber::{
     EnvFilter, Layer, Registry, filter::FilterExt as _, layer::SubscriberExt,
     util::SubscriberInitExt,
 };
-use url::Url;
 
 use crate::config::{Config, LogFormat, OtelConfig, OtlpProtocol, TraceSampler};
+use collector::Collector;
 use counted::Counted;
 use log_format::RequestContext;
 
@@ -119,7 +120,8 @@ pub async fn init(config: &Config, request: RequestContext) -> anyhow::Result<Te
     crate::net::install_tls_provider();
     let (provider, meters, logs) = match (&config.otel.endpoint, config.otel.disabled) {
         (Some(endpoint), false) => {
-            let collector = Collector::resolve_once(&config.otel, endpoint.url()).await?;
+            let collector =
+                Collector::resolve_once(&config.otel, endpoint.url(), EXPORT_TIMEOUT).await?;
             let resource = resource(&config.otel);
             // First, so the SDK's processors built next find it for their own drop counters.
             let meters = meter_provider(&config.otel, &collector, resource.clone())?;
@@ -368,132 +370,4 @@ fn logger_provider(
         .with_log_processor(log_format::RequestAttributes(request))
         .with_log_processor(processor)
         .build())
-}
-
-/// Where the exporters send, with the collector's host resolved once, now, so that reconnects
-/// never go back to DNS.
-///
-/// - gRPC: the URL's host is replaced by the address; for `https://`, TLS checks the
-///   certificate against the host name (tonic's `domain_name`), with the system's roots and
-///   `OTEL_EXPORTER_OTLP_CERTIFICATE`.
-/// - http/protobuf: the URL keeps the host name and one shared client is told the address
-///   (`reqwest::ClientBuilder::resolve`), so an `https://` collector's certificate is checked
-///   against the name (what it names) while the connection goes to the pinned address, as libpq
-///   does with `host` + `hostaddr`. `OTEL_EXPORTER_OTLP_CERTIFICATE` adds a CA to the system's.
-///
-/// A failed lookup keeps the name (export errors will say why), rather than stopping the service
-/// over telemetry; an unreadable certificate file does stop it, naming the variable.
-struct Collector {
-    url: Url,
-    /// For http/protobuf.
-    http_client: Option<reqwest::blocking::Client>,
-    /// For gRPC to an `https://` collector.
-    grpc_tls: Option<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig>,
-}
-
-impl Collector {
-    async fn resolve_once(otel: &OtelConfig, endpoint: &Url) -> anyhow::Result<Collector> {
-        let host = endpoint.host_str().unwrap_or_default().to_owned();
-        let pinned = pin(&host, endpoint.port_or_known_default().unwrap_or(4317)).await;
-        let ca_pem = otel
-            .certificate
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| {
-                    format!(
-                        "cannot read OTEL_EXPORTER_OTLP_CERTIFICATE={}",
-                        path.display()
-                    )
-                })
-            })
-            .transpose()?;
-        match otel.protocol {
-            OtlpProtocol::Grpc => Ok(Collector::grpc(endpoint, host, pinned, ca_pem)),
-            OtlpProtocol::HttpProtobuf => Collector::http(endpoint, host, pinned, ca_pem),
-        }
-    }
-
-    /// Over gRPC: tonic connects to the pinned address, and TLS checks the certificate against
-    /// the host name.
-    fn grpc(
-        endpoint: &Url,
-        host: String,
-        pinned: Option<SocketAddr>,
-        ca_pem: Option<Vec<u8>>,
-    ) -> Collector {
-        use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
-        let mut url = endpoint.clone();
-        if let Some(addr) = pinned {
-            let _ = url.set_ip_host(addr.ip());
-        }
-        let grpc_tls = (endpoint.scheme() == "https").then(|| {
-            let tls = ClientTlsConfig::new().domain_name(host).with_native_roots();
-            match &ca_pem {
-                Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
-                None => tls,
-            }
-        });
-        Collector {
-            url,
-            http_client: None,
-            grpc_tls,
-        }
-    }
-
-    /// Over http/protobuf: reqwest's blocking client, the host name mapped to the pinned address.
-    fn http(
-        endpoint: &Url,
-        host: String,
-        pinned: Option<SocketAddr>,
-        ca_pem: Option<Vec<u8>>,
-    ) -> anyhow::Result<Collector> {
-        let ca = ca_pem
-            .map(|pem| {
-                reqwest::Certificate::from_pem(&pem).with_context(|| {
-                    "OTEL_EXPORTER_OTLP_CERTIFICATE is not a PEM certificate".to_string()
-                })
-            })
-            .transpose()?;
-        // reqwest's blocking client starts a runtime of its own, which cannot be done on one of
-        // ours: built on a thread, as the exporter builds its default one.
-        let client = std::thread::spawn(move || {
-            let mut builder = reqwest::blocking::Client::builder().timeout(EXPORT_TIMEOUT);
-            if let Some(addr) = pinned {
-                builder = builder.resolve(&host, addr);
-            }
-            if let Some(ca) = ca {
-                builder = builder.add_root_certificate(ca);
-            }
-            builder.build()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("building the OTLP http client panicked"))??;
-        Ok(Collector {
-            url: endpoint.clone(),
-            http_client: Some(client),
-            grpc_tls: None,
-        })
-    }
-}
-
-/// The collector's address, looked up once; `None` for an IP literal (nothing to pin) or a name
-/// that did not resolve (then the exporter uses the name).
-async fn pin(host: &str, port: u16) -> Option<SocketAddr> {
-    if crate::net::ip_literal(host).is_some() {
-        return None;
-    }
-    let found: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map(Iterator::collect)
-        .unwrap_or_default();
-    match crate::net::preferred(&found) {
-        Some(addr) => {
-            eprintln!("info: OTLP collector {host} resolved once to {}", addr.ip());
-            Some(addr)
-        }
-        None => {
-            eprintln!("warning: OTLP collector host {host} did not resolve; using the name");
-            None
-        }
-    }
 }
