@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::{
+    certificate::CertificateSummary,
     relay::{self, RelayDir},
-    tls::{CertificateSummary, Negotiated, TlsClient},
+    tls::{Negotiated, TlsClient},
 };
 use crate::config::{DbTlsSettings, SslMode};
 

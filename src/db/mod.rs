@@ -24,6 +24,7 @@
 mod backoff;
 pub mod breaker;
 pub mod budget;
+pub mod certificate;
 pub mod connect;
 mod deadline;
 mod error;
